@@ -1,0 +1,114 @@
+"""Cuts documents into fixed-length model contexts and batches them.
+
+Deliberate choices (recorded in the store's `runs` table):
+- a context never spans two documents; a document longer than one context is cut into consecutive pieces,
+  and its last piece is shorter (batches pad it, and padding never counts);
+- every context starts with the tokenizer's BOS token when it has one, and the BOS position never counts as
+  a context's max (it is a well-known attention sink whose activations dwarf the rest);
+- `--tokens N` stops after exactly N text tokens (BOS and padding are not counted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from featureatlas.harvest.corpus import Document
+
+_DECODE_WINDOW = 4  # tokens of left context used to decode one token's display string
+
+
+@dataclass(frozen=True)
+class Context:
+    context_id: int
+    document_id: int
+    start_token: int           # offset of the first text token in its document
+    token_ids: list[int]       # BOS included
+
+
+@dataclass(frozen=True)
+class DocumentInfo:
+    document_id: int
+    name: str
+    n_tokens: int
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor    # [batch, tokens], right-padded
+    counted: torch.Tensor      # [batch, tokens]: positions that may be a context's max
+    lengths: torch.Tensor      # [batch]: real tokens per context, BOS included
+    context_ids: torch.Tensor  # [batch]
+    n_text_tokens: int
+
+
+def iter_contexts(documents: Iterable[Document], tokenizer: PreTrainedTokenizerBase, context_length: int,
+                  max_tokens: int | None, on_document: callable) -> Iterator[Context]:
+    """Contexts in corpus order; calls on_document(DocumentInfo) for each document that was used."""
+    bos = tokenizer.bos_token_id
+    body = context_length - (1 if bos is not None else 0)
+    prefix = [bos] if bos is not None else []
+    budget = max_tokens if max_tokens is not None else float("inf")
+    context_id = 0
+    for document_id, document in enumerate(documents):
+        if budget <= 0:
+            return
+        ids = tokenizer(document.text, add_special_tokens=False)["input_ids"]
+        ids = ids[: int(min(len(ids), budget))]
+        if not ids:
+            continue
+        budget -= len(ids)
+        on_document(DocumentInfo(document_id, document.name, len(ids)))
+        for start in range(0, len(ids), body):
+            yield Context(context_id, document_id, start, prefix + ids[start : start + body])
+            context_id += 1
+
+
+def iter_batches(contexts: Iterable[Context], batch_size: int, has_bos: bool, pad_id: int
+                 ) -> Iterator[tuple[Batch, list[Context]]]:
+    pending: list[Context] = []
+    for context in contexts:
+        pending.append(context)
+        if len(pending) == batch_size:
+            yield make_batch(pending, has_bos, pad_id), pending
+            pending = []
+    if pending:
+        yield make_batch(pending, has_bos, pad_id), pending
+
+
+def make_batch(contexts: list[Context], has_bos: bool, pad_id: int) -> Batch:
+    lengths = torch.tensor([len(c.token_ids) for c in contexts])
+    width = int(lengths.max())
+    input_ids = torch.full((len(contexts), width), pad_id, dtype=torch.int64)
+    for row, context in enumerate(contexts):
+        input_ids[row, : len(context.token_ids)] = torch.tensor(context.token_ids)
+    counted = torch.arange(width)[None, :] < lengths[:, None]
+    if has_bos:
+        counted[:, 0] = False
+    return Batch(input_ids, counted, lengths, torch.tensor([c.context_id for c in contexts]),
+                 int(lengths.sum()) - (len(contexts) if has_bos else 0))
+
+
+def display_tokens(tokenizer: PreTrainedTokenizerBase, token_ids: list[list[int]]) -> list[list[str]]:
+    """Each token's text as it reads in place, whitespace kept: the decoded window ending at the token minus
+    the decoded window ending just before it (so SentencePiece's leading spaces and byte-level pieces of one
+    character come out right without decoding whole contexts once per token)."""
+    windows: list[list[int]] = []
+    for ids in token_ids:
+        for i in range(len(ids)):
+            lo = max(0, i - _DECODE_WINDOW)
+            windows.append(ids[lo : i + 1])
+            windows.append(ids[lo:i])
+    decoded = tokenizer.batch_decode(windows, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    result, at = [], 0
+    for ids in token_ids:
+        row = []
+        for _ in ids:
+            with_token, without = decoded[at], decoded[at + 1]
+            at += 2
+            row.append(with_token[len(without):] if with_token.startswith(without) else with_token)
+        result.append(row)
+    return result

@@ -1,0 +1,25 @@
+"""A plain-text summary of what a store holds, for `featureatlas info`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from featureatlas.store.schema import open_store
+
+
+def describe(path: Path) -> str:
+    con = open_store(path)
+    lines = [f"store: {path} ({path.stat().st_size / 1e6:.1f} MB)"]
+    for model, corpus, n_tokens, n_contexts, ctx_len, k, dtype, device, tps, finished in con.execute(
+            "SELECT model, corpus, n_tokens, n_contexts, context_length, top_k, dtype, device, tokens_per_second, "
+            "finished_at FROM runs ORDER BY run_id").fetchall():
+        lines.append(f"run: {model} over {corpus}: {n_tokens:,} tokens in {n_contexts:,} contexts of {ctx_len}, "
+                     f"top {k}, {dtype} on {device}, {tps:,.0f} tokens/s, finished {finished:%Y-%m-%d %H:%M}")
+    for model, source, n_layers, lo, hi, n_units in con.execute(
+            "SELECT model, source, count(*), min(layer), max(layer), sum(n_units) FROM sources "
+            "GROUP BY model, source ORDER BY model, source").fetchall():
+        lines.append(f"source: {model} / {source}: {n_units:,} units in {n_layers} layers ({lo}-{hi})")
+    for name in ("units", "examples", "contexts", "documents"):
+        lines.append(f"{name}: {con.execute(f'SELECT count(*) FROM {name}').fetchone()[0]:,} rows")
+    con.close()
+    return "\n".join(lines)

@@ -1,0 +1,78 @@
+"""The harvest against brute force: every unit's top-k contexts, positions and activations, on tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+import torch
+import transformers
+from tiny_models import MODEL_TYPES, save_tiny_model, write_corpus
+
+from featureatlas.harvest.architectures import blocks_of, mlp_out_of
+from featureatlas.harvest.run import HarvestConfig, harvest
+
+CONTEXT_LENGTH, TOP_K = 16, 5
+
+
+def brute_force_activations(model_dir: Path, corpus: Path) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Every context, one at a time with no padding; returns token ids and [layers, tokens, neurons] each."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    contexts = []
+    for file in sorted(corpus.glob("*.txt")):
+        if not file.read_text().strip():
+            continue  # whitespace-only documents are skipped
+        ids = tokenizer(file.read_text(), add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids), CONTEXT_LENGTH - 1):
+            contexts.append([tokenizer.bos_token_id] + ids[start : start + CONTEXT_LENGTH - 1])
+    blocks = blocks_of(model.base_model, model.config.model_type)
+    captured: list[torch.Tensor] = []
+    for block in blocks:
+        mlp_out_of(block, model.config.model_type).register_forward_pre_hook(
+            lambda m, args: captured.append(args[0].reshape(-1, args[0].shape[-1]).clone()))  # B = 1
+    acts = []
+    with torch.no_grad():
+        for ids in contexts:
+            captured.clear()
+            model(torch.tensor([ids]))
+            acts.append(torch.stack(captured))
+    return contexts, acts
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_top_k_equals_brute_force(tmp_path: Path, model_type: str) -> None:
+    model_dir = save_tiny_model(model_type, tmp_path / "model")
+    corpus = write_corpus(tmp_path / "corpus")
+    store = tmp_path / "store.duckdb"
+    harvest(HarvestConfig(model=str(model_dir), corpus=corpus, out=store, context_length=CONTEXT_LENGTH,
+                          top_k=TOP_K, batch_size=3, dtype="float32", device="cpu", progress=False))
+    contexts, acts = brute_force_activations(model_dir, corpus)
+    con = duckdb.connect(str(store), read_only=True)
+    n_layers, n_neurons = acts[0].shape[0], acts[0].shape[2]
+    assert con.execute("SELECT count(*) FROM units").fetchone()[0] == n_layers * n_neurons
+    stored = {(layer, unit): rows for layer, unit, rows in con.execute(
+        "SELECT layer, unit, list({rank: rank, context_id: context_id, max_position: max_position, "
+        "max_activation: max_activation, activations: activations} ORDER BY rank) "
+        "FROM examples GROUP BY layer, unit").fetchall()}
+    stored_tokens = dict(con.execute("SELECT context_id, token_ids FROM contexts").fetchall())
+    for layer in range(n_layers):
+        for unit in range(n_neurons):
+            scores = []
+            for cid, a in enumerate(acts):
+                counted = a[layer, 1:, unit]  # the BOS position never counts
+                pos = int(counted.argmax()) + 1
+                scores.append((-float(counted.max()), cid, pos))
+            expected = sorted(scores)[:TOP_K]
+            rows = stored[(layer, unit)]
+            assert [r["rank"] for r in rows] == list(range(1, TOP_K + 1))
+            assert [r["context_id"] for r in rows] == [cid for _, cid, _ in expected], (layer, unit)
+            assert [r["max_position"] for r in rows] == [pos for _, _, pos in expected]
+            np.testing.assert_allclose([r["max_activation"] for r in rows], [-s for s, _, _ in expected],
+                                       rtol=1e-5, atol=1e-6)
+            for r in rows:
+                assert stored_tokens[r["context_id"]] == contexts[r["context_id"]]
+                np.testing.assert_allclose(r["activations"], acts[r["context_id"]][layer, :, unit].numpy(),
+                                           rtol=1e-5, atol=1e-5)
