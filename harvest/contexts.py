@@ -14,9 +14,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedTokenizerBase
-
 from featureatlas.harvest.corpus import Document
+from transformers import PreTrainedTokenizerBase
 
 _DECODE_WINDOW = 4  # tokens of left context used to decode one token's display string
 
@@ -43,6 +42,10 @@ class Batch:
     lengths: torch.Tensor      # [batch]: real tokens per context, BOS included
     context_ids: torch.Tensor  # [batch]
     n_text_tokens: int
+
+    @property
+    def padded(self) -> bool:
+        return bool((self.lengths < self.input_ids.shape[1]).any())
 
 
 def iter_contexts(documents: Iterable[Document], tokenizer: PreTrainedTokenizerBase, context_length: int,

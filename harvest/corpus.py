@@ -93,7 +93,8 @@ def _read_jsonl(file: Path, text_field: str) -> Iterator[Document]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise CorpusError(f"{file}:{line_no}: not a JSON object ({err.msg}); each line must be one object") from None
+            raise CorpusError(f"{file}:{line_no}: not a JSON object ({err.msg}); "
+                              "each line must be one object") from None
         if not isinstance(record, dict) or text_field not in record:
             raise CorpusError(f"{file}:{line_no}: no {text_field!r} field; name the text field with --text-field")
         text = record[text_field]

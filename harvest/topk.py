@@ -11,43 +11,68 @@ import torch
 
 
 class TopK:
-    """Per-unit top-k contexts, with the per-token activations of every kept context."""
+    """Per-unit top-k contexts, with the per-token activations of every kept context.
+
+    values/context_ids/positions are ordered by rank. The per-token activations live in k slots per unit that
+    never move: `slots` says which slot holds each rank, so an update copies only contexts that enter.
+    """
 
     def __init__(self, n_units: int, k: int, context_length: int, device: torch.device,
                  activation_dtype: torch.dtype):
         self.k = k
         self.values = torch.full((n_units, k), float("-inf"), device=device)
         self.context_ids = torch.full((n_units, k), -1, dtype=torch.int64, device=device)
-        self.positions = torch.zeros((n_units, k), dtype=torch.int32, device=device)
-        self.activations = torch.zeros((n_units, k, context_length), dtype=activation_dtype, device=device)
+        self.positions = torch.zeros((n_units, k), dtype=torch.int64, device=device)
+        self.slots = torch.arange(k, device=device).repeat(n_units, 1)
+        self.slot_activations = torch.zeros((n_units, k, context_length), dtype=activation_dtype, device=device)
 
-    def update(self, acts: torch.Tensor, counted: torch.Tensor, context_ids: torch.Tensor) -> None:
-        """acts [batch, tokens, units]; counted [batch, tokens] (False for BOS and padding);
-        context_ids [batch], increasing, all larger than any id seen before."""
+    def update(self, acts: torch.Tensor, counted: torch.Tensor, context_ids: torch.Tensor,
+               first_counted: int = 0, padded: bool = True) -> None:
+        """acts [batch, tokens, units]; counted [batch, tokens]: False for BOS and padding; context_ids [batch],
+        increasing, all larger than any id seen before. first_counted and padded are the fast path: no position
+        before first_counted counts, and without padding no other position needs masking."""
         batch, tokens, _ = acts.shape
-        scores = acts.float().masked_fill(~counted[:, :, None], float("-inf"))
-        context_max, context_argmax = scores.max(dim=1)                        # [batch, units]
+        k = self.k
+        scores = acts[:, first_counted:]  # a view: no copy in the common case
+        if padded:
+            scores = scores.masked_fill(~counted[:, first_counted:, None], float("-inf"))
+        context_max = scores.amax(dim=1)                                        # [batch, units], exact
         # Only units whose best context in this batch beats their current k-th score can change; a tie with
         # the k-th score loses to it because every kept context has a lower id.
-        units = (context_max.max(dim=0).values > self.values[:, -1]).nonzero().squeeze(1)
+        units = (context_max.amax(dim=0).float() > self.values[:, -1]).nonzero().squeeze(1)
         if units.numel() == 0:
             return
         n = units.numel()
-        candidate_values = torch.cat([self.values[units], context_max[:, units].T], dim=1)  # [n, k + batch]
+        candidate_values = torch.cat([self.values[units], context_max[:, units].T.float()], dim=1)  # [n, k + batch]
         # A stable sort keeps candidates in id order among equal scores: kept ones, then the batch in order.
-        order = candidate_values.sort(dim=1, descending=True, stable=True).indices[:, : self.k]
+        order = candidate_values.sort(dim=1, descending=True, stable=True).indices[:, :k]
+        entering = order >= k                                                   # [n, k]: from this batch
         self.values[units] = candidate_values.gather(1, order)
-        candidate_ids = torch.cat([self.context_ids[units], context_ids.expand(n, batch)], dim=1)
-        self.context_ids[units] = candidate_ids.gather(1, order)
-        candidate_positions = torch.cat(
-            [self.positions[units], context_argmax[:, units].T.to(torch.int32)], dim=1)
-        self.positions[units] = candidate_positions.gather(1, order)
-        new_acts = acts[:, :, units].permute(2, 0, 1)                           # [n, batch, tokens]
-        width = self.activations.shape[2]
+        self.context_ids[units] = torch.cat([self.context_ids[units], context_ids.expand(n, batch)], 1).gather(1, order)
+        kept_slots = self.slots[units].gather(1, order.clamp(max=k - 1))
+        # Slots of dropped contexts are free; entering contexts take them in ascending order.
+        used = torch.zeros((n, k + 1), dtype=torch.int8, device=acts.device)
+        used.scatter_(1, torch.where(entering, k, kept_slots), 1)
+        free = used[:, :k].argsort(dim=1, stable=True)                           # free slots first
+        nth_entering = (entering.cumsum(dim=1) - 1).clamp(min=0)
+        slots = torch.where(entering, free.gather(1, nth_entering), kept_slots)
+        self.slots[units] = slots
+        rows, ranks = entering.nonzero(as_tuple=True)
+        entering_units = units[rows]
+        entering_rows = order[rows, ranks] - k                                  # row in the batch
+        entering_acts = acts[entering_rows, :, entering_units]                  # [m, tokens]
+        entering_scores = scores[entering_rows, :, entering_units]
+        positions = self.positions[units].gather(1, order.clamp(max=k - 1))
+        positions[rows, ranks] = entering_scores.argmax(dim=1) + first_counted
+        self.positions[units] = positions
+        width = self.slot_activations.shape[2]
         if tokens < width:
-            new_acts = torch.nn.functional.pad(new_acts, (0, width - tokens))
-        candidate_acts = torch.cat([self.activations[units], new_acts.to(self.activations.dtype)], dim=1)
-        self.activations[units] = candidate_acts.gather(1, order[:, :, None].expand(-1, -1, width))
+            entering_acts = torch.nn.functional.pad(entering_acts, (0, width - tokens))
+        self.slot_activations[entering_units, slots[rows, ranks]] = entering_acts.to(self.slot_activations.dtype)
+
+    def activations(self) -> torch.Tensor:
+        """[units, k, context_length]: the per-token activations of each rank's context."""
+        return self.slot_activations.gather(1, self.slots[:, :, None].expand_as(self.slot_activations))
 
     def referenced_context_ids(self) -> torch.Tensor:
         ids = self.context_ids.unique()

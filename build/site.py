@@ -1,0 +1,91 @@
+"""Build the static site from a store: plan the pages, render them in worker processes, publish atomically."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+from featureatlas.build import worker
+from featureatlas.build.index_page import write_index
+from featureatlas.build.output import SiteError, check_target, publish, staging_dir, write_marker
+from featureatlas.build.plan import SitePlan, plan_site
+from featureatlas.build.reader import read_catalog
+from featureatlas.build.templates import copy_static, make_environment
+from featureatlas.store.schema import open_store
+from tqdm import tqdm
+
+__all__ = ["BuildSummary", "SiteError", "build_site"]
+
+
+@dataclass(frozen=True)
+class BuildSummary:
+    """What a build wrote, for the CLI to report."""
+
+    pages: int
+    bytes: int
+    seconds: float
+    index: Path
+
+    @property
+    def pages_per_second(self) -> float:
+        return self.pages / self.seconds if self.seconds > 0 else 0.0
+
+
+def _run_jobs(plan: SitePlan, store_path: Path, site_dir: Path, bos_tokens: dict[str, str | None],
+              workers: int) -> Iterator[tuple[int, int]]:
+    """(pages, bytes) per finished job; in this process when workers == 1, else in spawned processes."""
+    args = (str(store_path), str(site_dir), bos_tokens)
+    if workers == 1:
+        local = worker.Worker(*args)
+        try:
+            for job in plan.jobs:
+                yield local.run(job)
+        finally:
+            local.close()
+        return
+    # spawn, not fork: the parent holds DuckDB and tqdm threads that a fork would copy mid-state
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=worker.init_process, initargs=args) as pool:
+        yield from pool.imap_unordered(worker.run_job, plan.jobs)
+
+
+def build_site(store_path: Path, out_dir: Path, workers: int | None = None, progress: bool = True) -> BuildSummary:
+    """Render the whole site for a store into out_dir, which appears (or is replaced) only when complete."""
+    started = time.perf_counter()
+    store_path, out_dir = Path(store_path), Path(out_dir)
+    check_target(out_dir)
+    con = open_store(store_path)
+    try:
+        catalog = read_catalog(con)
+    finally:
+        con.close()
+    plan = plan_site(catalog)
+    bos_tokens = {model: catalog.bos_token(model) for model in catalog.models()}
+    workers = max(1, min(workers or os.cpu_count() or 1, len(plan.jobs)))
+
+    staging = staging_dir(out_dir)
+    try:
+        copy_static(staging)
+        pages, size = 1, write_index(catalog, plan, make_environment().get_template("index.html"), staging)
+        with tqdm(total=plan.n_pages + 1, unit="page", disable=not progress, desc="site",
+                  dynamic_ncols=True) as bar:
+            bar.update(1)
+            # closing(): on an error the pool is shut down before the staging folder is removed
+            with closing(_run_jobs(plan, store_path, staging, bos_tokens, workers)) as results:
+                for job_pages, job_bytes in results:
+                    pages += job_pages
+                    size += job_bytes
+                    bar.update(job_pages)
+        write_marker(staging, store_path)
+        publish(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return BuildSummary(pages=pages, bytes=size, seconds=time.perf_counter() - started,
+                        index=out_dir / "index.html")

@@ -1,0 +1,50 @@
+"""The Jinja2 environment over site_templates/ and the static files every site gets a copy of."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import jinja2
+from featureatlas.build.tokens import visible
+from markupsafe import Markup
+
+STATIC_FILES = ("style.css", "site.js")
+
+
+def templates_dir() -> Path:
+    """site_templates/ wherever it is installed (namespace package: editable checkout or wheel)."""
+    spec = importlib.util.find_spec("featureatlas.site_templates")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("featureatlas.site_templates is not installed; reinstall featureatlas")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _finalize(value: object) -> object:
+    """Every plain string a template prints loses its direction overrides and controls (then is escaped)."""
+    if isinstance(value, str) and not isinstance(value, Markup):
+        return visible(value)
+    return value
+
+
+def make_environment() -> jinja2.Environment:
+    """Autoescaping on for every template: all store strings are untrusted."""
+    return jinja2.Environment(
+        finalize=_finalize,
+        loader=jinja2.FileSystemLoader(templates_dir()),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def copy_static(site_dir: Path) -> list[Path]:
+    """Copy the shared stylesheet and script into site_dir/static/."""
+    target = site_dir / "static"
+    target.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in STATIC_FILES:
+        copied.append(Path(shutil.copyfile(templates_dir() / "static" / name, target / name)))
+    return copied

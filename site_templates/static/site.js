@@ -1,0 +1,244 @@
+/* featureatlas: token tooltips and keyboard moves on unit pages, sort and filter on layer pages.
+   Loaded from the site itself ('self'), no inline code, no network. Untrusted text only ever goes
+   through textContent, never innerHTML. */
+(function () {
+  "use strict";
+  document.documentElement.classList.add("js");
+
+  var GLYPHS = { "\u00b7": " ", "\u21e5": "\t", "\u2421": "\x7f" };
+  var INVISIBLE = /[\u00ad\u061c\u180e\u200b\u200e\u200f\u2028-\u202e\u2060-\u2064\u2066-\u2069\ufeff\ufff9-\ufffb]/;
+
+  /* The raw token behind a span: text as is, <i> glyphs decoded (the inverse of build/tokens.py). */
+  function decodeGlyphs(text) {
+    var chars = Array.from(text), out = "";
+    for (var i = 0; i < chars.length; i++) {
+      var c = chars[i], code = c.codePointAt(0);
+      if (c === "\u23ce") {
+        out += "\n";
+        if (chars[i + 1] === "\n") i++;
+      } else if (GLYPHS[c] !== undefined) {
+        out += GLYPHS[c];
+      } else if (code >= 0x2400 && code < 0x2420) {
+        out += String.fromCharCode(code - 0x2400);
+      } else if (c === "\\" && (chars[i + 1] === "u" || chars[i + 1] === "U")) {
+        var width = chars[i + 1] === "u" ? 4 : 8;
+        out += String.fromCodePoint(parseInt(chars.slice(i + 2, i + 2 + width).join(""), 16));
+        i += 1 + width;
+      } else {
+        out += c;
+      }
+    }
+    return out;
+  }
+
+  function rawToken(span) {
+    var out = "";
+    span.childNodes.forEach(function (node) {
+      out += node.nodeType === 1 ? decodeGlyphs(node.textContent) : node.nodeValue;
+    });
+    return out;
+  }
+
+  function hex(code, width) {
+    return code.toString(16).padStart(width, "0");
+  }
+
+  /* Like Python's repr: quotes, and whitespace, controls and invisible characters escaped. */
+  function repr(s) {
+    var out = "'";
+    Array.from(s).forEach(function (c) {
+      var code = c.codePointAt(0);
+      if (c === "\\") out += "\\\\";
+      else if (c === "'") out += "\\'";
+      else if (c === "\n") out += "\\n";
+      else if (c === "\t") out += "\\t";
+      else if (c === "\r") out += "\\r";
+      else if (code < 0x20 || (code >= 0x7f && code <= 0x9f)) out += "\\x" + hex(code, 2);
+      else if (INVISIBLE.test(c)) out += "\\u" + hex(code, 4);
+      else if (code >= 0xe0000 && code <= 0xe007f) out += "\\U" + hex(code, 8);
+      else out += c;
+    });
+    return out + "'";
+  }
+
+  function formatValue(v) {
+    if (typeof v !== "number" || isNaN(v)) return "n/a";
+    return String(parseFloat(v.toPrecision(3)));
+  }
+
+  /* ---- Unit pages: tooltip on hover and on keyboard focus ---- */
+  var actsCache = new WeakMap();
+  function activations(ctx) {
+    var acts = actsCache.get(ctx);
+    if (!acts) {
+      var raw = ctx.getAttribute("data-acts") || "";
+      acts = raw === "" ? [] : raw.split(",").map(Number);
+      actsCache.set(ctx, acts);
+    }
+    return acts;
+  }
+
+  function tokenOf(node) {
+    var el = node && node.nodeType === 1 ? node : node && node.parentElement;
+    var span = el && el.closest ? el.closest(".ctx > span") : null;
+    return span;
+  }
+
+  var tip = null, shown = null;
+  function ensureTip() {
+    if (!tip) {
+      tip = document.createElement("div");
+      tip.id = "tip";
+      tip.setAttribute("role", "tooltip");
+      tip.hidden = true;
+      document.body.appendChild(tip);
+    }
+    return tip;
+  }
+
+  function show(span) {
+    var ctx = span.parentElement;
+    var index = Array.prototype.indexOf.call(ctx.children, span);
+    var value = activations(ctx)[index];
+    var box = ensureTip();
+    var holder = ctx.closest(".examples");
+    var max = holder ? parseFloat(holder.getAttribute("data-max")) : NaN;
+
+    box.textContent = "";
+    var tok = document.createElement("div");
+    tok.className = "tok";
+    tok.textContent = repr(rawToken(span));
+    var val = document.createElement("div");
+    val.className = "val";
+    var text = "activation " + formatValue(value);
+    if (max > 0 && typeof value === "number" && !isNaN(value)) {
+      text += " \u00b7 " + Math.round((100 * value) / max) + "% of max";
+    }
+    val.textContent = text;
+    box.appendChild(tok);
+    box.appendChild(val);
+    box.hidden = false;
+
+    if (shown && shown !== span) shown.classList.remove("on");
+    shown = span;
+    span.classList.add("on");
+    span.setAttribute("aria-describedby", "tip");
+
+    var r = span.getBoundingClientRect();
+    var width = box.offsetWidth, height = box.offsetHeight;
+    var left = Math.min(Math.max(4, r.left), document.documentElement.clientWidth - width - 4);
+    var top = r.bottom + 6;
+    if (top + height > window.innerHeight && r.top - height - 6 > 0) top = r.top - height - 6;
+    box.style.left = left + window.scrollX + "px";
+    box.style.top = top + window.scrollY + "px";
+  }
+
+  function hide() {
+    if (tip) tip.hidden = true;
+    if (shown) {
+      shown.classList.remove("on");
+      shown.removeAttribute("aria-describedby");
+      shown = null;
+    }
+  }
+
+  document.addEventListener("mouseover", function (event) {
+    var span = tokenOf(event.target);
+    if (span) show(span);
+  });
+  document.addEventListener("mouseout", function (event) {
+    var span = tokenOf(event.target);
+    if (!span || tokenOf(event.relatedTarget) === span) return;
+    var focused = tokenOf(document.activeElement);
+    if (focused) show(focused);
+    else hide();
+  });
+  document.addEventListener("focusin", function (event) {
+    var span = tokenOf(event.target);
+    if (span) show(span);
+  });
+  document.addEventListener("focusout", function (event) {
+    if (tokenOf(event.target)) hide();
+  });
+
+  function moveTo(from, to) {
+    if (!to) return;
+    if (!to.hasAttribute("tabindex")) to.tabIndex = -1;
+    to.focus();
+  }
+
+  document.addEventListener("keydown", function (event) {
+    if (event.altKey || event.ctrlKey || event.metaKey) return;
+    var span = tokenOf(event.target);
+    if (span) {
+      var ctx = span.parentElement;
+      var moves = {
+        ArrowRight: span.nextElementSibling,
+        ArrowLeft: span.previousElementSibling,
+        Home: ctx.firstElementChild,
+        End: ctx.lastElementChild
+      };
+      if (event.key in moves) {
+        event.preventDefault();
+        moveTo(span, moves[event.key]);
+        return;
+      }
+      if (event.key === "Escape") {
+        hide();
+        return;
+      }
+    }
+    var tag = event.target && event.target.tagName;
+    if (tag === "INPUT" || tag === "TEXTAREA" || tag === "SELECT" || event.shiftKey) return;
+    var rel = { p: "prev", n: "next", u: "up" }[event.key];
+    if (rel) {
+      var link = document.querySelector(".pager a[rel='" + rel + "']");
+      if (link) link.click();
+    }
+  });
+
+  /* ---- Layer pages: filter and sort the unit table ---- */
+  function setUpTable(table) {
+    var body = table.tBodies[0];
+    var rows = Array.prototype.slice.call(body.rows);
+    var filter = document.getElementById("filter");
+    var count = document.getElementById("shown");
+    var texts = null;
+
+    if (filter) {
+      filter.addEventListener("input", function () {
+        var q = filter.value.trim().toLowerCase();
+        if (!texts) texts = rows.map(function (row) { return row.textContent.toLowerCase(); });
+        var n = 0;
+        rows.forEach(function (row, i) {
+          var unit = row.cells[0].textContent;
+          var hit = q === "" || unit === q || texts[i].indexOf(q) !== -1;
+          row.hidden = !hit;
+          if (hit) n++;
+        });
+        if (count) count.textContent = q === "" ? "" : n + " of " + rows.length + " units";
+      });
+    }
+
+    table.querySelectorAll("th button[data-sort]").forEach(function (button) {
+      button.addEventListener("click", function () {
+        var column = Number(button.getAttribute("data-sort"));
+        var th = button.parentElement;
+        var descending = th.getAttribute("aria-sort") !== "descending";
+        table.querySelectorAll("th[aria-sort]").forEach(function (other) { other.removeAttribute("aria-sort"); });
+        th.setAttribute("aria-sort", descending ? "descending" : "ascending");
+        var keyed = rows.map(function (row) {
+          var v = parseFloat(row.cells[column].textContent);
+          return [isNaN(v) ? -Infinity : v, row];
+        });
+        keyed.sort(function (a, b) { return descending ? b[0] - a[0] : a[0] - b[0]; });
+        var fragment = document.createDocumentFragment();
+        keyed.forEach(function (pair) { fragment.appendChild(pair[1]); });
+        body.appendChild(fragment);
+      });
+    });
+  }
+
+  var table = document.getElementById("units");
+  if (table) setUpTable(table);
+})();

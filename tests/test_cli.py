@@ -1,0 +1,134 @@
+"""Bad input: one clear line naming the file and the fix, a non-zero exit, and nothing half-written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pytest
+import transformers
+from tiny_models import save_tiny_model, tiny_tokenizer, write_corpus
+
+from featureatlas.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return save_tiny_model("llama", root / "model"), write_corpus(root / "corpus")
+
+
+def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else ""
+
+
+def harvest_args(model: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
+    return ["harvest", "--model", model, "--corpus", corpus, "--out", out, "--device", "cpu", *extra]
+
+
+def assert_nothing_written(folder: Path) -> None:
+    assert [p.name for p in folder.iterdir() if p.suffix in (".duckdb", ".partial", ".wal")] == []
+
+
+def test_harvest_then_info(tiny, tmp_path: Path, capsys) -> None:
+    model, corpus = tiny
+    out = tmp_path / "s.duckdb"
+    assert main([str(a) for a in harvest_args(model, corpus, out, "--layers", "1-2", "--top-k", "3")]) == 0
+    assert main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "2 layers (1-2)" in info and "units: 96 rows" in info
+    assert duckdb.connect(str(out), read_only=True).execute("SELECT layers FROM runs").fetchone()[0] == [1, 2]
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing_model", "no such file or folder"),
+    ("folder_without_config", "has no config.json"),
+    ("missing_corpus", "no such file or folder"),
+    ("corpus_without_text_files", "holds no .txt, .jsonl or .parquet"),
+    ("non_utf8", "not UTF-8 (byte 0xff at offset 6)"),
+    ("only_empty_documents", "holds no text"),
+    ("bad_jsonl", ":2: not a JSON object"),
+    ("jsonl_without_field", "no 'text' field; name the text field with --text-field"),
+    ("layers_out_of_range", "out of range; this model has layers 0-2"),
+    ("layers_garbage", "is not a layer number"),
+    ("out_folder_missing", "does not exist"),
+    ("unsupported_architecture", "model type 'bloom' is not supported"),
+])
+def test_bad_input_gets_one_clear_line(tiny, tmp_path: Path, capsys, case: str, expected: str) -> None:
+    model, corpus = tiny
+    out = tmp_path / "s.duckdb"
+    extra: list[str] = []
+    if case == "missing_model":
+        model = tmp_path / "no-such-model"
+    elif case == "folder_without_config":
+        model = tmp_path / "empty-model"
+        model.mkdir()
+    elif case == "missing_corpus":
+        corpus = tmp_path / "nothing-here"
+    elif case == "corpus_without_text_files":
+        corpus = tmp_path / "pictures"
+        corpus.mkdir()
+        (corpus / "x.png").write_bytes(b"\x89PNG")
+    elif case == "non_utf8":
+        corpus = tmp_path / "latin1.txt"
+        corpus.write_bytes(b"caf\xc3\xa9 \xff oops")
+    elif case == "only_empty_documents":
+        corpus = tmp_path / "empty"
+        corpus.mkdir()
+        (corpus / "a.txt").write_text("  \n\n")
+        (corpus / "b.txt").write_text("")
+    elif case == "bad_jsonl":
+        corpus = tmp_path / "c.jsonl"
+        corpus.write_text('{"text": "fine"}\n{not json}\n')
+    elif case == "jsonl_without_field":
+        corpus = tmp_path / "c.jsonl"
+        corpus.write_text('{"body": "fine"}\n')
+    elif case == "layers_out_of_range":
+        extra = ["--layers", "1,5"]
+    elif case == "layers_garbage":
+        extra = ["--layers", "one"]
+    elif case == "out_folder_missing":
+        out = tmp_path / "missing" / "s.duckdb"
+    elif case == "unsupported_architecture":
+        model = tmp_path / "bloom"
+        transformers.AutoModelForCausalLM.from_config(transformers.BloomConfig(
+            vocab_size=300, hidden_size=16, n_layer=1, n_head=2)).save_pretrained(model)
+        tiny_tokenizer().save_pretrained(model)
+    code, message = run(capsys, *harvest_args(model, corpus, out, *extra))
+    assert code == 2
+    assert message.startswith("featureatlas harvest: error: ") and expected in message, message
+    assert_nothing_written(tmp_path)
+
+
+def test_store_of_another_schema_version_is_refused(tiny, tmp_path: Path, capsys) -> None:
+    model, corpus = tiny
+    out = tmp_path / "s.duckdb"
+    assert main([str(a) for a in harvest_args(model, corpus, out, "--layers", "0")]) == 0
+    con = duckdb.connect(str(out))
+    con.execute("UPDATE t_meta SET value = '999' WHERE key = 'schema_version'")
+    con.close()
+    for command in (["info", out], ["build", out, "--out", tmp_path / "site"]):
+        code, message = run(capsys, *command)
+        assert code == 2 and "store schema version 999" in message and "harvest it again" in message
+    assert not (tmp_path / "site").exists()
+
+
+def test_not_a_store_is_refused(tmp_path: Path, capsys) -> None:
+    bogus = tmp_path / "bogus.duckdb"
+    bogus.write_text("hello")
+    code, message = run(capsys, "info", bogus)
+    assert code == 2 and "not a featureatlas store" in message
+
+
+def test_crash_mid_harvest_leaves_no_store(tiny, tmp_path: Path, monkeypatch) -> None:
+    model, corpus = tiny
+    from featureatlas.harvest import topk
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("simulated crash")
+    monkeypatch.setattr(topk.TopK, "update", explode)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main([str(a) for a in harvest_args(model, corpus, tmp_path / "s.duckdb")])
+    assert list(tmp_path.iterdir()) == []
