@@ -1,7 +1,8 @@
 """Untrusted token strings as safe, visible HTML: whitespace shown, controls and direction overrides defused.
 
-Everything invisible or layout-changing is drawn as a glyph inside `<i>`; site.js decodes `<i>` contents back
-to the raw token for the tooltip, so the markup needs no extra attribute per token.
+Everything invisible or layout-changing is drawn inside `<i>`: whitespace as a symbol (newline \u23ce, space
+\u00b7, tab \u21e5), anything else as an escape (`\\x00`, `\\u202e`). site.js decodes `<i>` contents back to the
+raw token for the tooltip, so the markup needs no extra attribute per token.
 """
 
 from __future__ import annotations
@@ -24,17 +25,20 @@ _HIDDEN = (
 _SPECIAL = re.compile(f"[{_HIDDEN}]+| {{2,}}")
 # In whitespace-only tokens every space is drawn, so " \n" does not look like "\n".
 _SPECIAL_IN_BLANK = re.compile(f"[{_HIDDEN} ]+")
-_GLYPHS = {"\n": "\u23ce", " ": "\u00b7", "\t": "\u21e5", "\x7f": "\u2421"}
+_GLYPHS = {"\n": "\u23ce", " ": "\u00b7", "\t": "\u21e5", "\r": "\\r"}
 
 
 def _glyph(char: str) -> str:
-    """One character's visible stand-in: a symbol for whitespace and controls, an escape for the rest."""
+    """One character's visible stand-in: a symbol for whitespace, a Python-style escape for the rest.
+
+    Escapes rather than Unicode control pictures (U+2400...): common fonts lack those and would draw boxes.
+    """
     glyph = _GLYPHS.get(char)
     if glyph is not None:
         return glyph
     code = ord(char)
-    if code < 0x20:
-        return chr(0x2400 + code)  # Unicode control pictures: NUL -> U+2400 and so on
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
     return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 

@@ -17,7 +17,8 @@ import torch
 from featureatlas.harvest.corpus import Document
 from transformers import PreTrainedTokenizerBase
 
-_DECODE_WINDOW = 4  # tokens of left context used to decode one token's display string
+_DECODE_WINDOW = 4  # tokens of left context used to decode one token's display string (a UTF-8 char <= 4 bytes)
+_INCOMPLETE = "\ufffd"  # what decoders make of the bytes of a character whose last byte is yet to come
 
 
 @dataclass(frozen=True)
@@ -96,16 +97,21 @@ def make_batch(contexts: list[Context], has_bos: bool, pad_id: int) -> Batch:
 
 
 def display_tokens(tokenizer: PreTrainedTokenizerBase, token_ids: list[list[int]]) -> list[list[str]]:
-    """Each token's text as it reads in place, whitespace kept: the decoded window ending at the token minus
-    the decoded window ending just before it (so SentencePiece's leading spaces and byte-level pieces of one
-    character come out right without decoding whole contexts once per token)."""
+    """Each token's text as it reads in place, so that a context's display strings join up to its text.
+
+    A token's string is the decoded window ending at it minus the decoded window ending just before it (a few
+    tokens of left context get SentencePiece's leading spaces right without decoding whole contexts once per
+    token). A character split over several byte-level tokens belongs to the token that completes it; the
+    tokens before hold only part of its bytes and read as "".
+    """
     windows: list[list[int]] = []
     for ids in token_ids:
         for i in range(len(ids)):
             lo = max(0, i - _DECODE_WINDOW)
             windows.append(ids[lo : i + 1])
             windows.append(ids[lo:i])
-    decoded = tokenizer.batch_decode(windows, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    decoded = [text.rstrip(_INCOMPLETE) for text in tokenizer.batch_decode(
+        windows, skip_special_tokens=False, clean_up_tokenization_spaces=False)]
     result, at = [], 0
     for ids in token_ids:
         row = []

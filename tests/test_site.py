@@ -157,7 +157,7 @@ def test_hostile_strings_render_as_text(site_dir: Path) -> None:
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in joined
     assert "&#34;&gt;&lt;img src=x onerror=alert(1)&gt;" in joined
     assert "&lt;/textarea&gt;" in joined
-    assert "a<i>\u2400</i>b" in joined  # NUL as a visible symbol
+    assert "a<i>\\x00</i>b" in joined  # NUL as a visible escape
     assert "<i>\\u202e</i>evil" in joined  # direction override as an escape
     assert "\\u202egnp.exe" in joined  # also in document names
     assert "{{ 7*7 }}" in joined  # store text is never evaluated as a template
@@ -174,7 +174,8 @@ def test_token_display() -> None:
     assert token_html("<b>&") == "&lt;b&gt;&amp;"
     assert token_html("x\u202ey") == "x<i>\\u202e</i>y"
     assert token_text("one\ntwo") == "one\u23cetwo"
-    assert token_text("<\x00>") == "&lt;\u2400&gt;"
+    assert token_text("<\x00>") == "&lt;\\x00&gt;"
+    assert token_html("\r\n") == "<i>\\r\u23ce\n</i>" and token_html("\x7f\x85") == "<i>\\x7f\\x85</i>"
 
 
 def test_slugs() -> None:

@@ -5,23 +5,25 @@
   "use strict";
   document.documentElement.classList.add("js");
 
-  var GLYPHS = { "\u00b7": " ", "\u21e5": "\t", "\u2421": "\x7f" };
+  var GLYPHS = { "\u00b7": " ", "\u21e5": "\t" };
+  var ESCAPE_WIDTH = { x: 2, u: 4, U: 8 };
   var INVISIBLE = /[\u00ad\u061c\u180e\u200b\u200e\u200f\u2028-\u202e\u2060-\u2064\u2066-\u2069\ufeff\ufff9-\ufffb]/;
 
-  /* The raw token behind a span: text as is, <i> glyphs decoded (the inverse of build/tokens.py). */
+  /* The raw token behind a span: text as is, <i> contents decoded (the inverse of build/tokens.py). */
   function decodeGlyphs(text) {
     var chars = Array.from(text), out = "";
     for (var i = 0; i < chars.length; i++) {
-      var c = chars[i], code = c.codePointAt(0);
+      var c = chars[i], next = chars[i + 1];
       if (c === "\u23ce") {
         out += "\n";
-        if (chars[i + 1] === "\n") i++;
+        if (next === "\n") i++;
       } else if (GLYPHS[c] !== undefined) {
         out += GLYPHS[c];
-      } else if (code >= 0x2400 && code < 0x2420) {
-        out += String.fromCharCode(code - 0x2400);
-      } else if (c === "\\" && (chars[i + 1] === "u" || chars[i + 1] === "U")) {
-        var width = chars[i + 1] === "u" ? 4 : 8;
+      } else if (c === "\\" && next === "r") {
+        out += "\r";
+        i++;
+      } else if (c === "\\" && ESCAPE_WIDTH[next]) {
+        var width = ESCAPE_WIDTH[next];
         out += String.fromCodePoint(parseInt(chars.slice(i + 2, i + 2 + width).join(""), 16));
         i += 1 + width;
       } else {
@@ -206,13 +208,14 @@
     var texts = null;
 
     if (filter) {
+      // A number finds that unit; anything else searches the snippets' text.
       filter.addEventListener("input", function () {
         var q = filter.value.trim().toLowerCase();
-        if (!texts) texts = rows.map(function (row) { return row.textContent.toLowerCase(); });
+        var byUnit = /^\d+$/.test(q);
+        if (!texts) texts = rows.map(function (row) { return row.cells[3].textContent.toLowerCase(); });
         var n = 0;
         rows.forEach(function (row, i) {
-          var unit = row.cells[0].textContent;
-          var hit = q === "" || unit === q || texts[i].indexOf(q) !== -1;
+          var hit = q === "" || (byUnit ? row.cells[0].textContent === q : texts[i].indexOf(q) !== -1);
           row.hidden = !hit;
           if (hit) n++;
         });

@@ -1,0 +1,178 @@
+"""The site in a real browser, from file:// under its CSP: navigation, tooltips, keyboard, no injected code.
+
+Needs Debian's chromium at /usr/bin/chromium and the playwright Python package (no downloaded browser).
+Skipped when either is missing, unless FEATUREATLAS_REQUIRE_BROWSER=1 makes that a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+SHOTS = Path("/tmp/featureatlas-shots")
+LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+               "--no-first-run"]
+# Installed before any page script: records errors, CSP violations and any sign that store text ran as code.
+WATCH = """
+window.__problems = [];
+window.addEventListener('error', e => window.__problems.push('error: ' + e.message));
+document.addEventListener('securitypolicyviolation',
+    e => window.__problems.push('csp: ' + e.violatedDirective + ' ' + e.blockedURI));
+for (const name of ['alert', 'confirm', 'prompt']) {
+  window[name] = function () { window.__problems.push(name + ' called'); };
+}
+"""
+
+
+def _require_browser() -> None:
+    reason = None
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        reason = "the playwright package is not installed (pip install playwright)"
+    if reason is None and not CHROMIUM.is_file():
+        reason = f"{CHROMIUM} is missing (apt-get install chromium)"
+    if reason is not None:
+        if os.environ.get("FEATUREATLAS_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"browser tests required but {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    _require_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: object) -> Iterator[object]:
+    context = browser.new_context(viewport={"width": 1100, "height": 900})  # type: ignore[attr-defined]
+    page = context.new_page()
+    page.add_init_script(WATCH)
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning")
+            else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
+    page.on("request", lambda r: None if r.url.startswith(("file://", "data:")) else problems.append(r.url))
+    page.problems = problems
+    yield page
+    context.close()
+
+
+def assert_clean(page: object) -> None:
+    """No console errors, page errors, dialogs, non-local requests, CSP violations or injected calls."""
+    in_page = page.evaluate("window.__problems")  # type: ignore[attr-defined]
+    assert page.problems == [] and in_page == [], page.problems + in_page  # type: ignore[attr-defined]
+
+
+def tooltip(page: object) -> str:
+    tip = page.locator("#tip")  # type: ignore[attr-defined]
+    tip.wait_for(state="visible", timeout=2000)
+    return tip.inner_text()
+
+
+def shown_activation(text: str) -> float:
+    match = re.search(r"activation (\S+)", text)
+    assert match, text
+    return float(match.group(1))
+
+
+def test_browse_from_file_url(page: object, site_dir: Path) -> None:
+    page.goto((site_dir / "index.html").as_uri())  # type: ignore[attr-defined]
+    assert page.evaluate("document.documentElement.classList.contains('js')")  # site.js ran under the CSP
+    assert page.evaluate("getComputedStyle(document.body).fontFamily").startswith("system-ui")  # CSS loaded
+    page.get_by_role("link", name=re.compile(r"^Layer 1\b")).click()
+    assert page.url.endswith("/mlp/1/index.html")
+    assert page.locator("#units tbody tr").count() == 50
+    assert_clean(page)
+
+    page.fill("#filter", "17")
+    assert page.locator("#units tbody tr:visible").count() == 1
+    page.fill("#filter", "")
+    page.get_by_role("button", name="Max act.").click()
+    values = page.locator("#units tbody tr td:nth-child(2)").all_inner_texts()
+    numbers = [float(v) for v in values if v != "\u2014"]
+    assert numbers == sorted(numbers, reverse=True)
+
+    page.get_by_role("link", name="7", exact=True).click()
+    assert page.url.endswith("/mlp/1/7.html")
+    assert page.locator("h1").inner_text() == "Unit 7"
+    assert_clean(page)
+
+
+def test_tooltip_on_hover_and_keyboard_focus(page: object, site_dir: Path) -> None:
+    unit = next(site_dir.glob("*/mlp/1/7.html"))
+    page.goto(unit.as_uri())  # type: ignore[attr-defined]
+    first = page.locator(".ctx").first
+    acts = first.get_attribute("data-acts").split(",")
+
+    spans = first.locator(":scope > span")
+    spans.nth(2).hover()
+    text = tooltip(page)
+    assert text.startswith("'") and shown_activation(text) == pytest.approx(float(acts[2]), rel=1e-9)
+
+    # A hostile token, hovered: shown as text in the tooltip, never run.
+    nasty = page.locator(".ctx > span", has_text="<script>alert(1)</script>").first
+    nasty.hover()
+    assert "'<script>alert(1)</script>'" in tooltip(page)
+    page.locator(".ctx > span", has_text="a\\x00b").first.hover()
+    assert tooltip(page).splitlines()[0] == "'a\\x00b'"
+    page.locator(".ctx > span", has_text="\\u202eevil").first.hover()
+    assert tooltip(page).splitlines()[0] == "'\\u202eevil'"
+    newline = page.locator(".ctx > span", has_text="\u23ce").first
+    newline.hover()
+    assert tooltip(page).splitlines()[0] in ("'\\n'", "'\\n\\n'", "' \\n'")
+
+    # Keyboard: Tab reaches the first example's max token, arrows move along the context.
+    page.mouse.move(1, 1)
+    page.locator("body").focus()
+    for _ in range(20):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.matches('.ctx > span')"):
+            break
+    assert page.evaluate("document.activeElement.matches('.ctx > span.m')")
+    index = page.evaluate("[...document.activeElement.parentElement.children].indexOf(document.activeElement)")
+    text = tooltip(page)
+    assert shown_activation(text) == pytest.approx(float(acts[index]), rel=1e-9) and "100% of max" in text
+    assert page.evaluate("document.activeElement.getAttribute('aria-describedby')") == "tip"
+    page.keyboard.press("ArrowLeft")
+    assert page.evaluate("[...document.activeElement.parentElement.children].indexOf(document.activeElement)") == \
+        index - 1
+    assert shown_activation(tooltip(page)) == pytest.approx(float(acts[index - 1]), rel=1e-9)
+    page.keyboard.press("Escape")
+    assert page.locator("#tip").is_hidden()
+    page.keyboard.press("n")  # next unit
+    page.wait_for_url(re.compile(r"/8\.html$"))
+    assert_clean(page)
+
+
+def test_nothing_injected_runs_and_screenshot(page: object, site_dir: Path) -> None:
+    for path in sorted(site_dir.rglob("*.html"))[:30]:
+        page.goto(path.as_uri())  # type: ignore[attr-defined]
+        assert page.locator("img, iframe, textarea, object, embed").count() == 0
+        assert page.evaluate("document.scripts.length") == 1
+    assert_clean(page)
+
+    unit = next(site_dir.glob("*/mlp/1/7.html"))
+    page.goto(unit.as_uri())
+    page.locator(".ctx > span.m").first.hover()
+    tooltip(page)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "unit.png"))
+    page.emulate_media(color_scheme="dark")
+    page.screenshot(path=str(SHOTS / "unit-dark.png"))
+    page.set_viewport_size({"width": 390, "height": 800})
+    page.screenshot(path=str(SHOTS / "unit-narrow.png"))
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")  # no sideways scroll
+    assert_clean(page)
