@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from featureatlas.harvest.architectures import blocks_of
 from featureatlas.harvest.contexts import iter_batches, iter_contexts
 from featureatlas.harvest.corpus import embedded_corpus, iter_documents

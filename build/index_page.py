@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import jinja2
+
 from featureatlas.build.plan import SitePlan
 from featureatlas.build.reader import Catalog
 

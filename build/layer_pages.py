@@ -6,10 +6,11 @@ from pathlib import Path
 
 import duckdb
 import jinja2
+from markupsafe import Markup
+
 from featureatlas.build.numbers import format_activation
 from featureatlas.build.reader import LayerKey, read_snippets
 from featureatlas.build.tokens import token_text
-from markupsafe import Markup
 
 SNIPPET_BEFORE = 8
 SNIPPET_AFTER = 3

@@ -11,6 +11,8 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from featureatlas.build import worker
 from featureatlas.build.index_page import write_index
 from featureatlas.build.output import SiteError, check_target, publish, staging_dir, write_marker
@@ -18,7 +20,6 @@ from featureatlas.build.plan import SitePlan, plan_site
 from featureatlas.build.reader import read_catalog
 from featureatlas.build.templates import copy_static, make_environment
 from featureatlas.store.schema import open_store
-from tqdm import tqdm
 
 __all__ = ["BuildSummary", "SiteError", "build_site"]
 

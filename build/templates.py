@@ -7,8 +7,9 @@ import shutil
 from pathlib import Path
 
 import jinja2
-from featureatlas.build.tokens import visible
 from markupsafe import Markup
+
+from featureatlas.build.tokens import visible
 
 STATIC_FILES = ("style.css", "site.js")
 

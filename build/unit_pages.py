@@ -13,10 +13,11 @@ from pathlib import Path
 import jinja2
 import numpy as np
 import pyarrow.compute as pc
+from markupsafe import Markup, escape
+
 from featureatlas.build.numbers import compact_strings, format_activation
 from featureatlas.build.reader import UnitChunk
 from featureatlas.build.tokens import token_html, visible
-from markupsafe import Markup, escape
 
 BUCKETS = 9
 _FLAG_MAX = 1  # the example's max token: outlined and keyboard-focusable

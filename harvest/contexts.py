@@ -14,8 +14,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
-from featureatlas.harvest.corpus import Document
 from transformers import PreTrainedTokenizerBase
+
+from featureatlas.harvest.corpus import Document
 
 _DECODE_WINDOW = 4  # tokens of left context used to decode one token's display string (a UTF-8 char <= 4 bytes)
 _INCOMPLETE = "\ufffd"  # what decoders make of the bytes of a character whose last byte is yet to come

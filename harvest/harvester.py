@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from featureatlas.harvest.architectures import blocks_of
 from featureatlas.harvest.contexts import Batch
 from featureatlas.harvest.sources import UnitSource, mlp_sources

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import tqdm
 import transformers
+
+from featureatlas.errors import UsageError
 from featureatlas.harvest.architectures import blocks_of
 from featureatlas.harvest.contexts import Context, DocumentInfo, display_tokens, iter_batches, iter_contexts
 from featureatlas.harvest.corpus import CorpusError, corpus_files, iter_documents
@@ -20,8 +22,6 @@ from featureatlas.harvest.harvester import Harvester
 from featureatlas.harvest.models import load_model, pick_device, pick_dtype, resolve_model
 from featureatlas.harvest.sources import parse_layers
 from featureatlas.store.writer import StoreWriter, check_writable_target
-
-from featureatlas.errors import UsageError
 
 _PRUNE_EVERY = 64  # batches between drops of contexts that no unit keeps any more
 

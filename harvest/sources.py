@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from featureatlas.harvest.architectures import architecture_of, blocks_of, mlp_out_of, neurons_of
 
 from featureatlas.errors import UsageError
+from featureatlas.harvest.architectures import architecture_of, blocks_of, mlp_out_of, neurons_of
 
 
 @dataclass

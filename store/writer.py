@@ -10,6 +10,7 @@ from types import TracebackType
 import duckdb
 import numpy as np
 import pyarrow as pa
+
 from featureatlas.store.schema import StoreError, create_schema
 
 

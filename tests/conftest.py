@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from featureatlas.store.writer import StoreWriter
 
 BOS = "<|im_start|>"

@@ -7,9 +7,10 @@ from pathlib import Path
 import duckdb
 import pytest
 import transformers
-from tiny_models import save_tiny_model, tiny_tokenizer, write_corpus
 
 from featureatlas.cli import main
+
+from tiny_models import save_tiny_model, tiny_tokenizer, write_corpus
 
 
 @pytest.fixture(scope="module")

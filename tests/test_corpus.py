@@ -7,10 +7,11 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from tiny_models import tiny_tokenizer
 
 from featureatlas.harvest.contexts import display_tokens, iter_batches, iter_contexts
 from featureatlas.harvest.corpus import CorpusError, Document, iter_documents
+
+from tiny_models import tiny_tokenizer
 
 
 def test_txt_jsonl_and_parquet_in_path_order(tmp_path: Path) -> None:

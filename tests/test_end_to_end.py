@@ -7,9 +7,9 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from featureatlas.harvest.corpus import embedded_corpus
 
 from featureatlas.cli import main
+from featureatlas.harvest.corpus import embedded_corpus
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
+
 from featureatlas.harvest.architectures import blocks_of, mlp_out_of
 from featureatlas.harvest.run import HarvestConfig, harvest
+
 from tiny_models import MODEL_TYPES, save_tiny_model, write_corpus
 
 CONTEXT_LENGTH, TOP_K = 16, 5

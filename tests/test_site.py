@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import BOS, MODEL, make_store
+
 from featureatlas.build import unit_pages
 from featureatlas.build.numbers import compact_activations, format_activation
 from featureatlas.build.output import MARKER, SiteError
