@@ -54,14 +54,28 @@ def corpus_files(path: Path) -> list[Path]:
 
 
 def iter_documents(path: Path, text_field: str = "text") -> Iterator[Document]:
-    """Yield non-empty documents in a fixed order (files sorted by path); empty ones are skipped."""
-    for file in corpus_files(path):
+    """Yield non-empty documents in a fixed order (files sorted by path); empty ones are skipped.
+
+    Documents are named by their file's path relative to the corpus (the folder, or the fixed part of a glob),
+    so that a store does not carry the harvesting machine's directory layout.
+    """
+    files = corpus_files(path)
+    base = files[0].parent if path.is_file() else _fixed_part(path)
+    for file in files:
+        name = file.relative_to(base).as_posix()
         if file.suffix == ".txt":
-            yield from _split_long(file, _read_utf8(file))
+            yield from _split_long(name, _read_utf8(file))
         elif file.suffix == ".jsonl":
-            yield from _read_jsonl(file, text_field)
+            yield from _read_jsonl(file, name, text_field)
         else:
-            yield from _read_parquet(file, text_field)
+            yield from _read_parquet(file, name, text_field)
+
+
+def _fixed_part(path: Path) -> Path:
+    """A folder, or the folder a glob pattern starts from: texts/*_gut.txt -> texts."""
+    while any(ch in path.name for ch in "*?["):
+        path = path.parent
+    return path
 
 
 def _read_utf8(file: Path) -> str:
@@ -73,7 +87,7 @@ def _read_utf8(file: Path) -> str:
                           f"convert it, e.g. `iconv -f latin1 -t utf-8 {file}`") from None
 
 
-def _split_long(file: Path, text: str) -> Iterator[Document]:
+def _split_long(name: str, text: str) -> Iterator[Document]:
     part, start = 0, 0
     while start < len(text):
         end = len(text)
@@ -82,11 +96,11 @@ def _split_long(file: Path, text: str) -> Iterator[Document]:
             end = cut + 2 if cut > start else start + MAX_DOCUMENT_CHARS
         piece = text[start:end]
         if piece.strip():
-            yield Document(str(file) if part == 0 and end == len(text) else f"{file}#part{part}", piece)
+            yield Document(name if part == 0 and end == len(text) else f"{name}#part{part}", piece)
         part, start = part + 1, end
 
 
-def _read_jsonl(file: Path, text_field: str) -> Iterator[Document]:
+def _read_jsonl(file: Path, name: str, text_field: str) -> Iterator[Document]:
     for line_no, line in enumerate(_read_utf8(file).splitlines(), start=1):
         if not line.strip():
             continue
@@ -101,10 +115,10 @@ def _read_jsonl(file: Path, text_field: str) -> Iterator[Document]:
         if not isinstance(text, str):
             raise CorpusError(f"{file}:{line_no}: field {text_field!r} is not a string")
         if text.strip():
-            yield Document(f"{file}:{line_no}", text)
+            yield Document(f"{name}:{line_no}", text)
 
 
-def _read_parquet(file: Path, text_field: str) -> Iterator[Document]:
+def _read_parquet(file: Path, name: str, text_field: str) -> Iterator[Document]:
     con = duckdb.connect()
     try:
         columns = [row[0] for row in con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [str(file)]).fetchall()]
@@ -118,5 +132,5 @@ def _read_parquet(file: Path, text_field: str) -> Iterator[Document]:
     while batch := result.fetchmany(1024):
         for (text,) in batch:
             if isinstance(text, str) and text.strip():
-                yield Document(f"{file}#row{row_no}", text)
+                yield Document(f"{name}#row{row_no}", text)
             row_no += 1

@@ -21,10 +21,13 @@ def test_txt_jsonl_and_parquet_in_path_order(tmp_path: Path) -> None:
     duckdb.sql(f"COPY (SELECT * FROM (VALUES ('row zero'), (''), ('row two')) t(body)) "
                f"TO '{tmp_path / 'c.parquet'}' (FORMAT parquet)")
     docs = list(iter_documents(tmp_path, text_field="body"))
-    assert [(Path(d.name.split(":")[0].split("#")[0]).name, d.text) for d in docs] == [
-        ("a.txt", "plain text\n"), ("b.jsonl", "from json"), ("b.jsonl", "second"),
-        ("c.parquet", "row zero"), ("c.parquet", "row two")]
-    assert docs[2].name.endswith("b.jsonl:4") and docs[4].name.endswith("c.parquet#row2")
+    assert [(d.name, d.text) for d in docs] == [
+        ("a.txt", "plain text\n"), ("b.jsonl:1", "from json"), ("b.jsonl:4", "second"),
+        ("c.parquet#row0", "row zero"), ("c.parquet#row2", "row two")]
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "d.txt").write_text("nested")
+    assert [d.name for d in iter_documents(tmp_path / "sub" / "d.txt")] == ["d.txt"]
+    assert "sub/d.txt" in [d.name for d in iter_documents(tmp_path, text_field="body")]
 
 
 def test_glob_pattern(tmp_path: Path) -> None:
@@ -67,3 +70,14 @@ def test_display_tokens_read_back_as_the_text() -> None:
     ids = tok(text, add_special_tokens=False)["input_ids"]
     (shown,) = display_tokens(tok, [[tok.bos_token_id] + ids])
     assert shown[0] == "<bos>" and "".join(shown[1:]) == text
+
+
+def test_long_txt_files_are_cut_at_blank_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from featureatlas.harvest import corpus
+    monkeypatch.setattr(corpus, "MAX_DOCUMENT_CHARS", 30)
+    text = "first paragraph here\n\nsecond one, a bit longer\n\nthird\n"
+    (tmp_path / "long.txt").write_text(text)
+    docs = list(iter_documents(tmp_path / "long.txt"))
+    assert "".join(d.text for d in docs) == text
+    assert [d.name for d in docs] == ["long.txt#part0", "long.txt#part1", "long.txt#part2"]
+    assert all(len(d.text) <= 30 for d in docs)

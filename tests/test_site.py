@@ -271,14 +271,19 @@ def test_index_lists_models_sources_layers_and_run(site_dir: Path) -> None:
     assert "100 units in 2 layers" in text and "49 active" in text
 
 
-def test_two_models_and_parallel_workers(tmp_path: Path, site_dir: Path) -> None:
-    """A second store with two models builds with worker processes; each model gets its own folder."""
-    store = make_store(tmp_path / "a.duckdb", n_layers=1, n_units=30, model="static")
+def test_two_models_and_parallel_workers(tmp_path: Path) -> None:
+    """Two models in one store, built by worker processes: each model has its own folder and index entry."""
+    store = make_store(tmp_path / "a.duckdb", n_layers=1, n_units=30, models=("static", "Other/Model"))
     out = tmp_path / "site"
     summary = build_site(store, out, workers=2, progress=False)
-    assert summary.pages == 1 + 1 + 30 and summary.index == out / "index.html"
+    assert summary.pages == 1 + 2 * (1 + 30) and summary.index == out / "index.html"
     assert (out / "static-" / "mlp" / "0" / "29.html").is_file()  # "static" must not clash with static/
+    assert (out / "other-model" / "mlp" / "0" / "29.html").is_file()
     assert summary.bytes == sum(p.stat().st_size for p in out.rglob("*.html"))
+    index = (out / "index.html").read_text()
+    assert 'id="m-static-"' in index and 'href="other-model/mlp/0/index.html"' in index
+    unit = (out / "other-model" / "mlp" / "0" / "7.html").read_text()
+    assert '<a href="../../../index.html#m-other-model">Other/Model</a>' in unit
 
 
 # --- publishing -------------------------------------------------------------------------------------
