@@ -77,3 +77,23 @@ def test_top_k_equals_brute_force(tmp_path: Path, model_type: str) -> None:
                 assert stored_tokens[r["context_id"]] == contexts[r["context_id"]]
                 np.testing.assert_allclose(r["activations"], acts[r["context_id"]][layer, :, unit].numpy(),
                                            rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_neuron_is_the_mlp_hidden_activation(tmp_path: Path, model_type: str) -> None:
+    """Guards the architecture table: the hooked tensor is act(gate(x)) * up(x) (gated) or act(fc(x))."""
+    model_dir = save_tiny_model(model_type, tmp_path / "model")
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    block = blocks_of(model.base_model, model_type)[1]
+    mlp = block.mlp
+    seen = {}
+    mlp.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    mlp_out_of(block, model_type).register_forward_pre_hook(lambda m, args: seen.update(neurons=args[0]))
+    with torch.no_grad():
+        model(torch.tensor([[0, 5, 17, 42, 99]]))
+        x = seen["x"]
+        if model_type == "llama":
+            expected = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+        else:
+            expected = mlp.act(mlp.c_fc(x))
+    torch.testing.assert_close(seen["neurons"], expected)
