@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,8 +23,10 @@ def is_site(path: Path) -> bool:
 
 def check_target(out_dir: Path) -> None:
     """Refuse, before any work, an output folder we must not replace or cannot write."""
-    if out_dir.exists() or out_dir.is_symlink():
-        if not out_dir.is_dir() or out_dir.is_symlink():
+    if out_dir.is_symlink():
+        raise SiteError(f"{out_dir}: is a symbolic link; give the real folder or choose another output folder")
+    if out_dir.exists():
+        if not out_dir.is_dir():
             raise SiteError(f"{out_dir}: exists and is not a folder; remove it or choose another output folder")
         if any(out_dir.iterdir()) and not is_site(out_dir):
             raise SiteError(f"{out_dir}: folder is not empty and is not a featureatlas site; "
@@ -38,8 +41,30 @@ def check_target(out_dir: Path) -> None:
         raise SiteError(f"{out_dir}: folder {parent} is not writable; choose another output folder")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(out_dir: Path) -> None:
+    """Remove temporary folders that builds killed outright (SIGKILL, power loss) left beside out_dir."""
+    if os.name != "posix":  # os.kill(pid, 0) only probes on POSIX
+        return
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(\d+)\.(partial|old)")
+    for entry in out_dir.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not _alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def staging_dir(out_dir: Path) -> Path:
     """Create the temporary folder the site is built in (hidden, beside out_dir, same filesystem)."""
+    remove_stale(out_dir)
     staging = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.partial")
     if staging.exists():
         shutil.rmtree(staging)

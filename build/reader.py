@@ -27,8 +27,7 @@ class LayerInfo:
     key: LayerKey
     n_units: int  # units the store holds rows for
     n_active: int  # units with at least one example
-    declared_units: int | None  # sources.n_units, None when the layer has no sources row
-    hook: str | None
+    hook: str | None  # None when the layer has no sources row
 
 
 @dataclass
@@ -114,11 +113,11 @@ def read_catalog(con: duckdb.DuckDBPyConnection) -> Catalog:
     rows = con.sql("""
         WITH u AS (SELECT model, source, layer, count(*) AS n_units, count(max_activation) AS n_active
                    FROM units GROUP BY ALL)
-        SELECT model, source, layer, coalesce(u.n_units, 0), coalesce(u.n_active, 0), s.n_units, s.hook
+        SELECT model, source, layer, coalesce(u.n_units, 0), coalesce(u.n_active, 0), s.hook
         FROM sources s FULL OUTER JOIN u USING (model, source, layer)
         ORDER BY model, source, layer""").fetchall()
-    layers = [LayerInfo(LayerKey(m, s, int(layer)), int(n), int(active), declared, hook)
-              for m, s, layer, n, active, declared, hook in rows]
+    layers = [LayerInfo(LayerKey(m, s, int(layer)), int(n), int(active), hook)
+              for m, s, layer, n, active, hook in rows]
     return Catalog(runs=runs, layers=layers)
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +41,12 @@ class BuildSummary:
         return self.pages / self.seconds if self.seconds > 0 else 0.0
 
 
+def _can_spawn() -> bool:
+    """Spawned processes re-import the main script; impossible when it came from stdin or a notebook cell."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    return main_file is None or os.path.exists(main_file)
+
+
 def _run_jobs(plan: SitePlan, store_path: Path, site_dir: Path, bos_tokens: dict[str, str | None],
               workers: int) -> Iterator[tuple[int, int]]:
     """(pages, bytes) per finished job; in this process when workers == 1, else in spawned processes."""
@@ -50,16 +59,24 @@ def _run_jobs(plan: SitePlan, store_path: Path, site_dir: Path, bos_tokens: dict
         finally:
             local.close()
         return
-    # spawn, not fork: the parent holds DuckDB and tqdm threads that a fork would copy mid-state
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=worker.init_process, initargs=args) as pool:
-        yield from pool.imap_unordered(worker.run_job, plan.jobs)
+    # spawn, not fork: the parent holds DuckDB and tqdm threads that a fork would copy mid-state.
+    # An executor, not multiprocessing.Pool: a worker that dies or fails to start breaks it (an error here)
+    # instead of being restarted forever.
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=worker.init_process, initargs=args)
+    try:
+        futures = [executor.submit(worker.run_job, job) for job in plan.jobs]
+        for future in as_completed(futures):
+            yield future.result()
+    finally:
+        # on an error, let running jobs finish so nothing writes into the staging folder once it is removed
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def build_site(store_path: Path, out_dir: Path, workers: int | None = None, progress: bool = True) -> BuildSummary:
     """Render the whole site for a store into out_dir, which appears (or is replaced) only when complete."""
     started = time.perf_counter()
-    store_path, out_dir = Path(store_path), Path(out_dir)
+    store_path, out_dir = Path(store_path), Path(os.path.abspath(out_dir))  # abspath: "." has no name
     check_target(out_dir)
     con = open_store(store_path)
     try:
@@ -69,6 +86,8 @@ def build_site(store_path: Path, out_dir: Path, workers: int | None = None, prog
     plan = plan_site(catalog)
     bos_tokens = {model: catalog.bos_token(model) for model in catalog.models()}
     workers = max(1, min(workers or os.cpu_count() or 1, len(plan.jobs)))
+    if not _can_spawn():
+        workers = 1
 
     staging = staging_dir(out_dir)
     try:
@@ -79,10 +98,14 @@ def build_site(store_path: Path, out_dir: Path, workers: int | None = None, prog
             bar.update(1)
             # closing(): on an error the pool is shut down before the staging folder is removed
             with closing(_run_jobs(plan, store_path, staging, bos_tokens, workers)) as results:
-                for job_pages, job_bytes in results:
-                    pages += job_pages
-                    size += job_bytes
-                    bar.update(job_pages)
+                try:
+                    for job_pages, job_bytes in results:
+                        pages += job_pages
+                        size += job_bytes
+                        bar.update(job_pages)
+                except BrokenProcessPool as err:
+                    raise SiteError(f"{out_dir}: a build process died (out of memory?); nothing was written; "
+                                    "try again with fewer workers") from err
         write_marker(staging, store_path)
         publish(staging, out_dir)
     except BaseException:

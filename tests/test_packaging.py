@@ -29,3 +29,10 @@ def test_wheel_carries_package_data(tmp_path: Path) -> None:
                      "featureatlas/site_templates/static/style.css"]:
         assert expected in names, expected
     assert not any(name.startswith(("build/", "harvest/", "tests/")) for name in names)
+
+
+def test_every_command_has_help() -> None:
+    for command in ([], ["harvest"], ["build"], ["serve"], ["info"], ["demo"]):
+        out = subprocess.run([sys.executable, "-m", "featureatlas", *command, "--help"],
+                             capture_output=True, text=True, check=True).stdout
+        assert out.startswith("usage: featureatlas")

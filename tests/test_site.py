@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import threading
 import urllib.request
 from html.parser import HTMLParser
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BOS, MODEL, make_store
+from conftest import BOS, MODEL, PLAIN_TOKENS, make_store
 
 from featureatlas.build import unit_pages
 from featureatlas.build.numbers import compact_activations, format_activation
@@ -271,6 +273,17 @@ def test_index_lists_models_sources_layers_and_run(site_dir: Path) -> None:
     assert "100 units in 2 layers" in text and "49 active" in text
 
 
+def test_unit_pages_stay_small(tmp_path: Path) -> None:
+    """20 examples of 64 tokens: tiny per-token markup and one compact data attribute per example."""
+    store = make_store(tmp_path / "big.duckdb", n_layers=1, n_units=8, k=20, context_length=64,
+                       vocabulary=PLAIN_TOKENS + ["\n"])
+    build_site(store, tmp_path / "site", workers=1, progress=False)
+    sizes = {int(path.stem): path.stat().st_size for path in (tmp_path / "site").glob("*/mlp/0/[0-9]*.html")}
+    assert len(sizes) == 8 and sizes[3] < 3_000, sizes  # unit 3 has no examples
+    assert max(size for unit, size in sizes.items() if unit not in (3, 4)) < 40_000, sizes
+    assert sizes[4] < 55_000, sizes  # every token of unit 4 is coloured: one class per token
+
+
 def test_two_models_and_parallel_workers(tmp_path: Path) -> None:
     """Two models in one store, built by worker processes: each model has its own folder and index entry."""
     store = make_store(tmp_path / "a.duckdb", n_layers=1, n_units=30, models=("static", "Other/Model"))
@@ -349,6 +362,17 @@ def test_a_crash_leaves_no_partial_output(tmp_path: Path, store_path: Path, monk
         build_site(store_path, out, workers=1, progress=False)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != MARKER} == before
     assert leftovers(tmp_path) == []
+
+
+def test_leftovers_of_a_killed_build_are_removed(tmp_path: Path, store_path: Path) -> None:
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    stale = tmp_path / f".site.{finished.pid}.partial"
+    (stale / "static").mkdir(parents=True)
+    running = tmp_path / f".site.{os.getppid()}.partial"  # a build that may still be going on
+    running.mkdir()
+    build_site(store_path, tmp_path / "site", workers=1, progress=False)
+    assert leftovers(tmp_path) == [running.name]
 
 
 # --- serving ----------------------------------------------------------------------------------------
