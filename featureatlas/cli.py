@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-DEMO_TOKENS = 250_000
+DEMO_TOKENS = 400_000
 
 
 def _harvest_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
