@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
+
+from featureatlas.atomic import remove_stale_temps, temp_path_beside
 
 MARKER = ".featureatlas-site"
 
@@ -41,31 +42,10 @@ def check_target(out_dir: Path) -> None:
         raise SiteError(f"{out_dir}: folder {parent} is not writable; choose another output folder")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale(out_dir: Path) -> None:
-    """Remove temporary folders that builds killed outright (SIGKILL, power loss) left beside out_dir."""
-    if os.name != "posix":  # os.kill(pid, 0) only probes on POSIX
-        return
-    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(\d+)\.(partial|old)")
-    for entry in out_dir.parent.iterdir():
-        match = pattern.fullmatch(entry.name)
-        if match and entry.is_dir() and not entry.is_symlink() and not _alive(int(match.group(1))):
-            shutil.rmtree(entry, ignore_errors=True)
-
-
 def staging_dir(out_dir: Path) -> Path:
     """Create the temporary folder the site is built in (hidden, beside out_dir, same filesystem)."""
-    remove_stale(out_dir)
-    staging = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.partial")
+    remove_stale_temps(out_dir)
+    staging = temp_path_beside(out_dir)
     if staging.exists():
         shutil.rmtree(staging)
     try:
@@ -87,7 +67,7 @@ def publish(staging: Path, out_dir: Path) -> None:
     check_target(out_dir)  # it may have changed during the build
     old = None
     if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
+        old = temp_path_beside(out_dir, "old")
         if old.exists():
             shutil.rmtree(old)
         os.replace(out_dir, old)

@@ -11,11 +11,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from featureatlas.atomic import remove_stale_temps, temp_path_beside
 from featureatlas.store.schema import StoreError, create_schema
-
-
-def _temp_path_for(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.partial")
 
 
 def check_writable_target(path: Path) -> None:
@@ -43,7 +40,8 @@ class StoreWriter:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         check_writable_target(self.path)
-        self.temp_path = _temp_path_for(self.path)
+        remove_stale_temps(self.path)
+        self.temp_path = temp_path_beside(self.path)
         self.temp_path.unlink(missing_ok=True)
         self.con = duckdb.connect(str(self.temp_path))
         create_schema(self.con)

@@ -133,3 +133,27 @@ def test_crash_mid_harvest_leaves_no_store(tiny, tmp_path: Path, monkeypatch) ->
     with pytest.raises(RuntimeError, match="simulated crash"):
         main([str(a) for a in harvest_args(model, corpus, tmp_path / "s.duckdb")])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_harvest_killed_outright_leaves_no_store_and_next_run_cleans_up(tiny, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+    model, corpus = tiny
+    big = tmp_path / "big.txt"
+    big.write_text((corpus / "a.txt").read_text() * 400)
+    out = tmp_path / "s.duckdb"
+    proc = subprocess.Popen([sys.executable, "-m", "featureatlas", *map(str, harvest_args(model, big, out)),
+                             "--batch-size", "1"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".s.duckdb.*.partial")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    leftovers = list(tmp_path.glob(".s.duckdb.*"))
+    assert leftovers  # a SIGKILL cannot clean up ...
+    assert main([str(a) for a in harvest_args(model, corpus, out, "--layers", "0")]) == 0
+    assert out.is_file() and list(tmp_path.glob(".s.duckdb.*")) == []  # ... the next run does
