@@ -10,7 +10,7 @@ Deliberate choices (recorded in the store's `runs` table):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +51,7 @@ class Batch:
 
 
 def iter_contexts(documents: Iterable[Document], tokenizer: PreTrainedTokenizerBase, context_length: int,
-                  max_tokens: int | None, on_document: callable) -> Iterator[Context]:
+                  max_tokens: int | None, on_document: Callable[[DocumentInfo], None]) -> Iterator[Context]:
     """Contexts in corpus order; calls on_document(DocumentInfo) for each document that was used."""
     bos = tokenizer.bos_token_id
     body = context_length - (1 if bos is not None else 0)
