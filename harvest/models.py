@@ -72,7 +72,8 @@ def _check_hub_reachable(repo_id: str) -> None:
     try:
         socket.create_connection((host, 443), timeout=5).close()
     except OSError:
-        raise ModelLoadError(f"{repo_id}: not in the local Hugging Face cache and {host} cannot be reached; "
+        raise ModelLoadError(f"{repo_id}: no such local folder or file, not in the local Hugging Face cache, "
+                             f"and {host} cannot be reached; "
                              "download it while online, or pass a local folder, a .gguf file or "
                              "`smollm2-135m`") from None
 

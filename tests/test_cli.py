@@ -157,3 +157,11 @@ def test_harvest_killed_outright_leaves_no_store_and_next_run_cleans_up(tiny, tm
     assert leftovers  # a SIGKILL cannot clean up ...
     assert main([str(a) for a in harvest_args(model, corpus, out, "--layers", "0")]) == 0
     assert out.is_file() and list(tmp_path.glob(".s.duckdb.*")) == []  # ... the next run does
+
+
+def test_uncached_hub_id_offline_fails_fast(tiny, tmp_path: Path, capsys, monkeypatch) -> None:
+    model, corpus = tiny
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, message = run(capsys, *harvest_args("someone/no-such-model", corpus, tmp_path / "s.duckdb"))
+    assert code == 2 and "someone/no-such-model: not in the local Hugging Face cache" in message
+    assert_nothing_written(tmp_path)
