@@ -27,7 +27,6 @@ ARCHITECTURES: dict[str, Architecture] = {
     "phi": Architecture(blocks="layers", mlp_out="mlp.fc2"),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
-    "mixtral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
@@ -55,9 +54,15 @@ def architecture_of(model_type: str) -> Architecture:
 
 
 def get_submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:
+    module = root
     for name in path.split("."):
-        root = getattr(root, name)
-    return root
+        if not hasattr(module, name):
+            raise UnsupportedModelError(
+                f"{type(root).__name__} has no module {path!r} where its architecture's entry in "
+                "harvest/architectures.py expects one (a mixture-of-experts MLP, or a changed transformers "
+                "class?); fix that entry")
+        module = getattr(module, name)
+    return module
 
 
 def blocks_of(backbone: torch.nn.Module, model_type: str) -> torch.nn.ModuleList:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from featureatlas.harvest.architectures import blocks_of, mlp_out_of
+from featureatlas.harvest.architectures import ARCHITECTURES, blocks_of, mlp_out_of, neurons_of
 from featureatlas.harvest.run import HarvestConfig, harvest
 
 from tiny_models import MODEL_TYPES, save_tiny_model, write_corpus
@@ -97,3 +97,20 @@ def test_neuron_is_the_mlp_hidden_activation(tmp_path: Path, model_type: str) ->
         else:
             expected = mlp.act(mlp.c_fc(x))
     torch.testing.assert_close(seen["neurons"], expected)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_every_architecture_entry_finds_the_mlp_output_projection(model_type: str) -> None:
+    sizes = dict(vocab_size=64, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    if model_type in ("gpt2", "gptj"):
+        sizes |= dict(n_layer=2, n_embd=32, n_head=2, n_inner=48, rotary_dim=8)
+    else:
+        sizes |= dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                      intermediate_size=48, ffn_dim=48, word_embed_proj_dim=32, head_dim=16)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **sizes))
+    proj = mlp_out_of(blocks_of(model.base_model, model_type)[1], model_type)
+    seen = {}
+    proj.register_forward_pre_hook(lambda m, args: seen.update(width=args[0].shape[-1]))
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+    assert neurons_of(proj) == seen["width"] == 48
