@@ -14,43 +14,58 @@ def format_activation(value: float | None) -> str:
     return f"{value:.4g}"
 
 
-# A value rounded to 3 significant digits is a signed mantissa (100..999) and a decimal exponent, so it has a
-# small integer code; the text of each code is formatted once and then looked up with numpy indexing, which
-# is several times faster than formatting the two million floats of a layer one by one.
-_EXPONENT_OFFSET = 64  # float32 exponents are within -45..38
-_EXPONENTS = 128
-_ZERO = 1000 * _EXPONENTS + _EXPONENT_OFFSET  # mantissa 0
-_texts = np.full(2001 * _EXPONENTS, None, dtype=object)
+# The `data-acts` attribute: every activation of an example, rounded to three significant digits, as exactly
+# three characters, with no separators (site.js decodes it the same way; so does `decode_activations`).
+#
+# A value rounded to three significant digits is m * 10**e with m an integer in -999..999 (|m| >= 100 unless
+# the value is 0). Its code is (e + 50) * 2000 + (m + 1000), which for every float32 (e within -47..36) is below
+# 64**3; the code is written as three base64url digits, most significant first. Three codes above the
+# finite ones stand for NaN (a token without an activation), +inf and -inf.
+ACT_DIGITS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+ACT_WIDTH = 3
+_MANTISSAS = 2000
+_EXPONENT_OFFSET = 50
+_MAX_EXPONENT = 130 - _EXPONENT_OFFSET  # so that every finite code is below _NAN
+_NAN, _POS_INF, _NEG_INF = 262000, 262001, 262002
+_DIGIT_BYTES = np.frombuffer(ACT_DIGITS.encode("ascii"), dtype=np.uint8)
+_DIGIT_VALUES = {c: i for i, c in enumerate(ACT_DIGITS)}
 
 
-def _text(code: int) -> str:
-    mantissa, exponent = divmod(code, _EXPONENTS)
-    value = (mantissa - 1000) * 10.0 ** (exponent - _EXPONENT_OFFSET - 2)
-    text = f"{value:.3g}"
-    return "." + text[2:] if text.startswith("0.") else "-." + text[3:] if text.startswith("-0.") else text
-
-
-def compact_strings(values: np.ndarray) -> list[str]:
-    """Each value as text with three significant digits and no leading zero (parseFloat reads `.5`)."""
+def activation_codes(values: np.ndarray) -> np.ndarray:
+    """Each value's code (see above), vectorised: no Python loop over the two million values of a layer."""
     v = np.asarray(values, dtype=np.float64)
     magnitude = np.abs(v)
     usable = np.isfinite(v) & (magnitude > 0)
-    exponent = np.floor(np.log10(np.where(usable, magnitude, 1.0)))
-    mantissa = np.rint(np.where(usable, magnitude, 0.0) * 10.0 ** (2 - exponent))
+    exponent = np.floor(np.log10(np.where(usable, magnitude, 1.0))) - 2
+    mantissa = np.rint(np.where(usable, magnitude, 0.0) * 10.0 ** -exponent)
     carry = mantissa >= 1000  # 999.6 rounds to 1000: that is 100 of the next decade
     mantissa[carry] = 100
     exponent[carry] += 1
-    codes = (np.copysign(mantissa, v) + 1000).astype(np.int64) * _EXPONENTS + exponent.astype(np.int64)
-    codes += _EXPONENT_OFFSET
-    codes[~usable] = _ZERO
-    for code in np.unique(codes[_texts[codes] == None]).tolist():  # noqa: E711 - elementwise test
-        _texts[code] = _text(code)
-    texts = _texts[codes].tolist()
-    for i in np.nonzero(~np.isfinite(v))[0].tolist():  # nan, inf: rare, and not worth a code
-        texts[i] = f"{v[i]}"
-    return texts
+    mantissa[exponent < -_EXPONENT_OFFSET] = 0  # below float32's range: zero
+    shifted = np.clip(exponent, -_EXPONENT_OFFSET, _MAX_EXPONENT).astype(np.int64) + _EXPONENT_OFFSET
+    codes = shifted * _MANTISSAS + (np.copysign(mantissa, v).astype(np.int64) + _MANTISSAS // 2)
+    codes[np.isnan(v)] = _NAN
+    too_large = (v == np.inf) | (v == -np.inf) | (exponent > _MAX_EXPONENT)  # the last: beyond float32, too
+    codes[too_large] = np.where(v[too_large] > 0, _POS_INF, _NEG_INF)
+    return codes
 
 
-def compact_activations(values: np.ndarray) -> str:
-    """Comma-separated compact values, the format of the `data-acts` attribute: `0,.123,-1.5`."""
-    return ",".join(compact_strings(values))
+def encode_activations(values: np.ndarray) -> str:
+    """The values as `data-acts` text: ACT_WIDTH characters each, so value i is at [3 * i, 3 * i + 3)."""
+    codes = activation_codes(values)
+    digits = np.stack([codes >> 12, (codes >> 6) & 63, codes & 63], axis=1)
+    return _DIGIT_BYTES[digits].tobytes().decode("ascii")
+
+
+def decode_activation(text: str) -> float:
+    """One value from its three characters: the number that the three significant digits denote."""
+    code = (_DIGIT_VALUES[text[0]] << 12) | (_DIGIT_VALUES[text[1]] << 6) | _DIGIT_VALUES[text[2]]
+    if code >= _NAN:
+        return {_NAN: math.nan, _POS_INF: math.inf, _NEG_INF: -math.inf}[code]
+    exponent, mantissa = divmod(code, _MANTISSAS)
+    return float(f"{mantissa - _MANTISSAS // 2}e{exponent - _EXPONENT_OFFSET}")
+
+
+def decode_activations(text: str) -> list[float]:
+    """Every value of a `data-acts` attribute, for tests and for anyone reading the pages with a script."""
+    return [decode_activation(text[i:i + ACT_WIDTH]) for i in range(0, len(text), ACT_WIDTH)]

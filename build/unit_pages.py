@@ -1,8 +1,10 @@
 """Unit pages: the hot path of a build, so per-token HTML is assembled with numpy and C-level joins.
 
-Per token the markup is `<span class="a7">tok</span>`; the class is a bucket on a fixed scale relative to
-the unit's max activation (a1..a9 positive, n1..n9 negative, none near zero). The raw activations go in one
-`data-acts` attribute per example, which site.js reads for the tooltip.
+Per token the markup is `<b class=a7>tok</b>`: `<b>` is a one-letter element that assistive technology does not
+announce, 6 bytes a token shorter than `<span>` (`<i>` marks glyphs; style.css gives `<b>` normal weight). The
+class is a bucket on a fixed scale relative to the unit's max activation (a1..a9 positive, n1..n9 negative, none
+near zero). The activations go in one `data-acts` attribute per example, three characters a value (see
+numbers.py), which site.js decodes for the tooltip.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import pyarrow.compute as pc
 from markupsafe import Markup, escape
 
-from featureatlas.build.numbers import compact_strings, format_activation
+from featureatlas.build.numbers import ACT_WIDTH, encode_activations, format_activation
 from featureatlas.build.reader import UnitChunk
 from featureatlas.build.tokens import token_html, visible
 
@@ -33,9 +35,10 @@ def _span_openings() -> list[str]:
             classes = [f"a{bucket}"] if bucket > 0 else [f"n{-bucket}"] if bucket < 0 else []
             classes += ["m"] if flags & _FLAG_MAX else []
             classes += ["bos"] if flags & _FLAG_BOS else []
-            attrs = f' class="{" ".join(classes)}"' if classes else ""
-            attrs += ' tabindex="0"' if flags & _FLAG_MAX else ""
-            openings.append(f"<span{attrs}>")
+            # Unquoted where it can be (valid HTML for a value without spaces or quotes): two bytes a token.
+            attrs = f' class="{" ".join(classes)}"' if len(classes) > 1 else f" class={classes[0]}" if classes else ""
+            attrs += " tabindex=0" if flags & _FLAG_MAX else ""
+            openings.append(f"<b{attrs}>")
     return openings
 
 
@@ -43,10 +46,10 @@ _OPENINGS = np.array(_span_openings(), dtype=object)
 
 
 class SpanTails(dict):
-    """Raw token -> its escaped display HTML plus `</span>`, computed once per distinct token."""
+    """Raw token -> its escaped display HTML plus `</b>`, computed once per distinct token."""
 
     def __missing__(self, token: str) -> str:
-        tail = self[token] = token_html(token) + "</span>"
+        tail = self[token] = token_html(token) + "</b>"
         return tail
 
 
@@ -128,10 +131,10 @@ def render_examples(chunk: UnitChunk, tails: SpanTails, bos_token: str | None) -
     parts[0::2] = _OPENINGS[index]
     parts[1::2] = distinct_tails[codes[gather]]
     part_list = parts.tolist()
-    value_texts = compact_strings(values)
+    acts_text = encode_activations(values)
     bounds = starts.tolist()
     htmls = ["".join(part_list[2 * bounds[i]:2 * bounds[i + 1]]) for i in range(n_examples)]
-    acts = [",".join(value_texts[bounds[i]:bounds[i + 1]]) for i in range(n_examples)]
+    acts = [acts_text[ACT_WIDTH * bounds[i]:ACT_WIDTH * bounds[i + 1]] for i in range(n_examples)]
     return htmls, acts
 
 

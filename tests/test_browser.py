@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from featureatlas.build.numbers import decode_activations
+
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = Path("/tmp/featureatlas-shots")
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -115,29 +117,29 @@ def test_tooltip_on_hover_and_keyboard_focus(page: object, site_dir: Path) -> No
     unit = next(site_dir.glob("*/mlp/1/7.html"))
     page.goto(unit.as_uri())  # type: ignore[attr-defined]
     first = page.locator(".ctx").first
-    acts = first.get_attribute("data-acts").split(",")
+    acts = decode_activations(first.get_attribute("data-acts"))
 
-    spans = first.locator(":scope > span")
-    spans.nth(2).hover()
+    tokens = first.locator(":scope > b")
+    tokens.nth(2).hover()
     text = tooltip(page)
-    assert text.startswith("'") and shown_activation(text) == pytest.approx(float(acts[2]), rel=1e-9)
+    assert text.startswith("'") and shown_activation(text) == pytest.approx(acts[2], rel=1e-9)
 
     # Keyboard: Tab reaches the first example's max token, arrows move along the context.
     page.mouse.move(1, 1)
     page.locator("body").focus()
     for _ in range(20):
         page.keyboard.press("Tab")
-        if page.evaluate("document.activeElement.matches('.ctx > span')"):
+        if page.evaluate("document.activeElement.matches('.ctx > b')"):
             break
-    assert page.evaluate("document.activeElement.matches('.ctx > span.m')")
+    assert page.evaluate("document.activeElement.matches('.ctx > b.m')")
     index = page.evaluate("[...document.activeElement.parentElement.children].indexOf(document.activeElement)")
     text = tooltip(page)
-    assert shown_activation(text) == pytest.approx(float(acts[index]), rel=1e-9) and "100% of max" in text
+    assert shown_activation(text) == pytest.approx(acts[index], rel=1e-9) and "100% of max" in text
     assert page.evaluate("document.activeElement.getAttribute('aria-describedby')") == "tip"
     page.keyboard.press("ArrowLeft")
     assert page.evaluate("[...document.activeElement.parentElement.children].indexOf(document.activeElement)") == \
         index - 1
-    assert shown_activation(tooltip(page)) == pytest.approx(float(acts[index - 1]), rel=1e-9)
+    assert shown_activation(tooltip(page)) == pytest.approx(acts[index - 1], rel=1e-9)
     page.keyboard.press("Escape")
     assert page.locator("#tip").is_hidden()
     page.keyboard.press("n")  # next unit
@@ -150,15 +152,15 @@ def test_tooltip_on_hover_and_keyboard_focus(page: object, site_dir: Path) -> No
     ('"><img src=x onerror=alert(1)>', "&#34;&gt;&lt;img", "'\"><img src=x onerror=alert(1)>'"),
     ("a\\x00b", "a<i>\\x00</i>b", "'a\\x00b'"),
     ("\\u202eevil", "<i>\\u202e</i>evil", "'\\u202eevil'"),
-    ("\u00b7\u00b7", "<i>\u00b7\u00b7</i></span>", "'  '"),
-    ("\u23ce\u23ce", "<i>\u23ce\n\u23ce\n</i></span>", "'\\n\\n'"),
-    ("\u21e5", "<i>\u21e5</i></span>", "'\\t'"),
+    ("\u00b7\u00b7", "<i>\u00b7\u00b7</i></b>", "'  '"),
+    ("\u23ce\u23ce", "<i>\u23ce\n\u23ce\n</i></b>", "'\\n\\n'"),
+    ("\u21e5", "<i>\u21e5</i></b>", "'\\t'"),
 ])
 def test_tooltip_shows_raw_tokens(page: object, site_dir: Path, shown: str, html: str, expected: str) -> None:
     """Hostile and blank tokens hovered: the tooltip shows them like repr, as text, and nothing runs."""
     unit = next(path for path in sorted(site_dir.glob("*/mlp/*/*.html")) if html in path.read_text())
     page.goto(unit.as_uri())  # type: ignore[attr-defined]
-    token = page.locator(".ctx > span")
+    token = page.locator(".ctx > b")
     texts = [re.sub(r"\s", "", text) for text in token.all_inner_texts()]
     index = texts.index(re.sub(r"\s", "", shown))
     token.nth(index).hover()
@@ -175,7 +177,7 @@ def test_nothing_injected_runs_and_screenshot(page: object, site_dir: Path) -> N
 
     unit = next(site_dir.glob("*/mlp/1/7.html"))
     page.goto(unit.as_uri())
-    page.locator(".ctx > span.m").first.hover()
+    page.locator(".ctx > b.m").first.hover()
     tooltip(page)
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "unit.png"))

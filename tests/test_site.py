@@ -15,7 +15,7 @@ import pytest
 from conftest import BOS, MODEL, PLAIN_TOKENS, make_store
 
 from featureatlas.build import unit_pages
-from featureatlas.build.numbers import compact_activations, format_activation
+from featureatlas.build.numbers import decode_activations, encode_activations, format_activation
 from featureatlas.build.output import MARKER, SiteError
 from featureatlas.build.serve import make_server
 from featureatlas.build.site import build_site
@@ -54,7 +54,7 @@ class Page(HTMLParser):
         if tag == "div" and "ctx" in classes:
             self._in_ctx = True
             self.examples.append({"acts": a.get("data-acts"), "tokens": []})
-        elif self._in_ctx and tag == "span" and self._token is None:
+        elif self._in_ctx and tag == "b" and self._token is None:
             self._token = {"classes": classes, "text": "", "tabindex": a.get("tabindex")}
             self.examples[-1]["tokens"].append(self._token)
         elif self._token is not None:
@@ -191,9 +191,20 @@ def test_slugs() -> None:
     assert unique_slugs(["A/B", "a-b", "a b"]) == {"A/B": "a-b", "a-b": "a-b-2", "a b": "a-b-3"}
 
 
-def test_compact_activations() -> None:
-    values = np.array([0, 0.1234, -0.01234, 1.5, 12345.6, 0.9996, -2e-7], dtype=np.float32)
-    assert compact_activations(values) == "0,.123,-.0123,1.5,1.23e+04,1,-2e-07"
+def test_activation_encoding() -> None:
+    values = np.array([0, 0.1234, -0.01234, 1.5, 12345.6, 0.9996, -2e-7, np.nan, np.inf, -np.inf], dtype=np.float32)
+    text = encode_activations(values)
+    assert len(text) == 3 * len(values) and re.fullmatch(r"[A-Za-z0-9_-]*", text)
+    decoded = decode_activations(text)
+    assert decoded[:7] == [0, 0.123, -0.0123, 1.5, 12300, 1, -2e-7] and np.isnan(decoded[7])
+    assert decoded[8:] == [np.inf, -np.inf]
+    assert encode_activations(np.array([], dtype=np.float32)) == ""
+    # Every float32 comes back as its three significant digits, over the whole range, subnormals included.
+    rng = np.random.default_rng(1)
+    spread = rng.standard_normal(20_000) * 10.0 ** rng.uniform(-46, 38.5, 20_000)
+    spread = spread[np.abs(spread) <= np.finfo(np.float32).max].astype(np.float32)
+    spread[:4] = [np.finfo(np.float32).max, -np.finfo(np.float32).smallest_subnormal, 999.6, -0.09996]
+    assert decode_activations(encode_activations(spread)) == [float(f"{v:.3g}") for v in spread.tolist()]
     assert format_activation(None) == "\u2014" and format_activation(float("nan")) == "\u2014"
     assert format_activation(3.14159) == "3.142"
 
@@ -213,9 +224,9 @@ def test_unit_page_matches_the_store(site_dir: Path, store_path: Path, layer: in
     assert shown_max == [format_activation(row[1]) for row in rows]
     assert len(page.examples) == len(rows)
     for example, (_, _, position, activations, tokens) in zip(page.examples, rows, strict=True):
-        acts = [float(v) for v in example["acts"].split(",")]
+        acts = decode_activations(example["acts"])
         assert len(acts) == len(example["tokens"]) == len(tokens) == len(activations)
-        np.testing.assert_allclose(acts, activations, rtol=5e-3, atol=1e-12)
+        assert acts == [float(f"{a:.3g}") for a in activations]  # three significant digits, exactly
         marked = [i for i, tok in enumerate(example["tokens"]) if "m" in tok["classes"]]
         assert marked == [position]
         assert example["tokens"][position]["tabindex"] == "0"
@@ -256,7 +267,7 @@ def test_layer_page_lists_every_unit_with_a_snippet(site_dir: Path, store_path: 
     rows = re.findall(r'<tr><td><a href="(\d+)\.html">\d+</a></td><td>([^<]*)</td><td>(\d+)</td><td>(.*?)</td></tr>',
                       text)
     assert [int(r[0]) for r in rows] == list(range(50))
-    assert "<span class=" not in "".join(r[3] for r in rows if r[2] != "0")  # plain text, no per-token spans
+    assert "<b" not in "".join(r[3] for r in rows if r[2] != "0")  # plain text, no per-token elements
     top, examples = store_unit(store_path, 1, 7)
     _, _, position, _, tokens = examples[0]
     assert rows[7][1] == format_activation(top)
@@ -274,14 +285,14 @@ def test_index_lists_models_sources_layers_and_run(site_dir: Path) -> None:
 
 
 def test_unit_pages_stay_small(tmp_path: Path) -> None:
-    """20 examples of 64 tokens: tiny per-token markup and one compact data attribute per example."""
+    """20 examples of 64 tokens: tiny per-token markup (`<b>`) and three characters a token in data-acts."""
     store = make_store(tmp_path / "big.duckdb", n_layers=1, n_units=8, k=20, context_length=64,
                        vocabulary=PLAIN_TOKENS + ["\n"])
     build_site(store, tmp_path / "site", workers=1, progress=False)
     sizes = {int(path.stem): path.stat().st_size for path in (tmp_path / "site").glob("*/mlp/0/[0-9]*.html")}
     assert len(sizes) == 8 and sizes[3] < 3_000, sizes  # unit 3 has no examples
-    assert max(size for unit, size in sizes.items() if unit not in (3, 4)) < 40_000, sizes
-    assert sizes[4] < 55_000, sizes  # every token of unit 4 is coloured: one class per token
+    assert max(size for unit, size in sizes.items() if unit not in (3, 4)) < 28_000, sizes
+    assert sizes[4] < 40_000, sizes  # every token of unit 4 is coloured: one class per token
 
 
 def test_two_models_and_parallel_workers(tmp_path: Path) -> None:

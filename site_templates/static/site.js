@@ -9,7 +9,7 @@
   var ESCAPE_WIDTH = { x: 2, u: 4, U: 8 };
   var INVISIBLE = /[\u00ad\u061c\u180e\u200b\u200e\u200f\u2028-\u202e\u2060-\u2064\u2066-\u2069\ufeff\ufff9-\ufffb]/;
 
-  /* The raw token behind a span: text as is, <i> contents decoded (the inverse of build/tokens.py). */
+  /* The raw token behind a token element: text as is, <i> contents decoded (the inverse of build/tokens.py). */
   function decodeGlyphs(text) {
     var chars = Array.from(text), out = "";
     for (var i = 0; i < chars.length; i++) {
@@ -33,9 +33,9 @@
     return out;
   }
 
-  function rawToken(span) {
+  function rawToken(token) {
     var out = "";
-    span.childNodes.forEach(function (node) {
+    token.childNodes.forEach(function (node) {
       out += node.nodeType === 1 ? decodeGlyphs(node.textContent) : node.nodeValue;
     });
     return out;
@@ -69,12 +69,31 @@
   }
 
   /* ---- Unit pages: tooltip on hover and on keyboard focus ---- */
+
+  /* data-acts holds three base64url digits per token (the inverse of build/numbers.py): a code
+     (e + 50) * 2000 + (m + 1000) for the value m * 10^e rounded to three significant digits, or one of three
+     codes above those for NaN, +inf and -inf. */
+  var ACT_DIGITS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+  var ACT_SPECIAL = { 262000: NaN, 262001: Infinity, 262002: -Infinity };
+  function decodeActivation(raw, i) {
+    var code = 0;
+    for (var j = i; j < i + 3; j++) {
+      var digit = ACT_DIGITS.indexOf(raw.charAt(j));
+      if (digit < 0) return NaN;
+      code = code * 64 + digit;
+    }
+    if (code >= 262000) return code in ACT_SPECIAL ? ACT_SPECIAL[code] : NaN;
+    var mantissa = (code % 2000) - 1000, exponent = Math.floor(code / 2000) - 50;
+    return Number(mantissa + "e" + exponent);
+  }
+
   var actsCache = new WeakMap();
   function activations(ctx) {
     var acts = actsCache.get(ctx);
     if (!acts) {
       var raw = ctx.getAttribute("data-acts") || "";
-      acts = raw === "" ? [] : raw.split(",").map(Number);
+      acts = [];
+      for (var i = 0; i + 3 <= raw.length; i += 3) acts.push(decodeActivation(raw, i));
       actsCache.set(ctx, acts);
     }
     return acts;
@@ -82,8 +101,8 @@
 
   function tokenOf(node) {
     var el = node && node.nodeType === 1 ? node : node && node.parentElement;
-    var span = el && el.closest ? el.closest(".ctx > span") : null;
-    return span;
+    var token = el && el.closest ? el.closest(".ctx > b") : null;
+    return token;
   }
 
   var tip = null, shown = null;
@@ -98,9 +117,9 @@
     return tip;
   }
 
-  function show(span) {
-    var ctx = span.parentElement;
-    var index = Array.prototype.indexOf.call(ctx.children, span);
+  function show(token) {
+    var ctx = token.parentElement;
+    var index = Array.prototype.indexOf.call(ctx.children, token);
     var value = activations(ctx)[index];
     var box = ensureTip();
     var holder = ctx.closest(".examples");
@@ -109,7 +128,7 @@
     box.textContent = "";
     var tok = document.createElement("div");
     tok.className = "tok";
-    tok.textContent = repr(rawToken(span));
+    tok.textContent = repr(rawToken(token));
     var val = document.createElement("div");
     val.className = "val";
     var text = "activation " + formatValue(value);
@@ -121,12 +140,12 @@
     box.appendChild(val);
     box.hidden = false;
 
-    if (shown && shown !== span) shown.classList.remove("on");
-    shown = span;
-    span.classList.add("on");
-    span.setAttribute("aria-describedby", "tip");
+    if (shown && shown !== token) shown.classList.remove("on");
+    shown = token;
+    token.classList.add("on");
+    token.setAttribute("aria-describedby", "tip");
 
-    var r = span.getBoundingClientRect();
+    var r = token.getBoundingClientRect();
     var width = box.offsetWidth, height = box.offsetHeight;
     var left = Math.min(Math.max(4, r.left), document.documentElement.clientWidth - width - 4);
     var top = r.bottom + 6;
@@ -145,19 +164,19 @@
   }
 
   document.addEventListener("mouseover", function (event) {
-    var span = tokenOf(event.target);
-    if (span) show(span);
+    var token = tokenOf(event.target);
+    if (token) show(token);
   });
   document.addEventListener("mouseout", function (event) {
-    var span = tokenOf(event.target);
-    if (!span || tokenOf(event.relatedTarget) === span) return;
+    var token = tokenOf(event.target);
+    if (!token || tokenOf(event.relatedTarget) === token) return;
     var focused = tokenOf(document.activeElement);
     if (focused) show(focused);
     else hide();
   });
   document.addEventListener("focusin", function (event) {
-    var span = tokenOf(event.target);
-    if (span) show(span);
+    var token = tokenOf(event.target);
+    if (token) show(token);
   });
   document.addEventListener("focusout", function (event) {
     if (tokenOf(event.target)) hide();
@@ -171,18 +190,18 @@
 
   document.addEventListener("keydown", function (event) {
     if (event.altKey || event.ctrlKey || event.metaKey) return;
-    var span = tokenOf(event.target);
-    if (span) {
-      var ctx = span.parentElement;
+    var token = tokenOf(event.target);
+    if (token) {
+      var ctx = token.parentElement;
       var moves = {
-        ArrowRight: span.nextElementSibling,
-        ArrowLeft: span.previousElementSibling,
+        ArrowRight: token.nextElementSibling,
+        ArrowLeft: token.previousElementSibling,
         Home: ctx.firstElementChild,
         End: ctx.lastElementChild
       };
       if (event.key in moves) {
         event.preventDefault();
-        moveTo(span, moves[event.key]);
+        moveTo(token, moves[event.key]);
         return;
       }
       if (event.key === "Escape") {
