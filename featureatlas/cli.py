@@ -90,11 +90,16 @@ def cmd_harvest(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_build(args: argparse.Namespace) -> int:
+def _build(store: Path, out: Path, workers: int | None = None):
     from featureatlas.build.site import build_site
-    summary = build_site(args.store, args.out, workers=args.workers)
+    summary = build_site(store, out, workers=workers)
     print(f"wrote {summary.pages:,} pages ({summary.bytes / 1e6:.1f} MB) in {summary.seconds:.0f}s -> "
           f"{summary.index}")
+    return summary
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    _build(args.store, args.out, args.workers)
     return 0
 
 
@@ -111,14 +116,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from featureatlas.build.site import build_site
     from featureatlas.harvest.corpus import embedded_corpus
     from featureatlas.harvest.models import EMBEDDED_MODEL
     args.out.mkdir(parents=True, exist_ok=True)
     store = args.out / "store.duckdb"
     _harvest(args, model=EMBEDDED_MODEL, corpus=embedded_corpus(), out=store)
-    summary = build_site(store, args.out / "site")
-    print(f"wrote {summary.pages:,} pages ({summary.bytes / 1e6:.1f} MB) in {summary.seconds:.0f}s")
+    summary = _build(store, args.out / "site")
     print(f"\nOpen file://{summary.index.resolve()}\nor run: featureatlas serve {args.out / 'site'}")
     return 0
 

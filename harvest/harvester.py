@@ -27,8 +27,8 @@ class Harvester:
         self.sources: list[UnitSource] = mlp_sources(self.backbone, model_type, layers)
         self.accumulators = accumulators or [TopK(s.n_units, top_k, context_length, self.device, model.dtype)
                                              for s in self.sources]
-        self._batch: Batch | None = None
         self._counted = self._context_ids = None
+        self._padded = False
         self._handles = [s.module.register_forward_pre_hook(self._reader(s, acc))
                          for s, acc in zip(self.sources, self.accumulators, strict=True)]
         last_block = blocks_of(self.backbone, model_type)[max(layers)]
@@ -42,11 +42,11 @@ class Harvester:
             handle.remove()
 
     def step(self, batch: Batch) -> None:
-        self._batch = batch
+        self._padded = batch.padded  # read by every hook: computed once per batch
         self._counted = batch.counted.to(self.device, non_blocking=True)
         self._context_ids = batch.context_ids.to(self.device, non_blocking=True)
         mask = None
-        if batch.padded:  # padding is at the end: causal attention never lets real tokens see it anyway
+        if self._padded:  # padding is at the end: causal attention never lets real tokens see it anyway
             mask = (torch.arange(batch.input_ids.shape[1])[None, :] < batch.lengths[:, None]).to(self.device)
         with torch.inference_mode():
             try:
@@ -61,7 +61,7 @@ class Harvester:
     def _reader(self, source: UnitSource, acc: TopK):
         def read(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             acts = source.activations(args[0], *self._counted.shape)
-            acc.update(acts, self._counted, self._context_ids, self.first_counted, self._batch.padded)
+            acc.update(acts, self._counted, self._context_ids, self.first_counted, self._padded)
         return read
 
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 EMBEDDED_MODEL = "smollm2-135m"
@@ -57,12 +61,6 @@ def resolve_model(model: str) -> ModelRef:
 
 def _check_hub_reachable(repo_id: str) -> None:
     """Fail in seconds, not after a minute of retries, when a hub model is neither cached nor downloadable."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import try_to_load_from_cache
-
     if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
         return
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):

@@ -97,7 +97,8 @@ def harvest(config: HarvestConfig) -> HarvestSummary:
         if n_contexts == 0:
             raise CorpusError(f"{config.corpus}: holds no text (every document is empty); point --corpus at text")
         _write_documents(store, documents)
-        _write_contexts(store, tokenizer, _only(kept, harvester.referenced_context_ids()))
+        kept = _only(kept, harvester.referenced_context_ids())
+        _write_contexts(store, tokenizer, kept)
         lengths = {cid: len(c.token_ids) for cid, c in kept.items()}
         for source, acc in zip(harvester.sources, harvester.accumulators, strict=True):
             store.add_source(ref.display_name, source.name, source.layer, source.n_units, source.hook)
