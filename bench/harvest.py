@@ -1,11 +1,12 @@
 """Harvest cost against the bare forward pass, measured side by side on the same batches in one run.
 
-    python bench/harvest.py [--model smollm2-135m] [--batches 60] [--batch-size 16] [--context-length 64]
+    python bench/harvest.py [--model smollm2-135m] [--batches 60] [--batch-size 16] [--resid] [--sae DIR]
 
 For each batch it times the bare backbone forward (inference_mode, same dtype, device and input; all layers;
-no LM head) and then the same forward with every MLP neuron of every layer harvested (exact top-k), so drift
-in machine speed hits both alike. It prints tokens/s for both and their ratio, over all batches and over the
-second half (once the top-k lists are full, which is what a long harvest mostly runs in).
+no LM head) plus the bare encode of every --sae dictionary on its hooked tensor, and then the same forward
+with every unit harvested (top and bottom examples, statistics, histograms, quantile and random samples), so
+drift in machine speed hits both alike. It prints tokens/s for both and their ratio, over all batches and over
+the second half (once the examples are mostly settled, which is what a long harvest mostly runs in).
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from featureatlas.harvest.architectures import blocks_of
 from featureatlas.harvest.contexts import iter_batches, iter_contexts
 from featureatlas.harvest.corpus import embedded_corpus, iter_documents
-from featureatlas.harvest.harvester import Harvester
+from featureatlas.harvest.harvester import Harvester, Settings
 from featureatlas.harvest.models import load_model, pick_device, pick_dtype, resolve_model
+from featureatlas.harvest.run import HarvestConfig, build_sources
 
 
 def main() -> None:
@@ -33,6 +34,9 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=20)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--layers", default="all", help="MLP neurons of these layers (none: no neurons)")
+    ap.add_argument("--resid", action="store_true", help="also every layer's residual dimensions")
+    ap.add_argument("--sae", action="append", default=[], help="a dictionary folder (repeatable)")
     args = ap.parse_args()
     device = pick_device(args.device)
     model, tokenizer = load_model(resolve_model(args.model), device, pick_dtype(args.dtype, device))
@@ -41,7 +45,10 @@ def main() -> None:
                              2 * args.batches * args.batch_size * args.context_length, lambda d: None)
     batches = [b for b, _ in iter_batches(contexts, args.batch_size, has_bos, 0) if not b.padded][: args.batches]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    layers = list(range(len(blocks_of(model.base_model, model.config.model_type))))
+    sources = build_sources(model, HarvestConfig(model=args.model, corpus=Path("."), out=Path("."),
+                                                 layers=args.layers, resid="all" if args.resid else None,
+                                                 saes=args.sae), device)
+    encodes = [s for s in sources if s.encode is not None]
 
     def timed(run) -> float:
         sync()
@@ -50,22 +57,30 @@ def main() -> None:
         sync()
         return time.perf_counter() - start
 
+    if any(s.hook.name != f"blocks.{s.layer}.hook_resid_post" for s in encodes):
+        raise SystemExit("the bench times the bare encode of dictionaries on hook_resid_post only")
+
     def bare(batch) -> None:
         with torch.inference_mode():
-            model.base_model(input_ids=batch.input_ids.to(device), use_cache=False)
+            hidden = model.base_model(input_ids=batch.input_ids.to(device), use_cache=False,
+                                      output_hidden_states=bool(encodes)).hidden_states
+            for source in encodes:  # resid_post of layer L is hidden_states[L + 1]
+                source.encode(hidden[source.layer + 1])
 
     timed(lambda: bare(batches[0]))  # warm-up
     t_bare, t_harvest = [], []
-    accumulators = None  # one set for the whole run, as in a real harvest; hooks come off for the bare runs
-    for batch in batches:
+    harvester = Harvester(model, sources, Settings(top_k=args.top_k, bottom_k=args.top_k), args.context_length,
+                          int(has_bos))
+    for batch in batches:  # one set of accumulators for the whole run; hooks come off for the bare runs
+        harvester.detach()
         t_bare.append(timed(lambda b=batch: bare(b)))
-        with Harvester(model, layers, args.top_k, args.context_length, int(has_bos), accumulators) as harvester:
-            accumulators = harvester.accumulators
-            t_harvest.append(timed(lambda b=batch, h=harvester: h.step(b)))
+        harvester.attach()
+        t_harvest.append(timed(lambda b=batch, h=harvester: h.step(b)))
+    harvester.detach()
     tokens = batches[0].input_ids.numel()
     n_units = sum(s.n_units for s in harvester.sources)
     print(f"{device} {model.dtype}: {len(batches)} batches of {args.batch_size}x{args.context_length} tokens, "
-          f"{n_units:,} units, top-{args.top_k}")
+          f"{n_units:,} units ({', '.join(sorted({s.name for s in sources}))}), top-{args.top_k}")
     half = len(batches) // 2
     for label, part in (("all batches", slice(None)), (f"last {len(batches) - half}", slice(half, None))):
         bare_rate = tokens * len(t_bare[part]) / sum(t_bare[part])

@@ -14,6 +14,23 @@ def format_activation(value: float | None) -> str:
     return f"{value:.4g}"
 
 
+def format_percent(fraction: float | None) -> str:
+    """A frequency as a percentage to three significant digits; an em dash when unknown (no token seen)."""
+    if fraction is None or math.isnan(fraction):
+        return "\u2014"
+    return f"{100 * fraction:.3g}%"
+
+
+def format_one_in(fraction: float | None) -> str:
+    """A frequency as people say it: "1 in 2,345 tokens" (rounded), "never" or "every token"."""
+    if fraction is None or math.isnan(fraction):
+        return "no token seen"
+    if fraction <= 0:
+        return "never"
+    n = round(1 / fraction)
+    return "every token" if n <= 1 else f"1 in {n:,} tokens"
+
+
 # The `data-acts` attribute: every activation of an example, rounded to three significant digits, as exactly
 # three characters, with no separators (site.js decodes it the same way; so does `decode_activations`).
 #

@@ -57,7 +57,7 @@ def plan_site(catalog: Catalog) -> SitePlan:
             for i, (info, folder) in enumerate(source.layers):
                 prev = f"../{folders[i - 1].rsplit('/', 1)[1]}/index.html" if i > 0 else None
                 nxt = f"../{folders[i + 1].rsplit('/', 1)[1]}/index.html" if i + 1 < len(folders) else None
-                jobs.append(Job(info.key, folder, 0, 0, info.hook, (prev, nxt)))
+                jobs.append(Job(info, folder, 0, 0, (prev, nxt)))
                 for first in range(0, info.n_units, CHUNK_UNITS):
-                    jobs.append(Job(info.key, folder, first, min(first + CHUNK_UNITS, info.n_units), info.hook))
+                    jobs.append(Job(info, folder, first, min(first + CHUNK_UNITS, info.n_units)))
     return SitePlan(models=list(models.values()), jobs=jobs)

@@ -10,6 +10,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+EXAMPLE_KINDS = ("top", "bottom", "quantile", "random")  # page order; the codes below index this tuple
+
 
 @dataclass(frozen=True)
 class LayerKey:
@@ -22,12 +24,21 @@ class LayerKey:
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """A layer as the index page lists it."""
+    """A layer of a source, with what its `sources` row says about it (None/defaults when it has none)."""
 
     key: LayerKey
     n_units: int  # units the store holds rows for
-    n_active: int  # units with at least one example
-    hook: str | None  # None when the layer has no sources row
+    n_active: int  # units that fired (activation > 0) at least once
+    hook: str | None  # the transformers module read
+    kind: str | None = None  # 'mlp' | 'resid' | 'sae' | 'transcoder'
+    hook_name: str | None = None  # TransformerLens's name for the hook
+    hook_out_name: str | None = None  # transcoders: where the decoder writes
+    signed: bool = False  # units go negative: bottom examples, min column
+    histogram_every: int = 1
+    dictionary_path: str | None = None
+    dictionary_format: str | None = None
+    architecture: str | None = None
+    config: str | None = None  # the dictionary's config, JSON text
 
 
 @dataclass
@@ -46,37 +57,82 @@ class Catalog:
         return runs[-1]["bos_token"] if runs else None
 
 
+@dataclass(frozen=True)
+class Windows:
+    """How many tokens (before, after) the max (min) token examples show: a page's size and build time then do
+    not grow with the context length."""
+
+    top: tuple[int, int]
+    other: tuple[int, int]  # bottom examples and the quantile and random samples
+
+
 @dataclass
-class Contexts:
-    """The contexts one chunk references; tokens flat, row i spans tokens[offsets[i]:offsets[i + 1]]."""
+class UnitStats:
+    """Every unit of a layer (all of them, for prev/next), sorted; floats are NaN where the store has NULL."""
 
-    ids: np.ndarray  # sorted context ids
-    document_names: list[str]
-    start_tokens: np.ndarray
-    tokens: pa.Array  # flat string array, kept in Arrow: turning it into Python strings is the slow part
-    offsets: np.ndarray
+    units: np.ndarray
+    max: np.ndarray
+    min: np.ndarray
+    n_tokens: np.ndarray
+    n_firing: np.ndarray
+    frequency: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
 
-    def rows(self, context_ids: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self.ids, context_ids)
+
+@dataclass
+class Examples:
+    """Examples of a chunk's units, sorted by unit, kind (EXAMPLE_KINDS order), interval (highest first), rank.
+    Each shows positions [lo, lo + stop - start) of its context: tokens[start:stop] and activations[start:stop]
+    of the flat arrays, which stay in the order the store returned them (moving them would cost more)."""
+
+    unit: np.ndarray
+    kind: np.ndarray  # index into EXAMPLE_KINDS
+    interval_lo: np.ndarray  # NaN unless quantile
+    interval_hi: np.ndarray
+    rank: np.ndarray
+    position: np.ndarray  # of the context's max (its min, for bottom examples), in the context
+    value: np.ndarray  # the context's max (its min, for bottom examples)
+    lo: np.ndarray  # the first shown position
+    context_length: np.ndarray
+    start_token: np.ndarray  # the context's offset in its document
+    document: list[str]
+    start: np.ndarray
+    stop: np.ndarray
+    tokens: pa.Array  # flat strings, kept in Arrow: turning them into Python strings is the slow part
+    activations: np.ndarray  # float32, one per token
+
+
+@dataclass
+class Histograms:
+    """Non-empty histogram bins of a chunk's units, sorted by unit then bin (see the `histograms` view)."""
+
+    unit: np.ndarray
+    bin: np.ndarray
+    count: np.ndarray
+
+
+@dataclass
+class Logits:
+    """Logit effects of a chunk's units, sorted by unit, polarity (top first), rank."""
+
+    unit: np.ndarray
+    bottom: np.ndarray  # True for suppressed tokens
+    token_id: np.ndarray
+    token: list[str | None]  # None when the vocabulary lacks the id
+    effect: np.ndarray
 
 
 @dataclass
 class UnitChunk:
-    """Units of one layer (every unit, for prev/next) and the examples of the slice [first, stop)."""
+    """Units [first, stop) of a layer (indices into stats.units) and everything their pages show."""
 
-    units: np.ndarray  # all units of the layer, sorted
-    max_activation: np.ndarray  # float64, NaN where the store has NULL
-    n_examples: np.ndarray
-    first: int  # index into `units`
+    stats: UnitStats
+    first: int
     stop: int
-    ex_unit: np.ndarray  # examples sorted by unit, then rank
-    ex_rank: np.ndarray
-    ex_context: np.ndarray
-    ex_position: np.ndarray
-    ex_max: np.ndarray
-    act_values: np.ndarray  # float32, every example's activations back to back
-    act_offsets: np.ndarray  # example i spans act_values[act_offsets[i]:act_offsets[i + 1]]
-    contexts: Contexts
+    examples: Examples
+    histograms: Histograms
+    logits: Logits
 
 
 def _table(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any]) -> pa.Table:
@@ -104,74 +160,121 @@ def _flat_list(table: pa.Table, name: str) -> tuple[pa.Array, np.ndarray]:
 
 
 def read_catalog(con: duckdb.DuckDBPyConnection) -> Catalog:
-    """Runs and the layers of every (model, source), with unit counts."""
+    """Runs and the layers of every (model, source), with unit counts and the source's description."""
     runs = _table(con, "SELECT * FROM runs ORDER BY model, started_at, run_id", []).to_pylist()
     for run in runs:
         for key in ("started_at", "finished_at"):
             if isinstance(run.get(key), datetime):
                 run[key] = run[key].strftime("%Y-%m-%d %H:%M")
-    rows = con.sql("""
-        WITH u AS (SELECT model, source, layer, count(*) AS n_units, count(max_activation) AS n_active
+    rows = _table(con, """
+        WITH u AS (SELECT model, source, layer, count(*) AS n_units, count(*) FILTER (frequency > 0) AS n_active
                    FROM units GROUP BY ALL)
-        SELECT model, source, layer, coalesce(u.n_units, 0), coalesce(u.n_active, 0), s.hook
+        SELECT model, source, layer, coalesce(u.n_units, 0) AS n_units, coalesce(u.n_active, 0) AS n_active,
+               s.hook, s.kind, s.hook_name, s.hook_out_name, coalesce(s.signed, false) AS signed,
+               coalesce(s.histogram_every, 1) AS histogram_every, s.dictionary_path, s.dictionary_format,
+               s.architecture, s.config::VARCHAR AS config
         FROM sources s FULL OUTER JOIN u USING (model, source, layer)
-        ORDER BY model, source, layer""").fetchall()
-    layers = [LayerInfo(LayerKey(m, s, int(layer)), int(n), int(active), hook)
-              for m, s, layer, n, active, hook in rows]
+        ORDER BY model, source, layer""", []).to_pylist()
+    layers = [LayerInfo(LayerKey(row.pop("model"), row.pop("source"), int(row.pop("layer"))), **row) for row in rows]
     return Catalog(runs=runs, layers=layers)
 
 
-def _read_contexts(con: duckdb.DuckDBPyConnection, key: LayerKey, lo: int, hi: int) -> Contexts:
-    table = _table(con, """
-        SELECT c.context_id, c.start_token, coalesce(d.name, '') AS name, c.tokens
-        FROM contexts c LEFT JOIN documents d USING (document_id)
-        WHERE c.context_id IN (SELECT context_id FROM examples
-                               WHERE model = ? AND source = ? AND layer = ? AND unit BETWEEN ? AND ?)
-        ORDER BY c.context_id""", [key.model, key.source, key.layer, lo, hi])
-    tokens, offsets = _flat_list(table, "tokens")
-    return Contexts(ids=_np(table, "context_id", np.int64), document_names=table.column("name").to_pylist(),
-                    start_tokens=_np(table, "start_token", np.int64), tokens=tokens,
-                    offsets=offsets)
+_IN_CHUNK = "model = ? AND source = ? AND layer = ? AND unit BETWEEN ? AND ?"
 
 
-def read_layer_units(con: duckdb.DuckDBPyConnection, key: LayerKey) -> pa.Table:
-    """Every unit of a layer with its max activation and example count, sorted by unit."""
-    return _table(con, """SELECT unit, max_activation, n_examples FROM units
-                          WHERE model = ? AND source = ? AND layer = ? ORDER BY unit""",
-                  [key.model, key.source, key.layer])
+def read_layer_stats(con: duckdb.DuckDBPyConnection, key: LayerKey) -> UnitStats:
+    """Every unit of a layer with its statistics, sorted by unit."""
+    t = _table(con, """SELECT unit, max_activation, min_activation, n_tokens, n_firing, frequency, mean, std
+                       FROM statistics WHERE model = ? AND source = ? AND layer = ? ORDER BY unit""",
+               [key.model, key.source, key.layer])
+    return UnitStats(units=_np(t, "unit", np.int64), max=_np(t, "max_activation", np.float64),
+                     min=_np(t, "min_activation", np.float64), n_tokens=_np(t, "n_tokens", np.int64),
+                     n_firing=_np(t, "n_firing", np.int64), frequency=_np(t, "frequency", np.float64),
+                     mean=_np(t, "mean", np.float64), std=_np(t, "std", np.float64))
 
 
-def read_unit_chunk(con: duckdb.DuckDBPyConnection, key: LayerKey, first: int, stop: int) -> UnitChunk:
-    """Units [first, stop) of a layer (by position in unit order) with their examples and contexts."""
-    units_table = read_layer_units(con, key)
-    units = _np(units_table, "unit", np.int64)
-    stop = min(stop, len(units))
-    lo, hi = (int(units[first]), int(units[stop - 1])) if stop > first else (0, -1)
-    ex = _table(con, """
-        SELECT unit, rank, context_id, max_position, max_activation, activations FROM examples
-        WHERE model = ? AND source = ? AND layer = ? AND unit BETWEEN ? AND ?
-          AND context_id IN (SELECT context_id FROM contexts)  -- a dangling example is skipped, not misdrawn
-        ORDER BY unit, rank""", [key.model, key.source, key.layer, lo, hi])
-    values, offsets = _flat_list(ex, "activations")
-    return UnitChunk(
-        units=units, max_activation=_np(units_table, "max_activation", np.float64),
-        n_examples=_np(units_table, "n_examples", np.int64), first=first, stop=stop,
-        ex_unit=_np(ex, "unit", np.int64), ex_rank=_np(ex, "rank", np.int64),
-        ex_context=_np(ex, "context_id", np.int64), ex_position=_np(ex, "max_position", np.int64),
-        ex_max=_np(ex, "max_activation", np.float64),
-        act_values=values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False),
-        act_offsets=offsets, contexts=_read_contexts(con, key, lo, hi))
+def _aligned(tokens: np.ndarray, acts: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """One activation per token, from list offsets of both; NaN where a store has fewer activations than
+    tokens, extra ones dropped (they match in any sound store)."""
+    if np.array_equal(tokens, acts):
+        return values
+    n_tokens = np.diff(tokens)
+    within = np.arange(int(tokens[-1])) - np.repeat(tokens[:-1], n_tokens)
+    available = within < np.repeat(np.diff(acts), n_tokens)
+    index = np.minimum(np.repeat(acts[:-1], n_tokens) + within, max(len(values) - 1, 0))
+    return np.where(available, values[index] if len(values) else np.nan, np.nan).astype(np.float32)
+
+
+def _read_examples(con: duckdb.DuckDBPyConnection, params: list[Any], windows: Windows) -> Examples:
+    """Examples with the tokens around their max (min) token: windows.top for top examples, windows.other
+    for the rest (a window that starts at the first text token takes the BOS too)."""
+    ex = _table(con, f"""
+        WITH e AS (
+            SELECT unit, CASE example_kind WHEN 'top' THEN 0 WHEN 'bottom' THEN 1 WHEN 'quantile' THEN 2 ELSE 3
+                         END AS kind,
+                   interval_lo, interval_hi, rank, context_id, max_position, max_activation, activations,
+                   max_position - CASE WHEN example_kind = 'top' THEN ? ELSE ? END AS first,
+                   max_position + 1 + CASE WHEN example_kind = 'top' THEN ? ELSE ? END AS stop
+            FROM examples WHERE {_IN_CHUNK} AND example_kind IN ('top', 'bottom', 'quantile', 'random')),
+        w AS (
+            SELECT e.*, c.tokens, c.start_token, coalesce(d.name, '') AS document, len(c.tokens) AS context_length,
+                   CASE WHEN first <= 1 THEN 0 ELSE first END AS lo, least(stop, len(c.tokens)) AS hi
+            FROM e JOIN contexts c USING (context_id)  -- a dangling example is skipped, not misdrawn
+            LEFT JOIN documents d USING (document_id))
+        SELECT unit, kind, interval_lo, interval_hi, rank, max_position, max_activation, lo, context_length,
+               start_token, document, list_slice(tokens, lo + 1, hi) AS tokens,
+               list_slice(activations, lo + 1, hi) AS activations
+        FROM w""", [windows.top[0], windows.other[0], windows.top[1], windows.other[1]] + params)
+    tokens, token_offsets = _flat_list(ex, "tokens")
+    values, act_offsets = _flat_list(ex, "activations")
+    unit, kind, rank = _np(ex, "unit", np.int64), _np(ex, "kind", np.int64), _np(ex, "rank", np.int64)
+    interval_lo, interval_hi = _np(ex, "interval_lo", np.float64), _np(ex, "interval_hi", np.float64)
+    order = np.lexsort((rank, -interval_lo, -interval_hi, kind, unit))  # NaN intervals tie, then rank decides
+    documents = ex.column("document").to_pylist()
+    return Examples(
+        unit=unit[order], kind=kind[order], interval_lo=interval_lo[order], interval_hi=interval_hi[order],
+        rank=rank[order], position=_np(ex, "max_position", np.int64)[order],
+        value=_np(ex, "max_activation", np.float64)[order], lo=_np(ex, "lo", np.int64)[order],
+        context_length=_np(ex, "context_length", np.int64)[order],
+        start_token=_np(ex, "start_token", np.int64)[order], document=[documents[i] for i in order.tolist()],
+        start=token_offsets[:-1][order], stop=token_offsets[1:][order], tokens=tokens,
+        activations=_aligned(token_offsets, act_offsets,
+                             values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)))
+
+
+def _read_histograms(con: duckdb.DuckDBPyConnection, params: list[Any]) -> Histograms:
+    t = _table(con, f"SELECT unit, bin, count FROM histograms WHERE {_IN_CHUNK} AND count > 0 ORDER BY unit, bin",
+               params)
+    return Histograms(unit=_np(t, "unit", np.int64), bin=_np(t, "bin", np.int64), count=_np(t, "count", np.int64))
+
+
+def _read_logits(con: duckdb.DuckDBPyConnection, params: list[Any]) -> Logits:
+    t = _table(con, f"""SELECT unit, polarity = 'bottom' AS bottom, token_id, token, effect FROM logit_effects
+                        WHERE {_IN_CHUNK} AND polarity IN ('top', 'bottom') ORDER BY unit, bottom, rank""", params)
+    return Logits(unit=_np(t, "unit", np.int64), bottom=_np(t, "bottom", bool), token_id=_np(t, "token_id", np.int64),
+                  token=t.column("token").to_pylist(), effect=_np(t, "effect", np.float64))
+
+
+def read_unit_chunk(con: duckdb.DuckDBPyConnection, key: LayerKey, first: int, stop: int,
+                    windows: Windows) -> UnitChunk:
+    """Units [first, stop) of a layer (by position in unit order) with everything their pages show."""
+    stats = read_layer_stats(con, key)
+    stop = min(stop, len(stats.units))
+    lo, hi = (int(stats.units[first]), int(stats.units[stop - 1])) if stop > first else (0, -1)
+    params = [key.model, key.source, key.layer, lo, hi]
+    return UnitChunk(stats=stats, first=first, stop=stop, examples=_read_examples(con, params, windows),
+                     histograms=_read_histograms(con, params), logits=_read_logits(con, params))
 
 
 def read_snippets(con: duckdb.DuckDBPyConnection, key: LayerKey, before: int, after: int) -> pa.Table:
-    """Per unit: the tokens around its top example's max token, with where that slice starts."""
+    """Per unit: its max, min and frequency, and the tokens around its top example's max token."""
     return _table(con, """
-        SELECT u.unit, u.max_activation, u.n_examples, e.max_position,
+        SELECT u.unit, u.max_activation, u.min_activation, u.frequency, e.max_position,
                greatest(e.max_position - ?, 0) AS snippet_start, len(c.tokens) AS context_length,
                list_slice(c.tokens, greatest(e.max_position - ?, 0) + 1, e.max_position + 1 + ?) AS snippet
         FROM units u
         LEFT JOIN examples e ON e.model = u.model AND e.source = u.source AND e.layer = u.layer
-                             AND e.unit = u.unit AND e.rank = 1
+                             AND e.unit = u.unit AND e.example_kind = 'top' AND e.rank = 1
         LEFT JOIN contexts c ON c.context_id = e.context_id
         WHERE u.model = ? AND u.source = ? AND u.layer = ?
         ORDER BY u.unit""", [before, before, after, key.model, key.source, key.layer])

@@ -1,175 +1,165 @@
-"""Unit pages: the hot path of a build, so per-token HTML is assembled with numpy and C-level joins.
+"""Unit pages: statistics, histogram, logit effects and every kind of example of one unit.
 
-Per token the markup is `<b class=a7>tok</b>`: `<b>` is a one-letter element that assistive technology does not
-announce, 6 bytes a token shorter than `<span>` (`<i>` marks glyphs; style.css gives `<b>` normal weight). The
-class is a bucket on a fixed scale relative to the unit's max activation (a1..a9 positive, n1..n9 negative, none
-near zero). The activations go in one `data-acts` attribute per example, three characters a value (see
-numbers.py), which site.js decodes for the tooltip.
+The repeated parts (examples, bars, logit rows) are formatted here rather than in Jinja loops: a layer has
+tens of thousands of them. The template holds the page's structure.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 import numpy as np
-import pyarrow.compute as pc
-from markupsafe import Markup, escape
+from markupsafe import Markup
 
-from featureatlas.build.numbers import ACT_WIDTH, encode_activations, format_activation
-from featureatlas.build.reader import UnitChunk
-from featureatlas.build.tokens import token_html, visible
+from featureatlas.build.examples import SpanTails, example_blocks, render_examples
+from featureatlas.build.histogram import histogram_svg
+from featureatlas.build.numbers import format_activation, format_one_in, format_percent
+from featureatlas.build.reader import EXAMPLE_KINDS, LayerInfo, Logits, UnitChunk
+from featureatlas.build.tokens import token_html
 
-BUCKETS = 9
-_FLAG_MAX = 1  # the example's max token: outlined and keyboard-focusable
-_FLAG_BOS = 2  # the context's BOS token: dimmed
-_STRIDE = 2 * BUCKETS + 1
-
-
-def _span_openings() -> list[str]:
-    """Every opening tag a token can get, indexed by flags * _STRIDE + bucket + BUCKETS."""
-    openings = []
-    for flags in range(4):
-        for bucket in range(-BUCKETS, BUCKETS + 1):
-            classes = [f"a{bucket}"] if bucket > 0 else [f"n{-bucket}"] if bucket < 0 else []
-            classes += ["m"] if flags & _FLAG_MAX else []
-            classes += ["bos"] if flags & _FLAG_BOS else []
-            # Unquoted where it can be (valid HTML for a value without spaces or quotes): two bytes a token.
-            attrs = f' class="{" ".join(classes)}"' if len(classes) > 1 else f" class={classes[0]}" if classes else ""
-            attrs += " tabindex=0" if flags & _FLAG_MAX else ""
-            openings.append(f"<b{attrs}>")
-    return openings
+NOUNS = {"mlp": "Neuron", "resid": "Dimension", "sae": "Feature", "transcoder": "Feature"}
+TOP, BOTTOM, QUANTILE, RANDOM = range(len(EXAMPLE_KINDS))
 
 
-_OPENINGS = np.array(_span_openings(), dtype=object)
-
-
-class SpanTails(dict):
-    """Raw token -> its escaped display HTML plus `</b>`, computed once per distinct token."""
-
-    def __missing__(self, token: str) -> str:
-        tail = self[token] = token_html(token) + "</b>"
-        return tail
+def noun(info: LayerInfo) -> str:
+    """What a unit of this source is called: Neuron, Dimension, Feature."""
+    return NOUNS.get(info.kind or "", "Unit")
 
 
 @dataclass
 class PageContext:
     """What every unit page of one layer shares."""
 
-    model: str
-    source: str
-    layer: int
+    info: LayerInfo
     root: str  # relative path from a unit page back to the site root
     bos_token: str | None
-    hook: str | None
     model_anchor: str  # the model's id on the index page
 
 
-def _aligned_activations(chunk: UnitChunk, token_lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Activations cut or NaN-padded to each context's token count (they match in any sound store)."""
-    act_lengths = np.diff(chunk.act_offsets)
-    starts = np.concatenate([[0], np.cumsum(token_lengths)]).astype(np.int64)
-    if np.array_equal(act_lengths, token_lengths):
-        return chunk.act_values, starts
-    values = np.full(int(starts[-1]), np.nan, np.float32)
-    for i, n in enumerate(token_lengths):
-        m = min(int(n), int(act_lengths[i]))
-        a = chunk.act_offsets[i]
-        values[starts[i]:starts[i] + m] = chunk.act_values[a:a + m]
-    return values, starts
+@functools.lru_cache(maxsize=65536)
+def token_chip(token: str | None, token_id: int) -> str:
+    """A vocabulary token as in the contexts (glyphs for whitespace, escapes for controls), on one line."""
+    if token is None:
+        return f'<span class="muted">id {token_id}</span>'
+    return f'<span class="tok">{token_html(token).replace(chr(10), "")}</span>'
 
 
-def _unit_scales(chunk: UnitChunk, values: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """Per example, the activation that gets the strongest colour: the unit's max, or its largest |act|."""
-    scales = chunk.max_activation[np.searchsorted(chunk.units, chunk.ex_unit)]
-    bad = np.nonzero(~(scales > 0))[0]
-    peaks: dict[int, float] = {}
-    for i in bad:
-        peak = float(np.nanmax(np.abs(values[starts[i]:starts[i + 1]]), initial=0.0))
-        unit = int(chunk.ex_unit[i])
-        peaks[unit] = max(peaks.get(unit, 0.0), peak)
-    for i in bad:
-        scales[i] = peaks[int(chunk.ex_unit[i])] or 1.0
-    return scales
+def _logit_table(caption: str, logits: Logits, rows: range) -> str:
+    body = "".join(f"<tr><td>{token_chip(logits.token[i], int(logits.token_id[i]))}</td>"
+                   f"<td>{logits.effect[i]:+.3g}</td></tr>" for i in rows)
+    return (f'<table class="lt"><caption>{caption}</caption><thead><tr><th scope="col">Token</th>'
+            f'<th scope="col">Effect</th></tr></thead><tbody>{body}</tbody></table>')
 
 
-def render_examples(chunk: UnitChunk, tails: SpanTails, bos_token: str | None) -> tuple[list[str], list[str]]:
-    """The token HTML and the data-acts string of every example in the chunk, in example order."""
-    contexts = chunk.contexts
-    n_examples = len(chunk.ex_unit)
-    if n_examples == 0:
-        return [], []
-    rows = contexts.rows(chunk.ex_context)
-    token_lengths = (contexts.offsets[rows + 1] - contexts.offsets[rows]).astype(np.int64)
-    values, starts = _aligned_activations(chunk, token_lengths)
-
-    # Distinct tokens get their HTML once (dictionary encoding); every example's tokens are then gathered
-    # from its context with numpy indexing on object arrays, with no Python loop over tokens.
-    encoded = pc.dictionary_encode(contexts.tokens)
-    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    distinct = encoded.dictionary.to_pylist()
-    distinct_tails = np.array([tails[token] for token in distinct] + [""], dtype=object)
-    total = int(starts[-1])
-    gather = np.repeat(contexts.offsets[rows] - starts[:-1], token_lengths) + np.arange(total)
-
-    scale = np.repeat(_unit_scales(chunk, values, starts), token_lengths)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        buckets = np.nan_to_num(np.rint(values / scale * BUCKETS), nan=0.0, posinf=BUCKETS, neginf=-BUCKETS)
-    index = np.clip(buckets, -BUCKETS, BUCKETS).astype(np.int64) + BUCKETS
-
-    has_max = (chunk.ex_position >= 0) & (chunk.ex_position < token_lengths)
-    index[starts[:-1][has_max] + chunk.ex_position[has_max]] += _FLAG_MAX * _STRIDE
-    if bos_token is not None and bos_token in distinct:
-        context_starts = contexts.offsets[:-1]
-        starts_bos = np.diff(contexts.offsets) > 0
-        starts_bos[starts_bos] = codes[context_starts[starts_bos]] == distinct.index(bos_token)
-        index[starts[:-1][starts_bos[rows]]] += _FLAG_BOS * _STRIDE
-
-    # Opening tag and token text interleaved, so no string is built per token: one join per example.
-    parts = np.empty(2 * total, dtype=object)
-    parts[0::2] = _OPENINGS[index]
-    parts[1::2] = distinct_tails[codes[gather]]
-    part_list = parts.tolist()
-    acts_text = encode_activations(values)
-    bounds = starts.tolist()
-    htmls = ["".join(part_list[2 * bounds[i]:2 * bounds[i + 1]]) for i in range(n_examples)]
-    acts = [acts_text[ACT_WIDTH * bounds[i]:ACT_WIDTH * bounds[i + 1]] for i in range(n_examples)]
-    return htmls, acts
+def logit_tables(logits: Logits, lo: int, hi: int) -> str:
+    """Promoted and suppressed tokens of one unit (rows [lo, hi) of the chunk's logits), or '' if none."""
+    if hi == lo:
+        return ""
+    split = lo + int(np.searchsorted(logits.bottom[lo:hi], True))
+    return _logit_table("Promoted", logits, range(lo, split)) + _logit_table("Suppressed", logits, range(split, hi))
 
 
-_EXAMPLE = ('<section class="ex"><h2><span class="rank">#{rank}</span><span class="act">{max}</span>'
-            '<span class="doc" title="{doc}">{doc}</span><span class="muted">from token {start}</span></h2>'
-            '<div class="ctx" data-acts="{acts}">{html}</div></section>\n')
+def _interval_heading(lo: float, hi: float, unit_max: float, n: int) -> str:
+    """'2.62 to 5.24', then where that lies relative to the unit's max and how many examples it holds."""
+    share = f"{100 * lo / unit_max:.0f}\u2013{100 * hi / unit_max:.0f}% of max \u00b7 " if unit_max > 0 else ""
+    plural = "" if n == 1 else "s"
+    return (f'<h3>{format_activation(lo)} to {format_activation(hi)} '
+            f'<span class="count">{share}{n} example{plural}</span></h3>')
+
+
+def _quantile_groups(blocks: list[str], lo: np.ndarray, hi: np.ndarray, first: int, stop: int,
+                     unit_max: float) -> str:
+    """Quantile examples [first, stop) grouped by interval (they arrive sorted, highest interval first)."""
+    groups, start = [], first
+    for i in range(first + 1, stop + 1):
+        if i == stop or lo[i] != lo[start] or hi[i] != hi[start]:
+            groups.append(f'<section class="interval">{_interval_heading(lo[start], hi[start], unit_max, i - start)}'
+                          f'{"".join(blocks[start:i])}</section>')
+            start = i
+    return "".join(groups)
+
+
+_SECTIONS = {  # id, heading, what the section shows
+    TOP: ("top", "Top activations", "The contexts whose max activation is highest, around their max token."),
+    BOTTOM: ("bottom", "Bottom activations", "The contexts whose min activation is lowest, around their min token; "
+                                             "blue is scaled to the unit's min."),
+    QUANTILE: ("quantiles", "Quantile intervals",
+               "Contexts sampled by the interval their max falls in, highest first, around their max token."),
+    RANDOM: ("random", "Random sample", "Contexts where the unit fires, at random, around their max token."),
+}
+
+
+def _absent(kind: int, n_tokens: int, n_firing: int, noun: str) -> str:
+    """Why a section has no examples, in a few words."""
+    if n_tokens == 0:
+        return f"No examples: this {noun} was never seen in the harvest."
+    if n_firing == 0 and kind != BOTTOM:
+        return f"No examples: this {noun} never fired."
+    return "None in this store."
+
+
+def example_sections(chunk: UnitChunk, blocks: list[str], lo: int, hi: int, i: int, info: LayerInfo) -> list[dict]:
+    """The example sections of unit i (its examples are rows [lo, hi) of the chunk's), in page order. Each
+    says what its colours are relative to (site.js reads it for the tooltip): the max, or the min for bottom."""
+    examples, stats = chunk.examples, chunk.stats
+    bounds = (lo + np.searchsorted(examples.kind[lo:hi], np.arange(len(EXAMPLE_KINDS) + 1))).tolist()
+    unit_max = float(stats.max[i])
+    sections = []
+    for kind, (anchor, title, note) in _SECTIONS.items():
+        if kind == BOTTOM and not info.signed:
+            continue
+        first, stop = bounds[kind], bounds[kind + 1]
+        if kind == QUANTILE:
+            html = _quantile_groups(blocks, examples.interval_lo, examples.interval_hi, first, stop, unit_max)
+        else:
+            html = "".join(blocks[first:stop])
+        relative_to = "min" if kind == BOTTOM else "max"
+        sections.append({"id": anchor, "title": title, "note": note, "n": stop - first, "html": Markup(html),
+                         "relative_to": relative_to, "scale": format_activation(getattr(stats, relative_to)[i]),
+                         "absent": _absent(kind, int(stats.n_tokens[i]), int(stats.n_firing[i]), noun(info).lower())})
+    return sections
+
+
+def unit_facts(chunk: UnitChunk, i: int) -> dict[str, str]:
+    """The statistics a person reads first, formatted."""
+    s = chunk.stats
+    seen = s.n_tokens[i] > 0
+    return {"max": format_activation(s.max[i]), "min": format_activation(s.min[i]),
+            "percent": format_percent(s.frequency[i]), "one_in": format_one_in(s.frequency[i]),
+            "mean": format_activation(s.mean[i] if seen else None),
+            "std": format_activation(s.std[i] if seen else None), "n_tokens": f"{int(s.n_tokens[i]):,}"}
+
+
+def _bounds(sorted_units: np.ndarray, units: np.ndarray) -> list[int]:
+    """Row boundaries per unit in an array sorted by unit: unit j's rows are [b[j], b[j + 1])."""
+    return np.searchsorted(sorted_units, np.append(units, units[-1] + 1 if len(units) else 0)).tolist()
 
 
 def write_unit_pages(chunk: UnitChunk, page: PageContext, template: jinja2.Template, tails: SpanTails,
                      folder: Path) -> tuple[int, int]:
-    """Write units [chunk.first, chunk.stop) of a layer as `<unit>.html`; returns (pages, bytes).
-
-    The examples are formatted here rather than in a Jinja loop: a layer has 30,000 of them.
-    """
-    htmls, acts = render_examples(chunk, tails, page.bos_token)
-    contexts = chunk.contexts
-    documents = [str(escape(visible(name))) for name in contexts.document_names]
-    rows = contexts.rows(chunk.ex_context).tolist()
-    starts = contexts.start_tokens.tolist()
-    ranks, maxima = chunk.ex_rank.tolist(), chunk.ex_max.tolist()
-    units = chunk.units.tolist()
-    bounds = np.searchsorted(chunk.ex_unit, chunk.units[chunk.first:chunk.stop + 1]).tolist()
-    if chunk.stop == len(units):
-        bounds.append(len(chunk.ex_unit))
+    """Write units [chunk.first, chunk.stop) of a layer as `<unit>.html`; returns (pages, bytes)."""
+    info, stats = page.info, chunk.stats
+    htmls, acts = render_examples(chunk.examples, stats, tails, page.bos_token)
+    blocks = example_blocks(chunk.examples, htmls, acts, page.bos_token)
+    units = stats.units.tolist()
+    chunk_units = stats.units[chunk.first:chunk.stop]
+    ex_bounds = _bounds(chunk.examples.unit, chunk_units)
+    hist_bounds = _bounds(chunk.histograms.unit, chunk_units)
+    logit_bounds = _bounds(chunk.logits.unit, chunk_units)
+    bins, counts = chunk.histograms.bin, chunk.histograms.count
     written = 0
-    for i in range(chunk.first, chunk.stop):
+    for j, i in enumerate(range(chunk.first, chunk.stop)):
         unit = units[i]
-        examples = "".join(
-            _EXAMPLE.format(rank=ranks[e], max=format_activation(maxima[e]), doc=documents[rows[e]],
-                            start=starts[rows[e]], acts=acts[e], html=htmls[e])
-            for e in range(bounds[i - chunk.first], bounds[i - chunk.first + 1]))
+        h0, h1 = hist_bounds[j], hist_bounds[j + 1]
+        histogram = histogram_svg(bins[h0:h1], counts[h0:h1], info.histogram_every) if h1 > h0 else ""
+        logits = logit_tables(chunk.logits, logit_bounds[j], logit_bounds[j + 1])
         html = template.render(
-            root=page.root, model=page.model, source=page.source, layer=page.layer, unit=unit,
-            hook=page.hook, model_anchor=page.model_anchor, max_activation=format_activation(chunk.max_activation[i]),
-            n_examples=int(chunk.n_examples[i]), examples=Markup(examples),
+            root=page.root, info=info, unit=unit, noun=noun(info), model_anchor=page.model_anchor,
+            facts=unit_facts(chunk, i), seen=bool(stats.n_tokens[i] > 0), histogram=Markup(histogram),
+            logits=Markup(logits), sections=example_sections(chunk, blocks, ex_bounds[j], ex_bounds[j + 1], i, info),
             prev=units[i - 1] if i > 0 else None, next=units[i + 1] if i + 1 < len(units) else None,
         )
         data = html.encode("utf-8")

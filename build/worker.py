@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from featureatlas.build import layer_pages, unit_pages
-from featureatlas.build.reader import LayerKey, read_unit_chunk
+from featureatlas.build.examples import WINDOWS, SpanTails
+from featureatlas.build.reader import LayerInfo, LayerKey, read_unit_chunk
 from featureatlas.build.templates import make_environment
 from featureatlas.store.schema import open_store
 
@@ -18,12 +19,15 @@ LAYER_ROOT = "../../../"  # from <model>/<source>/<layer>/ back to the site root
 class Job:
     """Either a layer page (first == stop) or the unit pages of units [first, stop) in unit order."""
 
-    key: LayerKey
+    info: LayerInfo
     folder: str  # relative to the site root
     first: int
     stop: int
-    hook: str | None
     neighbours: tuple[str | None, str | None] = (None, None)  # previous / next layer page, for layer pages
+
+    @property
+    def key(self) -> LayerKey:
+        return self.info.key
 
     @property
     def is_layer_page(self) -> bool:
@@ -46,7 +50,7 @@ class Worker:
         self.layer_template = env.get_template("layer.html")
         self.site_dir = Path(site_dir)
         self.bos_tokens = bos_tokens
-        self.tails = unit_pages.SpanTails()
+        self.tails = SpanTails()
 
     def run(self, job: Job) -> tuple[int, int]:
         """Render one job; returns (pages, bytes) written."""
@@ -54,12 +58,10 @@ class Worker:
         folder.mkdir(parents=True, exist_ok=True)
         bos = self.bos_tokens.get(job.key.model)
         if job.is_layer_page:
-            return 1, layer_pages.write_layer_page(self.con, job.key, self.layer_template, folder, LAYER_ROOT,
-                                                   bos, job.hook, job.neighbours, job.model_anchor)
-        chunk = read_unit_chunk(self.con, job.key, job.first, job.stop)
-        page = unit_pages.PageContext(model=job.key.model, source=job.key.source, layer=job.key.layer,
-                                      root=LAYER_ROOT, bos_token=bos, hook=job.hook,
-                                      model_anchor=job.model_anchor)
+            return 1, layer_pages.write_layer_page(self.con, job.info, self.layer_template, folder, LAYER_ROOT,
+                                                   bos, job.neighbours, job.model_anchor)
+        chunk = read_unit_chunk(self.con, job.key, job.first, job.stop, WINDOWS)
+        page = unit_pages.PageContext(info=job.info, root=LAYER_ROOT, bos_token=bos, model_anchor=job.model_anchor)
         return unit_pages.write_unit_pages(chunk, page, self.unit_template, self.tails, folder)
 
     def close(self) -> None:

@@ -6,7 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-DEMO_TOKENS = 400_000
+DEMO_TOKENS = 40_000
+DEMO_SAE_LAYER = 15
+DEMO_SAE_FEATURES = 4096
+DEMO_SAE_TOKENS = 40_000
+DEMO_SAE_STEPS = 80  # about a minute on 2 CPU cores; the loss has flattened by then
 
 
 def _harvest_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
@@ -22,11 +26,32 @@ def _harvest_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--context-length", type=int, default=64,
                    help="tokens per context, BOS included (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=20, help="max-activating examples kept per unit (default: %(default)s)")
-    p.add_argument("--layers", default=None, help="layers to harvest, e.g. 0,5,10-12 (default: all)")
+    p.add_argument("--layers", default=None,
+                   help="layers whose MLP neurons to harvest, e.g. 0,5,10-12, or none (default: all)")
+    p.add_argument("--resid", nargs="?", const="all", default="all" if demo else None, metavar="LAYERS",
+                   help="also harvest the residual-stream dimensions (hook_resid_post) of these layers "
+                        "(alone: all layers; default: " + ("all)" if demo else "none)"))
+    if not demo:
+        p.add_argument("--sae", action="append", default=[], metavar="[NAME=]PATH",
+                       help="a dictionary folder to harvest: SAELens (cfg.json + sae_weights.safetensors) or "
+                            "sparsify (cfg.json + sae.safetensors, or a run folder of them); repeatable")
     p.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass (default: %(default)s)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="auto: bfloat16 on CUDA and on CPUs with AVX-512 BF16, else float32 (default: %(default)s)")
+    p.add_argument("--bottom-k", type=int, default=None,
+                   help="most negative examples kept per signed unit (default: as many as --top-k)")
+    p.add_argument("--intervals", type=int, default=12,
+                   help="quantile intervals per unit, even (default: %(default)s; 0 for none)")
+    p.add_argument("--per-interval", type=int, default=2, help="examples per interval (default: %(default)s)")
+    p.add_argument("--random-examples", type=int, default=4,
+                   help="random examples where the unit fires (default: %(default)s)")
+    p.add_argument("--histogram-every", type=int, default=8,
+                   help="neurons and residual dimensions: the histogram counts every token of one context in N "
+                        "(dictionary features: every token) (default: %(default)s)")
+    p.add_argument("--logits", type=int, default=10,
+                   help="top and bottom tokens of each unit's logit effect (default: %(default)s; 0 for none)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the quantile and random samples (default: %(default)s)")
     if not demo:
         p.add_argument("--text-field", default="text", help="field/column holding the text in .jsonl/.parquet")
 
@@ -36,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                                      " See README.md for the store's SQL schema.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("harvest", help="run a model over a corpus and write a store",
-                       description="Run a model over a corpus and record every MLP neuron's top-k examples in a "
+                       description="Run a model over a corpus and record, for every MLP neuron, residual dimension and "
+                                   "dictionary feature asked for, its examples, statistics and logit effects in a "
                                    "DuckDB store (written to a temporary file, renamed when complete).")
     _harvest_args(p)
     p = sub.add_parser("build", help="render a static site from a store",
@@ -49,6 +75,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("site", type=Path)
     p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
+    p = sub.add_parser("train-sae", help="train a top-k SAE on a hook of a model and save it for SAELens",
+                       description="Collect a hook's activations over a corpus, train a top-k sparse autoencoder "
+                                   "on them and write a folder SAELens loads (and `harvest --sae` reads). Reports "
+                                   "variance unexplained, L0 and dead features on held-out tokens.")
+    p.add_argument("--model", required=True, help="as for harvest")
+    p.add_argument("--corpus", required=True, type=Path, help="as for harvest")
+    p.add_argument("--hook", required=True, help="TransformerLens hook name, e.g. blocks.12.hook_resid_post")
+    p.add_argument("--out", required=True, type=Path, help="folder to write")
+    _train_args(p)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="model dtype (the SAE trains in float32) (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p = sub.add_parser("info", help="say what a store holds", description="Summarise a store: runs, sources, counts.")
     p.add_argument("store", type=Path)
     p = sub.add_parser("demo", help="harvest the embedded model over the embedded corpus and build the site",
@@ -57,7 +96,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("demo"),
                    help="folder for store.duckdb and site/ (default: %(default)s)")
     _harvest_args(p, demo=True)
+    p.add_argument("--sae-layer", type=int, default=DEMO_SAE_LAYER,
+                   help="the demo trains its SAE on this layer's hook_resid_post (default: %(default)s)")
+    _train_args(p, demo=True)
     return parser
+
+
+def _train_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
+    prefix = "sae-" if demo else ""
+    p.add_argument(f"--{prefix}features", type=int, default=DEMO_SAE_FEATURES, help="(default: %(default)s)")
+    p.add_argument(f"--{prefix}k", type=int, default=32, help="active features per token (default: %(default)s)")
+    p.add_argument(f"--{prefix}tokens", type=int, default=DEMO_SAE_TOKENS,
+                   help="tokens of activations to train on (default: %(default)s)")
+    p.add_argument(f"--{prefix}steps", type=int, default=DEMO_SAE_STEPS if demo else None,
+                   help="optimiser steps (default: " + ("%(default)s)" if demo else "5 epochs)"))
+    if not demo:
+        p.add_argument("--context-length", type=int, default=64, help="(default: %(default)s)")
+        p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+        p.add_argument("--text-field", default="text", help="field/column holding the text in .jsonl/.parquet")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,12 +130,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _harvest(args: argparse.Namespace, model: str | None = None, corpus: Path | None = None,
-             out: Path | None = None):
+             out: Path | None = None, saes: list[str] | None = None, loaded: tuple | None = None):
     from featureatlas.harvest.run import HarvestConfig, harvest
     summary = harvest(HarvestConfig(
         model=model or args.model, corpus=corpus or args.corpus, out=out or args.out, tokens=args.tokens,
-        context_length=args.context_length, top_k=args.top_k, layers=args.layers, batch_size=args.batch_size,
-        device=args.device, dtype=args.dtype, text_field=getattr(args, "text_field", "text")))
+        context_length=args.context_length, top_k=args.top_k, layers=args.layers, resid=args.resid,
+        saes=saes if saes is not None else args.sae, batch_size=args.batch_size, device=args.device,
+        dtype=args.dtype, text_field=getattr(args, "text_field", "text"), bottom_k=args.bottom_k,
+        intervals=args.intervals, per_interval=args.per_interval, random_examples=args.random_examples,
+        histogram_every=args.histogram_every, logits=args.logits, seed=args.seed), loaded=loaded)
     print(f"harvested {summary.n_units:,} units over {summary.n_tokens:,} tokens ({summary.n_contexts:,} contexts) "
           f"in {summary.seconds:.0f}s, {summary.tokens_per_second:,.0f} tokens/s -> {summary.store}")
     return summary
@@ -109,6 +168,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(model, tokenizer, ref, hook: str, corpus: Path, out: Path, features: int, k: int, tokens: int,
+           steps: int | None, context_length: int, seed: int, text_field: str = "text", overwrite: bool = False):
+    from featureatlas.harvest.train_command import TrainSaeConfig, train_sae
+    result, folder = train_sae(model, tokenizer, ref, TrainSaeConfig(
+        hook=hook, corpus=corpus, out=out, features=features, k=k, tokens=tokens, steps=steps,
+        context_length=context_length, seed=seed, text_field=text_field, overwrite=overwrite))
+    print(f"trained a top-{result.k} SAE with {features:,} features on {hook} over {result.n_train:,} tokens in "
+          f"{result.seconds:.0f}s: variance unexplained {result.fvu:.3f}, L0 {result.l0:.1f}, "
+          f"dead {result.dead_fraction:.1%} (on {result.n_heldout:,} held-out tokens) -> {folder}")
+    return folder
+
+
+def cmd_train_sae(args: argparse.Namespace) -> int:
+    from featureatlas.harvest.models import load_model, pick_device, pick_dtype, resolve_model
+    device = pick_device(args.device)
+    ref = resolve_model(args.model)
+    model, tokenizer = load_model(ref, device, pick_dtype(args.dtype, device))
+    _train(model, tokenizer, ref, args.hook, args.corpus, args.out, args.features, args.k, args.tokens, args.steps,
+           args.context_length, args.seed, args.text_field, args.overwrite)
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from featureatlas.store.info import describe
     print(describe(args.store))
@@ -117,13 +198,21 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from featureatlas.harvest.corpus import embedded_corpus
-    from featureatlas.harvest.models import EMBEDDED_MODEL
+    from featureatlas.harvest.models import EMBEDDED_MODEL, load_model, pick_device, pick_dtype, resolve_model
     args.out.mkdir(parents=True, exist_ok=True)
     store = args.out / "store.duckdb"
-    _harvest(args, model=EMBEDDED_MODEL, corpus=embedded_corpus(), out=store)
+    device = pick_device(args.device)
+    ref = resolve_model(EMBEDDED_MODEL)
+    model, tokenizer = load_model(ref, device, pick_dtype(args.dtype, device))  # loaded once for both steps
+    hook = f"blocks.{args.sae_layer}.hook_resid_post"
+    sae = _train(model, tokenizer, ref, hook, embedded_corpus(), args.out / "sae" / hook, args.sae_features,
+                 args.sae_k, args.sae_tokens, args.sae_steps, args.context_length, args.seed, overwrite=True)
+    _harvest(args, model=EMBEDDED_MODEL, corpus=embedded_corpus(), out=store, saes=[f"res{args.sae_layer}={sae}"],
+             loaded=(model, tokenizer, ref))
     summary = _build(store, args.out / "site")
     print(f"\nOpen file://{summary.index.resolve()}\nor run: featureatlas serve {args.out / 'site'}")
     return 0
 
 
-COMMANDS = {"harvest": cmd_harvest, "build": cmd_build, "serve": cmd_serve, "info": cmd_info, "demo": cmd_demo}
+COMMANDS = {"harvest": cmd_harvest, "train-sae": cmd_train_sae, "build": cmd_build, "serve": cmd_serve,
+            "info": cmd_info, "demo": cmd_demo}

@@ -1,52 +1,116 @@
-"""One forward pass per batch, with every unit source hooked and feeding its exact top-k accumulator."""
+"""One forward pass per batch: every hook read once, every source's activations fed to its accumulators."""
 
 from __future__ import annotations
 
+from collections import defaultdict
+from dataclasses import dataclass
+
 import torch
 
-from featureatlas.harvest.architectures import blocks_of
+from featureatlas.errors import UsageError
+from featureatlas.harvest.architectures import blocks_of, get_submodule
+from featureatlas.harvest.batchview import BatchView
 from featureatlas.harvest.contexts import Batch
-from featureatlas.harvest.sources import UnitSource, mlp_sources
+from featureatlas.harvest.hooks import normalized
+from featureatlas.harvest.reservoir import Reservoir
+from featureatlas.harvest.sources import UnitSource
+from featureatlas.harvest.statistics import Statistics
 from featureatlas.harvest.topk import TopK
 
 
 class _StopForward(Exception):
-    """Raised after the last harvested layer: later layers and the LM head are never computed."""
+    """Raised after the last hooked block: later layers and the LM head are never computed."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    top_k: int = 20
+    bottom_k: int = 20            # for signed units
+    intervals: int = 12           # quantile intervals (even: see reservoir.py)
+    per_interval: int = 2         # quantile examples per interval
+    random: int = 4               # random examples where the unit fires
+    histogram_every: int = 8      # dense units: the histogram counts one context in this many
+    seed: int = 0
+
+
+class Accumulators:
+    """Everything kept about one source's units; each part updates from the same activations."""
+
+    def __init__(self, source: UnitSource, settings: Settings, context_length: int, device: torch.device,
+                 dtype: torch.dtype):
+        n = source.n_units
+        self.top = TopK(n, settings.top_k, context_length, device, dtype)
+        self.bottom = TopK(n, settings.bottom_k, context_length, device, dtype) \
+            if source.signed and settings.bottom_k else None
+        self.statistics = Statistics(n, device, source.sparse, settings.histogram_every)
+        self.quantiles = Reservoir(n, settings.intervals, settings.per_interval, context_length, device, dtype) \
+            if settings.per_interval and settings.intervals else None
+        self.random = Reservoir(n, 1, settings.random, context_length, device, dtype) if settings.random else None
+
+    def update(self, acts: torch.Tensor, view: BatchView) -> None:
+        self.top.update(acts, view)
+        if self.bottom is not None:
+            self.bottom.update(-acts, view)  # the most negative contexts are the top of the negation
+        self.statistics.update(acts, view)
+        for reservoir in (self.quantiles, self.random):
+            if reservoir is not None:
+                reservoir.update(acts, view)
+
+    def referenced_context_ids(self) -> torch.Tensor:
+        parts = [self.top, self.bottom, self.quantiles, self.random]
+        return torch.cat([p.referenced_context_ids() for p in parts if p is not None])
 
 
 class Harvester:
     """Owns the hooks; use as a context manager so they are removed whatever happens."""
 
-    def __init__(self, model: torch.nn.Module, layers: list[int], top_k: int, context_length: int,
-                 first_counted: int, accumulators: list[TopK] | None = None):
-        """accumulators: state to continue from (one per source, in source order); fresh when None."""
+    def __init__(self, model: torch.nn.Module, sources: list[UnitSource], settings: Settings, context_length: int,
+                 first_counted: int):
         self.backbone = model.base_model
-        model_type = model.config.model_type
         self.device = next(model.parameters()).device
+        self.sources = sources
+        self.settings = settings
         self.first_counted = first_counted  # 1 when contexts start with BOS, which never counts
-        self.sources: list[UnitSource] = mlp_sources(self.backbone, model_type, layers)
-        self.accumulators = accumulators or [TopK(s.n_units, top_k, context_length, self.device, model.dtype)
-                                             for s in self.sources]
-        self._counted = self._context_ids = None
-        self._padded = False
-        self._handles = [s.module.register_forward_pre_hook(self._reader(s, acc))
-                         for s, acc in zip(self.sources, self.accumulators, strict=True)]
-        last_block = blocks_of(self.backbone, model_type)[max(layers)]
+        self.accumulators = [Accumulators(s, settings, context_length, self.device, _activation_dtype(s, model))
+                             for s in sources]
+        self._view: BatchView | None = None
+        self._shape = (0, 0)
+        self._handles: list = []
+        self._last_layer = max(s.hook.layer for s in sources)
+        self.attach()
+
+    def attach(self) -> None:
+        """Hook the model: one hook per (module, reads), however many sources read it."""
+        readers = defaultdict(list)
+        for source, acc in zip(self.sources, self.accumulators, strict=True):
+            readers[(source.hook.module, source.hook.reads)].append((source, acc))
+        for (path, reads), consumers in readers.items():
+            module = get_submodule(self.backbone, path)
+            if reads == "output":
+                self._handles.append(module.register_forward_hook(self._output_reader(consumers)))
+            else:
+                norm = module if reads == "normalized" else None
+                self._handles.append(module.register_forward_pre_hook(self._input_reader(consumers, norm),
+                                                                      with_kwargs=True))
+        last_block = blocks_of(self.backbone, self.backbone.config.model_type)[self._last_layer]
         self._handles.append(last_block.register_forward_hook(_stop))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
     def __enter__(self) -> Harvester:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
+        self.detach()
 
     def step(self, batch: Batch) -> None:
-        self._padded = batch.padded  # read by every hook: computed once per batch
-        self._counted = batch.counted.to(self.device, non_blocking=True)
-        self._context_ids = batch.context_ids.to(self.device, non_blocking=True)
+        self._view = BatchView.of(batch, self.first_counted, self.settings.seed, self.device)
+        self._shape = tuple(batch.input_ids.shape)
         mask = None
-        if self._padded:  # padding is at the end: causal attention never lets real tokens see it anyway
+        if batch.padded:  # padding is at the end: causal attention never lets real tokens see it anyway
             mask = (torch.arange(batch.input_ids.shape[1])[None, :] < batch.lengths[:, None]).to(self.device)
         with torch.inference_mode():
             try:
@@ -58,11 +122,60 @@ class Harvester:
     def referenced_context_ids(self) -> set[int]:
         return set(torch.cat([acc.referenced_context_ids() for acc in self.accumulators]).tolist())
 
-    def _reader(self, source: UnitSource, acc: TopK):
-        def read(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            acts = source.activations(args[0], *self._counted.shape)
-            acc.update(acts, self._counted, self._context_ids, self.first_counted, self._padded)
+    def _consume(self, consumers: list, tensor: torch.Tensor) -> None:
+        for source, acc in consumers:
+            acts = source.activations(tensor, *self._shape)
+            acc.update(acts, self._view)
+
+    def _output_reader(self, consumers: list):
+        def read(module: torch.nn.Module, args: object, output: object) -> None:
+            self._consume(consumers, output[0] if isinstance(output, tuple) else output)
         return read
+
+    def _input_reader(self, consumers: list, norm: torch.nn.Module | None):
+        def read(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            tensor = args[0] if args else kwargs["hidden_states"]
+            self._consume(consumers, normalized(norm, tensor) if norm is not None else tensor)
+        return read
+
+
+def check_widths(model: torch.nn.Module, sources: list[UnitSource]) -> None:
+    """One two-token forward pass: every dictionary's d_in must equal the width of the tensor it reads."""
+    widths: dict[tuple[str, str], int] = {}
+    backbone = model.base_model
+    handles = []
+
+    def record(key: tuple[str, str], tensor: torch.Tensor) -> None:
+        widths.setdefault(key, tensor.shape[-1])
+
+    for source in sources:
+        key = (source.hook.module, source.hook.reads)
+        module = get_submodule(backbone, source.hook.module)
+        if source.hook.reads == "output":
+            handles.append(module.register_forward_hook(
+                lambda m, a, o, key=key: record(key, o[0] if isinstance(o, tuple) else o)))
+        else:
+            handles.append(module.register_forward_pre_hook(
+                lambda m, a, kw, key=key: record(key, a[0] if a else kw["hidden_states"]), with_kwargs=True))
+    try:
+        with torch.inference_mode():
+            backbone(input_ids=torch.zeros((1, 2), dtype=torch.int64, device=next(model.parameters()).device),
+                     use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for source in sources:
+        if source.dictionary is not None:
+            width = widths[(source.hook.module, source.hook.reads)]
+            if width != source.dictionary.d_in:
+                raise UsageError(
+                    f"{source.dictionary.path / 'cfg.json'}: d_in is {source.dictionary.d_in}, but "
+                    f"{source.hook.name} of this model is {width} wide; is it a dictionary for another model?")
+
+
+def _activation_dtype(source: UnitSource, model: torch.nn.Module) -> torch.dtype:
+    """Kept examples store activations as computed: the model's dtype, or the dictionary's."""
+    return source.dictionary.dtype if source.dictionary is not None else model.dtype
 
 
 def _stop(module: torch.nn.Module, args: object, output: object) -> None:

@@ -4,24 +4,31 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import numpy as np
 import torch
 import tqdm
 import transformers
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from featureatlas.errors import UsageError
 from featureatlas.harvest.architectures import blocks_of
 from featureatlas.harvest.contexts import Context, DocumentInfo, display_tokens, iter_batches, iter_contexts
 from featureatlas.harvest.corpus import CorpusError, corpus_files, iter_documents
-from featureatlas.harvest.harvester import Harvester
-from featureatlas.harvest.models import load_model, pick_device, pick_dtype, resolve_model
-from featureatlas.harvest.sources import parse_layers
+from featureatlas.harvest.harvester import Accumulators, Harvester, Settings, check_widths
+from featureatlas.harvest.logits import logit_effects
+from featureatlas.harvest.models import ModelRef, load_model, pick_device, pick_dtype, resolve_model
+from featureatlas.harvest.sources import UnitSource, dictionary_sources, mlp_sources, parse_layers, resid_sources
 from featureatlas.store.writer import StoreWriter, check_writable_target
+
+if TYPE_CHECKING:
+    from featureatlas.harvest.dictionaries import Dictionary
 
 _PRUNE_EVERY = 64  # batches between drops of contexts that no unit keeps any more
 
@@ -34,11 +41,20 @@ class HarvestConfig:
     tokens: int | None = None
     context_length: int = 64
     top_k: int = 20
-    layers: str | None = None
+    layers: str | None = None            # MLP neurons of these layers ('none': no neurons)
+    resid: str | None = None             # residual-stream dimensions of these layers (None: none)
+    saes: list[str] = field(default_factory=list)  # dictionary folders, each PATH or NAME=PATH
     batch_size: int = 16
     device: str = "auto"
     dtype: str = "auto"
     text_field: str = "text"
+    bottom_k: int | None = None          # for signed units; None: as many as top_k
+    intervals: int = 12
+    per_interval: int = 2
+    random_examples: int = 4
+    histogram_every: int = 8
+    logits: int = 10
+    seed: int = 0
     progress: bool = True
 
 
@@ -54,27 +70,67 @@ class HarvestSummary:
 
 def validate(config: HarvestConfig) -> None:
     """Everything that can be checked before loading a model, so mistakes cost seconds, not minutes."""
-    for name, minimum in (("context_length", 2), ("top_k", 1), ("batch_size", 1)):
+    for name, minimum in (("context_length", 2), ("top_k", 1), ("batch_size", 1), ("intervals", 0),
+                          ("per_interval", 0), ("random_examples", 0), ("histogram_every", 1), ("logits", 0)):
         if getattr(config, name) < minimum:
             raise UsageError(f"--{name.replace('_', '-')} must be at least {minimum}")
+    if config.intervals % 2:
+        raise UsageError("--intervals must be even (intervals merge in pairs when a unit's range doubles)")
     if config.tokens is not None and config.tokens < 1:
         raise UsageError("--tokens must be at least 1")
     corpus_files(Path(config.corpus))
     check_writable_target(Path(config.out))
 
 
-def harvest(config: HarvestConfig) -> HarvestSummary:
+def build_sources(model: torch.nn.Module, config: HarvestConfig, device: torch.device) -> list[UnitSource]:
+    """Neurons, residual dimensions and dictionary features, in that order; every hook checked against the model."""
+    backbone, model_type = model.base_model, model.config.model_type
+    n_layers = len(blocks_of(backbone, model_type))
+    sources = mlp_sources(backbone, model_type, parse_layers(config.layers, n_layers))
+    if config.resid is not None:
+        sources += resid_sources(backbone, model_type, parse_layers(config.resid, n_layers, "--resid"),
+                                 model.config.hidden_size)
+    named: list[tuple[str, Dictionary]] = []
+    if config.saes:
+        from featureatlas.harvest.dictionaries import load_dictionaries  # only a harvest with --sae needs it
+    for spec in config.saes:
+        name, _, path = spec.rpartition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
+        found = load_dictionaries(path)
+        for dictionary in found:
+            label = name or dictionary.path.name
+            if name and len(found) > 1:
+                label = f"{name}/{dictionary.path.name}"
+            if any(label == taken for taken, _ in named):
+                label = f"{dictionary.path.parent.name}/{dictionary.path.name}"
+            named.append((label, dictionary))
+    sources += dictionary_sources(named, backbone, model_type, device)
+    if not sources:
+        raise UsageError("nothing to harvest: --layers none and no --resid or --sae; ask for some units")
+    check_widths(model, sources)
+    return sources
+
+
+def harvest(config: HarvestConfig, loaded: tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelRef] | None = None
+            ) -> HarvestSummary:
+    """loaded: the model, tokenizer and ref already in memory (the demo trains its SAE on the same model first)."""
     validate(config)
     started = _now()
-    device = pick_device(config.device)
-    ref = resolve_model(config.model)
-    model, tokenizer = load_model(ref, device, pick_dtype(config.dtype, device))
-    layers = parse_layers(config.layers, len(blocks_of(model.base_model, model.config.model_type)))
+    if loaded is None:
+        device = pick_device(config.device)
+        ref = resolve_model(config.model)
+        model, tokenizer = load_model(ref, device, pick_dtype(config.dtype, device))
+    else:
+        model, tokenizer, ref = loaded
+        device = next(model.parameters()).device
+    sources = build_sources(model, config, device)
     has_bos = tokenizer.bos_token_id is not None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    settings = Settings(top_k=config.top_k, bottom_k=config.top_k if config.bottom_k is None else config.bottom_k,
+                        intervals=config.intervals, per_interval=config.per_interval, random=config.random_examples,
+                        histogram_every=config.histogram_every, seed=config.seed)
 
     with StoreWriter(config.out) as store, \
-            Harvester(model, layers, config.top_k, config.context_length, int(has_bos)) as harvester:
+            Harvester(model, sources, settings, config.context_length, int(has_bos)) as harvester:
         documents: list[DocumentInfo] = []
         contexts = iter_contexts(iter_documents(Path(config.corpus), config.text_field), tokenizer,
                                  config.context_length, config.tokens, documents.append)
@@ -99,25 +155,102 @@ def harvest(config: HarvestConfig) -> HarvestSummary:
         _write_documents(store, documents)
         kept = _only(kept, harvester.referenced_context_ids())
         _write_contexts(store, tokenizer, kept)
-        lengths = {cid: len(c.token_ids) for cid, c in kept.items()}
+        lengths = _ContextLengths(kept)
+        vocabulary: set[int] = set()
         for source, acc in zip(harvester.sources, harvester.accumulators, strict=True):
-            store.add_source(ref.display_name, source.name, source.layer, source.n_units, source.hook)
-            ids = acc.context_ids.cpu().numpy()
-            context_lengths = np.array([lengths.get(i, 0) for i in ids.ravel().tolist()]).reshape(ids.shape)
-            store.add_unit_examples(ref.display_name, source.name, source.layer, acc.values.cpu().numpy(), ids,
-                                    acc.positions.cpu().numpy(), acc.activations().float().cpu().numpy(),
-                                    context_lengths)
+            write_source(store, ref.display_name, source, acc, harvester.settings, lengths)
+            effects = logit_effects(model, source, config.logits) if config.logits else None
+            if effects is not None:
+                top_ids, top_values, bottom_ids, bottom_values = (t.cpu().numpy() for t in effects)
+                store.add_logits(ref.display_name, source.name, source.layer, "top", top_ids, top_values)
+                store.add_logits(ref.display_name, source.name, source.layer, "bottom", bottom_ids, bottom_values)
+                vocabulary.update(np.unique(top_ids).tolist(), np.unique(bottom_ids).tolist())
+        if vocabulary:
+            ids = sorted(vocabulary)
+            store.add_vocabulary(ref.display_name, np.array(ids), tokenizer.batch_decode(
+                [[i] for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False))
+        mlp_layers = sorted({s.layer for s in sources if s.kind == "mlp"})
         store.add_run(
             run_id=1, model=ref.display_name, model_ref=config.model, model_type=model.config.model_type,
             corpus=str(config.corpus), n_documents=_count(store.con, "t_documents"), n_contexts=n_contexts,
-            n_tokens=n_tokens, context_length=config.context_length, top_k=config.top_k, layers=layers,
+            n_tokens=n_tokens, context_length=config.context_length, top_k=config.top_k, layers=mlp_layers,
             batch_size=config.batch_size, dtype=str(model.dtype).removeprefix("torch."), device=str(device),
-            bos_token=tokenizer.bos_token if has_bos else None, bos_excluded=has_bos,
+            bos_token=tokenizer.bos_token if has_bos else None, bos_excluded=has_bos, seed=config.seed,
             settings={k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
             versions=_versions(), started_at=started, finished_at=_now(),
             tokens_per_second=n_tokens / seconds)
         n_units = sum(s.n_units for s in harvester.sources)
     return HarvestSummary(Path(config.out), n_units, n_tokens, n_contexts, seconds, n_tokens / seconds)
+
+
+class _ContextLengths:
+    """Token count of each kept context, looked up for whole arrays of ids at once."""
+
+    def __init__(self, kept: dict[int, Context]):
+        self.ids = np.array(sorted(kept), dtype=np.int64)
+        self.lengths = np.array([len(kept[i].token_ids) for i in self.ids.tolist()], dtype=np.int64)
+
+    def __call__(self, context_ids: np.ndarray) -> np.ndarray:
+        """Every id asked for is kept (examples only reference kept contexts)."""
+        return self.lengths[np.searchsorted(self.ids, context_ids)]
+
+
+def write_source(store: StoreWriter, model: str, source: UnitSource, acc: Accumulators, settings: Settings,
+                 lengths: _ContextLengths) -> None:
+    """One source's row, its units' statistics and histograms, and every kind of example."""
+    dictionary = source.dictionary
+    store.add_source(
+        model, source.name, source.layer, source.n_units, source.hook.description, kind=source.kind,
+        hook_name=source.hook.name, signed=source.signed, histogram_every=acc.statistics.histogram_every,
+        hook_out_name=dictionary.hook_out_name if dictionary is not None else None,
+        dictionary_path=str(dictionary.path) if dictionary is not None else None,
+        dictionary_format=dictionary.format if dictionary is not None else None,
+        architecture=dictionary.architecture if dictionary is not None else None,
+        config=dictionary.config if dictionary is not None else None)
+    stats = {name: t.cpu().numpy() for name, t in acc.statistics.finish().items()}
+    store.add_units(model, source.name, source.layer, max_activation=stats["max_activation"],
+                    min_activation=stats["min_activation"], n_tokens=acc.statistics.n_tokens,
+                    n_firing=stats["n_firing"], sum_activation=stats["sum_activation"],
+                    sum_squares=stats["sum_squares"], n_examples=(acc.top.context_ids >= 0).sum(dim=1).cpu().numpy())
+    store.add_histograms(model, source.name, source.layer, stats["counts"])
+    rows = partial(_write_examples, store, model, source, lengths)
+    rows("top", acc.top.values, acc.top.context_ids, acc.top.positions, acc.top.activations(), sign=1)
+    if acc.bottom is not None:
+        rows("bottom", acc.bottom.values, acc.bottom.context_ids, acc.bottom.positions, acc.bottom.activations(),
+             sign=-1)
+    for kind, reservoir in (("quantile", acc.quantiles), ("random", acc.random)):
+        if reservoir is None:
+            continue
+        order = reservoir.keys.argsort(dim=2)  # within a bin, in sample order
+        take = partial(_gather_last, order)
+        lo, hi = reservoir.intervals() if kind == "quantile" else (None, None)
+        rows(kind, take(reservoir.values), take(reservoir.context_ids), take(reservoir.positions),
+             _gather_last(order[..., None].expand_as(reservoir.activations), reservoir.activations, dim=2),
+             sign=1, interval=(lo, hi) if lo is not None else None)
+
+
+def _gather_last(order: torch.Tensor, table: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return table.gather(dim, order)
+
+
+def _write_examples(store: StoreWriter, model: str, source: UnitSource, lengths: _ContextLengths, kind: str,
+                    values: torch.Tensor, context_ids: torch.Tensor, positions: torch.Tensor,
+                    activations: torch.Tensor, sign: int,
+                    interval: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """values/context_ids/positions [units, ..., n] in rank order per group; activations [..., n, width]."""
+    ids = context_ids.cpu().numpy()
+    filled = ids >= 0
+    index = np.nonzero(filled)
+    ranks = np.cumsum(filled, axis=-1)[index]
+    acts = activations.float().cpu().numpy()[index] * sign
+    lo = hi = None
+    if interval is not None:  # [units, bins] -> one per example
+        lo = interval[0].cpu().numpy()[index[:-1]]
+        hi = interval[1].cpu().numpy()[index[:-1]]
+    store.add_examples(model, source.name, source.layer, kind, units=index[0], ranks=ranks,
+                       context_ids=ids[index], positions=positions.cpu().numpy()[index],
+                       values=values.float().cpu().numpy()[index] * sign, activations=acts,
+                       context_lengths=lengths(ids[index]), interval_lo=lo, interval_hi=hi)
 
 
 def _only(kept: dict[int, Context], referenced: set[int]) -> dict[int, Context]:

@@ -1,47 +1,97 @@
-"""Unit sources: where the harvest hooks the model and how a hooked tensor becomes [batch, tokens, units].
+"""Unit sources: which hook a kind of unit reads and how the hooked tensor becomes [batch, tokens, units].
 
-MLP neurons are the first source; residual dimensions, SAE and transcoder features are further sources that
-hook a module and turn its tensor into unit activations, harvested in the same forward passes.
+MLP neurons and residual-stream dimensions are the hooked tensor's own dimensions; SAE and transcoder features
+are a dictionary's encode of it. All are harvested in the same forward passes, by the same accumulators.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from featureatlas.errors import UsageError
-from featureatlas.harvest.architectures import architecture_of, blocks_of, mlp_out_of, neurons_of
+from featureatlas.harvest.architectures import architecture_of, blocks_of, neurons_of
+from featureatlas.harvest.hooks import Hook, resolve_hook
+
+if TYPE_CHECKING:
+    from featureatlas.harvest.dictionaries import Dictionary
 
 
 @dataclass
 class UnitSource:
-    name: str                  # the store's `source` column: 'mlp' for MLP neurons
-    layer: int
+    name: str                  # the store's `source` column: 'mlp', 'resid', 'sae:<name>', 'transcoder:<name>'
+    kind: str                  # 'mlp' | 'resid' | 'sae' | 'transcoder'
+    hook: Hook
     n_units: int
-    module: torch.nn.Module    # the module whose input carries the activations
-    hook: str                  # human-readable: which module, and what is read there
+    signed: bool               # keeps bottom examples too
+    sparse: bool               # mostly exact zeros: statistics touch only the non-zeros
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None  # None: the hooked dimensions are the units
+    dictionary: Dictionary | None = None
+    output_hook: Hook | None = None  # where the units' output directions live (transcoders: the decoder's hook)
 
-    def activations(self, module_input: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
+    @property
+    def layer(self) -> int:
+        return self.hook.layer
+
+    def activations(self, hooked: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
         """[batch, tokens, units]; some models (OPT) flatten batch and tokens inside the MLP."""
-        return module_input.reshape(batch, tokens, self.n_units)
+        x = hooked.reshape(batch, tokens, -1)
+        return x if self.encode is None else self.encode(x)
 
 
 def mlp_sources(backbone: torch.nn.Module, model_type: str, layers: list[int]) -> list[UnitSource]:
-    blocks = blocks_of(backbone, model_type)
-    arch = architecture_of(model_type)
+    gated = architecture_of(model_type).gated
     sources = []
     for layer in layers:
-        proj = mlp_out_of(blocks[layer], model_type)
-        sources.append(UnitSource("mlp", layer, neurons_of(proj), proj,
-                                  f"{arch.blocks}.{layer}.{arch.mlp_out}:input"))
+        hook = resolve_hook(f"blocks.{layer}.mlp.hook_post", backbone, model_type)
+        n = neurons_of(backbone.get_submodule(hook.module))
+        sources.append(UnitSource("mlp", "mlp", hook, n, signed=gated, sparse=False))
     return sources
 
 
-def parse_layers(spec: str | None, n_layers: int) -> list[int]:
+def resid_sources(backbone: torch.nn.Module, model_type: str, layers: list[int], d_model: int) -> list[UnitSource]:
+    return [UnitSource("resid", "resid", resolve_hook(f"blocks.{layer}.hook_resid_post", backbone, model_type),
+                       d_model, signed=True, sparse=False) for layer in layers]
+
+
+def dictionary_sources(dictionaries: list[tuple[str, Dictionary]], backbone: torch.nn.Module, model_type: str,
+                       device: torch.device) -> list[UnitSource]:
+    """(name, dictionary) pairs -> sources, checking that each dictionary's hook exists in this model."""
+    sources = []
+    for name, dictionary in dictionaries:
+        try:
+            hook = resolve_hook(dictionary.hook_name, backbone, model_type, dictionary.hook_reads)
+            out = None
+            if dictionary.hook_out_name is not None:
+                out_reads = "hook" if dictionary.hook_reads == "hook" else "output"
+                out = resolve_hook(dictionary.hook_out_name, backbone, model_type, out_reads)
+        except UsageError as err:
+            raise UsageError(f"{dictionary.path / 'cfg.json'}: {err}") from None
+        dictionary.to(device)
+        sources.append(UnitSource(f"{dictionary.kind}:{name}", dictionary.kind, hook, dictionary.d_sae,
+                                  signed=False, sparse=True, encode=dictionary.encode, dictionary=dictionary,
+                                  output_hook=out or hook))
+    return sources
+
+
+def dictionary_name(path: Path, taken: set[str]) -> str:
+    """A short source name from the folder: its own name, or parent/name when that is taken."""
+    name = path.name
+    if name in taken:
+        name = f"{path.parent.name}/{path.name}"
+    return name
+
+
+def parse_layers(spec: str | None, n_layers: int, option: str = "--layers") -> list[int]:
     """'0,5,10-12' -> [0, 5, 10, 11, 12]; None or 'all' -> every layer."""
     if spec is None or spec.strip() in ("", "all"):
         return list(range(n_layers))
+    if spec.strip() == "none":
+        return []
     layers: set[int] = set()
     for part in spec.split(","):
         part = part.strip()
@@ -49,8 +99,11 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
             lo, _, hi = part.partition("-")
             first, last = int(lo), int(hi) if hi else int(lo)
         except ValueError:
-            raise UsageError(f"--layers {spec!r}: {part!r} is not a layer number or range like 10-12") from None
+            raise UsageError(f"{option} {spec!r}: {part!r} is not a layer number or range like 10-12") from None
         if not 0 <= first <= last < n_layers:
-            raise UsageError(f"--layers {spec!r}: {part!r} is out of range; this model has layers 0-{n_layers - 1}")
+            raise UsageError(f"{option} {spec!r}: {part!r} is out of range; this model has layers 0-{n_layers - 1}")
         layers.update(range(first, last + 1))
     return sorted(layers)
+
+
+__all__ = ["UnitSource", "blocks_of", "dictionary_sources", "mlp_sources", "parse_layers", "resid_sources"]

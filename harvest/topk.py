@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from featureatlas.harvest.batchview import BatchView
+
 
 class TopK:
     """Per-unit top-k contexts, with the per-token activations of every kept context.
@@ -26,16 +28,14 @@ class TopK:
         self.slots = torch.arange(k, device=device).repeat(n_units, 1)
         self.slot_activations = torch.zeros((n_units, k, context_length), dtype=activation_dtype, device=device)
 
-    def update(self, acts: torch.Tensor, counted: torch.Tensor, context_ids: torch.Tensor,
-               first_counted: int = 0, padded: bool = True) -> None:
-        """acts [batch, tokens, units]; counted [batch, tokens]: False for BOS and padding; context_ids [batch],
-        increasing, all larger than any id seen before. first_counted and padded are the fast path: no position
-        before first_counted counts, and without padding no other position needs masking."""
+    def update(self, acts: torch.Tensor, view: BatchView) -> None:
+        """acts [batch, tokens, units]; the batch's context ids are increasing, all larger than any seen before.
+        No position before view.first_counted counts, and without padding no other position needs masking."""
         batch, tokens, _ = acts.shape
-        k = self.k
+        k, first_counted, context_ids = self.k, view.first_counted, view.context_ids
         scores = acts[:, first_counted:]  # a view: no copy in the common case
-        if padded:
-            scores = scores.masked_fill(~counted[:, first_counted:, None], float("-inf"))
+        if view.padded:
+            scores = scores.masked_fill(~view.counted[:, first_counted:, None], float("-inf"))
         context_max = scores.amax(dim=1)                                        # [batch, units], exact
         # Only units whose best context in this batch beats their current k-th score can change; a tie with
         # the k-th score loses to it because every kept context has a lower id.

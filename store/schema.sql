@@ -1,4 +1,4 @@
--- featureatlas store, schema version 1.
+-- featureatlas store, schema version 2.
 -- Tables (prefixed t_) hold the data and may change between versions; the views below are the public,
 -- documented interface: query them with `duckdb STORE.duckdb "SELECT ... FROM units ..."`.
 
@@ -15,12 +15,13 @@ CREATE TABLE t_runs (
     n_tokens BIGINT NOT NULL,          -- tokens run through the model, BOS and padding excluded
     context_length INTEGER NOT NULL,   -- tokens per context, BOS included
     top_k INTEGER NOT NULL,
-    layers INTEGER[] NOT NULL,
+    layers INTEGER[] NOT NULL,         -- layers whose MLP neurons were harvested
     batch_size INTEGER NOT NULL,
     dtype VARCHAR NOT NULL,
     device VARCHAR NOT NULL,
     bos_token VARCHAR,                 -- NULL when the tokenizer has none
-    bos_excluded BOOLEAN NOT NULL,     -- the BOS position never counts as a context's max
+    bos_excluded BOOLEAN NOT NULL,     -- the BOS position never counts (not for maxima, statistics or samples)
+    seed BIGINT NOT NULL,              -- seeds the quantile and random samples (reproducible)
     settings JSON NOT NULL,            -- every harvest option, as given
     versions JSON NOT NULL,            -- library versions
     started_at TIMESTAMP NOT NULL,
@@ -30,10 +31,19 @@ CREATE TABLE t_runs (
 
 CREATE TABLE t_sources (
     model VARCHAR NOT NULL,
-    source VARCHAR NOT NULL,           -- 'mlp' for MLP neurons
+    source VARCHAR NOT NULL,           -- 'mlp', 'resid', 'sae:<name>' or 'transcoder:<name>'
     layer INTEGER NOT NULL,
     n_units INTEGER NOT NULL,
-    hook VARCHAR NOT NULL,             -- module path and what is read there
+    hook VARCHAR NOT NULL,             -- the transformers module read, and whether its input or output
+    kind VARCHAR NOT NULL,             -- 'mlp' | 'resid' | 'sae' | 'transcoder'
+    hook_name VARCHAR NOT NULL,        -- the hook in TransformerLens's names (or the dictionary's own name)
+    hook_out_name VARCHAR,             -- transcoders: where the decoder writes
+    signed BOOLEAN NOT NULL,           -- units go negative too: bottom examples and negative histogram bins
+    histogram_every INTEGER NOT NULL,  -- the histogram counts every token of one context in this many
+    dictionary_path VARCHAR,           -- the SAE / transcoder folder as given
+    dictionary_format VARCHAR,         -- 'saelens' | 'sparsify'
+    architecture VARCHAR,              -- the dictionary's architecture, e.g. 'topk', 'jumprelu'
+    config JSON,                       -- the dictionary's whole config file
     PRIMARY KEY (model, source, layer)
 );
 
@@ -42,8 +52,22 @@ CREATE TABLE t_units (
     source VARCHAR NOT NULL,
     layer INTEGER NOT NULL,
     unit INTEGER NOT NULL,
-    max_activation FLOAT,              -- NULL when no context was seen
-    n_examples INTEGER NOT NULL
+    max_activation FLOAT,              -- over every counted token; NULL when no token was seen
+    min_activation FLOAT,
+    n_tokens BIGINT NOT NULL,          -- counted tokens (BOS and padding excluded)
+    n_firing BIGINT NOT NULL,          -- counted tokens with activation > 0
+    sum_activation DOUBLE NOT NULL,
+    sum_squares DOUBLE NOT NULL,
+    n_examples INTEGER NOT NULL        -- top examples kept
+);
+
+CREATE TABLE t_histograms (
+    model VARCHAR NOT NULL,
+    source VARCHAR NOT NULL,
+    layer INTEGER NOT NULL,
+    unit INTEGER NOT NULL,
+    bins SMALLINT[] NOT NULL,          -- non-empty bins only, see the histograms view for the edges
+    counts BIGINT[] NOT NULL
 );
 
 CREATE TABLE t_examples (
@@ -51,11 +75,32 @@ CREATE TABLE t_examples (
     source VARCHAR NOT NULL,
     layer INTEGER NOT NULL,
     unit INTEGER NOT NULL,
-    rank INTEGER NOT NULL,             -- 1 is the strongest
+    example_kind VARCHAR NOT NULL,     -- 'top' | 'bottom' | 'quantile' | 'random'
+    interval_lo FLOAT,                 -- quantile examples: the interval [lo, hi) their max falls in
+    interval_hi FLOAT,
+    rank INTEGER NOT NULL,             -- 1 is the strongest (top), the most negative (bottom), else sample order
     context_id BIGINT NOT NULL,
-    max_position INTEGER NOT NULL,     -- 0-based index into the context's tokens
-    max_activation FLOAT NOT NULL,
+    max_position INTEGER NOT NULL,     -- 0-based index of the context's max token (its min, for bottom examples)
+    max_activation FLOAT NOT NULL,     -- the context's max activation (its min, for bottom examples)
     activations FLOAT[] NOT NULL       -- one per token of the context
+);
+
+CREATE TABLE t_logits (
+    model VARCHAR NOT NULL,
+    source VARCHAR NOT NULL,
+    layer INTEGER NOT NULL,
+    unit INTEGER NOT NULL,
+    polarity VARCHAR NOT NULL,         -- 'top' (promoted) | 'bottom' (suppressed)
+    rank INTEGER NOT NULL,
+    token_id INTEGER NOT NULL,
+    effect FLOAT NOT NULL              -- logit of the token for the unit's output direction, see README
+);
+
+CREATE TABLE t_vocabulary (
+    model VARCHAR NOT NULL,
+    token_id INTEGER NOT NULL,
+    token VARCHAR NOT NULL,            -- display string (only tokens some table refers to)
+    PRIMARY KEY (model, token_id)
 );
 
 CREATE TABLE t_contexts (
@@ -74,7 +119,31 @@ CREATE TABLE t_documents (
 
 CREATE VIEW runs AS SELECT * FROM t_runs;
 CREATE VIEW sources AS SELECT * FROM t_sources;
-CREATE VIEW units AS SELECT * FROM t_units;
+CREATE VIEW units AS
+    SELECT model, source, layer, unit, max_activation, min_activation,
+           n_firing / nullif(n_tokens, 0) AS frequency, n_examples
+    FROM t_units;
+CREATE VIEW statistics AS
+    SELECT model, source, layer, unit, n_tokens, n_firing, n_firing / nullif(n_tokens, 0) AS frequency,
+           sum_activation / nullif(n_tokens, 0) AS mean,
+           sqrt(greatest(sum_squares / nullif(n_tokens, 0) - (sum_activation / nullif(n_tokens, 0)) ^ 2, 0)) AS std,
+           min_activation, max_activation
+    FROM t_units;
+-- Histogram bins: 0 holds exact zeros; bin b > 0 holds positive activations, b < 0 the mirror-image negatives.
+-- |b| = 1 is (0, 2^-16); |b| = 2..129 split [2^-16, 2^16) into 4 bins an octave with edges 2^e * (1, 1.25,
+-- 1.5, 1.75); |b| = 130 is [2^16, inf). `lo`/`hi` give the edges by absolute value, `sign` the side.
+CREATE VIEW histograms AS
+    WITH flat AS (SELECT model, source, layer, unit, unnest(bins) AS bin, unnest(counts) AS count FROM t_histograms)
+    SELECT model, source, layer, unit, bin, sign(bin) AS sign,
+           CASE WHEN abs(bin) <= 1 THEN 0.0
+                ELSE 2.0 ^ ((abs(bin) - 2) // 4 - 16) * (1 + ((abs(bin) - 2) % 4) / 4) END AS lo,
+           CASE WHEN bin = 0 THEN 0.0 WHEN abs(bin) = 1 THEN 2.0 ^ -16 WHEN abs(bin) = 130 THEN 'inf'::DOUBLE
+                ELSE 2.0 ^ ((abs(bin) - 1) // 4 - 16) * (1 + ((abs(bin) - 1) % 4) / 4) END AS hi,
+           count
+    FROM flat;
 CREATE VIEW examples AS SELECT * FROM t_examples;
+CREATE VIEW logit_effects AS
+    SELECT l.model, l.source, l.layer, l.unit, l.polarity, l.rank, l.token_id, v.token, l.effect
+    FROM t_logits l LEFT JOIN t_vocabulary v USING (model, token_id);
 CREATE VIEW contexts AS SELECT * FROM t_contexts;
 CREATE VIEW documents AS SELECT * FROM t_documents;

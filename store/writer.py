@@ -79,8 +79,14 @@ class StoreWriter:
         self.con.execute(f"INSERT INTO t_runs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
                          [run[n] for n in names])
 
-    def add_source(self, model: str, source: str, layer: int, n_units: int, hook: str) -> None:
-        self.con.execute("INSERT INTO t_sources VALUES (?, ?, ?, ?, ?)", [model, source, layer, n_units, hook])
+    def add_source(self, model: str, source: str, layer: int, n_units: int, hook: str, *, kind: str,
+                   hook_name: str, signed: bool, histogram_every: int = 1, hook_out_name: str | None = None,
+                   dictionary_path: str | None = None, dictionary_format: str | None = None,
+                   architecture: str | None = None, config: dict | None = None) -> None:
+        self.con.execute(
+            "INSERT INTO t_sources VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [model, source, layer, n_units, hook, kind, hook_name, hook_out_name, signed, histogram_every,
+             dictionary_path, dictionary_format, architecture, None if config is None else json.dumps(config)])
 
     def add_documents(self, document_ids: np.ndarray, names: list[str], n_tokens: np.ndarray) -> None:
         self._insert("t_documents", {"document_id": np.asarray(document_ids, np.int64), "name": names,
@@ -96,31 +102,69 @@ class StoreWriter:
             "tokens": pa.array(tokens, type=pa.list_(pa.string())),
         })
 
-    def add_unit_examples(self, model: str, source: str, layer: int, values: np.ndarray,
-                          context_ids: np.ndarray, positions: np.ndarray, activations: np.ndarray,
-                          context_lengths: np.ndarray) -> None:
-        """Write one source's units and top-k examples.
-
-        values, context_ids, positions: [units, k], best first; empty slots have context_id -1.
-        activations: [units, k, context_length]; context_lengths: [units, k] tokens that are real.
-        """
-        n_units, k = values.shape
-        filled = context_ids >= 0
-        n_examples = filled.sum(axis=1)
-        max_activation = np.where(n_examples > 0, values[:, 0], np.nan).astype(np.float32)
+    def add_units(self, model: str, source: str, layer: int, *, max_activation: np.ndarray,
+                  min_activation: np.ndarray, n_tokens: np.ndarray, n_firing: np.ndarray,
+                  sum_activation: np.ndarray, sum_squares: np.ndarray, n_examples: np.ndarray) -> None:
+        """One row per unit, units numbered 0..n-1; NaN max/min (no token seen) become NULL."""
+        n = len(max_activation)
         self._insert("t_units", {
-            "model": pa.array([model] * n_units), "source": pa.array([source] * n_units),
-            "layer": np.full(n_units, layer, np.int32), "unit": np.arange(n_units, dtype=np.int32),
-            "max_activation": pa.array(max_activation, from_pandas=True), "n_examples": n_examples.astype(np.int32),
+            **self._keys(model, source, layer, n), "unit": np.arange(n, dtype=np.int32),
+            "max_activation": pa.array(np.asarray(max_activation, np.float32), from_pandas=True),
+            "min_activation": pa.array(np.asarray(min_activation, np.float32), from_pandas=True),
+            "n_tokens": np.broadcast_to(np.asarray(n_tokens, np.int64), (n,)),
+            "n_firing": np.asarray(n_firing, np.int64),
+            "sum_activation": np.asarray(sum_activation, np.float64),
+            "sum_squares": np.asarray(sum_squares, np.float64),
+            "n_examples": np.asarray(n_examples, np.int32),
         })
-        unit_idx, rank_idx = np.nonzero(filled)
-        n = len(unit_idx)
+
+    def add_examples(self, model: str, source: str, layer: int, kind: str, *, units: np.ndarray,
+                     ranks: np.ndarray, context_ids: np.ndarray, positions: np.ndarray, values: np.ndarray,
+                     activations: np.ndarray, context_lengths: np.ndarray, interval_lo: np.ndarray | None = None,
+                     interval_hi: np.ndarray | None = None) -> None:
+        """Examples of one kind, one row each: activations [n, width] are cut to context_lengths [n]."""
+        n = len(units)
+        nulls = pa.nulls(n, pa.float32())
         self._insert("t_examples", {
-            "model": pa.array([model] * n), "source": pa.array([source] * n),
-            "layer": np.full(n, layer, np.int32),
-            "unit": unit_idx.astype(np.int32), "rank": (rank_idx + 1).astype(np.int32),
-            "context_id": context_ids[filled].astype(np.int64),
-            "max_position": positions[filled].astype(np.int32),
-            "max_activation": values[filled].astype(np.float32),
-            "activations": _ragged(activations[filled].astype(np.float32), context_lengths[filled]),
+            **self._keys(model, source, layer, n), "unit": np.asarray(units, np.int32),
+            "example_kind": pa.array([kind] * n, pa.string()),
+            "interval_lo": nulls if interval_lo is None else np.asarray(interval_lo, np.float32),
+            "interval_hi": nulls if interval_hi is None else np.asarray(interval_hi, np.float32),
+            "rank": np.asarray(ranks, np.int32), "context_id": np.asarray(context_ids, np.int64),
+            "max_position": np.asarray(positions, np.int32), "max_activation": np.asarray(values, np.float32),
+            "activations": _ragged(np.asarray(activations, np.float32).reshape(n, -1), context_lengths),
         })
+
+    def add_histograms(self, model: str, source: str, layer: int, counts: np.ndarray) -> None:
+        """counts [units, 2 * HALF + 1]: column HALF + b holds bin b (see the histograms view)."""
+        n_units, width = counts.shape
+        half = width // 2
+        unit_idx, column = np.nonzero(counts)
+        lengths = np.bincount(unit_idx, minlength=n_units)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        self._insert("t_histograms", {
+            **self._keys(model, source, layer, n_units), "unit": np.arange(n_units, dtype=np.int32),
+            "bins": pa.ListArray.from_arrays(offsets, pa.array((column - half).astype(np.int16))),
+            "counts": pa.ListArray.from_arrays(offsets, pa.array(counts[unit_idx, column].astype(np.int64))),
+        })
+
+    def add_logits(self, model: str, source: str, layer: int, polarity: str, token_ids: np.ndarray,
+                   effects: np.ndarray) -> None:
+        """token_ids, effects [units, n]: each unit's tokens, strongest first."""
+        n_units, n = token_ids.shape
+        self._insert("t_logits", {
+            **self._keys(model, source, layer, n_units * n),
+            "unit": np.repeat(np.arange(n_units, dtype=np.int32), n),
+            "polarity": pa.array([polarity] * (n_units * n), pa.string()),
+            "rank": np.tile(np.arange(1, n + 1, dtype=np.int32), n_units),
+            "token_id": token_ids.reshape(-1).astype(np.int32), "effect": effects.reshape(-1).astype(np.float32),
+        })
+
+    def add_vocabulary(self, model: str, token_ids: np.ndarray, tokens: list[str]) -> None:
+        self._insert("t_vocabulary", {"model": pa.array([model] * len(tokens), pa.string()),
+                                      "token_id": np.asarray(token_ids, np.int32), "token": tokens})
+
+    @staticmethod
+    def _keys(model: str, source: str, layer: int, n: int) -> dict[str, pa.Array | np.ndarray]:
+        return {"model": pa.array([model] * n, pa.string()), "source": pa.array([source] * n, pa.string()),
+                "layer": np.full(n, layer, np.int32)}

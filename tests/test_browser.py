@@ -94,7 +94,7 @@ def test_browse_from_file_url(page: object, site_dir: Path) -> None:
     page.goto((site_dir / "index.html").as_uri())  # type: ignore[attr-defined]
     assert page.evaluate("document.documentElement.classList.contains('js')")  # site.js ran under the CSP
     assert page.evaluate("getComputedStyle(document.body).fontFamily").startswith("system-ui")  # CSS loaded
-    page.get_by_role("link", name=re.compile(r"^Layer 1\b")).click()
+    page.get_by_role("link", name=re.compile(r"^Layer 1\b")).first.click()  # the MLP neurons come first
     assert page.url.endswith("/mlp/1/index.html")
     assert page.locator("#units tbody tr").count() == 50
     assert_clean(page)
@@ -102,14 +102,14 @@ def test_browse_from_file_url(page: object, site_dir: Path) -> None:
     page.fill("#filter", "17")
     assert page.locator("#units tbody tr:visible").count() == 1
     page.fill("#filter", "")
-    page.get_by_role("button", name="Max act.").click()
+    page.get_by_role("button", name=re.compile(r"^Max\b(?! \|)")).click()  # not "Max |act|"
     values = page.locator("#units tbody tr td:nth-child(2)").all_inner_texts()
     numbers = [float(v) for v in values if v != "\u2014"]
     assert numbers == sorted(numbers, reverse=True)
 
     page.get_by_role("link", name="7", exact=True).click()
     assert page.url.endswith("/mlp/1/7.html")
-    assert page.locator("h1").inner_text() == "Unit 7"
+    assert page.locator("h1").inner_text() == "Neuron 7"
     assert_clean(page)
 
 
@@ -127,7 +127,7 @@ def test_tooltip_on_hover_and_keyboard_focus(page: object, site_dir: Path) -> No
     # Keyboard: Tab reaches the first example's max token, arrows move along the context.
     page.mouse.move(1, 1)
     page.locator("body").focus()
-    for _ in range(20):
+    for _ in range(40):
         page.keyboard.press("Tab")
         if page.evaluate("document.activeElement.matches('.ctx > b')"):
             break
@@ -158,7 +158,8 @@ def test_tooltip_on_hover_and_keyboard_focus(page: object, site_dir: Path) -> No
 ])
 def test_tooltip_shows_raw_tokens(page: object, site_dir: Path, shown: str, html: str, expected: str) -> None:
     """Hostile and blank tokens hovered: the tooltip shows them like repr, as text, and nothing runs."""
-    unit = next(path for path in sorted(site_dir.glob("*/mlp/*/*.html")) if html in path.read_text())
+    in_context = re.compile(r"<b( [^>]*)?>" + re.escape(html))  # in an example, not only in a logit table
+    unit = next(path for path in sorted(site_dir.glob("*/mlp/*/*.html")) if in_context.search(path.read_text()))
     page.goto(unit.as_uri())  # type: ignore[attr-defined]
     token = page.locator(".ctx > b")
     texts = [re.sub(r"\s", "", text) for text in token.all_inner_texts()]
@@ -168,22 +169,68 @@ def test_tooltip_shows_raw_tokens(page: object, site_dir: Path, shown: str, html
     assert_clean(page)
 
 
-def test_nothing_injected_runs_and_screenshot(page: object, site_dir: Path) -> None:
-    for path in sorted(site_dir.rglob("*.html"))[:30]:
+def test_tooltip_in_every_kind_of_example(page: object, site_dir: Path) -> None:
+    """Hovering a token in a quantile sample, a random sample or a bottom example shows its activation; bottom
+    examples are relative to the unit's min."""
+    page.goto(next(site_dir.glob("*/sae-res/1/0.html")).as_uri())  # type: ignore[attr-defined]
+    for section in ("quantiles", "random"):
+        ctx = page.locator(f"#{section} .ctx").first
+        acts = decode_activations(ctx.get_attribute("data-acts"))
+        marked = ctx.locator(":scope > b.m")
+        index = marked.evaluate("el => [...el.parentElement.children].indexOf(el)")
+        marked.hover()
+        text = tooltip(page)
+        assert shown_activation(text) == pytest.approx(acts[index], rel=1e-9) and "% of max" in text
+    page.goto(next(site_dir.glob("*/resid/1/0.html")).as_uri())
+    page.locator("#bottom .ctx > b.m").first.hover()
+    text = tooltip(page)
+    assert shown_activation(text) < 0 and "100% of min" in text
+    assert_clean(page)
+
+
+def test_feature_page_histogram_and_logits(page: object, site_dir: Path) -> None:
+    """A dictionary feature's page under the CSP: the histogram is drawn and coloured by the stylesheet, each
+    bar has its title, the logit tables show the tokens as text; no error, no CSP violation."""
+    page.goto(next(site_dir.glob("*/sae-res/1/0.html")).as_uri())  # type: ignore[attr-defined]
+    svg = page.locator("#histogram svg")
+    box = svg.bounding_box()
+    assert box and box["width"] > 300 and box["height"] > 60
+    bars = svg.locator("rect")
+    assert bars.count() > 5 and bars.count() == svg.locator("rect > title").count()
+    assert page.evaluate("getComputedStyle(document.querySelector('#histogram .hp rect')).fill") != "rgb(0, 0, 0)"
+    assert svg.locator("rect > title").first.text_content().startswith("exactly 0: ")
+    promoted = page.locator("#logits table").first.locator("tbody tr td:first-child").all_inner_texts()
+    assert promoted[0] == "<script>alert(1)</script>" and len(promoted) == 10
+    page.get_by_role("link", name="Quantile intervals").click()
+    assert page.url.endswith("#quantiles")
+    assert_clean(page)
+
+
+def test_sort_by_largest_magnitude(page: object, site_dir: Path) -> None:
+    page.goto(next(site_dir.glob("*/resid/1/index.html")).as_uri())  # type: ignore[attr-defined]
+    page.get_by_role("button", name="Max |act|").click()
+    assert page.locator("#units tbody tr td:first-child").first.inner_text() == "9"  # the outlier dimension
+    assert_clean(page)
+
+
+def test_nothing_injected_runs_and_screenshots(page: object, site_dir: Path) -> None:
+    for path in sorted(site_dir.rglob("*.html"))[:30] + sorted(site_dir.glob("*/sae-res/1/*.html"))[:10]:
         page.goto(path.as_uri())  # type: ignore[attr-defined]
         assert page.locator("img, iframe, textarea, object, embed").count() == 0
         assert page.evaluate("document.scripts.length") == 1
     assert_clean(page)
 
-    unit = next(site_dir.glob("*/mlp/1/7.html"))
-    page.goto(unit.as_uri())
-    page.locator(".ctx > b.m").first.hover()
-    tooltip(page)
     SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / "unit.png"))
-    page.emulate_media(color_scheme="dark")
-    page.screenshot(path=str(SHOTS / "unit-dark.png"))
-    page.set_viewport_size({"width": 390, "height": 800})
-    page.screenshot(path=str(SHOTS / "unit-narrow.png"))
-    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")  # no sideways scroll
+    for name, unit in (("feature", "*/sae-res/1/0.html"), ("resid", "*/resid/1/9.html")):
+        page.emulate_media(color_scheme="light")
+        page.set_viewport_size({"width": 1100, "height": 900})
+        page.goto(next(site_dir.glob(unit)).as_uri())
+        page.locator("#quantiles .ctx > b.m").first.hover()
+        tooltip(page)
+        page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+        page.emulate_media(color_scheme="dark")
+        page.screenshot(path=str(SHOTS / f"{name}-dark.png"), full_page=True)
+        page.set_viewport_size({"width": 390, "height": 800})
+        page.screenshot(path=str(SHOTS / f"{name}-narrow.png"))
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")  # no sideways scroll
     assert_clean(page)

@@ -53,11 +53,11 @@ def test_top_k_equals_brute_force(tmp_path: Path, model_type: str) -> None:
     contexts, acts = brute_force_activations(model_dir, corpus)
     con = duckdb.connect(str(store), read_only=True)
     n_layers, n_neurons = acts[0].shape[0], acts[0].shape[2]
-    assert con.execute("SELECT count(*) FROM units").fetchone()[0] == n_layers * n_neurons
+    assert con.execute("SELECT count(*) FROM units WHERE source = 'mlp'").fetchone()[0] == n_layers * n_neurons
     stored = {(layer, unit): rows for layer, unit, rows in con.execute(
         "SELECT layer, unit, list({rank: rank, context_id: context_id, max_position: max_position, "
         "max_activation: max_activation, activations: activations} ORDER BY rank) "
-        "FROM examples GROUP BY layer, unit").fetchall()}
+        "FROM examples WHERE source = 'mlp' AND example_kind = 'top' GROUP BY layer, unit").fetchall()}
     stored_tokens = dict(con.execute("SELECT context_id, token_ids FROM contexts").fetchall())
     for layer in range(n_layers):
         for unit in range(n_neurons):

@@ -122,8 +122,10 @@
     var index = Array.prototype.indexOf.call(ctx.children, token);
     var value = activations(ctx)[index];
     var box = ensureTip();
+    // Colours, and so the percentage, are relative to the unit's max; in bottom examples to its min.
     var holder = ctx.closest(".examples");
-    var max = holder ? parseFloat(holder.getAttribute("data-max")) : NaN;
+    var relativeTo = holder && holder.hasAttribute("data-min") ? "min" : "max";
+    var scale = holder ? parseFloat(holder.getAttribute("data-" + relativeTo)) : NaN;
 
     box.textContent = "";
     var tok = document.createElement("div");
@@ -132,8 +134,8 @@
     var val = document.createElement("div");
     val.className = "val";
     var text = "activation " + formatValue(value);
-    if (max > 0 && typeof value === "number" && !isNaN(value)) {
-      text += " \u00b7 " + Math.round((100 * value) / max) + "% of max";
+    if ((relativeTo === "max" ? scale > 0 : scale < 0) && typeof value === "number" && !isNaN(value)) {
+      text += " \u00b7 " + Math.round((100 * value) / scale) + "% of " + relativeTo;
     }
     val.textContent = text;
     box.appendChild(tok);
@@ -231,7 +233,7 @@
       filter.addEventListener("input", function () {
         var q = filter.value.trim().toLowerCase();
         var byUnit = /^\d+$/.test(q);
-        if (!texts) texts = rows.map(function (row) { return row.cells[3].textContent.toLowerCase(); });
+        if (!texts) texts = rows.map(function (row) { return row.cells[row.cells.length - 1].textContent.toLowerCase(); });
         var n = 0;
         rows.forEach(function (row, i) {
           var hit = q === "" || (byUnit ? row.cells[0].textContent === q : texts[i].indexOf(q) !== -1);

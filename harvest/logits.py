@@ -1,0 +1,71 @@
+"""Logit effects: what each unit's output direction does to the logits when read straight through the unembedding.
+
+The direction is what the unit adds to the residual stream per unit of activation (a neuron's row of the MLP's
+output projection, a residual dimension's basis vector, a dictionary feature's decoder row, mapped through the
+output projection when the dictionary lives in neuron or head space), scaled by the final norm's gain, then
+multiplied by the unembedding. It ignores everything downstream (later layers, the norm's division by the
+residual's scale), so it says which tokens the direction points at, not what the unit causes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from featureatlas.harvest.architectures import Architecture, architecture_of, get_submodule, input_to_output_matrix
+from featureatlas.harvest.hooks import Hook, norm_gain
+from featureatlas.harvest.sources import UnitSource
+
+_CHUNK = 1024  # units per matmul against the whole vocabulary
+
+
+def output_directions(source: UnitSource, backbone: torch.nn.Module, arch: Architecture, d_model: int
+                      ) -> torch.Tensor | None:
+    """[units, d_model] in the residual stream, or None when the source's output space is not one we can map."""
+    if source.kind == "resid":
+        return torch.eye(d_model, device=next(backbone.parameters()).device)
+    if source.kind == "mlp":
+        return _to_residual(None, source.hook, backbone, arch)
+    assert source.dictionary is not None and source.output_hook is not None
+    return _to_residual(source.dictionary.decoder.float(), source.output_hook, backbone, arch)
+
+
+def _to_residual(vectors: torch.Tensor | None, hook: Hook, backbone: torch.nn.Module, arch: Architecture
+                 ) -> torch.Tensor | None:
+    """Vectors in the hook's space -> residual stream (None vectors: the space's own basis)."""
+    block = f"{arch.blocks}.{hook.layer}"
+    if hook.space == "residual":
+        return vectors
+    if hook.space == "neurons":
+        out = input_to_output_matrix(get_submodule(backbone, f"{block}.{arch.mlp_out_proj}")).float()
+        if arch.post_mlp_norm:
+            out = out * norm_gain(get_submodule(backbone, f"{block}.{arch.post_mlp_norm}"), out.shape[1])
+    elif hook.space == "heads":
+        out = input_to_output_matrix(get_submodule(backbone, f"{block}.{arch.attn_out_proj}")).float()
+    else:
+        return None
+    return out if vectors is None else vectors @ out
+
+
+def logit_effects(model: torch.nn.Module, source: UnitSource, n: int = 10
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(top ids, top effects, bottom ids, bottom effects), each [units, n]; None when not computable."""
+    backbone = model.base_model
+    arch = architecture_of(model.config.model_type)
+    unembed = model.get_output_embeddings()
+    if unembed is None:
+        return None
+    d_model = unembed.weight.shape[1]
+    directions = output_directions(source, backbone, arch, d_model)
+    if directions is None or directions.shape[1] != d_model:
+        return None
+    gain = norm_gain(get_submodule(backbone, arch.final_norm), d_model)
+    readout = (unembed.weight.detach().float() * gain).T  # [d_model, vocab]
+    n = min(n, readout.shape[1])
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, directions.shape[0], _CHUNK):
+            logits = directions[start:start + _CHUNK].float() @ readout
+            top = logits.topk(n, dim=1)
+            bottom = logits.topk(n, dim=1, largest=False)
+            parts.append((top.indices, top.values, bottom.indices, bottom.values))
+    return tuple(torch.cat([p[i] for p in parts]) for i in range(4))  # type: ignore[return-value]

@@ -1,0 +1,124 @@
+"""Uniform random samples of contexts per unit, by interval of the context's max: quantile and random examples.
+
+Each context has a seeded random key (batchview.sampling_keys); a bin's sample is the n contexts with the
+smallest keys among those whose max falls in it, which is a uniform sample without replacement that does not
+depend on the order contexts arrive in. Intervals split [0, W) into `n_bins` equal parts, where W is the
+smallest power of two above the unit's max so far; when the max outgrows W, W doubles and bins merge in pairs
+(the smallest keys of a union are among the smallest keys of its parts), so the final samples are exactly those
+of the final W, whatever the order. With n_bins = 1 the one bin is every context where the unit fires.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from featureatlas.harvest.batchview import BatchView
+
+_NO_KEY = torch.iinfo(torch.int64).max
+_NO_EXPONENT = -(2**20)  # W = 2^exponent; a unit that never fired has none
+
+
+class Reservoir:
+    def __init__(self, n_units: int, n_bins: int, per_bin: int, context_length: int, device: torch.device,
+                 activation_dtype: torch.dtype):
+        if n_bins > 1 and n_bins % 2:
+            raise ValueError("n_bins must be even, so that bins merge in pairs when the range doubles")
+        self.n_bins, self.per_bin = n_bins, per_bin
+        shape = (n_units, n_bins, per_bin)
+        self.exponent = torch.full((n_units,), _NO_EXPONENT, dtype=torch.int64, device=device)
+        self.keys = torch.full(shape, _NO_KEY, dtype=torch.int64, device=device)
+        self.context_ids = torch.full(shape, -1, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(shape, dtype=torch.int64, device=device)
+        self.values = torch.zeros(shape, device=device)
+        self.activations = torch.zeros((*shape, context_length), dtype=activation_dtype, device=device)
+
+    def update(self, acts: torch.Tensor, batch: BatchView) -> None:
+        """acts [batch, tokens, units]."""
+        scores = acts[:, batch.first_counted:]
+        if batch.padded:
+            scores = scores.masked_fill(~batch.counted[:, batch.first_counted:, None], float("-inf"))
+        context_max, argmax = scores.max(dim=1)                                   # [batch, units]
+        context_max = context_max.float()
+        fires = context_max > 0
+        if not bool(fires.any()):
+            return
+        if self.n_bins > 1:
+            self._grow(context_max.amax(dim=0))
+            bins = torch.ldexp(context_max, -self.exponent[None, :]).mul_(self.n_bins).floor_()
+            bins = bins.clamp_(0, self.n_bins - 1).long()
+        else:
+            bins = torch.zeros_like(argmax)
+        keys = batch.keys[:, None].expand_as(argmax)
+        # Candidates: contexts whose key beats the largest kept key of their unit's bin (few, once bins fill).
+        units = torch.arange(acts.shape[2], device=acts.device).expand_as(argmax)
+        worst = self.keys[units, bins].amax(dim=2)
+        rows, cols = (fires & (keys < worst)).nonzero(as_tuple=True)
+        unit, bin_, row = cols, bins[rows, cols], rows
+        key = keys[rows, cols]
+        # In round r every (unit, bin) takes its smallest remaining candidate; after per_bin rounds none is left
+        # that could still enter, so the loop is short whatever the batch size.
+        for _ in range(self.per_bin):
+            if unit.numel() == 0:
+                break
+            group = unit * self.n_bins + bin_
+            best = torch.full((acts.shape[2] * self.n_bins,), _NO_KEY, dtype=torch.int64, device=acts.device)
+            best.scatter_reduce_(0, group, key, "amin")
+            is_best = key == best[group]
+            u, b, r, k = unit[is_best], bin_[is_best], row[is_best], key[is_best]
+            kept_worst, slot = self.keys[u, b].max(dim=1)
+            enter = k < kept_worst
+            u, b, r, k, slot = u[enter], b[enter], r[enter], k[enter], slot[enter]
+            self.keys[u, b, slot] = k
+            self.context_ids[u, b, slot] = batch.context_ids[r]
+            self.positions[u, b, slot] = argmax[r, u] + batch.first_counted
+            self.values[u, b, slot] = context_max[r, u]
+            tokens = acts.shape[1]
+            self.activations[u, b, slot, :tokens] = acts[r, :, u].to(self.activations.dtype)
+            self.activations[u, b, slot, tokens:] = 0
+            unit, bin_, row, key = unit[~is_best], bin_[~is_best], row[~is_best], key[~is_best]
+
+    def _grow(self, batch_max: torch.Tensor) -> None:
+        """Raise W to the smallest power of two above each unit's max, merging bins in pairs per doubling."""
+        _, exponent = torch.frexp(batch_max)  # batch_max = m * 2^exponent with 0.5 <= m < 1: below 2^exponent
+        needed = torch.where(batch_max > 0, exponent.long(), _NO_EXPONENT)
+        grow = needed > self.exponent
+        if not bool(grow.any()):
+            return
+        units = grow.nonzero().squeeze(1)
+        fired_before = self.exponent[units] != _NO_EXPONENT
+        doublings = (needed[units] - self.exponent[units]).clamp(max=64)
+        self.exponent[units] = needed[units]
+        units, doublings = units[fired_before], doublings[fired_before]
+        while units.numel():
+            self._merge_pairs(units)
+            doublings -= 1
+            more = doublings > 0
+            units, doublings = units[more], doublings[more]
+
+    def _merge_pairs(self, units: torch.Tensor) -> None:
+        """Bins (2i, 2i+1) become bin i, keeping the smallest keys; the upper half becomes empty."""
+        n, half, per = units.numel(), self.n_bins // 2, self.per_bin
+        keys = self.keys[units].reshape(n, half, 2 * per)
+        order = keys.argsort(dim=2, stable=True)[:, :, :per]
+        for name in ("keys", "context_ids", "positions", "values"):
+            table = getattr(self, name)
+            merged = table[units].reshape(n, half, 2 * per).gather(2, order)
+            table[units] = torch.cat([merged, torch.full_like(merged, _empty(name))], dim=1)
+        acts = self.activations[units].reshape(n, half, 2 * per, -1)
+        merged = acts.gather(2, order[..., None].expand(-1, -1, -1, acts.shape[-1]))
+        self.activations[units] = torch.cat([merged, torch.zeros_like(merged)], dim=1)
+
+    def intervals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[units, n_bins] lower and upper edges of each bin (NaN for units that never fired)."""
+        width = torch.ldexp(torch.ones_like(self.exponent, dtype=torch.float32), self.exponent) / self.n_bins
+        width = torch.where(self.exponent == _NO_EXPONENT, float("nan"), width)
+        steps = torch.arange(self.n_bins, device=width.device)
+        return width[:, None] * steps, width[:, None] * (steps + 1)
+
+    def referenced_context_ids(self) -> torch.Tensor:
+        ids = self.context_ids.unique()
+        return ids[ids >= 0]
+
+
+def _empty(name: str) -> int:
+    return {"keys": _NO_KEY, "context_ids": -1}.get(name, 0)

@@ -1,0 +1,114 @@
+"""Per-unit statistics over every counted token: count, firing count, sum, sum of squares, min, max, histogram.
+
+Histogram bins are fixed (schema.sql's `histograms` view documents them): 4 an octave of |activation| from 2^-16
+to 2^16, each side of zero, read straight off the float's exponent and top two mantissa bits, so counting needs
+no search and histograms of shards simply add. Dense sources (neurons, residual dimensions) count every token of
+one context in `histogram_every`, chosen by the seeded sampling key; sparse ones (dictionary features) count
+every token, touching only the non-zero activations.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from featureatlas.harvest.batchview import BatchView
+
+HALF = 130                 # bins each side of zero; column HALF + b of the counts holds bin b
+N_BINS = 2 * HALF + 1
+_SHIFT_TO_CODE = 21        # float32 bits >> 21 = sign, 8 exponent bits, 2 mantissa bits
+_FIRST_CODE = 442          # code of 2^-16 is 444, which is bin 2
+
+
+def _code_table() -> torch.Tensor:
+    """(float32 bits >> 21) + 1024 -> histogram column."""
+    raw = torch.arange(2048) - 1024
+    negative = raw < 0
+    code = torch.where(negative, raw + 1024, raw)
+    magnitude = torch.where(code == 0, 0, (code - _FIRST_CODE).clamp(1, HALF))
+    return torch.where(negative, -magnitude, magnitude) + HALF
+
+
+_CODE_TABLE = _code_table()
+
+
+def histogram_columns(x: torch.Tensor) -> torch.Tensor:
+    """The histogram column of every value (int64, same shape)."""
+    if x.dtype == torch.bfloat16:  # bfloat16 is the top half of a float32: same code, 16 bits further right
+        codes = (x.view(torch.int16) >> (_SHIFT_TO_CODE - 16)).to(torch.int64)
+    else:
+        codes = (x.float().contiguous().view(torch.int32) >> _SHIFT_TO_CODE).to(torch.int64)
+    table = _CODE_TABLE if _CODE_TABLE.device == x.device else _CODE_TABLE.to(x.device)
+    return table[codes + 1024]
+
+
+class Statistics:
+    def __init__(self, n_units: int, device: torch.device, sparse: bool, histogram_every: int = 1):
+        self.sparse = sparse
+        self.histogram_every = 1 if sparse else histogram_every
+        self.n_tokens = 0
+        self.n_firing = torch.zeros(n_units, dtype=torch.int64, device=device)
+        self.sum = torch.zeros(n_units, dtype=torch.float64, device=device)
+        self.sum_squares = torch.zeros(n_units, dtype=torch.float64, device=device)
+        self.min = torch.full((n_units,), float("inf"), device=device)
+        self.max = torch.full((n_units,), float("-inf"), device=device)
+        self.counts = torch.zeros(N_BINS + 1, n_units, dtype=torch.int64, device=device)  # last row: not counted
+        self._ones = torch.ones(1, 1, dtype=torch.int64, device=device)
+
+    def update(self, acts: torch.Tensor, batch: BatchView) -> None:
+        """acts [batch, tokens, units]."""
+        self.n_tokens += batch.n_counted
+        x = acts[:, batch.first_counted:]
+        counted = batch.counted[:, batch.first_counted:]
+        if self.sparse:
+            self._update_sparse(x, counted)
+        else:
+            self._update_dense(x, counted, batch)
+
+    def _update_dense(self, x: torch.Tensor, counted: torch.Tensor, batch: BatchView) -> None:
+        if batch.padded:
+            x = x[counted][None]  # [1, counted tokens, units]
+        self.sum += x.sum(dim=(0, 1), dtype=torch.float32)
+        self.sum_squares += x.square().sum(dim=(0, 1), dtype=torch.float32)
+        self.n_firing += (x > 0).sum(dim=(0, 1))
+        torch.minimum(self.min, x.amin(dim=(0, 1)).float(), out=self.min)
+        torch.maximum(self.max, x.amax(dim=(0, 1)).float(), out=self.max)
+        rows = (batch.keys % self.histogram_every == 0).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return
+        columns = histogram_columns(x if batch.padded else x[rows])
+        if batch.padded:  # x was flattened to the counted tokens: keep those of the sampled rows
+            row_of_token = counted.nonzero()[:, 0]
+            keep = torch.isin(row_of_token, rows)
+            columns = torch.where(keep[None, :, None], columns, N_BINS)
+        columns = columns.reshape(-1, columns.shape[-1])
+        self.counts.scatter_add_(0, columns, self._ones.expand_as(columns))
+
+    def _update_sparse(self, x: torch.Tensor, counted: torch.Tensor) -> None:
+        """Only non-zero activations are touched; zeros are implied by n_tokens."""
+        if not bool(counted.all()):
+            x = x * counted[..., None]
+        rows, positions, units = x.nonzero(as_tuple=True)
+        values = x[rows, positions, units].float()
+        self.sum.index_add_(0, units, values.double())
+        self.sum_squares.index_add_(0, units, values.double().square())
+        self.n_firing.index_add_(0, units, (values > 0).long())
+        self.max.scatter_reduce_(0, units, values, "amax")
+        self.min.scatter_reduce_(0, units, values, "amin")
+        flat = histogram_columns(values) * self.counts.shape[1] + units
+        self.counts.view(-1).index_add_(0, flat, self._ones.view(1).expand_as(flat))
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        """Per-unit arrays for the store; a sparse source's zeros are every counted token it did not fire on."""
+        counts = self.counts[:N_BINS].T.clone()  # [units, bins]
+        minimum, maximum = self.min.clone(), self.max.clone()
+        if self.sparse:
+            zeros = self.n_tokens - counts.sum(dim=1)
+            counts[:, HALF] += zeros
+            has_zero = zeros > 0
+            minimum = torch.where(has_zero, minimum.clamp(max=0), minimum)
+            maximum = torch.where(has_zero, maximum.clamp(min=0), maximum)
+        seen = self.n_tokens > 0
+        nan = torch.tensor(float("nan"), device=minimum.device)
+        return {"n_firing": self.n_firing, "sum_activation": self.sum, "sum_squares": self.sum_squares,
+                "min_activation": minimum if seen else minimum * nan, "max_activation": maximum if seen else
+                maximum * nan, "counts": counts}
