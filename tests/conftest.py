@@ -41,14 +41,14 @@ class SourceSpec:
     signed: bool
     layers: tuple[int, ...]
     n_units: int
-    histogram_every: int = 1
+    histogram_every: int = 1  # as the harvest: neurons and residual dimensions sample contexts, features do not
 
 
 def source_specs(names: tuple[str, ...], n_layers: int, n_units: int) -> list[SourceSpec]:
     """MLP neurons and residual dimensions on every layer; the SAE, twice as wide, on the last layer only."""
-    specs = {"mlp": SourceSpec("mlp", "mlp", False, tuple(range(n_layers)), n_units),
-             "resid": SourceSpec("resid", "resid", True, tuple(range(n_layers)), n_units),
-             "sae:res": SourceSpec("sae:res", "sae", False, (n_layers - 1,), 2 * n_units, histogram_every=4)}
+    specs = {"mlp": SourceSpec("mlp", "mlp", False, tuple(range(n_layers)), n_units, histogram_every=8),
+             "resid": SourceSpec("resid", "resid", True, tuple(range(n_layers)), n_units, histogram_every=8),
+             "sae:res": SourceSpec("sae:res", "sae", False, (n_layers - 1,), 2 * n_units)}
     return [specs[name] for name in names]
 
 
