@@ -48,13 +48,21 @@ class Accumulators:
         self.random = Reservoir(n, 1, settings.random, context_length, device, dtype) if settings.random else None
 
     def update(self, acts: torch.Tensor, view: BatchView) -> None:
-        self.top.update(acts, view)
+        """Each context's max (and min) is taken once here and shared; positions are found only for contexts
+        that enter a list."""
+        x = acts[:, view.first_counted:]  # a view: no copy in the common case
+        high = low = x
+        if view.padded:
+            uncounted = ~view.counted[:, view.first_counted:, None]
+            high, low = x.masked_fill(uncounted, float("-inf")), x.masked_fill(uncounted, float("inf"))
+        context_max, context_min = high.amax(dim=1), low.amin(dim=1)
+        self.top.update(acts, view, context_max, high)
         if self.bottom is not None:
-            self.bottom.update(-acts, view)  # the most negative contexts are the top of the negation
-        self.statistics.update(acts, view)
+            self.bottom.update(acts, view, -context_min, low, largest=False)
+        self.statistics.update(acts, view, context_max, context_min)
         for reservoir in (self.quantiles, self.random):
             if reservoir is not None:
-                reservoir.update(acts, view)
+                reservoir.update(acts, view, context_max, high)
 
     def referenced_context_ids(self) -> torch.Tensor:
         parts = [self.top, self.bottom, self.quantiles, self.random]

@@ -32,12 +32,8 @@ class Reservoir:
         self.values = torch.zeros(shape, device=device)
         self.activations = torch.zeros((*shape, context_length), dtype=activation_dtype, device=device)
 
-    def update(self, acts: torch.Tensor, batch: BatchView) -> None:
-        """acts [batch, tokens, units]."""
-        scores = acts[:, batch.first_counted:]
-        if batch.padded:
-            scores = scores.masked_fill(~batch.counted[:, batch.first_counted:, None], float("-inf"))
-        context_max, argmax = scores.max(dim=1)                                   # [batch, units]
+    def update(self, acts: torch.Tensor, batch: BatchView, context_max: torch.Tensor, scores: torch.Tensor) -> None:
+        """acts [batch, tokens, units]; context_max [batch, units] and scores as for TopK.update."""
         context_max = context_max.float()
         fires = context_max > 0
         if not bool(fires.any()):
@@ -47,10 +43,10 @@ class Reservoir:
             bins = torch.ldexp(context_max, -self.exponent[None, :]).mul_(self.n_bins).floor_()
             bins = bins.clamp_(0, self.n_bins - 1).long()
         else:
-            bins = torch.zeros_like(argmax)
-        keys = batch.keys[:, None].expand_as(argmax)
+            bins = torch.zeros(context_max.shape, dtype=torch.int64, device=context_max.device)
+        keys = batch.keys[:, None].expand_as(bins)
         # Candidates: contexts whose key beats the largest kept key of their unit's bin (few, once bins fill).
-        units = torch.arange(acts.shape[2], device=acts.device).expand_as(argmax)
+        units = torch.arange(acts.shape[2], device=acts.device).expand_as(bins)
         worst = self.keys[units, bins].amax(dim=2)
         rows, cols = (fires & (keys < worst)).nonzero(as_tuple=True)
         unit, bin_, row = cols, bins[rows, cols], rows
@@ -70,7 +66,7 @@ class Reservoir:
             u, b, r, k, slot = u[enter], b[enter], r[enter], k[enter], slot[enter]
             self.keys[u, b, slot] = k
             self.context_ids[u, b, slot] = batch.context_ids[r]
-            self.positions[u, b, slot] = argmax[r, u] + batch.first_counted
+            self.positions[u, b, slot] = scores[r, :, u].argmax(dim=1) + batch.first_counted
             self.values[u, b, slot] = context_max[r, u]
             tokens = acts.shape[1]
             self.activations[u, b, slot, :tokens] = acts[r, :, u].to(self.activations.dtype)

@@ -214,10 +214,9 @@ def write_source(store: StoreWriter, model: str, source: UnitSource, acc: Accumu
                     sum_squares=stats["sum_squares"], n_examples=(acc.top.context_ids >= 0).sum(dim=1).cpu().numpy())
     store.add_histograms(model, source.name, source.layer, stats["counts"])
     rows = partial(_write_examples, store, model, source, lengths)
-    rows("top", acc.top.values, acc.top.context_ids, acc.top.positions, acc.top.activations(), sign=1)
+    rows("top", acc.top.values, acc.top.context_ids, acc.top.positions, acc.top.activations())
     if acc.bottom is not None:
-        rows("bottom", acc.bottom.values, acc.bottom.context_ids, acc.bottom.positions, acc.bottom.activations(),
-             sign=-1)
+        rows("bottom", -acc.bottom.values, acc.bottom.context_ids, acc.bottom.positions, acc.bottom.activations())
     for kind, reservoir in (("quantile", acc.quantiles), ("random", acc.random)):
         if reservoir is None:
             continue
@@ -226,7 +225,7 @@ def write_source(store: StoreWriter, model: str, source: UnitSource, acc: Accumu
         lo, hi = reservoir.intervals() if kind == "quantile" else (None, None)
         rows(kind, take(reservoir.values), take(reservoir.context_ids), take(reservoir.positions),
              _gather_last(order[..., None].expand_as(reservoir.activations), reservoir.activations, dim=2),
-             sign=1, interval=(lo, hi) if lo is not None else None)
+             interval=(lo, hi) if lo is not None else None)
 
 
 def _gather_last(order: torch.Tensor, table: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -235,21 +234,20 @@ def _gather_last(order: torch.Tensor, table: torch.Tensor, dim: int = -1) -> tor
 
 def _write_examples(store: StoreWriter, model: str, source: UnitSource, lengths: _ContextLengths, kind: str,
                     values: torch.Tensor, context_ids: torch.Tensor, positions: torch.Tensor,
-                    activations: torch.Tensor, sign: int,
-                    interval: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                    activations: torch.Tensor, interval: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """values/context_ids/positions [units, ..., n] in rank order per group; activations [..., n, width]."""
     ids = context_ids.cpu().numpy()
     filled = ids >= 0
     index = np.nonzero(filled)
     ranks = np.cumsum(filled, axis=-1)[index]
-    acts = activations.float().cpu().numpy()[index] * sign
+    acts = activations.float().cpu().numpy()[index]
     lo = hi = None
     if interval is not None:  # [units, bins] -> one per example
         lo = interval[0].cpu().numpy()[index[:-1]]
         hi = interval[1].cpu().numpy()[index[:-1]]
     store.add_examples(model, source.name, source.layer, kind, units=index[0], ranks=ranks,
                        context_ids=ids[index], positions=positions.cpu().numpy()[index],
-                       values=values.float().cpu().numpy()[index] * sign, activations=acts,
+                       values=values.float().cpu().numpy()[index], activations=acts,
                        context_lengths=lengths(ids[index]), interval_lo=lo, interval_hi=hi)
 
 

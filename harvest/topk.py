@@ -28,15 +28,13 @@ class TopK:
         self.slots = torch.arange(k, device=device).repeat(n_units, 1)
         self.slot_activations = torch.zeros((n_units, k, context_length), dtype=activation_dtype, device=device)
 
-    def update(self, acts: torch.Tensor, view: BatchView) -> None:
+    def update(self, acts: torch.Tensor, view: BatchView, context_max: torch.Tensor, scores: torch.Tensor,
+               largest: bool = True) -> None:
         """acts [batch, tokens, units]; the batch's context ids are increasing, all larger than any seen before.
-        No position before view.first_counted counts, and without padding no other position needs masking."""
+        scores: acts from view.first_counted on, uncounted positions masked to the losing extreme; context_max
+        [batch, units]: each context's score (its max, or minus its min when largest is False, for bottom-k)."""
         batch, tokens, _ = acts.shape
         k, first_counted, context_ids = self.k, view.first_counted, view.context_ids
-        scores = acts[:, first_counted:]  # a view: no copy in the common case
-        if view.padded:
-            scores = scores.masked_fill(~view.counted[:, first_counted:, None], float("-inf"))
-        context_max = scores.amax(dim=1)                                        # [batch, units], exact
         # Only units whose best context in this batch beats their current k-th score can change; a tie with
         # the k-th score loses to it because every kept context has a lower id.
         units = (context_max.amax(dim=0).float() > self.values[:, -1]).nonzero().squeeze(1)
@@ -63,7 +61,8 @@ class TopK:
         entering_acts = acts[entering_rows, :, entering_units]                  # [m, tokens]
         entering_scores = scores[entering_rows, :, entering_units]
         positions = self.positions[units].gather(1, order.clamp(max=k - 1))
-        positions[rows, ranks] = entering_scores.argmax(dim=1) + first_counted
+        extreme = entering_scores.argmax(dim=1) if largest else entering_scores.argmin(dim=1)  # first one reaching it
+        positions[rows, ranks] = extreme + first_counted
         self.positions[units] = positions
         width = self.slot_activations.shape[2]
         if tokens < width:

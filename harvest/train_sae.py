@@ -53,7 +53,7 @@ class TrainResult:
     k: int
     fvu: float  # fraction of variance unexplained on the held-out rows
     l0: float  # mean number of non-zero features per held-out row
-    dead_fraction: float  # fraction of features that are zero on every held-out row
+    dead_fraction: float  # fraction of features that are zero on every held-out row (encode_topk's output)
     steps: int
     seconds: float
     config: TrainConfig | None = None  # the config with every default resolved (steps, lr, auxk)
@@ -83,9 +83,11 @@ def decode(z: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.T
 def train_topk_sae(activations: torch.Tensor, config: TrainConfig, progress: bool = True) -> TrainResult:
     """Train on activations [n_tokens, d_in], already collected from the model.
 
-    The last 10% of the rows (at least 500) are held out for the reported metrics: in corpus order they come from
-    other documents than the training rows, so the metrics are not flattered by near-duplicate neighbours.
-    Deterministic for a given seed (on a given machine and thread count)."""
+    The last 10% of the rows (at least 500) are held out for the reported metrics, not a random 10%: in corpus
+    order they come from later contexts and documents than the training rows, so neighbouring tokens of one
+    context cannot flatter the metrics. Deterministic for a given seed (on a given machine and thread count).
+    Rows with massive activations (attention sinks, hundreds of times the typical norm) dominate both the MSE
+    and the FVU when present: drop them before calling if the typical token is what matters."""
     if activations.ndim != 2:
         raise ValueError(f"activations must be [n_tokens, d_in], got shape {tuple(activations.shape)}")
     n_rows, d_in = activations.shape
@@ -95,6 +97,8 @@ def train_topk_sae(activations: torch.Tensor, config: TrainConfig, progress: boo
         raise ValueError(f"too few activation vectors to train an SAE: {n_rows}")
     if not 0 < config.k <= config.n_features:
         raise ValueError(f"k must be in 1..n_features ({config.n_features}), got {config.k}")
+    if config.batch_size < 1 or (config.steps or 0) < 0:
+        raise ValueError(f"batch_size must be positive and steps not negative: {config}")
     if not bool(torch.isfinite(activations).all()):
         raise ValueError("activations contain NaN or infinite values")
     batch_size = min(config.batch_size, n_train)

@@ -12,6 +12,7 @@ from featureatlas.harvest.train_sae import (
     REPORT_FILENAME,
     TrainConfig,
     TrainResult,
+    _Chosen,
     decode,
     encode_topk,
     save_saelens_folder,
@@ -67,6 +68,23 @@ def test_learns_sparse_data_and_reports_heldout_metrics(data: torch.Tensor, trai
     error = (heldout - decode(z, trained.W_dec, trained.b_dec)).pow(2).sum()
     assert error / (heldout - heldout.mean(0)).pow(2).sum() == pytest.approx(trained.fvu, rel=1e-4)
     assert trained.dead_fraction == pytest.approx(1 - (z > 0).any(0).float().mean().item())
+
+
+def test_sparse_backward_equals_autograd() -> None:
+    """The trainer's hand-written gradient of the chosen pre-activations is autograd's dense one."""
+    gen = torch.Generator().manual_seed(0)
+    x, upstream = torch.randn(64, 16, generator=gen), torch.randn(64, 5, generator=gen)
+    grads = []
+    for sparse in (True, False):
+        W_enc = torch.randn(16, 40, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        bias = torch.randn(40, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        pre = torch.addmm(bias, x, W_enc)
+        indices = pre.detach().topk(5, dim=-1).indices
+        chosen = _Chosen.apply(pre.detach(), indices, x, W_enc, bias) if sparse else pre.gather(1, indices)
+        (chosen * upstream).sum().backward()
+        grads.append((chosen.detach(), W_enc.grad, bias.grad))
+    for ours, reference in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, reference)
 
 
 def test_same_seed_same_weights(data: torch.Tensor) -> None:
