@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-DEMO_TOKENS = 40_000
+DEMO_TOKENS = 60_000
 DEMO_SAE_LAYER = 15
 DEMO_SAE_FEATURES = 4096
 DEMO_SAE_TOKENS = 40_000
@@ -35,7 +35,7 @@ def _harvest_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
         p.add_argument("--sae", action="append", default=[], metavar="[NAME=]PATH",
                        help="a dictionary folder to harvest: SAELens (cfg.json + sae_weights.safetensors) or "
                             "sparsify (cfg.json + sae.safetensors, or a run folder of them); repeatable")
-    p.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="contexts per forward pass (default: %(default)s)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="auto: bfloat16 on CUDA and on CPUs with AVX-512 BF16, else float32 (default: %(default)s)")

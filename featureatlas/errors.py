@@ -11,6 +11,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from featureatlas.build.site import SiteError
     from featureatlas.harvest.architectures import UnsupportedModelError
     from featureatlas.harvest.corpus import CorpusError
+    from featureatlas.harvest.dictionaries import DictionaryError
     from featureatlas.harvest.models import ModelLoadError
     from featureatlas.store.schema import StoreError
-    return (UsageError, UnsupportedModelError, CorpusError, ModelLoadError, StoreError, SiteError)
+    return (UsageError, UnsupportedModelError, CorpusError, DictionaryError, ModelLoadError, StoreError, SiteError)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from featureatlas.errors import UsageError
-from featureatlas.harvest.architectures import Architecture, architecture_of, get_submodule
+from featureatlas.harvest.architectures import Architecture, UnsupportedModelError, architecture_of, get_submodule
 
 _TL_NAME = re.compile(r"blocks\.(\d+)\.(.+)")
 
@@ -60,14 +60,12 @@ def resolve_hook(name: str, backbone: torch.nn.Module, model_type: str, reads: s
         raise UsageError(f"hook {name!r}: not a module inside one of the {n_layers} blocks "
                          f"({prefix}0 … {prefix}{n_layers - 1}) of this {model_type} model")
     try:
-        module = get_submodule(backbone, name)
-    except Exception:
+        get_submodule(backbone, name)
+    except UnsupportedModelError:
         raise UsageError(f"hook {name!r}: this {model_type} model has no such module") from None
     layer = int(match.group(1))
-    block_like = name == f"{prefix}{layer}"
-    space = "residual" if block_like or (reads == "output" and name == f"{prefix}{layer}.{arch.mlp}") else "other"
-    del module
-    return Hook(name, layer, name, reads, space)
+    writes_residual = name == f"{prefix}{layer}" or (reads == "output" and name == f"{prefix}{layer}.{arch.mlp}")
+    return Hook(name, layer, name, reads, "residual" if writes_residual else "other")
 
 
 def _resolve_transformer_lens(name: str, arch: Architecture, backbone: torch.nn.Module, n_layers: int) -> Hook:

@@ -44,7 +44,7 @@ class HarvestConfig:
     layers: str | None = None            # MLP neurons of these layers ('none': no neurons)
     resid: str | None = None             # residual-stream dimensions of these layers (None: none)
     saes: list[str] = field(default_factory=list)  # dictionary folders, each PATH or NAME=PATH
-    batch_size: int = 16
+    batch_size: int = 64
     device: str = "auto"
     dtype: str = "auto"
     text_field: str = "text"

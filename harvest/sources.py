@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from featureatlas.errors import UsageError
-from featureatlas.harvest.architectures import architecture_of, blocks_of, neurons_of
+from featureatlas.harvest.architectures import architecture_of, neurons_of
 from featureatlas.harvest.hooks import Hook, resolve_hook
 
 if TYPE_CHECKING:
@@ -78,14 +77,6 @@ def dictionary_sources(dictionaries: list[tuple[str, Dictionary]], backbone: tor
     return sources
 
 
-def dictionary_name(path: Path, taken: set[str]) -> str:
-    """A short source name from the folder: its own name, or parent/name when that is taken."""
-    name = path.name
-    if name in taken:
-        name = f"{path.parent.name}/{path.name}"
-    return name
-
-
 def parse_layers(spec: str | None, n_layers: int, option: str = "--layers") -> list[int]:
     """'0,5,10-12' -> [0, 5, 10, 11, 12]; None or 'all' -> every layer."""
     if spec is None or spec.strip() in ("", "all"):
@@ -105,5 +96,3 @@ def parse_layers(spec: str | None, n_layers: int, option: str = "--layers") -> l
         layers.update(range(first, last + 1))
     return sorted(layers)
 
-
-__all__ = ["UnitSource", "blocks_of", "dictionary_sources", "mlp_sources", "parse_layers", "resid_sources"]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
+import torch
 import transformers
 
 from featureatlas.cli import main
@@ -56,6 +57,12 @@ def test_harvest_then_info(tiny, tmp_path: Path, capsys) -> None:
     ("layers_garbage", "is not a layer number"),
     ("out_folder_missing", "does not exist"),
     ("unsupported_architecture", "model type 'bloom' is not supported"),
+    ("resid_out_of_range", "--resid '3': '3' is out of range"),
+    ("odd_intervals", "--intervals must be even"),
+    ("sae_not_a_dictionary", "cfg.json"),
+    ("sae_for_another_width", "d_in is 24, but blocks.1.hook_resid_post of this model is 32 wide"),
+    ("sae_hook_out_of_range", "layer 7 is out of range"),
+    ("sae_hook_unknown", "not a hook featureatlas reads"),
 ])
 def test_bad_input_gets_one_clear_line(tiny, tmp_path: Path, capsys, case: str, expected: str) -> None:
     model, corpus = tiny
@@ -97,10 +104,52 @@ def test_bad_input_gets_one_clear_line(tiny, tmp_path: Path, capsys, case: str, 
         transformers.AutoModelForCausalLM.from_config(transformers.BloomConfig(
             vocab_size=300, hidden_size=16, n_layer=1, n_head=2)).save_pretrained(model)
         tiny_tokenizer().save_pretrained(model)
+    elif case == "resid_out_of_range":
+        extra = ["--resid", "3"]
+    elif case == "odd_intervals":
+        extra = ["--intervals", "5"]
+    elif case == "sae_not_a_dictionary":
+        (tmp_path / "notes").mkdir()
+        extra = ["--sae", str(tmp_path / "notes")]
+    elif case.startswith("sae_"):
+        d_in, hook = {"sae_for_another_width": (24, "blocks.1.hook_resid_post"),
+                      "sae_hook_out_of_range": (32, "blocks.7.hook_resid_post"),
+                      "sae_hook_unknown": (32, "blocks.1.hook_resid_sideways")}[case]
+        extra = ["--sae", str(random_sae(tmp_path / "sae", d_in, hook))]
     code, message = run(capsys, *harvest_args(model, corpus, out, *extra))
     assert code == 2
     assert message.startswith("featureatlas harvest: error: ") and expected in message, message
     assert_nothing_written(tmp_path)
+
+
+def random_sae(folder: Path, d_in: int, hook: str) -> Path:
+    """A small top-k SAE folder in SAELens's format with random weights."""
+    from featureatlas.harvest.train_sae import TrainResult, save_saelens_folder
+    g = torch.Generator().manual_seed(0)
+    w = torch.nn.functional.normalize(torch.randn(40, d_in, generator=g), dim=1)
+    result = TrainResult(W_enc=w.T.clone(), b_enc=torch.zeros(40), W_dec=w, b_dec=torch.zeros(d_in), k=4, fvu=1.0,
+                         l0=4.0, dead_fraction=0.0, steps=0, seconds=0.0)
+    return save_saelens_folder(result, folder, hook_name=hook, model_name="tiny", context_size=16, prepend_bos=True,
+                               dataset_path="corpus")
+
+
+def test_train_sae_then_harvest_its_features(tiny, tmp_path: Path, capsys) -> None:
+    model, corpus = tiny
+    sae = tmp_path / "sae"
+    assert main(["train-sae", "--model", str(model), "--corpus", str(corpus), "--hook", "blocks.1.hook_resid_post",
+                 "--out", str(sae), "--features", "64", "--k", "4", "--tokens", "1200", "--steps", "30",
+                 "--context-length", "16"]) == 0
+    report = capsys.readouterr().out
+    assert "variance unexplained" in report and "L0 4.0" in report and "dead" in report
+    assert (sae / "cfg.json").is_file() and (sae / "sae_weights.safetensors").is_file()
+    code, message = run(capsys, "train-sae", "--model", str(model), "--corpus", str(corpus), "--hook",
+                        "blocks.1.hook_resid_post", "--out", str(sae))
+    assert code == 2 and "already exists" in message  # a finished SAE is never silently replaced
+    out = tmp_path / "s.duckdb"
+    assert main([str(a) for a in harvest_args(model, corpus, out, "--layers", "none", "--sae", f"mine={sae}")]) == 0
+    con = duckdb.connect(str(out), read_only=True)
+    assert con.execute("SELECT source, layer, n_units, architecture FROM sources").fetchall() == [
+        ("sae:mine", 1, 64, "topk")]
 
 
 def test_store_of_another_schema_version_is_refused(tiny, tmp_path: Path, capsys) -> None:
