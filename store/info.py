@@ -15,10 +15,13 @@ def describe(path: Path) -> str:
             "finished_at FROM runs ORDER BY run_id").fetchall():
         lines.append(f"run: {model} over {corpus}: {n_tokens:,} tokens in {n_contexts:,} contexts of {ctx_len}, "
                      f"top {k}, {dtype} on {device}, {tps:,.0f} tokens/s, finished {finished:%Y-%m-%d %H:%M}")
-    for model, source, n_layers, lo, hi, n_units in con.execute(
-            "SELECT model, source, count(*), min(layer), max(layer), sum(n_units) FROM sources "
-            "GROUP BY model, source ORDER BY model, source").fetchall():
-        lines.append(f"source: {model} / {source}: {n_units:,} units in {n_layers} layers ({lo}-{hi})")
+    for model, source, n_layers, lo, hi, n_units, architecture, hook in con.execute(
+            "SELECT model, source, count(*), min(layer), max(layer), sum(n_units), any_value(architecture), "
+            "any_value(hook_name) FROM sources GROUP BY model, source ORDER BY model, source").fetchall():
+        what = f" ({architecture} on {hook})" if architecture else ""
+        lines.append(f"source: {model} / {source}{what}: {n_units:,} units in {n_layers} layers ({lo}-{hi})")
+    kinds = con.execute("SELECT example_kind, count(*) FROM examples GROUP BY ALL ORDER BY ALL").fetchall()
+    lines.append("examples: " + ", ".join(f"{n:,} {kind}" for kind, n in kinds))
     for name in ("units", "examples", "contexts", "documents"):
         lines.append(f"{name}: {con.execute(f'SELECT count(*) FROM {name}').fetchone()[0]:,} rows")
     con.close()
