@@ -8,7 +8,7 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from featureatlas.atomic import remove_stale_temps, temp_path_beside
+from featureatlas.atomic import remove_stale_temps, replace_folder, temp_path_beside
 
 MARKER = ".featureatlas-site"
 
@@ -65,17 +65,4 @@ def write_marker(site_dir: Path, store_path: Path) -> None:
 def publish(staging: Path, out_dir: Path) -> None:
     """Move the finished site into place, replacing an earlier site (or an empty folder) at out_dir."""
     check_target(out_dir)  # it may have changed during the build
-    old = None
-    if out_dir.exists():
-        old = temp_path_beside(out_dir, "old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out_dir, old)
-    try:
-        os.replace(staging, out_dir)
-    except OSError:
-        if old is not None:
-            os.replace(old, out_dir)  # put the previous site back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_folder(staging, out_dir)

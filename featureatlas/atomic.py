@@ -17,6 +17,23 @@ def temp_path_beside(target: Path, kind: str = "partial") -> Path:
     return target.with_name(f".{target.name}.{os.getpid()}.{kind}")
 
 
+def replace_folder(staging: Path, target: Path) -> None:
+    """Move a finished folder into place, replacing an earlier one; if the move fails the earlier one stays."""
+    old = None
+    if target.exists():
+        old = temp_path_beside(target, "old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    try:
+        os.replace(staging, target)
+    except OSError:
+        if old is not None:
+            os.replace(old, target)  # put the previous folder back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def remove_stale_temps(target: Path) -> None:
     """Delete `.NAME.PID.*` files and folders beside target whose process is gone (POSIX only)."""
     if os.name != "posix" or not target.parent.is_dir():  # os.kill(pid, 0) only probes on POSIX

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from featureatlas.atomic import remove_stale_temps, temp_path_beside
+from featureatlas.atomic import remove_stale_temps, replace_folder, temp_path_beside
 
 SAELENS_FORMAT_VERSION = "6.54.12"  # the SAELens release whose saved layout we write (and test against)
 REPORT_FILENAME = "featureatlas_training.json"
@@ -264,25 +263,12 @@ def save_saelens_folder(result: TrainResult, folder: Path, *, hook_name: str, mo
     staging = temp_path_beside(folder)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    old = None
     try:
         save_file({name: t.detach().float().contiguous().cpu() for name, t in tensors.items()},
                   str(staging / "sae_weights.safetensors"))
         (staging / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
         (staging / REPORT_FILENAME).write_text(json.dumps(report, indent=2) + "\n")
-        if folder.exists():
-            old = temp_path_beside(folder, "old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-        try:
-            os.replace(staging, folder)
-        except OSError:
-            if old is not None:
-                os.replace(old, folder)  # put the previous folder back
-                old = None
-            raise
+        replace_folder(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return folder
