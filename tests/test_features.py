@@ -243,3 +243,44 @@ def test_dictionary_features_are_saelens_encode_of_the_hooked_tensor(tmp_path: P
             assert stored.get((source, layer, unit), []) == [(c, p) for _, c, p in scores], (source, unit)
             assert firing[f"{source}/{unit}"] == sum(int((f[1:, unit] > 0).sum()) for f in features[name])
     assert con.execute("SELECT count(*) FROM logit_effects WHERE source = 'transcoder:tc'").fetchone()[0] == 40 * 2 * 10
+
+
+def test_sparsify_run_folder_reads_module_outputs_and_transcoder_inputs(tmp_path: Path) -> None:
+    """An SAE on `layers.0` (the block's output) and a transcoder on `layers.2.mlp` (reads the MLP's input)."""
+    from test_dictionaries import sparsify_folder, sparsify_reference
+
+    model_dir = save_tiny_model("llama", tmp_path / "model")
+    corpus = write_corpus(tmp_path / "corpus")
+    run = tmp_path / "run"
+    sparsify_folder(run / "layers.0", seed=1, d_in=32, num_latents=40, k=4)
+    sparsify_folder(run / "layers.2.mlp", seed=2, d_in=32, num_latents=40, k=4, transcode=True)
+    store = tmp_path / "store.duckdb"
+    harvest(HarvestConfig(model=str(model_dir), corpus=corpus, out=store, context_length=CONTEXT_LENGTH, top_k=K,
+                          batch_size=4, dtype="float32", device="cpu", progress=False, layers="none",
+                          saes=[f"sp={run}"]))
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    seen: dict[str, torch.Tensor] = {}
+    model.base_model.layers[0].register_forward_hook(lambda m, a, out: seen.update(
+        sae=out[0] if isinstance(out, tuple) else out))
+    model.base_model.layers[2].mlp.register_forward_pre_hook(lambda m, a: seen.update(tc=a[0]))
+    contexts, _ = run_contexts_alone(model_dir, corpus)
+    features: dict[str, list[np.ndarray]] = {"sae": [], "tc": []}
+    with torch.no_grad():
+        for ids in contexts:
+            model(torch.tensor([ids]))
+            features["sae"].append(sparsify_reference(run / "layers.0", seen["sae"][0]).numpy())
+            features["tc"].append(sparsify_reference(run / "layers.2.mlp", seen["tc"][0]).numpy())
+    con = duckdb.connect(str(store), read_only=True)
+    assert con.execute("SELECT source, layer, hook, architecture FROM sources ORDER BY layer").fetchall() == [
+        ("sae:sp/layers.0", 0, "layers.0:output", "topk"),
+        ("transcoder:sp/layers.2.mlp", 2, "layers.2.mlp:input", "topk_transcoder")]
+    stored = per_unit(con, "SELECT source, layer, unit, list((max_activation, context_id) ORDER BY rank) "
+                           "FROM examples WHERE example_kind = 'top' GROUP BY ALL")
+    for name, source, layer in (("sae", "sae:sp/layers.0", 0), ("tc", "transcoder:sp/layers.2.mlp", 2)):
+        for unit in range(40):
+            scores = sorted((-float(f[1:, unit].max()), cid) for cid, f in enumerate(features[name]))[:K]
+            got = stored[(source, layer, unit)]
+            np.testing.assert_allclose([v for v, _ in got], [-s for s, _ in scores], rtol=1e-5, atol=1e-6)
+            for rank, ((value, cid), (_, expected)) in enumerate(zip(got, scores, strict=True)):
+                near_tie = any(abs(value - other) < 1e-5 for j, (other, _) in enumerate(got) if j != rank)
+                assert cid == expected or near_tie, (source, unit)  # the corpus repeats itself: equal contexts
