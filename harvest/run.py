@@ -6,7 +6,6 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,10 +20,10 @@ from featureatlas.errors import UsageError
 from featureatlas.harvest.architectures import blocks_of
 from featureatlas.harvest.contexts import Context, DocumentInfo, display_tokens, iter_batches, iter_contexts
 from featureatlas.harvest.corpus import CorpusError, corpus_files, iter_documents
-from featureatlas.harvest.harvester import Accumulators, Harvester, Settings, check_widths
-from featureatlas.harvest.logits import logit_effects
+from featureatlas.harvest.harvester import Harvester, Settings, check_widths
 from featureatlas.harvest.models import ModelRef, load_model, pick_device, pick_dtype, resolve_model
 from featureatlas.harvest.sources import UnitSource, dictionary_sources, mlp_sources, parse_layers, resid_sources
+from featureatlas.harvest.write import ContextLengths, write_logits, write_source, write_vocabulary
 from featureatlas.store.writer import StoreWriter, check_writable_target
 
 if TYPE_CHECKING:
@@ -155,20 +154,15 @@ def harvest(config: HarvestConfig, loaded: tuple[PreTrainedModel, PreTrainedToke
         _write_documents(store, documents)
         kept = _only(kept, harvester.referenced_context_ids())
         _write_contexts(store, tokenizer, kept)
-        lengths = _ContextLengths(kept)
-        vocabulary: set[int] = set()
-        for source, acc in zip(harvester.sources, harvester.accumulators, strict=True):
-            write_source(store, ref.display_name, source, acc, harvester.settings, lengths)
-            effects = logit_effects(model, source, config.logits) if config.logits else None
-            if effects is not None:
-                top_ids, top_values, bottom_ids, bottom_values = (t.cpu().numpy() for t in effects)
-                store.add_logits(ref.display_name, source.name, source.layer, "top", top_ids, top_values)
-                store.add_logits(ref.display_name, source.name, source.layer, "bottom", bottom_ids, bottom_values)
-                vocabulary.update(np.unique(top_ids).tolist(), np.unique(bottom_ids).tolist())
-        if vocabulary:
-            ids = sorted(vocabulary)
-            store.add_vocabulary(ref.display_name, np.array(ids), tokenizer.batch_decode(
-                [[i] for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False))
+        lengths = ContextLengths(kept)
+        token_ids: set[int] = set()
+        with tqdm.tqdm(total=sum(s.n_units for s in sources), unit="unit", unit_scale=True, desc="store",
+                       disable=not config.progress, dynamic_ncols=True) as bar:
+            for source, acc in zip(harvester.sources, harvester.accumulators, strict=True):
+                write_source(store, ref.display_name, source, acc, lengths)
+                token_ids |= write_logits(store, ref.display_name, model, source, config.logits)
+                bar.update(source.n_units)
+        write_vocabulary(store, ref.display_name, tokenizer, token_ids)
         mlp_layers = sorted({s.layer for s in sources if s.kind == "mlp"})
         store.add_run(
             run_id=1, model=ref.display_name, model_ref=config.model, model_type=model.config.model_type,
@@ -181,74 +175,6 @@ def harvest(config: HarvestConfig, loaded: tuple[PreTrainedModel, PreTrainedToke
             tokens_per_second=n_tokens / seconds)
         n_units = sum(s.n_units for s in harvester.sources)
     return HarvestSummary(Path(config.out), n_units, n_tokens, n_contexts, seconds, n_tokens / seconds)
-
-
-class _ContextLengths:
-    """Token count of each kept context, looked up for whole arrays of ids at once."""
-
-    def __init__(self, kept: dict[int, Context]):
-        self.ids = np.array(sorted(kept), dtype=np.int64)
-        self.lengths = np.array([len(kept[i].token_ids) for i in self.ids.tolist()], dtype=np.int64)
-
-    def __call__(self, context_ids: np.ndarray) -> np.ndarray:
-        """Every id asked for is kept (examples only reference kept contexts)."""
-        return self.lengths[np.searchsorted(self.ids, context_ids)]
-
-
-def write_source(store: StoreWriter, model: str, source: UnitSource, acc: Accumulators, settings: Settings,
-                 lengths: _ContextLengths) -> None:
-    """One source's row, its units' statistics and histograms, and every kind of example."""
-    dictionary = source.dictionary
-    store.add_source(
-        model, source.name, source.layer, source.n_units, source.hook.description, kind=source.kind,
-        hook_name=source.hook.name, signed=source.signed, histogram_every=acc.statistics.histogram_every,
-        hook_out_name=dictionary.hook_out_name if dictionary is not None else None,
-        dictionary_path=str(dictionary.path) if dictionary is not None else None,
-        dictionary_format=dictionary.format if dictionary is not None else None,
-        architecture=dictionary.architecture if dictionary is not None else None,
-        config=dictionary.config if dictionary is not None else None)
-    stats = {name: t.cpu().numpy() for name, t in acc.statistics.finish().items()}
-    store.add_units(model, source.name, source.layer, max_activation=stats["max_activation"],
-                    min_activation=stats["min_activation"], n_tokens=acc.statistics.n_tokens,
-                    n_firing=stats["n_firing"], sum_activation=stats["sum_activation"],
-                    sum_squares=stats["sum_squares"], n_examples=(acc.top.context_ids >= 0).sum(dim=1).cpu().numpy())
-    store.add_histograms(model, source.name, source.layer, stats["counts"])
-    rows = partial(_write_examples, store, model, source, lengths)
-    rows("top", acc.top.values, acc.top.context_ids, acc.top.positions, acc.top.activations())
-    if acc.bottom is not None:
-        rows("bottom", -acc.bottom.values, acc.bottom.context_ids, acc.bottom.positions, acc.bottom.activations())
-    for kind, reservoir in (("quantile", acc.quantiles), ("random", acc.random)):
-        if reservoir is None:
-            continue
-        order = reservoir.keys.argsort(dim=2)  # within a bin, in sample order
-        take = partial(_gather_last, order)
-        lo, hi = reservoir.intervals() if kind == "quantile" else (None, None)
-        rows(kind, take(reservoir.values), take(reservoir.context_ids), take(reservoir.positions),
-             _gather_last(order[..., None].expand_as(reservoir.activations), reservoir.activations, dim=2),
-             interval=(lo, hi) if lo is not None else None)
-
-
-def _gather_last(order: torch.Tensor, table: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    return table.gather(dim, order)
-
-
-def _write_examples(store: StoreWriter, model: str, source: UnitSource, lengths: _ContextLengths, kind: str,
-                    values: torch.Tensor, context_ids: torch.Tensor, positions: torch.Tensor,
-                    activations: torch.Tensor, interval: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-    """values/context_ids/positions [units, ..., n] in rank order per group; activations [..., n, width]."""
-    ids = context_ids.cpu().numpy()
-    filled = ids >= 0
-    index = np.nonzero(filled)
-    ranks = np.cumsum(filled, axis=-1)[index]
-    acts = activations.float().cpu().numpy()[index]
-    lo = hi = None
-    if interval is not None:  # [units, bins] -> one per example
-        lo = interval[0].cpu().numpy()[index[:-1]]
-        hi = interval[1].cpu().numpy()[index[:-1]]
-    store.add_examples(model, source.name, source.layer, kind, units=index[0], ranks=ranks,
-                       context_ids=ids[index], positions=positions.cpu().numpy()[index],
-                       values=values.float().cpu().numpy()[index], activations=acts,
-                       context_lengths=lengths(ids[index]), interval_lo=lo, interval_hi=hi)
 
 
 def _only(kept: dict[int, Context], referenced: set[int]) -> dict[int, Context]:
