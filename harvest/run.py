@@ -94,6 +94,8 @@ def build_sources(model: torch.nn.Module, config: HarvestConfig, device: torch.d
         from featureatlas.harvest.dictionaries import load_dictionaries  # only a harvest with --sae needs it
     for spec in config.saes:
         name, _, path = spec.rpartition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
+        if not path.strip():
+            raise UsageError(f"--sae {spec!r}: no folder given; pass --sae PATH or --sae NAME=PATH")
         found = load_dictionaries(path)
         for dictionary in found:
             label = name or dictionary.path.name
