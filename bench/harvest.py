@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--layers", default="all", help="MLP neurons of these layers (none: no neurons)")
     ap.add_argument("--resid", action="store_true", help="also every layer's residual dimensions")
     ap.add_argument("--sae", action="append", default=[], help="a dictionary folder (repeatable)")
+    ap.add_argument("--compile", choices=["on", "off"], default="on", help="fused reductions (reductions.py)")
     args = ap.parse_args()
     device = pick_device(args.device)
     model, tokenizer = load_model(resolve_model(args.model), device, pick_dtype(args.dtype, device))
@@ -69,8 +70,10 @@ def main() -> None:
 
     timed(lambda: bare(batches[0]))  # warm-up
     t_bare, t_harvest = [], []
-    harvester = Harvester(model, sources, Settings(top_k=args.top_k, bottom_k=args.top_k), args.context_length,
-                          int(has_bos))
+    settings = Settings(top_k=args.top_k, bottom_k=args.top_k, compile=args.compile == "on")
+    with Harvester(model, sources, settings, args.context_length, int(has_bos)) as warm_up:
+        warm_up.step(batches[0])  # compiles the fused reductions (once per process) before anything is timed
+    harvester = Harvester(model, sources, settings, args.context_length, int(has_bos))
     for batch in batches:  # one set of accumulators for the whole run; hooks come off for the bare runs
         harvester.detach()
         t_bare.append(timed(lambda b=batch: bare(b)))
@@ -80,7 +83,8 @@ def main() -> None:
     tokens = batches[0].input_ids.numel()
     n_units = sum(s.n_units for s in harvester.sources)
     print(f"{device} {model.dtype}: {len(batches)} batches of {args.batch_size}x{args.context_length} tokens, "
-          f"{n_units:,} units ({', '.join(sorted({s.name for s in sources}))}), top-{args.top_k}")
+          f"{n_units:,} units ({', '.join(sorted({s.name for s in sources}))}), top-{args.top_k}, "
+          f"compile {args.compile}")
     half = len(batches) // 2
     for label, part in (("all batches", slice(None)), (f"last {len(batches) - half}", slice(half, None))):
         bare_rate = tokens * len(t_bare[part]) / sum(t_bare[part])

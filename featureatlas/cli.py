@@ -52,6 +52,9 @@ def _harvest_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--logits", type=int, default=10,
                    help="top and bottom tokens of each unit's logit effect (default: %(default)s; 0 for none)")
     p.add_argument("--seed", type=int, default=0, help="seeds the quantile and random samples (default: %(default)s)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="fuse the per-batch reductions with torch.compile, several times faster once compiled "
+                        "(seconds to a minute); auto: on CUDA or for 1M+ tokens (default: %(default)s)")
     if not demo:
         p.add_argument("--text-field", default="text", help="field/column holding the text in .jsonl/.parquet")
 
@@ -138,7 +141,8 @@ def _harvest(args: argparse.Namespace, model: str | None = None, corpus: Path | 
         saes=saes if saes is not None else args.sae, batch_size=args.batch_size, device=args.device,
         dtype=args.dtype, text_field=getattr(args, "text_field", "text"), bottom_k=args.bottom_k,
         intervals=args.intervals, per_interval=args.per_interval, random_examples=args.random_examples,
-        histogram_every=args.histogram_every, logits=args.logits, seed=args.seed), loaded=loaded)
+        histogram_every=args.histogram_every, logits=args.logits, seed=args.seed, compile=args.compile),
+        loaded=loaded)
     print(f"harvested {summary.n_units:,} units over {summary.n_tokens:,} tokens ({summary.n_contexts:,} contexts) "
           f"in {summary.seconds:.0f}s, {summary.tokens_per_second:,.0f} tokens/s -> {summary.store}")
     return summary

@@ -12,6 +12,7 @@ from featureatlas.harvest.architectures import blocks_of, get_submodule
 from featureatlas.harvest.batchview import BatchView
 from featureatlas.harvest.contexts import Batch
 from featureatlas.harvest.hooks import normalized
+from featureatlas.harvest.reductions import reduce_extremes, reducer
 from featureatlas.harvest.reservoir import Reservoir
 from featureatlas.harvest.sources import UnitSource
 from featureatlas.harvest.statistics import Statistics
@@ -31,6 +32,7 @@ class Settings:
     random: int = 4               # random examples where the unit fires
     histogram_every: int = 8      # dense units: the histogram counts one context in this many
     seed: int = 0
+    compile: bool = False         # fuse the per-batch reductions with torch.compile (reductions.py)
 
 
 class Accumulators:
@@ -46,20 +48,21 @@ class Accumulators:
         self.quantiles = Reservoir(n, settings.intervals, settings.per_interval, context_length, device, dtype) \
             if settings.per_interval and settings.intervals else None
         self.random = Reservoir(n, 1, settings.random, context_length, device, dtype) if settings.random else None
+        self.reduce = reduce_extremes if source.sparse else reducer(settings.compile)
 
     def update(self, acts: torch.Tensor, view: BatchView) -> None:
-        """Each context's max (and min) is taken once here and shared; positions are found only for contexts
-        that enter a list."""
-        x = acts[:, view.first_counted:]  # a view: no copy in the common case
-        high = low = x
+        """Each context's max and min (and the dense statistics' sums) come from one reduction shared by all;
+        positions are found only for contexts that enter a list."""
+        first = view.first_counted
+        context_max, context_min, *sums = self.reduce(acts, view.counted, first)
+        high = low = acts[:, first:]  # scores for the positions of entering contexts: uncounted ones masked
         if view.padded:
-            uncounted = ~view.counted[:, view.first_counted:, None]
-            high, low = x.masked_fill(uncounted, float("-inf")), x.masked_fill(uncounted, float("inf"))
-        context_max, context_min = high.amax(dim=1), low.amin(dim=1)
+            uncounted = ~view.counted[:, first:, None]
+            high, low = high.masked_fill(uncounted, float("-inf")), low.masked_fill(uncounted, float("inf"))
         self.top.update(acts, view, context_max, high)
         if self.bottom is not None:
             self.bottom.update(acts, view, -context_min, low, largest=False)
-        self.statistics.update(acts, view, context_max, context_min)
+        self.statistics.update(acts, view, context_max, context_min, sums)
         for reservoir in (self.quantiles, self.random):
             if reservoir is not None:
                 reservoir.update(acts, view, context_max, high)

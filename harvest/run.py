@@ -54,6 +54,7 @@ class HarvestConfig:
     histogram_every: int = 8
     logits: int = 10
     seed: int = 0
+    compile: str = "auto"                # fuse the per-batch reductions: on | off | auto (CUDA, or 1M+ tokens)
     progress: bool = True
 
 
@@ -73,6 +74,8 @@ def validate(config: HarvestConfig) -> None:
                           ("per_interval", 0), ("random_examples", 0), ("histogram_every", 1), ("logits", 0)):
         if getattr(config, name) < minimum:
             raise UsageError(f"--{name.replace('_', '-')} must be at least {minimum}")
+    if config.compile not in ("auto", "on", "off"):
+        raise UsageError("--compile must be auto, on or off")
     if config.intervals % 2:
         raise UsageError("--intervals must be even (intervals merge in pairs when a unit's range doubles)")
     if config.tokens is not None and config.tokens < 1:
@@ -128,7 +131,8 @@ def harvest(config: HarvestConfig, loaded: tuple[PreTrainedModel, PreTrainedToke
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     settings = Settings(top_k=config.top_k, bottom_k=config.top_k if config.bottom_k is None else config.bottom_k,
                         intervals=config.intervals, per_interval=config.per_interval, random=config.random_examples,
-                        histogram_every=config.histogram_every, seed=config.seed)
+                        histogram_every=config.histogram_every, seed=config.seed,
+                        compile=_compile(config.compile, device, config.tokens))
 
     with StoreWriter(config.out) as store, \
             Harvester(model, sources, settings, config.context_length, int(has_bos)) as harvester:
@@ -177,6 +181,13 @@ def harvest(config: HarvestConfig, loaded: tuple[PreTrainedModel, PreTrainedToke
             tokens_per_second=n_tokens / seconds)
         n_units = sum(s.n_units for s in harvester.sources)
     return HarvestSummary(Path(config.out), n_units, n_tokens, n_contexts, seconds, n_tokens / seconds)
+
+
+def _compile(choice: str, device: torch.device, tokens: int | None) -> bool:
+    """auto: where the one-off compile (seconds to a minute) pays for itself."""
+    if choice == "auto":
+        return device.type == "cuda" or tokens is None or tokens >= 1_000_000
+    return choice == "on"
 
 
 def _only(kept: dict[int, Context], referenced: set[int]) -> dict[int, Context]:

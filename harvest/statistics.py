@@ -54,25 +54,23 @@ class Statistics:
         self.counts = torch.zeros(N_BINS + 1, n_units, dtype=torch.int64, device=device)  # last row: not counted
         self._ones = torch.ones(1, 1, dtype=torch.int64, device=device)
 
-    def update(self, acts: torch.Tensor, batch: BatchView, context_max: torch.Tensor, context_min: torch.Tensor
-               ) -> None:
-        """acts [batch, tokens, units]; context_max/min [batch, units] over counted positions only."""
+    def update(self, acts: torch.Tensor, batch: BatchView, context_max: torch.Tensor, context_min: torch.Tensor,
+               sums: list[torch.Tensor]) -> None:
+        """acts [batch, tokens, units]; context_max/min [batch, units] over counted positions only; sums: the
+        counted tokens' sum, sum of squares and firing count per unit (reductions.py)."""
         self.n_tokens += batch.n_counted
         if self.sparse:
             self._update_sparse(acts[:, batch.first_counted:], batch.counted[:, batch.first_counted:])
         else:
-            self._update_dense(acts, batch)
+            self.sum += sums[0]
+            self.sum_squares += sums[1]
+            self.n_firing += sums[2]
+            self._update_histogram(acts, batch)
         torch.maximum(self.max, context_max.amax(dim=0).float(), out=self.max)
         torch.minimum(self.min, context_min.amin(dim=0).float(), out=self.min)
 
-    def _update_dense(self, acts: torch.Tensor, batch: BatchView) -> None:
-        """Sums as one matrix product with the counted mask: BOS and padding weigh exactly zero, and the sum
-        runs over a contiguous [tokens, units] view (a strided sum without BOS is several times slower)."""
-        flat = acts.reshape(-1, acts.shape[-1])
-        weight = batch.counted.reshape(1, -1).to(flat.dtype)
-        self.sum += (weight @ flat)[0]
-        self.sum_squares += (weight @ flat.square())[0]
-        self.n_firing += (weight @ flat.relu().sign_())[0].round().long()
+    def _update_histogram(self, acts: torch.Tensor, batch: BatchView) -> None:
+        """Every counted token of the sampled contexts."""
         rows = (batch.keys % self.histogram_every == 0).nonzero().squeeze(1)
         if rows.numel() == 0:
             return

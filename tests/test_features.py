@@ -68,18 +68,20 @@ def histogram_bin(v: float) -> int:
     return b if v > 0 else -b
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+@pytest.fixture(scope="module", params=[("llama", "off"), ("gpt2", "on")], ids=["llama-eager", "gpt2-compiled"])
 def harvested(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    tmp = tmp_path_factory.mktemp(request.param)
-    model_dir = save_tiny_model(request.param, tmp / "model")
+    """The reductions run eagerly for one model and through torch.compile for the other: both are exact."""
+    model_type, compile_mode = request.param
+    tmp = tmp_path_factory.mktemp(model_type)
+    model_dir = save_tiny_model(model_type, tmp / "model")
     corpus = write_corpus(tmp / "corpus")
     store = tmp / "store.duckdb"
     harvest(HarvestConfig(model=str(model_dir), corpus=corpus, out=store, context_length=CONTEXT_LENGTH, top_k=K,
                           batch_size=5, dtype="float32", device="cpu", progress=False, resid="all",
                           intervals=INTERVALS, per_interval=PER_INTERVAL, random_examples=RANDOM,
-                          histogram_every=1, seed=SEED, logits=5))
+                          histogram_every=1, seed=SEED, logits=5, compile=compile_mode))
     contexts, acts = run_contexts_alone(model_dir, corpus)
-    return request.param, model_dir, duckdb.connect(str(store), read_only=True), contexts, acts
+    return model_type, model_dir, duckdb.connect(str(store), read_only=True), contexts, acts
 
 
 def per_unit(con: duckdb.DuckDBPyConnection, sql: str) -> dict:
