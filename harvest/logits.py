@@ -48,7 +48,10 @@ def _to_residual(vectors: torch.Tensor | None, hook: Hook, backbone: torch.nn.Mo
 
 def logit_effects(model: torch.nn.Module, source: UnitSource, n: int = 10
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """(top ids, top effects, bottom ids, bottom effects), each [units, n]; None when not computable."""
+    """(top ids, top effects, bottom ids, bottom effects), each [units, n]; None when n is 0 or the source's
+    output space has no way to the residual stream."""
+    if n == 0:
+        return None
     backbone = model.base_model
     arch = architecture_of(model.config.model_type)
     unembed = model.get_output_embeddings()

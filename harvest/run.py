@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +22,7 @@ from featureatlas.harvest.architectures import blocks_of
 from featureatlas.harvest.contexts import Context, DocumentInfo, display_tokens, iter_batches, iter_contexts
 from featureatlas.harvest.corpus import CorpusError, corpus_files, iter_documents
 from featureatlas.harvest.harvester import Harvester, Settings, check_widths
+from featureatlas.harvest.logits import logit_effects
 from featureatlas.harvest.models import ModelRef, load_model, pick_device, pick_dtype, resolve_model
 from featureatlas.harvest.sources import UnitSource, dictionary_sources, mlp_sources, parse_layers, resid_sources
 from featureatlas.harvest.write import ContextLengths, write_logits, write_source, write_vocabulary
@@ -163,10 +165,12 @@ def harvest(config: HarvestConfig, loaded: tuple[PreTrainedModel, PreTrainedToke
         lengths = ContextLengths(kept)
         token_ids: set[int] = set()
         with tqdm.tqdm(total=sum(s.n_units for s in sources), unit="unit", unit_scale=True, desc="store",
-                       disable=not config.progress, dynamic_ncols=True) as bar:
-            for source, acc in zip(harvester.sources, harvester.accumulators, strict=True):
+                       disable=not config.progress, dynamic_ncols=True) as bar, \
+                ThreadPoolExecutor(1) as pool:  # the logits' matmuls run while the examples are inserted
+            effects = [pool.submit(logit_effects, model, source, config.logits) for source in sources]
+            for source, acc, effect in zip(harvester.sources, harvester.accumulators, effects, strict=True):
                 write_source(store, ref.display_name, source, acc, lengths)
-                token_ids |= write_logits(store, ref.display_name, model, source, config.logits)
+                token_ids |= write_logits(store, ref.display_name, source, effect.result())
                 bar.update(source.n_units)
         write_vocabulary(store, ref.display_name, tokenizer, token_ids)
         mlp_layers = sorted({s.layer for s in sources if s.kind == "mlp"})

@@ -6,11 +6,10 @@ from functools import partial
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from featureatlas.harvest.contexts import Context
 from featureatlas.harvest.harvester import Accumulators
-from featureatlas.harvest.logits import logit_effects
 from featureatlas.harvest.sources import UnitSource
 from featureatlas.store.writer import StoreWriter
 
@@ -78,10 +77,9 @@ def _write_examples(store: StoreWriter, model: str, source: UnitSource, lengths:
                        context_lengths=lengths(ids[index]), interval_lo=lo, interval_hi=hi)
 
 
-def write_logits(store: StoreWriter, model_name: str, model: PreTrainedModel, source: UnitSource, n: int
-                 ) -> set[int]:
-    """The source's top and bottom n logit effects; returns the token ids they name."""
-    effects = logit_effects(model, source, n) if n else None
+def write_logits(store: StoreWriter, model_name: str, source: UnitSource,
+                 effects: tuple[torch.Tensor, ...] | None) -> set[int]:
+    """The source's top and bottom logit effects (logits.logit_effects); returns the token ids they name."""
     if effects is None:
         return set()
     top_ids, top_values, bottom_ids, bottom_values = (t.cpu().numpy() for t in effects)
