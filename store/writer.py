@@ -45,6 +45,7 @@ class StoreWriter:
         self.temp_path.unlink(missing_ok=True)
         self.con = duckdb.connect(str(self.temp_path))
         create_schema(self.con)
+        self.con.execute("BEGIN TRANSACTION")  # one transaction: no commit (and WAL sync) per insert
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -57,6 +58,7 @@ class StoreWriter:
             self.abort()
 
     def commit(self) -> None:
+        self.con.execute("COMMIT")
         self.con.execute("CHECKPOINT")
         self.con.close()
         os.replace(self.temp_path, self.path)
