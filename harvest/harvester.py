@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 
 from featureatlas.errors import UsageError
-from featureatlas.harvest.architectures import blocks_of, get_submodule
+from featureatlas.harvest.architectures import blocks_of
 from featureatlas.harvest.batchview import BatchView
 from featureatlas.harvest.contexts import Batch
-from featureatlas.harvest.hooks import normalized
+from featureatlas.harvest.hooks import read_hook
 from featureatlas.harvest.reductions import reduce_extremes, reducer
 from featureatlas.harvest.reservoir import Reservoir
 from featureatlas.harvest.sources import UnitSource
@@ -94,15 +94,10 @@ class Harvester:
         """Hook the model: one hook per (module, reads), however many sources read it."""
         readers = defaultdict(list)
         for source, acc in zip(self.sources, self.accumulators, strict=True):
-            readers[(source.hook.module, source.hook.reads)].append((source, acc))
-        for (path, reads), consumers in readers.items():
-            module = get_submodule(self.backbone, path)
-            if reads == "output":
-                self._handles.append(module.register_forward_hook(self._output_reader(consumers)))
-            else:
-                norm = module if reads == "normalized" else None
-                self._handles.append(module.register_forward_pre_hook(self._input_reader(consumers, norm),
-                                                                      with_kwargs=True))
+            readers[source.hook.module, source.hook.reads].append((source, acc))
+        for consumers in readers.values():
+            self._handles.append(read_hook(self.backbone, consumers[0][0].hook,
+                                           lambda tensor, consumers=consumers: self._consume(consumers, tensor)))
         last_block = blocks_of(self.backbone, self.backbone.config.model_type)[self._last_layer]
         self._handles.append(last_block.register_forward_hook(_stop))
 
@@ -138,36 +133,13 @@ class Harvester:
             acts = source.activations(tensor, *self._shape)
             acc.update(acts, self._view)
 
-    def _output_reader(self, consumers: list):
-        def read(module: torch.nn.Module, args: object, output: object) -> None:
-            self._consume(consumers, output[0] if isinstance(output, tuple) else output)
-        return read
-
-    def _input_reader(self, consumers: list, norm: torch.nn.Module | None):
-        def read(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            tensor = args[0] if args else kwargs["hidden_states"]
-            self._consume(consumers, normalized(norm, tensor) if norm is not None else tensor)
-        return read
-
 
 def check_widths(model: torch.nn.Module, sources: list[UnitSource]) -> None:
     """One two-token forward pass: every dictionary's d_in must equal the width of the tensor it reads."""
     widths: dict[tuple[str, str], int] = {}
     backbone = model.base_model
-    handles = []
-
-    def record(key: tuple[str, str], tensor: torch.Tensor) -> None:
-        widths.setdefault(key, tensor.shape[-1])
-
-    for source in sources:
-        key = (source.hook.module, source.hook.reads)
-        module = get_submodule(backbone, source.hook.module)
-        if source.hook.reads == "output":
-            handles.append(module.register_forward_hook(
-                lambda m, a, o, key=key: record(key, o[0] if isinstance(o, tuple) else o)))
-        else:
-            handles.append(module.register_forward_pre_hook(
-                lambda m, a, kw, key=key: record(key, a[0] if a else kw["hidden_states"]), with_kwargs=True))
+    handles = [read_hook(backbone, source.hook, lambda tensor, key=(source.hook.module, source.hook.reads):
+                         widths.setdefault(key, tensor.shape[-1])) for source in sources]
     try:
         with torch.inference_mode():
             backbone(input_ids=torch.zeros((1, 2), dtype=torch.int64, device=next(model.parameters()).device),

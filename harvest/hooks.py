@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,23 @@ def _resolve_transformer_lens(name: str, arch: Architecture, backbone: torch.nn.
     module = f"{arch.blocks}.{layer}" + (f".{path}" if path else "")
     get_submodule(backbone, module)  # a wrong table entry fails here, with a message that says so
     return Hook(name, layer, module, reads, space)
+
+
+def read_hook(backbone: torch.nn.Module, hook: Hook, callback: Callable[[torch.Tensor], None]
+              ) -> torch.utils.hooks.RemovableHandle:
+    """Call callback with the hook's tensor at every forward pass; returns the handle that removes it.
+    Outputs may be tuples (their first element is the hidden state); inputs may come as a keyword."""
+    module = get_submodule(backbone, hook.module)
+    if hook.reads == "output":
+        def read_output(m: torch.nn.Module, args: tuple, out: object) -> None:  # None: the output stays as is
+            callback(out[0] if isinstance(out, tuple) else out)
+        return module.register_forward_hook(read_output)
+    norm = module if hook.reads == "normalized" else None
+
+    def read_input(m: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs["hidden_states"]
+        callback(normalized(norm, x) if norm is not None else x)
+    return module.register_forward_pre_hook(read_input, with_kwargs=True)
 
 
 def normalized(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -95,15 +95,9 @@ class Statistics:
     def finish(self) -> dict[str, torch.Tensor]:
         """Per-unit arrays for the store; a sparse source's zeros are every counted token it did not fire on."""
         counts = self.counts[:N_BINS].T.clone()  # [units, bins]
-        minimum, maximum = self.min.clone(), self.max.clone()
         if self.sparse:
-            zeros = self.n_tokens - counts.sum(dim=1)
-            counts[:, HALF] += zeros
-            has_zero = zeros > 0
-            minimum = torch.where(has_zero, minimum.clamp(max=0), minimum)
-            maximum = torch.where(has_zero, maximum.clamp(min=0), maximum)
-        seen = self.n_tokens > 0
-        nan = torch.tensor(float("nan"), device=minimum.device)
+            counts[:, HALF] += self.n_tokens - counts.sum(dim=1)
+        # min and max come from every counted token's context extremes, zeros included; NaN if none was seen
+        minimum, maximum = (t if self.n_tokens else torch.full_like(t, float("nan")) for t in (self.min, self.max))
         return {"n_firing": self.n_firing, "sum_activation": self.sum, "sum_squares": self.sum_squares,
-                "min_activation": minimum if seen else minimum * nan, "max_activation": maximum if seen else
-                maximum * nan, "counts": counts}
+                "min_activation": minimum, "max_activation": maximum, "counts": counts}

@@ -10,10 +10,10 @@ import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from featureatlas.errors import UsageError
-from featureatlas.harvest.architectures import blocks_of, get_submodule
+from featureatlas.harvest.architectures import blocks_of
 from featureatlas.harvest.contexts import iter_batches, iter_contexts
 from featureatlas.harvest.corpus import iter_documents
-from featureatlas.harvest.hooks import Hook, normalized, resolve_hook
+from featureatlas.harvest.hooks import Hook, read_hook, resolve_hook
 from featureatlas.harvest.models import ModelRef
 from featureatlas.harvest.train_sae import TrainConfig, TrainResult, save_saelens_folder, train_topk_sae
 
@@ -50,21 +50,12 @@ def collect_activations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows: list[torch.Tensor] = []
     counted: list[torch.Tensor] = []
-    module = get_submodule(backbone, hook.module)
 
     def keep(tensor: torch.Tensor) -> None:
         mask = counted[0]
         rows.append(tensor.reshape(*mask.shape, -1)[mask].float().cpu())
 
-    if hook.reads == "output":
-        handle = module.register_forward_hook(lambda m, a, o: keep(o[0] if isinstance(o, tuple) else o))
-    else:
-        norm = module if hook.reads == "normalized" else None
-
-        def read(m: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            x = args[0] if args else kwargs["hidden_states"]
-            keep(normalized(norm, x) if norm is not None else x)
-        handle = module.register_forward_pre_hook(read, with_kwargs=True)
+    handle = read_hook(backbone, hook, keep)
     stop = blocks_of(backbone, model.config.model_type)[hook.layer].register_forward_hook(_raise_stop)
     contexts = iter_contexts(iter_documents(corpus, text_field), tokenizer, context_length, tokens, lambda d: None)
     try:
