@@ -1,4 +1,5 @@
-"""Layer pages: every unit of a layer in one light table, with a plain-text snippet of its top example."""
+"""Layer pages: every unit of a layer in one light table with a plain-text snippet of its top example (readable
+without JavaScript), and the layer's unit page, which site.js fills from the data shards."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import jinja2
 from markupsafe import Markup, escape
 
 from featureatlas.build.numbers import format_activation, format_percent
-from featureatlas.build.reader import LayerInfo, read_snippets
-from featureatlas.build.tokens import token_text
+from featureatlas.build.reader import LayerInfo, noun, read_layer_explanations, read_snippets
+from featureatlas.build.shards import SHARD_UNITS
+from featureatlas.build.tokens import token_text, visible
 
 SNIPPET_BEFORE = 8
 SNIPPET_AFTER = 3
@@ -40,18 +42,22 @@ def _largest_magnitude(top: float | None, bottom: float | None) -> float | None:
     return max(values) if values else None
 
 
-def _rows(con: duckdb.DuckDBPyConnection, info: LayerInfo, bos_token: str | None) -> list[str]:
+def _rows(con: duckdb.DuckDBPyConnection, info: LayerInfo, bos_token: str | None) -> tuple[list[str], bool]:
+    """The table's rows, and whether any unit has an explanation (then the table gets that column)."""
     table = read_snippets(con, info.key, SNIPPET_BEFORE, SNIPPET_AFTER).to_pydict()
+    explanations = read_layer_explanations(con, info.key)
     rows = []
     for unit, top, bottom, frequency, position, start, length, tokens in zip(
             table["unit"], table["max_activation"], table["min_activation"], table["frequency"],
             table["max_position"], table["snippet_start"], table["context_length"], table["snippet"], strict=True):
         signed = (f"<td>{format_activation(bottom)}</td><td>{format_activation(_largest_magnitude(top, bottom))}</td>"
                   if info.signed else "")
-        rows.append(f'<tr><td><a href="{unit}.html">{unit}</a></td><td>{format_activation(top)}</td>{signed}'
-                    f"<td>{format_percent(frequency)}</td><td>{_snippet(tokens, position, start, length, bos_token)}"
-                    "</td></tr>")
-    return rows
+        explained = (f"<td>{escape(visible(explanations[unit]))}</td>" if unit in explanations else "<td></td>"
+                     ) if explanations else ""
+        rows.append(f'<tr><td><a href="unit.html#{unit}">{unit}</a></td><td>{format_activation(top)}</td>{signed}'
+                    f"<td>{format_percent(frequency)}</td>{explained}"
+                    f"<td>{_snippet(tokens, position, start, length, bos_token)}</td></tr>")
+    return rows, bool(explanations)
 
 
 def config_text(config: str | None) -> Markup | None:
@@ -61,14 +67,22 @@ def config_text(config: str | None) -> Markup | None:
     return Markup(escape(json.dumps(json.loads(config), indent=2, ensure_ascii=True)))
 
 
-def write_layer_page(con: duckdb.DuckDBPyConnection, info: LayerInfo, template: jinja2.Template, folder: Path,
-                     root: str, bos_token: str | None, neighbours: tuple[str | None, str | None],
-                     model_anchor: str) -> int:
-    """Write `<layer>/index.html`; returns its size in bytes. neighbours: hrefs of the previous/next layer."""
-    rows = _rows(con, info, bos_token)
-    html = template.render(root=root, info=info, n_units=len(rows), rows=Markup("\n".join(rows)),
-                           config=config_text(info.config), prev=neighbours[0], next=neighbours[1],
-                           model_anchor=model_anchor)
-    data = html.encode("utf-8")
-    (folder / "index.html").write_bytes(data)
-    return len(data)
+def write_layer_pages(con: duckdb.DuckDBPyConnection, info: LayerInfo, env: jinja2.Environment, folder: Path,
+                      path: str, root: str, bos_token: str | None, neighbours: tuple[str | None, str | None],
+                      model_anchor: str) -> int:
+    """Write `<layer>/index.html` and `<layer>/unit.html`; returns their size in bytes. neighbours: hrefs of the
+    previous/next layer pages."""
+    rows, explained = _rows(con, info, bos_token)
+    shared = {"root": root, "info": info, "model_anchor": model_anchor, "noun": noun(info)}
+    pages = {
+        "index.html": env.get_template("layer.html").render(
+            n_units=len(rows), rows=Markup("\n".join(rows)), config=config_text(info.config), prev=neighbours[0],
+            next=neighbours[1], explained=explained, **shared),
+        "unit.html": env.get_template("unit.html").render(path=path, shard_units=SHARD_UNITS, **shared),
+    }
+    size = 0
+    for name, html in pages.items():
+        data = html.encode("utf-8")
+        (folder / name).write_bytes(data)
+        size += len(data)
+    return size

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from featureatlas.build.reader import Catalog, LayerInfo
+from featureatlas.build.reader import Catalog, LayerInfo, noun
+from featureatlas.build.shards import SHARD_UNITS
 from featureatlas.build.slugs import unique_slugs
 from featureatlas.build.worker import Job
-
-CHUNK_UNITS = 256  # units per job: small enough to balance the processes, big enough for bulk reads
 
 
 @dataclass
@@ -29,15 +28,15 @@ class ModelPlan:
 class SitePlan:
     models: list[ModelPlan]
     jobs: list[Job]
+    layers: list[dict]  # the search manifest's layers, in job.layer_index order
 
     @property
-    def n_pages(self) -> int:
-        """Pages the jobs write (the index page not included)."""
-        return sum(1 if job.is_layer_page else job.stop - job.first for job in self.jobs)
+    def n_units(self) -> int:
+        return sum(layer["n"] for layer in self.layers)
 
 
 def plan_site(catalog: Catalog) -> SitePlan:
-    """Folders from slugs of the untrusted names; one layer-page job and unit jobs of CHUNK_UNITS per layer."""
+    """Folders from slugs of the untrusted names; per layer one job for its pages and one per data shard."""
     model_slugs = unique_slugs(catalog.models())
     models = {name: ModelPlan(name, slug) for name, slug in model_slugs.items()}
     for model in models.values():
@@ -51,13 +50,16 @@ def plan_site(catalog: Catalog) -> SitePlan:
             model.sources.append(source)
 
     jobs: list[Job] = []
+    layers: list[dict] = []
     for model in models.values():
         for source in model.sources:
             folders = [folder for _, folder in source.layers]
             for i, (info, folder) in enumerate(source.layers):
                 prev = f"../{folders[i - 1].rsplit('/', 1)[1]}/index.html" if i > 0 else None
                 nxt = f"../{folders[i + 1].rsplit('/', 1)[1]}/index.html" if i + 1 < len(folders) else None
-                jobs.append(Job(info, folder, 0, 0, (prev, nxt)))
-                for first in range(0, info.n_units, CHUNK_UNITS):
-                    jobs.append(Job(info, folder, first, min(first + CHUNK_UNITS, info.n_units)))
-    return SitePlan(models=list(models.values()), jobs=jobs)
+                index = len(layers)
+                layers.append({"model": info.key.model, "source": info.key.source, "layer": info.key.layer,
+                               "path": folder, "noun": noun(info), "n": info.n_units, "max_unit": info.max_unit})
+                jobs.append(Job(info, folder, index, None, (prev, nxt)))
+                jobs.extend(Job(info, folder, index, shard) for shard in range(info.max_unit // SHARD_UNITS + 1))
+    return SitePlan(models=list(models.values()), jobs=jobs, layers=layers)

@@ -29,6 +29,7 @@ class LayerInfo:
     key: LayerKey
     n_units: int  # units the store holds rows for
     n_active: int  # units that fired (activation > 0) at least once
+    max_unit: int  # the highest unit number (-1 when none): shards are ranges of unit numbers
     hook: str | None  # the transformers module read
     kind: str | None = None  # 'mlp' | 'resid' | 'sae' | 'transcoder'
     hook_name: str | None = None  # TransformerLens's name for the hook
@@ -39,6 +40,14 @@ class LayerInfo:
     dictionary_format: str | None = None
     architecture: str | None = None
     config: str | None = None  # the dictionary's config, JSON text
+
+
+NOUNS = {"mlp": "Neuron", "resid": "Dimension", "sae": "Feature", "transcoder": "Feature"}
+
+
+def noun(info: LayerInfo) -> str:
+    """What a unit of this source is called: Neuron, Dimension, Feature."""
+    return NOUNS.get(info.kind or "", "Unit")
 
 
 @dataclass
@@ -83,24 +92,35 @@ class UnitStats:
 @dataclass
 class Examples:
     """Examples of a chunk's units, sorted by unit, kind (EXAMPLE_KINDS order), interval (highest first), rank.
-    Each shows positions [lo, lo + stop - start) of its context: tokens[start:stop] and activations[start:stop]
-    of the flat arrays, which stay in the order the store returned them (moving them would cost more)."""
+    Each shows positions [lo, hi) of its context (contexts.index[i] in the chunk's Contexts): its activations
+    are activations[start:stop] of the flat array, which stays in the order the store returned it."""
 
     unit: np.ndarray
     kind: np.ndarray  # index into EXAMPLE_KINDS
     interval_lo: np.ndarray  # NaN unless quantile
     interval_hi: np.ndarray
     rank: np.ndarray
+    context_id: np.ndarray
     position: np.ndarray  # of the context's max (its min, for bottom examples), in the context
     value: np.ndarray  # the context's max (its min, for bottom examples)
     lo: np.ndarray  # the first shown position
+    hi: np.ndarray  # one past the last shown position
     context_length: np.ndarray
-    start_token: np.ndarray  # the context's offset in its document
-    document: list[str]
     start: np.ndarray
     stop: np.ndarray
-    tokens: pa.Array  # flat strings, kept in Arrow: turning them into Python strings is the slow part
-    activations: np.ndarray  # float32, one per token
+    activations: np.ndarray  # float32, one per shown token
+
+
+@dataclass
+class Contexts:
+    """The contexts a chunk's examples show, each once: tokens [lo, lo + len(tokens)) of the context, the union
+    of the windows its examples show. Many units of a chunk share contexts, so a shard stores each once."""
+
+    context_id: np.ndarray
+    document: list[str]
+    start_token: np.ndarray  # the context's offset in its document
+    lo: np.ndarray
+    tokens: pa.ListArray  # of strings: kept in Arrow, where a shard's distinct tokens are found without a loop
 
 
 @dataclass
@@ -124,6 +144,16 @@ class Logits:
 
 
 @dataclass
+class Explanations:
+    """Explanations of a chunk's units (the `explanations` view, when the store has one), sorted by unit."""
+
+    unit: np.ndarray
+    text: list[str]
+    score: np.ndarray  # NaN when none was given
+    author: list[str | None]
+
+
+@dataclass
 class UnitChunk:
     """Units [first, stop) of a layer (indices into stats.units) and everything their pages show."""
 
@@ -131,8 +161,10 @@ class UnitChunk:
     first: int
     stop: int
     examples: Examples
+    contexts: Contexts
     histograms: Histograms
     logits: Logits
+    explanations: Explanations
 
 
 def _table(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any]) -> pa.Table:
@@ -167,9 +199,11 @@ def read_catalog(con: duckdb.DuckDBPyConnection) -> Catalog:
             if isinstance(run.get(key), datetime):
                 run[key] = run[key].strftime("%Y-%m-%d %H:%M")
     rows = _table(con, """
-        WITH u AS (SELECT model, source, layer, count(*) AS n_units, count(*) FILTER (frequency > 0) AS n_active
+        WITH u AS (SELECT model, source, layer, count(*) AS n_units, count(*) FILTER (frequency > 0) AS n_active,
+                          max(unit) AS max_unit
                    FROM units GROUP BY ALL)
         SELECT model, source, layer, coalesce(u.n_units, 0) AS n_units, coalesce(u.n_active, 0) AS n_active,
+               coalesce(u.max_unit, -1) AS max_unit,
                s.hook, s.kind, s.hook_name, s.hook_out_name, coalesce(s.signed, false) AS signed,
                coalesce(s.histogram_every, 1) AS histogram_every, s.dictionary_path, s.dictionary_format,
                s.architecture, s.config::VARCHAR AS config
@@ -206,40 +240,55 @@ def _aligned(tokens: np.ndarray, acts: np.ndarray, values: np.ndarray) -> np.nda
 
 
 def _read_examples(con: duckdb.DuckDBPyConnection, params: list[Any], windows: Windows) -> Examples:
-    """Examples with the tokens around their max (min) token: windows.top for top examples, windows.other
+    """Examples with the activations around their max (min) token: windows.top for top examples, windows.other
     for the rest (a window that starts at the first text token takes the BOS too)."""
     ex = _table(con, f"""
         WITH e AS (
             SELECT unit, CASE example_kind WHEN 'top' THEN 0 WHEN 'bottom' THEN 1 WHEN 'quantile' THEN 2 ELSE 3
                          END AS kind,
                    interval_lo, interval_hi, rank, context_id, max_position, max_activation, activations,
+                   len(activations) AS context_length,
                    max_position - CASE WHEN example_kind = 'top' THEN ? ELSE ? END AS first,
                    max_position + 1 + CASE WHEN example_kind = 'top' THEN ? ELSE ? END AS stop
             FROM examples WHERE {_IN_CHUNK} AND example_kind IN ('top', 'bottom', 'quantile', 'random')),
-        w AS (
-            SELECT e.*, c.tokens, c.start_token, coalesce(d.name, '') AS document, len(c.tokens) AS context_length,
-                   CASE WHEN first <= 1 THEN 0 ELSE first END AS lo, least(stop, len(c.tokens)) AS hi
-            FROM e JOIN contexts c USING (context_id)  -- a dangling example is skipped, not misdrawn
-            LEFT JOIN documents d USING (document_id))
-        SELECT unit, kind, interval_lo, interval_hi, rank, max_position, max_activation, lo, context_length,
-               start_token, document, list_slice(tokens, lo + 1, hi) AS tokens,
-               list_slice(activations, lo + 1, hi) AS activations
+        w AS (SELECT *, CASE WHEN first <= 1 THEN 0 ELSE first END AS lo, least(stop, context_length) AS hi FROM e)
+        SELECT unit, kind, interval_lo, interval_hi, rank, context_id, max_position, max_activation, lo, hi,
+               context_length, list_slice(activations, lo + 1, hi) AS activations
         FROM w""", [windows.top[0], windows.other[0], windows.top[1], windows.other[1]] + params)
-    tokens, token_offsets = _flat_list(ex, "tokens")
-    values, act_offsets = _flat_list(ex, "activations")
+    values, offsets = _flat_list(ex, "activations")
     unit, kind, rank = _np(ex, "unit", np.int64), _np(ex, "kind", np.int64), _np(ex, "rank", np.int64)
     interval_lo, interval_hi = _np(ex, "interval_lo", np.float64), _np(ex, "interval_hi", np.float64)
     order = np.lexsort((rank, -interval_lo, -interval_hi, kind, unit))  # NaN intervals tie, then rank decides
-    documents = ex.column("document").to_pylist()
     return Examples(
         unit=unit[order], kind=kind[order], interval_lo=interval_lo[order], interval_hi=interval_hi[order],
-        rank=rank[order], position=_np(ex, "max_position", np.int64)[order],
-        value=_np(ex, "max_activation", np.float64)[order], lo=_np(ex, "lo", np.int64)[order],
+        rank=rank[order], context_id=_np(ex, "context_id", np.int64)[order],
+        position=_np(ex, "max_position", np.int64)[order], value=_np(ex, "max_activation", np.float64)[order],
+        lo=_np(ex, "lo", np.int64)[order], hi=_np(ex, "hi", np.int64)[order],
         context_length=_np(ex, "context_length", np.int64)[order],
-        start_token=_np(ex, "start_token", np.int64)[order], document=[documents[i] for i in order.tolist()],
-        start=token_offsets[:-1][order], stop=token_offsets[1:][order], tokens=tokens,
-        activations=_aligned(token_offsets, act_offsets,
-                             values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)))
+        start=offsets[:-1][order], stop=offsets[1:][order],
+        activations=values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False))
+
+
+def _read_contexts(con: duckdb.DuckDBPyConnection, examples: Examples) -> Contexts:
+    """Each context the examples show, once, with the tokens of the union of their windows."""
+    ids, inverse = np.unique(examples.context_id, return_inverse=True)
+    lo = np.full(len(ids), np.iinfo(np.int64).max)
+    hi = np.zeros(len(ids), np.int64)
+    np.minimum.at(lo, inverse, examples.lo)
+    np.maximum.at(hi, inverse, examples.hi)
+    windows = pa.table({"context_id": ids, "lo": lo, "hi": hi})
+    con.register("featureatlas_windows", windows)
+    try:
+        t = _table(con, """
+            SELECT w.context_id, c.start_token, coalesce(d.name, '') AS document, w.lo,
+                   list_slice(c.tokens, w.lo + 1, w.hi) AS tokens
+            FROM featureatlas_windows w JOIN contexts c USING (context_id)  -- a dangling example is skipped
+            LEFT JOIN documents d USING (document_id) ORDER BY w.context_id""", [])
+    finally:
+        con.unregister("featureatlas_windows")
+    return Contexts(context_id=_np(t, "context_id", np.int64), document=t.column("document").to_pylist(),
+                    start_token=_np(t, "start_token", np.int64), lo=_np(t, "lo", np.int64),
+                    tokens=t.column("tokens").combine_chunks())
 
 
 def _read_histograms(con: duckdb.DuckDBPyConnection, params: list[Any]) -> Histograms:
@@ -255,15 +304,40 @@ def _read_logits(con: duckdb.DuckDBPyConnection, params: list[Any]) -> Logits:
                   token=t.column("token").to_pylist(), effect=_np(t, "effect", np.float64))
 
 
-def read_unit_chunk(con: duckdb.DuckDBPyConnection, key: LayerKey, first: int, stop: int,
+def _has_view(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    return bool(con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = ?", [name]).fetchall()[0][0])
+
+
+def _read_explanations(con: duckdb.DuckDBPyConnection, params: list[Any]) -> Explanations:
+    """A store annotated with `featureatlas annotate` has an `explanations` view; older ones have none."""
+    if not _has_view(con, "explanations"):
+        return Explanations(unit=np.zeros(0, np.int64), text=[], score=np.zeros(0), author=[])
+    t = _table(con, f"""SELECT unit, text, score, author FROM explanations WHERE {_IN_CHUNK}
+                        ORDER BY unit, score DESC NULLS LAST, text""", params)
+    return Explanations(unit=_np(t, "unit", np.int64), text=t.column("text").to_pylist(),
+                        score=_np(t, "score", np.float64), author=t.column("author").to_pylist())
+
+
+def read_unit_chunk(con: duckdb.DuckDBPyConnection, key: LayerKey, stats: UnitStats, first: int, stop: int,
                     windows: Windows) -> UnitChunk:
-    """Units [first, stop) of a layer (by position in unit order) with everything their pages show."""
-    stats = read_layer_stats(con, key)
+    """Units [first, stop) of a layer (by position in stats.units) with everything their pages show."""
     stop = min(stop, len(stats.units))
     lo, hi = (int(stats.units[first]), int(stats.units[stop - 1])) if stop > first else (0, -1)
     params = [key.model, key.source, key.layer, lo, hi]
-    return UnitChunk(stats=stats, first=first, stop=stop, examples=_read_examples(con, params, windows),
-                     histograms=_read_histograms(con, params), logits=_read_logits(con, params))
+    examples = _read_examples(con, params, windows)
+    return UnitChunk(stats=stats, first=first, stop=stop, examples=examples, contexts=_read_contexts(con, examples),
+                     histograms=_read_histograms(con, params), logits=_read_logits(con, params),
+                     explanations=_read_explanations(con, params))
+
+
+def read_layer_explanations(con: duckdb.DuckDBPyConnection, key: LayerKey) -> dict[int, str]:
+    """Each explained unit's best explanation (highest score, then first by text): the layer page's column."""
+    if not _has_view(con, "explanations"):
+        return {}
+    rows = con.execute("""SELECT unit, arg_max(text, coalesce(score, -1e308)) FROM explanations
+                          WHERE model = ? AND source = ? AND layer = ? GROUP BY unit""",
+                       [key.model, key.source, key.layer]).fetchall()
+    return {int(unit): text for unit, text in rows}
 
 
 def read_snippets(con: duckdb.DuckDBPyConnection, key: LayerKey, before: int, after: int) -> pa.Table:

@@ -29,9 +29,18 @@ def _finalize(value: object) -> object:
     return value
 
 
-def make_environment() -> jinja2.Environment:
-    """Autoescaping on for every template: all store strings are untrusted."""
-    return jinja2.Environment(
+def last_part(path: str | None) -> str | None:
+    """A path of the building machine as a public page shows it: its last part (a folder or file name)."""
+    if not path:
+        return path
+    stripped = path.rstrip("/\\")
+    return stripped.replace("\\", "/").rsplit("/", 1)[-1] or path
+
+
+def make_environment(full_paths: bool = False) -> jinja2.Environment:
+    """Autoescaping on for every template: all store strings are untrusted. The `place` filter hides where
+    things lie on the building machine (a public site must not leak it) unless full_paths."""
+    env = jinja2.Environment(
         finalize=_finalize,
         loader=jinja2.FileSystemLoader(templates_dir()),
         autoescape=True,
@@ -39,6 +48,15 @@ def make_environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    env.filters["place"] = (lambda path: path) if full_paths else last_part
+    return env
+
+
+def write_page(template: jinja2.Template, path: Path, **context: object) -> int:
+    """Render a page (at the site root) to path; returns its size in bytes."""
+    data = template.render(root="", **context).encode("utf-8")
+    path.write_bytes(data)
+    return len(data)
 
 
 def copy_static(site_dir: Path) -> list[Path]:

@@ -1,4 +1,5 @@
-"""One build process's share of the work: open the store read-only once, then render jobs (layer slices)."""
+"""One build process's share of the work: open the store read-only once, then run jobs (a layer's pages, or
+one data shard of a layer)."""
 
 from __future__ import annotations
 
@@ -6,23 +7,26 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from featureatlas.build import layer_pages, unit_pages
-from featureatlas.build.examples import WINDOWS, SpanTails
-from featureatlas.build.reader import LayerInfo, LayerKey, read_unit_chunk
+from featureatlas.build import layer_pages
+from featureatlas.build.reader import LayerInfo, LayerKey, UnitStats, Windows, read_layer_stats, read_unit_chunk
+from featureatlas.build.shards import SHARD_UNITS, Postings, card_key, data_key, js_file, render_shard
 from featureatlas.build.templates import make_environment
 from featureatlas.store.schema import open_store
 
 LAYER_ROOT = "../../../"  # from <model>/<source>/<layer>/ back to the site root
+# Tokens shown before and after the max (min) token: for top examples as Neuroscope does (it shows ~50 before
+# and ~10 after), for the rest a glance. Pages and shards then do not grow with the context length.
+WINDOWS = Windows(top=(32, 8), other=(10, 4))
 
 
 @dataclass(frozen=True)
 class Job:
-    """Either a layer page (first == stop) or the unit pages of units [first, stop) in unit order."""
+    """Either a layer's pages (shard is None: its unit table and its unit page) or one data shard of it."""
 
     info: LayerInfo
     folder: str  # relative to the site root
-    first: int
-    stop: int
+    layer_index: int  # in the search manifest's list of layers
+    shard: int | None = None
     neighbours: tuple[str | None, str | None] = (None, None)  # previous / next layer page, for layer pages
 
     @property
@@ -30,39 +34,59 @@ class Job:
         return self.info.key
 
     @property
-    def is_layer_page(self) -> bool:
-        return self.first == self.stop
-
-    @property
     def model_anchor(self) -> str:
         """The model's id on the index page."""
         return "m-" + self.folder.split("/", 1)[0]
 
 
-class Worker:
-    """Holds what is worth keeping between jobs: the connection, the templates, the token cache."""
+@dataclass
+class JobResult:
+    files: int
+    bytes: int
+    units: int
+    layer_index: int
+    postings: Postings | None = None
 
-    def __init__(self, store_path: str, site_dir: str, bos_tokens: dict[str, str | None]):
+
+class Worker:
+    """Holds what is worth keeping between jobs: the connection, the templates, the last layer's statistics."""
+
+    def __init__(self, store_path: str, site_dir: str, bos_tokens: dict[str, str | None], full_paths: bool = False):
         self.con = open_store(store_path)
         self.con.execute("SET threads TO 1")  # the processes are the parallelism
-        env = make_environment()
-        self.unit_template = env.get_template("unit.html")
-        self.layer_template = env.get_template("layer.html")
+        self.env = make_environment(full_paths)
         self.site_dir = Path(site_dir)
         self.bos_tokens = bos_tokens
-        self.tails = SpanTails()
+        self._stats: tuple[LayerKey, UnitStats] | None = None
 
-    def run(self, job: Job) -> tuple[int, int]:
-        """Render one job; returns (pages, bytes) written."""
+    def stats(self, key: LayerKey) -> UnitStats:
+        if self._stats is None or self._stats[0] != key:
+            self._stats = (key, read_layer_stats(self.con, key))
+        return self._stats[1]
+
+    def run(self, job: Job) -> JobResult:
         folder = self.site_dir / job.folder
         folder.mkdir(parents=True, exist_ok=True)
         bos = self.bos_tokens.get(job.key.model)
-        if job.is_layer_page:
-            return 1, layer_pages.write_layer_page(self.con, job.info, self.layer_template, folder, LAYER_ROOT,
-                                                   bos, job.neighbours, job.model_anchor)
-        chunk = read_unit_chunk(self.con, job.key, job.first, job.stop, WINDOWS)
-        page = unit_pages.PageContext(info=job.info, root=LAYER_ROOT, bos_token=bos, model_anchor=job.model_anchor)
-        return unit_pages.write_unit_pages(chunk, page, self.unit_template, self.tails, folder)
+        if job.shard is None:
+            size = layer_pages.write_layer_pages(self.con, job.info, self.env, folder, job.folder, LAYER_ROOT, bos,
+                                                 job.neighbours, job.model_anchor)
+            return JobResult(2, size, 0, job.layer_index)
+        stats = self.stats(job.key)
+        first, stop = (int(i) for i in stats.units.searchsorted([job.shard * SHARD_UNITS,
+                                                                 (job.shard + 1) * SHARD_UNITS]))
+        if first == stop:
+            return JobResult(0, 0, 0, job.layer_index)
+        chunk = read_unit_chunk(self.con, job.key, stats, first, stop, WINDOWS)
+        shard, cards, postings = render_shard(chunk, bos)
+        size = 0
+        for key, value in ((data_key(job.folder, job.shard), shard), (card_key(job.folder, job.shard), cards)):
+            data = js_file(key, value)
+            path = self.site_dir / f"{key}.js"
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(data)
+            size += len(data)
+        return JobResult(2, size, stop - first, job.layer_index, postings)
 
     def close(self) -> None:
         self.con.close()
@@ -71,14 +95,14 @@ class Worker:
 _worker: Worker | None = None
 
 
-def init_process(store_path: str, site_dir: str, bos_tokens: dict[str, str | None]) -> None:
+def init_process(store_path: str, site_dir: str, bos_tokens: dict[str, str | None], full_paths: bool) -> None:
     """Pool initializer: one Worker per process. Ctrl-C is left to the parent, which stops the pool."""
     global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _worker = Worker(store_path, site_dir, bos_tokens)
+    _worker = Worker(store_path, site_dir, bos_tokens, full_paths)
 
 
-def run_job(job: Job) -> tuple[int, int]:
+def run_job(job: Job) -> JobResult:
     """Pool task: run a job in this process's Worker."""
     assert _worker is not None, "init_process was not called in this process"
     return _worker.run(job)

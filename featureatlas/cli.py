@@ -69,10 +69,18 @@ def _parser() -> argparse.ArgumentParser:
                                    "DuckDB store (written to a temporary file, renamed when complete).")
     _harvest_args(p)
     p = sub.add_parser("build", help="render a static site from a store",
-                       description="Render a static website (one page per unit) from a store.")
+                       description="Render a static website from a store: an index, a page per layer listing its "
+                                   "units, a page per unit drawn from data shards, and search. Publishable as-is "
+                                   "on GitHub, GitLab or Cloudflare Pages, and browsable from file://.")
     p.add_argument("store", type=Path)
     p.add_argument("--out", type=Path, required=True, help="site folder to write (replaced if it is a previous site)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--incremental", action="store_true",
+                   help="re-render only the layers whose data changed since the site in --out was built (after "
+                        "annotate, or a new source); the rest is linked from it")
+    p.add_argument("--full-paths", action="store_true",
+                   help="show the corpus, model and dictionary paths in full (default: their last part only, so a "
+                        "public site does not reveal the building machine's folders)")
     p = sub.add_parser("serve", help="serve a built site on localhost",
                        description="Serve a built site with Python's http.server (a site also works from file://).")
     p.add_argument("site", type=Path)
@@ -102,6 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sae-layer", type=int, default=DEMO_SAE_LAYER,
                    help="the demo trains its SAE on this layer's hook_resid_post (default: %(default)s)")
     _train_args(p, demo=True)
+    _annotate_parser(sub)
+    _export_parser(sub)
     return parser
 
 
@@ -153,16 +163,17 @@ def cmd_harvest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build(store: Path, out: Path, workers: int | None = None):
+def _build(store: Path, out: Path, workers: int | None = None, full_paths: bool = False, incremental: bool = False):
     from featureatlas.build.site import build_site
-    summary = build_site(store, out, workers=workers)
-    print(f"wrote {summary.pages:,} pages ({summary.bytes / 1e6:.1f} MB) in {summary.seconds:.0f}s -> "
-          f"{summary.index}")
+    summary = build_site(store, out, workers=workers, full_paths=full_paths, incremental=incremental)
+    reused = f", {summary.reused_units:,} unchanged" if incremental else ""
+    print(f"rendered {summary.units:,} units{reused}: {summary.files:,} files ({summary.bytes / 1e6:.1f} MB) in "
+          f"{summary.seconds:.0f}s ({summary.units_per_second:,.0f} units/s) -> {summary.index}")
     return summary
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    _build(args.store, args.out, args.workers)
+    _build(args.store, args.out, args.workers, args.full_paths, args.incremental)
     return 0
 
 
@@ -200,6 +211,117 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+_ANNOTATE_EPILOG = """\
+unit addresses (a `unit` or `address` column; or columns [model,] [source,] layer, unit):
+  mlp/12/345, L12N345, L12 N345  MLP neuron 345 of layer 12
+  12/345                         the MLP neuron, else the one source the store has on layer 12
+  resid/3/507                    residual-stream dimension 507 of layer 3
+  sae:res14/123, sae:res14 123   feature 123 of a dictionary with one layer (sae:res14/14/123 also works)
+  MODEL::mlp/12/345              in a store that holds several models
+
+examples:
+  featureatlas annotate atlas.duckdb --explanations notes.csv --author alice
+      where notes.csv is   unit,text,score
+                           mlp/12/345,closing brackets in code,0.8
+  featureatlas annotate atlas.duckdb --explanations results/run1/explanations        # delphi
+  featureatlas annotate atlas.duckdb --explanations batch-0.jsonl.gz --source 12-res-jb=sae:res12  # Neuronpedia
+  featureatlas annotate atlas.duckdb --explanations notes.csv --replace   # reload the edited file
+"""
+
+
+def _annotate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("annotate", help="add explanations of units (csv, jsonl, delphi, Neuronpedia) to a store",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_ANNOTATE_EPILOG,
+                       description="Add explanations of units (what a person or an explainer model says each\n"
+                                   "responds to) to a store's `explanations` view, for the site to show. Reads\n"
+                                   ".csv/.tsv and .jsonl/.json rows (columns: unit or address, text, and optionally\n"
+                                   "score, author), the per-latent files EleutherAI's delphi writes (its\n"
+                                   "explanations folder or run folder), and Neuronpedia's explanation exports\n"
+                                   "(.json, .jsonl, .jsonl.gz, or a folder of them). All rows go in or none do;\n"
+                                   "rows already in the store are skipped, so loading a file twice adds nothing.")
+    p.add_argument("store", type=Path, help="the store to add to (a .duckdb file written by harvest)")
+    p.add_argument("--explanations", required=True, type=Path, metavar="FILE",
+                   help="the file, or delphi folder, to load")
+    p.add_argument("--author", metavar="NAME",
+                   help="record NAME as every row's author (default: the input's author column, delphi's "
+                        "explainer model, Neuronpedia's explanationModelName)")
+    p.add_argument("--source", action="append", default=[], metavar="SOURCE|NAME=SOURCE",
+                   help="SOURCE: the source of rows that name none (e.g. every delphi module or Neuronpedia "
+                        "layer); NAME=SOURCE: maps a delphi module (layers.5), a Neuronpedia source (12-res-jb) "
+                        "or set (res-jb), or a source column's value onto a source of the store; repeatable. "
+                        "Without it delphi modules match dictionaries by hook, and Neuronpedia sources by the "
+                        "SAELens config's neuronpedia_id or by name")
+    p.add_argument("--model", help="the model of rows that name none, in a store holding several")
+    p.add_argument("--replace", action="store_true",
+                   help="first delete the explanations loaded earlier from a file (or delphi folder) of the same "
+                        "name")
+    p.add_argument("--skip-unknown", action="store_true",
+                   help="leave out (and count) rows of units the store does not hold, instead of stopping")
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    from featureatlas.store.annotate import annotate
+    summary = annotate(args.store, args.explanations, author=args.author, sources=args.source, model=args.model,
+                       replace=args.replace, skip_unknown=args.skip_unknown)
+    print(summary.line())
+    return 0
+
+
+_EXPORT_EPILOG = """\
+examples:
+  featureatlas export atlas.duckdb --out atlas-json                   # every unit, one JSON file each
+  featureatlas export atlas.duckdb --out l12 --source mlp --layers 12,14-15
+  featureatlas export atlas.duckdb --format neuronpedia --out np --source sae:res15 \\
+      --neuronpedia-model-id smollm2-135m-instruct --neuronpedia-set res-topk-4k
+
+README.md, "Exports", says what each file holds and what the Neuronpedia rows approximate or leave empty.
+"""
+
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a store's units as JSON files or as a Neuronpedia upload",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXPORT_EPILOG,
+                       description="Write what the store holds about each unit (statistics, histogram, logit\n"
+                                   "effects, examples with per-token activations, explanations) for other tools:\n"
+                                   "  json         one file per unit, <model>/<source>/<layer>/<unit>.json, and\n"
+                                   "               index.json (models, sources, layers, unit counts, runs)\n"
+                                   "  neuronpedia  per source and layer, <model id>/<layer>-<set>/ with the\n"
+                                   "               release/model/sourceset/source rows and gzipped JSONL batches\n"
+                                   "               of features, activations and explanations, as SAEDashboard\n"
+                                   "               writes them for Neuronpedia's import\n"
+                                   "The folder is written beside --out and renamed into place when complete.")
+    p.add_argument("store", type=Path, help="a .duckdb file written by harvest")
+    p.add_argument("--format", choices=["json", "neuronpedia"], default="json", help="(default: %(default)s)")
+    p.add_argument("--out", type=Path, required=True, help="folder to write (refused if it exists, see --overwrite)")
+    p.add_argument("--source", action="append", default=None, metavar="SOURCE",
+                   help="export only this source (mlp, resid, sae:NAME, transcoder:NAME); repeatable (default: all)")
+    p.add_argument("--layers", default=None, help="export only these layers, e.g. 0,3-5 (default: all)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out that is an earlier export (or empty), atomically")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="neuronpedia: features per batch file (default: 128)")
+    p.add_argument("--neuronpedia-model-id", default=None, metavar="ID",
+                   help="neuronpedia: the model id (default: the store's model name, lowercased, other characters "
+                        "than letters, digits, _ and - as -)")
+    p.add_argument("--neuronpedia-set", default=None, metavar="SET",
+                   help="neuronpedia: the source set name, for an export of one source (default: the source's "
+                        "name made safe the same way, e.g. sae:res15 -> sae-res15)")
+    p.add_argument("--neuronpedia-creator-id", default=None, metavar="ID",
+                   help="neuronpedia: the Neuronpedia user id to write as creatorId/authorId (default: null)")
+    p.add_argument("--workers", type=int, default=None, help="threads (default: all cores, at most 8)")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from featureatlas.build.export import export_store
+    summary = export_store(args.store, args.out, args.format, sources=args.source, layers=args.layers,
+                           overwrite=args.overwrite, workers=args.workers, batch_size=args.batch_size,
+                           model_id=args.neuronpedia_model_id, set_name=args.neuronpedia_set,
+                           creator_id=args.neuronpedia_creator_id)
+    print(f"exported {summary.units:,} units in {summary.files:,} files ({summary.bytes / 1e6:.1f} MB) in "
+          f"{summary.seconds:.1f}s ({summary.units_per_second:,.0f} units/s) -> {summary.out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from featureatlas.harvest.corpus import embedded_corpus
     from featureatlas.harvest.models import EMBEDDED_MODEL, load_model, pick_device, pick_dtype, resolve_model
@@ -220,3 +342,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"harvest": cmd_harvest, "train-sae": cmd_train_sae, "build": cmd_build, "serve": cmd_serve,
             "info": cmd_info, "demo": cmd_demo}
+COMMANDS["annotate"] = cmd_annotate
+COMMANDS["export"] = cmd_export

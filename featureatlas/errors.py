@@ -13,5 +13,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from featureatlas.harvest.corpus import CorpusError
     from featureatlas.harvest.dictionaries import DictionaryError
     from featureatlas.harvest.models import ModelLoadError
+    from featureatlas.store.annotate import AnnotationError
     from featureatlas.store.schema import StoreError
-    return (UsageError, UnsupportedModelError, CorpusError, DictionaryError, ModelLoadError, StoreError, SiteError)
+    return (UsageError, UnsupportedModelError, CorpusError, DictionaryError, ModelLoadError, StoreError, SiteError,
+            AnnotationError)

@@ -147,3 +147,22 @@ CREATE VIEW logit_effects AS
     FROM t_logits l LEFT JOIN t_vocabulary v USING (model, token_id);
 CREATE VIEW contexts AS SELECT * FROM t_contexts;
 CREATE VIEW documents AS SELECT * FROM t_documents;
+
+-- Explanations: what a person or an explainer model wrote about a unit, loaded by `featureatlas annotate` (a unit
+-- may have several). It was added to version 2 without changing the version: annotate runs this part, from this
+-- comment to the end marker, on stores written before it (store/schema.py's EXPLANATIONS_SQL): IF NOT EXISTS.
+CREATE TABLE IF NOT EXISTS t_explanations (
+    model VARCHAR NOT NULL,
+    source VARCHAR NOT NULL,
+    layer INTEGER NOT NULL,
+    unit INTEGER NOT NULL,
+    text VARCHAR NOT NULL,             -- verbatim from the input (untrusted: escape it wherever it is shown)
+    score DOUBLE,                      -- how well the explanation predicts the unit, as the input gives it; NULL: none
+    score_kind VARCHAR,                -- what the score measures, e.g. 'delphi detection accuracy'; NULL: unknown
+    author VARCHAR,                    -- who or what wrote it: --author, the input's author, or the explainer model
+    file VARCHAR NOT NULL,             -- name of the file (or delphi folder) it was loaded from; --replace matches it
+    added_at TIMESTAMP NOT NULL        -- when annotate loaded it (UTC)
+);
+CREATE VIEW IF NOT EXISTS explanations AS
+    SELECT model, source, layer, unit, text, score, score_kind, author, file, added_at FROM t_explanations;
+-- End of explanations.

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import re
+import urllib.parse
 from pathlib import Path
 
 import duckdb
 import pytest
 
+from featureatlas.build.shards import read_js
 from featureatlas.cli import main
 from featureatlas.harvest.corpus import embedded_corpus
 
@@ -53,12 +54,70 @@ def test_store_holds_neurons_residual_dimensions_and_sae_features(demo: Path) ->
         assert first_file.startswith("".join(tokens[0][1:]))
 
 
-def test_site_has_a_page_per_unit_with_highlighted_examples(demo: Path) -> None:
+def test_site_fits_free_static_hosts(demo: Path) -> None:
+    """A layer page and a unit page per layer, data shards of 256 units, a search index: few files, few bytes."""
     site = demo / "site"
-    pages = list(site.rglob("*.html"))
-    assert len([p for p in pages if re.fullmatch(r"\d+\.html", p.name)]) == 3072 + 576 + 64  # a page per unit
+    files = [p for p in site.rglob("*") if p.is_file()]
+    layers = 4
+    assert len([p for p in files if p.name == "unit.html"]) == layers
+    assert len(files) < 20_000 and sum(p.stat().st_size for p in files) < 1e9
+    assert len([p for p in files if p.parent.name in ("d", "c")]) == 2 * (6 + 6 + 3 + 1)  # ceil(units / 256)
     index = (site / "index.html").read_text()
-    assert "SmolLM2-135M-Instruct" in index
-    unit_pages = [p for p in pages if re.fullmatch(r"\d+\.html", p.name)]
-    text = unit_pages[0].read_text()
-    assert "Content-Security-Policy" in text and "<script>" not in text
+    assert "SmolLM2-135M-Instruct" in index and str(demo) not in index  # no path of the building machine
+    for page in site.rglob("*.html"):
+        text = page.read_text()
+        assert "Content-Security-Policy" in text and "<script>" not in text and str(demo) not in text
+
+
+CRAWL = """async (units) => {
+  const seen = [];
+  for (const u of units) {
+    const drawn = new Promise(resolve => document.addEventListener("featureatlas:unit", e => resolve(e.detail),
+                                                                    { once: true }));
+    location.hash = "#" + u;
+    const got = await drawn;
+    if (got !== u || document.querySelector("h1").textContent.split(" ").pop() !== String(u)) seen.push(u);
+  }
+  return seen;
+}"""
+
+
+def test_crawl_the_whole_site_in_a_browser(demo: Path) -> None:
+    """Every page and every unit of the demo site opened from file:// in Debian's chromium: no broken internal
+    link, no request outside the site, no console error or CSP violation, every unit drawn."""
+    from test_browser import LAUNCH_ARGS, WATCH, _require_browser
+
+    _require_browser()
+    from playwright.sync_api import sync_playwright
+
+    site = (demo / "site").resolve()
+    problems: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=LAUNCH_ARGS)
+        page = browser.new_page()
+        page.add_init_script(WATCH)
+        page.on("console", lambda m: problems.append(f"{page.url}: {m.text}") if m.type in ("error", "warning")
+                else None)
+        page.on("pageerror", lambda e: problems.append(f"{page.url}: {e}"))
+        page.on("requestfailed", lambda r: problems.append(f"failed {r.url}"))
+        page.on("request", lambda r: None if r.url.startswith(("file://" + str(site), "data:", "blob:"))
+                else problems.append(f"outside the site: {r.url}"))
+        pages = sorted(site.rglob("*.html"))
+        for path in pages:
+            page.goto(path.as_uri())
+            links = page.eval_on_selector_all("a[href]", "els => els.map(a => a.href)")
+            for link in links:
+                target = link.split("#")[0]
+                assert target.startswith("file://"), (path, link)
+                assert Path(urllib.parse.unquote(target[len("file://"):])).is_file(), (path, link)
+            if path.name == "unit.html":
+                shards = sorted(path.parent.glob("d/*.js"))
+                units = [u["u"] for shard in shards for u in read_js(shard.read_text())[1]["units"]]
+                assert page.evaluate(CRAWL, units) == []
+                assert len(units) == {"mlp": 1536, "resid": 576, "sae-res15": 64}[path.parent.parent.name]
+            problems += page.evaluate("window.__problems")
+        page.goto((site / "search.html").as_uri() + "?q=the")
+        page.locator("#results .results").first.wait_for()
+        browser.close()
+    assert problems == []
+    assert len(pages) == 2 + 2 * 4

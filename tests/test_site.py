@@ -9,15 +9,16 @@ import re
 import subprocess
 import threading
 import urllib.request
+from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pytest
-from conftest import BOS, MISSING_TOKEN_ID, MODEL, N_LOGITS, PLAIN_TOKENS, SAE_CONFIG, histogram_bin, make_store
+from conftest import BOS, MODEL, PLAIN_TOKENS, SAE_CONFIG, histogram_bin, make_store
 
-from featureatlas.build import examples, histogram, unit_pages
+from featureatlas.build import worker
 from featureatlas.build.numbers import (
     decode_activations,
     encode_activations,
@@ -26,10 +27,13 @@ from featureatlas.build.numbers import (
     format_percent,
 )
 from featureatlas.build.output import MARKER, SiteError
+from featureatlas.build.search_index import fnv1a
 from featureatlas.build.serve import make_server
+from featureatlas.build.shards import SHARD_UNITS, numbers, read_js
 from featureatlas.build.site import build_site
 from featureatlas.build.slugs import slugify, unique_slugs
-from featureatlas.build.tokens import token_html, token_text
+from featureatlas.build.tokens import token_text
+from featureatlas.build.worker import WINDOWS
 from featureatlas.store.schema import StoreError, create_schema, open_store
 
 CSP = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:"
@@ -119,8 +123,12 @@ def layer_dir(site: Path, layer: int, source: str = "mlp") -> Path:
     return site / slugify(MODEL) / SOURCE_FOLDERS[source] / str(layer)
 
 
-def unit_page(site: Path, source: str, layer: int, unit: int) -> str:
-    return (layer_dir(site, layer, source) / f"{unit}.html").read_text()
+def unit_data(site: Path, source: str, layer: int, unit: int) -> tuple[dict, dict]:
+    """The data shard holding a unit, and the unit's entry in it."""
+    key, shard = read_js((layer_dir(site, layer, source) / "d" / f"{unit // SHARD_UNITS}.js").read_text())
+    assert key == f"{slugify(MODEL)}/{SOURCE_FOLDERS[source]}/{layer}/d/{unit // SHARD_UNITS}"
+    assert shard["v"] == 1 and shard["bos"] == BOS
+    return shard, next(row for row in shard["units"] if row["u"] == unit)
 
 
 def query(store: Path, sql: str, params: list) -> list[tuple]:
@@ -153,7 +161,7 @@ def store_examples(store: Path, source: str, layer: int, unit: int, kind: str) -
 
 def shown_window(kind: str, position: int, length: int) -> tuple[int, int]:
     """The tokens [lo, hi) a page shows of an example: a window around its max (min) token."""
-    before, after = examples.WINDOWS.top if kind == "top" else examples.WINDOWS.other
+    before, after = WINDOWS.top if kind == "top" else WINDOWS.other
     lo = max(position - before, 0)
     return (0 if lo == 1 else lo), min(position + after + 1, length)
 
@@ -168,10 +176,11 @@ def test_layout_and_page_counts(site_dir: Path) -> None:
     folders[("sae:res", 1)] = 100  # the dictionary sits on its hook's layer only, twice as wide
     for (source, layer), n in folders.items():
         folder = layer_dir(site_dir, layer, source)
-        assert (folder / "index.html").is_file()
-        assert sorted(int(p.stem) for p in folder.glob("*.html") if p.stem != "index") == list(range(n))
+        assert sorted(p.name for p in folder.glob("*.html")) == ["index.html", "unit.html"]
+        assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*.js")) == ["c/0.js", "d/0.js"]
+        assert [row["u"] for row in unit_data(site_dir, source, layer, 0)[0]["units"]] == list(range(n))
     assert not layer_dir(site_dir, 0, "sae:res").exists()
-    assert len(pages(site_dir)) == 1 + len(folders) + sum(folders.values())
+    assert len(pages(site_dir)) == 2 + 2 * len(folders)  # index, search, and two pages a layer
 
 
 def test_every_page_has_the_csp_and_no_inline_code(site_dir: Path) -> None:
@@ -179,7 +188,7 @@ def test_every_page_has_the_csp_and_no_inline_code(site_dir: Path) -> None:
         page = Page(text)
         assert page.csp == CSP, path
         for tag, attrs in page.tags:
-            assert tag not in {"style", "iframe", "object", "embed", "img", "textarea", "form"}, (path, tag)
+            assert tag not in {"style", "iframe", "object", "embed", "img", "textarea"}, (path, tag)
             assert "style" not in attrs, (path, tag)  # the histogram's SVG too: colours come from classes
             assert not any(name.startswith("on") for name in attrs), (path, tag, attrs)
             if tag == "script":
@@ -205,12 +214,15 @@ def test_internal_links_resolve_and_nothing_is_external(site_dir: Path) -> None:
                 resolved = (path.parent / target).resolve() if target else path
                 assert resolved.is_file(), (path, url)
                 assert site_dir.resolve() in resolved.parents, (path, url)
-                if fragment:
+                if fragment and resolved.name == "unit.html":  # a unit: its number must be in the layer's data
+                    shard = resolved.parent / "d" / f"{int(fragment) // SHARD_UNITS}.js"
+                    assert int(fragment) in {u["u"] for u in read_js(shard.read_text())[1]["units"]}, (path, url)
+                elif fragment:
                     assert fragment in ids[resolved], (path, url)
                 checked += 1
-    assert checked > 2000
+    assert checked > 300
     for name in ("style.css", "site.js"):
-        static = (site_dir / "static" / name).read_text()
+        static = (site_dir / "static" / name).read_text().replace('"http://www.w3.org/2000/svg"', "SVG_NS")
         assert "http:" not in static and "https:" not in static and "url(" not in static
         assert not re.search(r"\.(innerHTML|outerHTML)\b|insertAdjacentHTML|document\.write|eval\(", static)
 
@@ -228,13 +240,17 @@ def test_hostile_strings_render_as_text(site_dir: Path) -> None:
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in joined
     assert "&#34;&gt;&lt;img src=x onerror=alert(1)&gt;" in joined
     assert "&lt;/textarea&gt;" in joined
-    assert "a<i>\\x00</i>b" in joined  # NUL as a visible escape
-    assert "<i>\\u202e</i>evil" in joined  # direction override as an escape
-    assert "\\u202egnp.exe" in joined  # also in document names
+    assert "a\\x00b" in joined  # NUL as a visible escape (in snippets)
+    assert "\\u202eevil" in joined  # direction override as an escape
     assert "{{ 7*7 }}" in joined  # store text is never evaluated as a template
     index = all_pages[site_dir / "index.html"]
     assert "Tiny &#34;LM&#34; &lt;b&gt;v1&lt;/b&gt;/../x" in index
-    assert "/data/saes/&lt;b&gt;res&lt;/b&gt;\\u202e/layer_1" in index  # the dictionary path
+    # Paths of the building machine show as their last part: the dictionary folder's name, not where it lies.
+    assert "<code>layer_1</code>" in index and "/data/saes" not in joined
+    # The data shards are JSON for site.js, which only ever sets text: the raw strings survive exactly.
+    shard, _ = unit_data(site_dir, "mlp", 1, 0)
+    assert "<script>alert(1)</script>" in shard["toks"] and "a\x00b" in shard["toks"]
+    assert any("\u202e" in doc for doc in shard["docs"])
 
 
 def test_dictionary_config_is_shown_as_escaped_json(site_dir: Path) -> None:
@@ -248,20 +264,10 @@ def test_dictionary_config_is_shown_as_escaped_json(site_dir: Path) -> None:
 
 
 def test_token_display() -> None:
-    assert token_html("\n") == "<i>\u23ce\n</i>"  # a visible symbol, then the line break
-    assert token_html("  ") == "<i>\u00b7\u00b7</i>"
-    assert token_html(" the") == " the"
-    assert token_html("\t") == "<i>\u21e5</i>"
-    assert token_html("a  b") == "a<i>\u00b7\u00b7</i>b"
-    assert token_html("<b>&") == "&lt;b&gt;&amp;"
-    assert token_html("x\u202ey") == "x<i>\\u202e</i>y"
     assert token_text("one\ntwo") == "one\u23cetwo"
     assert token_text("<\x00>") == "&lt;\\x00&gt;"
-    assert token_html("\r\n") == "<i>\\r\u23ce\n</i>" and token_html("\x7f\x85") == "<i>\\x7f\\x85</i>"
-    # In logit tables a token is one line: the same glyphs, no line break.
-    assert unit_pages.token_chip("\n\n", 5) == '<span class="tok"><i>\u23ce\u23ce</i></span>'
-    assert unit_pages.token_chip(" <b>", 5) == '<span class="tok"> &lt;b&gt;</span>'
-    assert unit_pages.token_chip(None, 9999) == '<span class="muted">id 9999</span>'
+    assert token_text("a  b") == "a\u00b7\u00b7b" and token_text(" the") == " the"
+    assert token_text("x\u202ey") == "x\\u202ey" and token_text("\r\n") == "\\r\u23ce"
 
 
 def test_slugs() -> None:
@@ -297,196 +303,148 @@ def test_number_formats() -> None:
         "1 in 8,130 tokens", "1 in 4 tokens", "every token", "never", "no token seen"]
 
 
-# --- unit pages -------------------------------------------------------------------------------------
+# --- unit data (drawn by site.js; tests/test_browser.py checks the drawing) --------------------------
 
 SPECIAL_UNITS = [("mlp", 0, 0), ("mlp", 1, 7), ("mlp", 1, 5), ("mlp", 0, 4), ("resid", 1, 9), ("resid", 0, 2),
                  ("sae:res", 1, 0), ("sae:res", 1, 5)]
 
 
+def short(value: float | None) -> float | None:
+    """A value as shards store it: five significant digits."""
+    return None if value is None or np.isnan(value) else float(f"{value:.5g}")
+
+
 @pytest.mark.parametrize("source,layer,unit", SPECIAL_UNITS)
-def test_statistics_are_shown(site_dir: Path, store_path: Path, source: str, layer: int, unit: int) -> None:
-    text = unit_page(site_dir, source, layer, unit)
+def test_statistics_histogram_and_logits_match_the_store(site_dir: Path, store_path: Path, source: str, layer: int,
+                                                         unit: int) -> None:
+    shard, row = unit_data(site_dir, source, layer, unit)
     stats = store_statistics(store_path, source, layer, unit)
-    facts = dict(re.findall(r'<div><dt>([^<]+)</dt><dd class="big">([^<]*)</dd>', text))
-    assert facts == {"Max": format_activation(stats["max_activation"]),
-                     "Min": format_activation(stats["min_activation"]),
-                     "Fires on (&gt; 0)": format_percent(stats["frequency"]), "Mean": format_activation(stats["mean"]),
-                     "Std": format_activation(stats["std"]), "Tokens counted": f"{stats['n_tokens']:,}"}
-    assert f'<dd class="muted">{format_one_in(stats["frequency"])}</dd>' in text
-    hook, hook_name = query(store_path, "SELECT hook, hook_name FROM sources WHERE source = ? AND layer = ?",
-                            [source, layer])[0]
-    assert f"<code>{hook_name}</code>" in text and f"<code class=\"muted\">{hook}</code>" in text
-    noun = {"mlp": "Neuron", "resid": "Dimension", "sae:res": "Feature"}[source]
-    assert f"<h1>{noun} {unit}</h1>" in text
-    has_dictionary = source == "sae:res"
-    assert ("<dt>Architecture</dt><dd>jumprelu</dd>" in text) == has_dictionary
-    assert ("<code>/data/saes/&lt;b&gt;res&lt;/b&gt;\\u202e/layer_1</code>" in text) == has_dictionary
+    assert row["s"] == [short(stats["max_activation"]), short(stats["min_activation"]), stats["n_tokens"],
+                        stats["n_firing"], short(stats["mean"]), short(stats["std"])]
+    bins = query(store_path, """SELECT bin, count FROM histograms WHERE source = ? AND layer = ? AND unit = ?
+                                AND count > 0 ORDER BY bin""", [source, layer, unit])
+    assert row.get("h", [[], []]) == [[b for b, _ in bins], [c for _, c in bins]]
+    for polarity, key in (("top", "lt"), ("bottom", "lb")):
+        logits = query(store_path, """SELECT token, token_id, effect FROM logit_effects WHERE source = ? AND layer = ?
+                                      AND unit = ? AND polarity = ? ORDER BY rank""", [source, layer, unit, polarity])
+        assert [[None if t is None else shard["toks"][t], i, e] for t, i, e in row[key]] == [
+            [token, token_id, short(effect)] for token, token_id, effect in logits]
 
 
 @pytest.mark.parametrize("source,layer,unit", SPECIAL_UNITS)
 def test_examples_of_every_kind_match_the_store(site_dir: Path, store_path: Path, source: str, layer: int,
                                                 unit: int) -> None:
-    """Each section shows the store's examples of its kind, in order, token by token, with values, colours and
-    the max token outlined; bottom examples only for signed sources."""
-    page = Page(unit_page(site_dir, source, layer, unit))
-    stats = store_statistics(store_path, source, layer, unit)
-    signed = source == "resid"
-    assert ("bottom" in page.ids) == signed
-    for kind, section in (("top", "top"), ("bottom", "bottom"), ("quantile", "quantiles"), ("random", "random")):
+    """Each kind holds the store's examples in page order: the tokens of a window around the max (min) token,
+    its activations to three significant digits, its document and offset; bottom examples for signed sources."""
+    shard, row = unit_data(site_dir, source, layer, unit)
+    assert ("bottom" in row["ex"]) == (source == "resid" and bool(store_examples(store_path, source, layer, unit,
+                                                                                 "bottom")))
+    for kind in ("top", "bottom", "quantile", "random"):
         rows = store_examples(store_path, source, layer, unit, kind)
-        shown = page.in_section(section)
+        shown = row["ex"].get(kind, [])
         assert len(shown) == len(rows), kind
-        assert [int(e["rank"].lstrip("#")) for e in shown] == [r[0] for r in rows]
-        assert [e["act"] for e in shown] == [format_activation(r[1]) for r in rows]
-        for example, (_, _, position, activations, tokens, *_) in zip(shown, rows, strict=True):
-            lo, hi = shown_window(kind, position, len(tokens))
-            acts = decode_activations(example["acts"])
-            assert len(acts) == len(example["tokens"]) == hi - lo
-            assert acts == [float(f"{a:.3g}") for a in activations[lo:hi]]  # three significant digits, exactly
-            marked = [i for i, tok in enumerate(example["tokens"]) if "m" in tok["classes"]]
-            assert marked == [position - lo] and example["tokens"][position - lo]["tabindex"] == "0"
-            assert ("bos" in example["tokens"][0]["classes"]) == (lo == 0) and tokens[0] == BOS
-            colours = [c for tok in example["tokens"] for c in tok["classes"] if re.fullmatch(r"[an]\d", c)]
-            assert all(1 <= int(c[1]) <= examples.BUCKETS for c in colours)
-    top = page.in_section("top")
-    if top and stats["max_activation"] > 0:  # the unit's max gets the strongest colour
-        position = store_examples(store_path, source, layer, unit, "top")[0][2]
-        assert f"a{examples.BUCKETS}" in top[0]["tokens"][position]["classes"]
-    if signed:  # the unit's min gets the strongest blue: bottom examples are scaled to the min
-        (_, _, position, _, tokens, *_), *_ = store_examples(store_path, source, layer, unit, "bottom")
-        lo, _ = shown_window("bottom", position, len(tokens))
-        assert f"n{examples.BUCKETS}" in page.in_section("bottom")[0]["tokens"][position - lo]["classes"]
-    if source == "mlp" and unit == 4:  # never positive: the colours are on the negative scale
-        classes = {c for tok in top[0]["tokens"] if "bos" not in tok["classes"] for c in tok["classes"]}
-        assert any(c.startswith("n") for c in classes) and not any(re.fullmatch(r"a\d", c) for c in classes)
+        for example, (_, value, position, activations, tokens, interval_lo, interval_hi, start) in zip(
+                shown, rows, strict=True):
+            c, lo, shown_position, shown_value, acts = example[:5]
+            ctx = shard["ctx"][c]
+            expected_lo, hi = shown_window(kind, position, len(tokens))
+            assert (lo, shown_position, shown_value) == (expected_lo, position, short(value))
+            assert decode_activations(acts) == [float(f"{a:.3g}") for a in activations[lo:hi]]
+            assert [shard["toks"][t] for t in ctx[4][lo - ctx[2]:hi - ctx[2]]] == tokens[lo:hi]
+            assert ctx[1] == start and ctx[3] == len(tokens) and shard["docs"][ctx[0]]
+            if kind == "quantile":
+                assert example[5:] == [short(interval_lo), short(interval_hi)]
 
 
-def test_quantile_intervals_are_labelled_highest_first(site_dir: Path, store_path: Path) -> None:
-    text = unit_page(site_dir, "sae:res", 1, 0)
-    rows = store_examples(store_path, "sae:res", 1, 0, "quantile")
-    intervals = list(dict.fromkeys((lo, hi) for *_, lo, hi, _ in rows))
-    assert len(intervals) == 3 and intervals == sorted(intervals, reverse=True)
-    unit_max = store_statistics(store_path, "sae:res", 1, 0)["max_activation"]
-    headings = re.findall(r'<section class="interval"><h3>(.*?)</h3>', text)
-    assert headings == [f'{format_activation(lo)} to {format_activation(hi)} <span class="count">'
-                        f"{100 * lo / unit_max:.0f}\u2013{100 * hi / unit_max:.0f}% of max \u00b7 2 examples</span>"
-                        for lo, hi in intervals]
-    page = Page(text)
-    for example, (_, value, *_, lo, hi, _) in zip(page.in_section("quantiles"), rows, strict=True):
-        assert intervals.index((lo, hi)) == example["interval"] and lo <= value < hi
+def test_contexts_are_stored_once_per_shard(site_dir: Path) -> None:
+    shard, _ = unit_data(site_dir, "mlp", 1, 0)
+    uses = [ex[0] for row in shard["units"] for kind in row["ex"].values() for ex in kind]
+    assert len(uses) > 2 * len(shard["ctx"])  # units share contexts: each is written once
+    assert sorted(set(uses)) == list(range(len(shard["ctx"])))
+    assert len(shard["toks"]) == len(set(shard["toks"]))
 
 
 def test_examples_show_a_window_around_their_max(tmp_path: Path) -> None:
     """In 64-token contexts, top examples show up to 32 tokens before their max token and 8 after; the other
-    kinds 10 before their max (min) and 4 after; an ellipsis marks a cut, and the offset is the first shown
-    token's."""
+    kinds 10 before their max (min) and 4 after."""
     store = make_store(tmp_path / "long.duckdb", n_layers=1, n_units=6, context_length=64, sources=("resid",),
                        vocabulary=PLAIN_TOKENS)
     build_site(store, tmp_path / "site", workers=1, progress=False)
-    page_text = (tmp_path / "site" / slugify(MODEL) / "resid" / "0" / "0.html").read_text()
-    page = Page(page_text)
+    shard, row = unit_data(tmp_path / "site", "resid", 0, 0)
     cut = 0
-    for kind, section in (("top", "top"), ("bottom", "bottom"), ("quantile", "quantiles"), ("random", "random")):
-        rows = store_examples(store, "resid", 0, 0, kind)
-        before, after = examples.WINDOWS.top if kind == "top" else examples.WINDOWS.other
-        for example, (_, _, position, _, tokens, *_) in zip(page.in_section(section), rows, strict=True):
-            lo, hi = shown_window(kind, position, 64)
-            assert hi - lo <= 1 + before + after
-            assert [t["text"] for t in example["tokens"]] == tokens[lo:hi]
-            assert ("cut-l" in example["classes"]) == (lo > 0) and ("cut-r" in example["classes"]) == (hi < 64)
+    for kind in ("top", "bottom", "quantile", "random"):
+        before, after = WINDOWS.top if kind == "top" else WINDOWS.other
+        for example in row["ex"][kind]:
+            lo, position, n = example[1], example[2], len(example[4]) // 3
+            assert n <= 1 + before + after and lo <= position < lo + n
+            assert lo == shown_window(kind, position, 64)[0]
             cut += lo > 0
-        text = re.split(r'<section id="|</main>', page_text.split(f'<section id="{section}"')[1])[0]
-        first_text_token = [start + max(lo - 1, 0) for lo, start in  # the BOS stands before the first text token
-                            ((shown_window(kind, row[2], 64)[0], row[-1]) for row in rows)]
-        assert [int(n) for n in re.findall(r"from token (\d+)", text)] == first_text_token
     assert cut > 5
 
 
 def test_bin_edges_are_the_store_views() -> None:
-    """The edges the page labels bars with are the `histograms` view's, for every bin; so are the fixture's bins."""
+    """The fixture's histogram bins are the `histograms` view's: bin b holds [lo, hi)."""
     con = duckdb.connect()
     create_schema(con)
     con.execute("INSERT INTO t_histograms VALUES ('m', 's', 0, 0, ?, ?)", [list(range(-130, 131)), [1] * 261])
-    view = con.execute("SELECT bin, lo, hi FROM histograms ORDER BY bin").fetchall()
-    assert view == [(b, *histogram.bin_edges(b)) for b in range(-130, 131)]
-    lows = np.array([histogram.bin_edges(b)[0] for b in range(2, 131)])
+    view = con.execute("SELECT bin, lo FROM histograms WHERE bin >= 2 ORDER BY bin").fetchall()
+    lows = np.array([lo for _, lo in view])
     assert histogram_bin(lows).tolist() == list(range(2, 131))
     assert histogram_bin(-lows).tolist() == list(range(-2, -131, -1))
 
 
-def test_histogram_bars_match_the_store(site_dir: Path, store_path: Path) -> None:
-    """One bar per non-empty bin with its range and count as its title; taller bars for larger counts; the
-    negative side only where there are negative values; edges as the store's view defines them."""
-    for source, layer, unit, negative in (("resid", 1, 9, True), ("sae:res", 1, 0, False), ("mlp", 1, 7, True)):
-        rows = query(store_path, """SELECT bin, lo, hi, count FROM histograms
-                                    WHERE source = ? AND layer = ? AND unit = ? AND count > 0 ORDER BY bin""",
-                     [source, layer, unit])
-        text = unit_page(site_dir, source, layer, unit)
-        svg = re.search(r'<figure class="hist"><svg (.*?)</svg><figcaption id="hist-cap">(.*?)</figcaption>', text)
-        assert svg and 'aria-labelledby="hist-cap"' in svg.group(1)
-        bars = re.findall(r'<rect x="\d+" width=".86" height="(\d+)"><title>([^<]*)</title></rect>',
-                          svg.group(1))
-        assert [title for _, title in bars] == [f"{histogram.BIN_LABELS[b]}: {count:,}" for b, _, _, count in rows]
-        heights = sorted(zip((count for *_, count in rows), (float(h) for h, _ in bars), strict=True))
-        assert [h for _, h in heights] == sorted(h for _, h in heights)  # log scale keeps the order
-        assert ('<g class="hn">' in svg.group(1)) == negative
-        assert f"{sum(count for *_, count in rows):,} tokens counted" in svg.group(2)
-    sae = unit_page(site_dir, "sae:res", 1, 0)
-    assert '<g class="hz"><rect' in sae and "<title>exactly 0: " in sae  # most tokens: the zero bar
-    assert "(every token of" not in sae and "(every token of 1 context in 8)" in unit_page(site_dir, "resid", 1, 9)
-    assert histogram.BIN_LABELS[2] == "1.53e-05 to 1.91e-05" and histogram.BIN_LABELS[-130] == "-65.5k and below"
+def test_prev_next_across_shards(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "wide.duckdb", n_layers=1, n_units=300, sources=("mlp",), k=1, context_length=8)
+    build_site(store, tmp_path / "site", workers=1, progress=False)
+    first, _ = unit_data(tmp_path / "site", "mlp", 0, 0)
+    second, _ = unit_data(tmp_path / "site", "mlp", 0, 299)
+    assert [u["u"] for u in first["units"]] == list(range(256)) and (first["prev"], first["next"]) == (None, 256)
+    assert [u["u"] for u in second["units"]] == list(range(256, 300))
+    assert (second["prev"], second["next"]) == (255, None)
 
 
-def test_logit_tables(site_dir: Path, store_path: Path) -> None:
-    """Promoted and suppressed tokens in rank order, shown like tokens elsewhere, with their effects."""
-    for source, unit in (("sae:res", 0), ("resid", 1)):
-        text = unit_page(site_dir, source, 1, unit)
-        for polarity, caption in (("top", "Promoted"), ("bottom", "Suppressed")):
-            table = re.search(f"<caption>{caption}</caption>.*?<tbody>(.*?)</tbody>", text)
-            assert table, caption
-            shown = re.findall(r"<tr><td>(.*?)</td><td>([^<]*)</td></tr>", table.group(1))
-            rows = query(store_path, """SELECT token, token_id, effect FROM logit_effects
-                                        WHERE source = ? AND layer = 1 AND unit = ? AND polarity = ? ORDER BY rank""",
-                         [source, unit, polarity])
-            assert len(shown) == len(rows) == N_LOGITS
-            assert shown == [(unit_pages.token_chip(token, token_id), f"{effect:+.3g}")
-                             for token, token_id, effect in rows]
-    promoted = unit_page(site_dir, "sae:res", 1, 0)
-    assert '<span class="tok">&lt;script&gt;alert(1)&lt;/script&gt;</span>' in promoted
-    assert f'<span class="muted">id {MISSING_TOKEN_ID}</span>' in unit_page(site_dir, "resid", 1, 1)
-    assert "No logit effects in this store for this unit." in unit_page(site_dir, "mlp", 0, 0)  # none harvested
+def test_search_index_finds_units_by_peak_token_logit_and_address(site_dir: Path, store_path: Path) -> None:
+    _, manifest = read_js((site_dir / "search" / "manifest.js").read_text())
+    layers = manifest["layers"]
+    assert [(layer["source"], layer["layer"]) for layer in layers] == [
+        ("mlp", 0), ("mlp", 1), ("resid", 0), ("resid", 1), ("sae:res", 1)]
+    assert all((site_dir / layer["path"] / "unit.html").is_file() for layer in layers)
+    terms: dict[str, list] = {}
+    for path in (site_dir / "search" / "t").glob("*.js"):
+        key, shard = read_js(path.read_text())
+        assert key == f"search/t/{path.stem}"
+        for term, postings in shard.items():
+            assert fnv1a(term) % manifest["shards"] == int(path.stem)
+            terms[term] = postings
+    peaks = query(store_path, """SELECT e.source, e.layer, e.unit, c.tokens[e.max_position + 1] AS t
+                                 FROM examples e JOIN contexts c USING (context_id)
+                                 WHERE example_kind = 'top'""", [])
+    counts = Counter((source, layer, unit, token.strip().lower()) for source, layer, unit, token in peaks)
+    index_of = {(layer["source"], layer["layer"]): i for i, layer in enumerate(layers)}
+    for (source, layer, unit, term), count in counts.items():
+        if term:
+            assert [0, index_of[source, layer], unit, count] in terms[term], (source, layer, unit, term)
+    logits = query(store_path, """SELECT source, layer, unit, token FROM logit_effects
+                                  WHERE polarity = 'top' AND token IS NOT NULL""", [])
+    for source, layer, unit, token in logits[:50]:
+        term = token.strip().lower()
+        if term:
+            assert any(p[:3] == [1, index_of[source, layer], unit] for p in terms[term])
 
 
-def test_absent_data_gets_a_short_line(site_dir: Path) -> None:
-    never_seen = unit_page(site_dir, "mlp", 0, 3)
-    assert never_seen.count("No examples: this neuron was never seen in the harvest.") == 3  # top, quantile, random
-    assert "No histogram: this unit was never seen in the harvest." in never_seen
-    assert '<dd class="big">\u2014</dd>' in never_seen and "no token seen" in never_seen
-    assert '<div class="ctx"' not in never_seen and 'class="scale"' not in never_seen
-    dead = unit_page(site_dir, "sae:res", 1, 3)
-    assert dead.count("No examples: this feature never fired.") == 3 and "<dd class=\"muted\">never</dd>" in dead
-    bars = re.findall(r"<rect[^>]*><title>([^<]*)</title>", dead)
-    assert len(bars) == 1 and bars[0].startswith("exactly 0: ")  # a dead feature: only zeros
-    assert Page(unit_page(site_dir, "mlp", 1, 5)).in_section("top").__len__() == 2  # fewer than k
-
-
-def test_prev_next_up_links(site_dir: Path) -> None:
-    def nav(unit: int, source: str = "mlp") -> dict[str, str]:
-        text = unit_page(site_dir, source, 1, unit)
-        return dict((rel, href) for href, rel in
-                    ((a.get("href"), a.get("rel")) for tag, a in Page(text).tags if tag == "a") if rel)
-
-    assert nav(0) == {"up": "index.html", "next": "1.html"}
-    assert nav(10) == {"prev": "9.html", "up": "index.html", "next": "11.html"}
-    assert nav(49) == {"prev": "48.html", "up": "index.html"}
-    assert nav(99, "sae:res") == {"prev": "98.html", "up": "index.html"}
-    layer0 = (layer_dir(site_dir, 0) / "index.html").read_text()
-    assert 'rel="next" href="../1/index.html"' in layer0 and 'rel="prev"' not in layer0
+def test_cards_give_a_search_result_its_line(site_dir: Path, store_path: Path) -> None:
+    key, cards = read_js((layer_dir(site_dir, 1) / "c" / "0.js").read_text())
+    assert key.endswith("/mlp/1/c/0") and [c[0] for c in cards["units"]] == list(range(50))
+    unit, top, _, frequency, snippet, mark, explanation = cards["units"][7]
+    stats = store_statistics(store_path, "mlp", 1, 7)
+    assert top == short(stats["max_activation"]) and frequency == short(stats["frequency"])
+    (_, _, position, _, tokens, *_), *_ = store_examples(store_path, "mlp", 1, 7, "top")
+    assert snippet[mark] == tokens[position] and BOS not in snippet and explanation is None
 
 
 # --- layer and index pages --------------------------------------------------------------------------
 
-ROW = re.compile(r'<tr><td><a href="(\d+)\.html">\d+</a></td>((?:<td>[^<]*</td>)+)<td>(.*?)</td></tr>')
+ROW = re.compile(r'<tr><td><a href="unit\.html#(\d+)">\d+</a></td>((?:<td>[^<]*</td>)+)<td>(.*?)</td></tr>')
 
 
 def layer_rows(site: Path, source: str, layer: int) -> list[tuple[int, list[str], str]]:
@@ -506,7 +464,7 @@ def test_layer_page_lists_every_unit_with_its_numbers_and_a_snippet(site_dir: Pa
     assert all(snippet.count("<mark>") == 1 for unit, _, snippet in rows if unit != 3)
     assert rows[3][2] == '<span class="none">no examples</span>' and rows[3][1] == ["\u2014", "\u2014"]
     text = (layer_dir(site_dir, 1) / "index.html").read_text()
-    assert [b for b in re.findall(r">([^<>]+)</button>", text)] == ["Unit", "Max", "Firing"]
+    assert [b for b in re.findall(r'data-sort="\d">([^<>]+)</button>', text)] == ["Unit", "Max", "Firing"]
 
 
 def test_signed_layer_pages_show_min_and_largest_magnitude(site_dir: Path, store_path: Path) -> None:
@@ -519,7 +477,7 @@ def test_signed_layer_pages_show_min_and_largest_magnitude(site_dir: Path, store
     largest = max(rows, key=lambda row: float(row[1][2]))
     assert largest[0] == 9  # the outlier dimension
     text = (layer_dir(site_dir, 1, "resid") / "index.html").read_text()
-    assert re.findall(r">([^<>]+)</button>", text) == ["Unit", "Max", "Min", "Max |act|", "Firing"]
+    assert re.findall(r'data-sort="\d">([^<>]+)</button>', text) == ["Unit", "Max", "Min", "Max |act|", "Firing"]
     assert re.findall(r'data-sort="(\d)"', text) == ["0", "1", "2", "3", "4"]
 
 
@@ -528,31 +486,32 @@ def test_index_lists_models_sources_layers_and_run(site_dir: Path) -> None:
     slug = slugify(MODEL)
     for folder in ("mlp/0", "mlp/1", "resid/0", "resid/1", "sae-res/1"):
         assert f'href="{slug}/{folder}/index.html"' in text
-    for fact in ("corpus/&lt;b&gt;docs&lt;/b&gt;", "375,000", "25,000", "<dd>16</dd>", "<dd>5</dd>", "float32",
+    for fact in ("<dt>Corpus</dt><dd>b&gt;</dd>", "375,000", "25,000", "<dd>16</dd>", "<dd>5</dd>", "float32",
                  "2025-01-02 04:05"):
         assert fact in text
     headings = re.findall(r"<h3>(.*?)</h3>", text)
     assert headings == ['mlp <span class="count">MLP neurons · 100 units in 2 layers</span>',
                         'resid <span class="count">residual stream dimensions, signed · 100 units in 2 layers</span>',
                         'sae:res <span class="count">SAE features · 100 units in 1 layer</span>']
-    assert "Architecture jumprelu · <code>/data/saes/&lt;b&gt;res&lt;/b&gt;\\u202e/layer_1</code>" in text
+    assert "Architecture jumprelu · <code>layer_1</code>" in text
     assert "<code>blocks.1.hook_resid_post</code>" in text and "<code>blocks.0.mlp.hook_post</code>" in text
     assert 'title="model.layers.1.mlp.down_proj:input"' in text
     assert "48 active" in text and "99 active" in text  # MLP units 3 and 4 never fire, nor does SAE feature 3
 
 
-def test_unit_pages_stay_small(tmp_path: Path) -> None:
-    """A page as the harvest's defaults fill it: 20 top examples, 20 bottom examples (signed units), 12 quantile
-    intervals of 2 samples and 4 random samples, from 64-token contexts; a histogram and 20 logits."""
-    store = make_store(tmp_path / "big.duckdb", n_layers=1, n_units=12, k=20, context_length=64,
+def test_bytes_and_files_per_unit_stay_small(tmp_path: Path) -> None:
+    """Units as the harvest's defaults fill them: 20 top examples, 20 bottom examples (signed units), 12 quantile
+    intervals of 2 samples and 4 random samples, from 64-token contexts; a histogram and 20 logits. A few KB a
+    unit (contexts are shared within a shard) and files growing with units / 100 or slower."""
+    store = make_store(tmp_path / "big.duckdb", n_layers=1, n_units=300, k=20, context_length=64,
                        vocabulary=PLAIN_TOKENS + ["\n"], quantiles=(12, 2), n_random=4)
-    build_site(store, tmp_path / "site", workers=1, progress=False)
-    sizes = {(path.parent.parent.name, int(path.stem)): path.stat().st_size
-             for path in (tmp_path / "site").glob("*/*/0/[0-9]*.html")}
-    assert len(sizes) == 12 + 12 + 24
-    assert sizes["mlp", 3] < 5_000, sizes  # never seen: no examples, no histogram
-    assert max(size for (source, _), size in sizes.items() if source in ("mlp", "sae-res")) < 60_000, sizes
-    assert max(size for (source, _), size in sizes.items() if source == "resid") < 80_000, sizes  # with bottom
+    summary = build_site(store, tmp_path / "site", workers=1, progress=False)
+    files = [p for p in (tmp_path / "site").rglob("*") if p.is_file()]
+    assert summary.units == 1200 and summary.files == len(files) - 1  # the marker is not counted
+    data = sum(p.stat().st_size for p in files if p.parent.name in ("d", "c"))
+    assert data / summary.units < 12_000, data / summary.units
+    n_layers = 4  # a data and a card file per 256 units of each layer
+    assert sum(p.parent.name in ("d", "c") for p in files) <= 2 * (summary.units / SHARD_UNITS + n_layers)
 
 
 def test_two_models_and_parallel_workers(tmp_path: Path) -> None:
@@ -560,13 +519,14 @@ def test_two_models_and_parallel_workers(tmp_path: Path) -> None:
     store = make_store(tmp_path / "a.duckdb", n_layers=1, n_units=30, models=("static", "Other/Model"))
     out = tmp_path / "site"
     summary = build_site(store, out, workers=2, progress=False)
-    assert summary.pages == 1 + 2 * (3 + 30 + 30 + 60) and summary.index == out / "index.html"
-    assert (out / "static-" / "mlp" / "0" / "29.html").is_file()  # "static" must not clash with static/
-    assert (out / "other-model" / "sae-res" / "0" / "59.html").is_file()
-    assert summary.bytes == sum(p.stat().st_size for p in out.rglob("*.html"))
+    assert summary.units == 2 * (30 + 30 + 60) and summary.index == out / "index.html"
+    assert (out / "static-" / "mlp" / "0" / "d" / "0.js").is_file()  # "static" must not clash with static/
+    assert (out / "other-model" / "sae-res" / "0" / "unit.html").is_file()
+    assert summary.bytes == sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != MARKER)
+    assert summary.files == sum(1 for p in out.rglob("*") if p.is_file() and p.name != MARKER)
     index = (out / "index.html").read_text()
     assert 'id="m-static-"' in index and 'href="other-model/mlp/0/index.html"' in index
-    unit = (out / "other-model" / "mlp" / "0" / "7.html").read_text()
+    unit = (out / "other-model" / "mlp" / "0" / "unit.html").read_text()
     assert '<a href="../../../index.html#m-other-model">Other/Model</a>' in unit
 
 
@@ -604,12 +564,12 @@ def test_builds_into_an_empty_folder_and_rebuilds_over_a_site(tmp_path: Path, st
     build_site(store_path, out, workers=1, progress=False)
     (out / "stale.html").write_text("from an older build")
     summary = build_site(store_path, out, workers=1, progress=False)
-    assert summary.pages == 306 and not (out / "stale.html").exists() and (out / MARKER).is_file()
+    assert summary.units == 300 and not (out / "stale.html").exists() and (out / MARKER).is_file()
     assert leftovers(tmp_path) == []
 
 
 def test_a_crash_leaves_no_partial_output(tmp_path: Path, store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = unit_pages.write_unit_pages
+    real = worker.render_shard
     calls = []
 
     def fail_on_second_call(*args: object, **kwargs: object) -> tuple[int, int]:
@@ -618,17 +578,17 @@ def test_a_crash_leaves_no_partial_output(tmp_path: Path, store_path: Path, monk
             raise RuntimeError("disk on fire")
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(unit_pages, "write_unit_pages", fail_on_second_call)
+    monkeypatch.setattr(worker, "render_shard", fail_on_second_call)
     out = tmp_path / "site"
     with pytest.raises(RuntimeError, match="disk on fire"):
         build_site(store_path, out, workers=1, progress=False)
     assert not out.exists() and leftovers(tmp_path) == [] and len(calls) == 2
 
-    monkeypatch.setattr(unit_pages, "write_unit_pages", real)
+    monkeypatch.setattr(worker, "render_shard", real)
     build_site(store_path, out, workers=1, progress=False)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != MARKER}
     calls.clear()
-    monkeypatch.setattr(unit_pages, "write_unit_pages", fail_on_second_call)
+    monkeypatch.setattr(worker, "render_shard", fail_on_second_call)
     with pytest.raises(RuntimeError):
         build_site(store_path, out, workers=1, progress=False)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != MARKER} == before
@@ -667,3 +627,58 @@ def test_serve_serves_the_site(site_dir: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+# --- explanations and incremental builds --------------------------------------------------------------
+
+def site_files(site: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(site)): p.read_bytes() for p in site.rglob("*")
+            if p.is_file() and p.name not in (MARKER, ".featureatlas-build.json.gz")}
+
+
+def test_explanations_are_shown_searched_and_rebuilt_incrementally(tmp_path: Path, store_path: Path) -> None:
+    """annotate, then build --incremental: only the annotated layer is rendered again, and the result equals a
+    full build; the explanation is in the unit's data, its layer page's table and the search index."""
+    from featureatlas.store.annotate import annotate
+
+    store = tmp_path / "store.duckdb"
+    store.write_bytes(store_path.read_bytes())
+    site = tmp_path / "site"
+    first = build_site(store, site, workers=1, progress=False, incremental=True)
+    assert first.reused_units == 0 and first.units == 300
+    again = build_site(store, site, workers=1, progress=False, incremental=True)
+    assert again.units == 0 and again.reused_units == 300  # nothing changed: every layer linked
+    notes = tmp_path / "notes.csv"
+    notes.write_text('unit,text,score,author\nresid/1/9,"the outlier <b>dimension</b>\u202e",0.9,alice\n')
+    annotate(store, notes)
+    after = build_site(store, site, workers=1, progress=False, incremental=True)
+    assert after.units == 50 and after.reused_units == 250  # the annotated layer only
+    full = build_site(store, tmp_path / "full", workers=1, progress=False)
+    assert site_files(site) == site_files(tmp_path / "full") and full.files == after.files
+
+    _, row = unit_data(site, "resid", 1, 9)
+    assert row["x"] == [["the outlier <b>dimension</b>\u202e", 0.9, "alice"]]
+    layer = (layer_dir(site, 1, "resid") / "index.html").read_text()
+    assert "<td>the outlier &lt;b&gt;dimension&lt;/b&gt;\\u202e</td>" in layer and "Explanation</th>" in layer
+    assert "Explanation</th>" not in (layer_dir(site, 1) / "index.html").read_text()
+    _, manifest = read_js((site / "search" / "manifest.js").read_text())
+    term_file = site / "search" / "t" / f"{fnv1a('outlier') % manifest['shards']}.js"
+    postings = read_js(term_file.read_text())[1]["outlier"]
+    assert postings == [[2, 3, 9, 1]]  # kind 2: an explanation's word; the fourth layer (resid 1); unit 9
+
+
+def test_incremental_build_of_another_site_renders_everything(tmp_path: Path, store_path: Path) -> None:
+    site = tmp_path / "site"
+    build_site(store_path, site, workers=1, progress=False)
+    other = make_store(tmp_path / "other.duckdb", n_layers=2, n_units=40)  # another harvest
+    summary = build_site(other, site, workers=1, progress=False, incremental=True)
+    assert summary.units == 240 and summary.reused_units == 0
+    assert site_files(site) == site_files(build_site(other, tmp_path / "full", workers=1, progress=False).index.parent)
+
+
+def test_shard_numbers_have_five_significant_digits() -> None:
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal(50_000) * 10.0 ** rng.uniform(-40, 38, 50_000)).astype(np.float32)
+    values[:6] = [0, np.nan, np.inf, -np.inf, 1e-45, -3.4e38]
+    expected = [None, 3.4e38, -3.4e38] + [float(f"{v:.5g}") for v in values[4:].tolist()]
+    assert numbers(values) == [0.0] + expected
