@@ -8,13 +8,15 @@ contexts) in a temporary folder, or uses --store PATH (generated there first whe
 that step). Then it builds the site with build_site (in a temporary folder unless --keep DIR) and prints the
 build's time and rate, the site's files, folders and bytes, its largest file, and whether it fits the free
 static hosts' limits. It relies only on build_site's signature and the folder it writes, so it measures
-whatever the builder is. Temporary folders are removed, whatever happens.
+whatever the builder is. The temporary folder is removed whatever happens (and that is timed).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -87,6 +89,7 @@ class SiteBench:
     store_seconds: float | None  # None when an existing store was used
     store_bytes: int
     build_seconds: float
+    build_cpu_seconds: float  # this process and its build workers: less skewed than wall time on a busy machine
     site: SiteSize
     fits: dict[str, list[str]]  # host name -> problems (empty: fits)
 
@@ -129,6 +132,12 @@ def _load() -> str:
     return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "unknown"
 
 
+def _cpu_seconds() -> float:
+    """User + system time of this process and of its finished children (the build's worker processes)."""
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
+
+
 def _count_units(store: Path) -> int:
     con = open_store(store)
     try:
@@ -141,43 +150,59 @@ def _describe(summary: LargeStoreSummary) -> str:
     sources = ", ".join(f"{name} {n:,} in {summary.layers[name]} layer{'s' * (summary.layers[name] > 1)}"
                         for name, n in summary.units.items())
     examples = ", ".join(f"{n:,} {kind}" for kind, n in summary.examples.items())
-    return (f"{sources}; examples: {examples}; {summary.dead_features:,} dead features; {summary.contexts:,} "
+    return (f"{sources}; examples: {examples}; dead SAE features: {summary.dead_features:,}; {summary.contexts:,} "
             f"contexts, {summary.vocabulary:,} tokens named by logit effects")
 
 
 def run(units: int, seed: int, workers: int | None, store: Path | None, keep: Path | None,
         progress: bool) -> SiteBench:
-    """Generate (or reuse) the store, build, measure, print; temporary folders go whatever happens."""
-    with tempfile.TemporaryDirectory(prefix="featureatlas-bench-site-") as tmp:
-        store_seconds = None
-        if store is None or not store.exists():
-            store = store or Path(tmp) / "store.duckdb"
-            summary = make_large_store(store, units, seed)
-            store_seconds = summary.seconds
-            print(f"store: generated in {store_seconds:.1f} s: {_describe(summary)}")
-        else:
-            print(f"store: reusing {store} (--units and --seed do not apply)")
-        store_bytes = store.stat().st_size
-        n_units = _count_units(store)
-        print(f"store: {n_units:,} units, {_size(store_bytes)}")
-        out = keep or Path(tmp) / "site"
-        load = _load()
+    """Generate (or reuse) the store, build, measure, print; the temporary folder goes whatever happens (timed:
+    removing a site of 100,000 files takes a while too)."""
+    tmp = Path(tempfile.mkdtemp(prefix="featureatlas-bench-site-"))
+    try:
+        result = _run_in(tmp, units, seed, workers, store, keep, progress)
+    finally:
         started = time.perf_counter()
-        build_site(store, out, workers=workers, progress=progress)
-        seconds = time.perf_counter() - started
-        print(f"machine: {os.cpu_count()} CPUs, load average {load} before the build, {_load()} after "
-              "(other processes skew the timing)")
-        site = measure_site(out)
-        fits = {host.name: host.problems(site) for host in HOSTS}
-        result = SiteBench(n_units, store_seconds, store_bytes, seconds, site, fits)
-        _report(result, workers, out if keep else None)
-        return result
+        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            print(f"warning: could not remove all of {tmp}", file=sys.stderr)
+    print(f"cleanup: {time.perf_counter() - started:.1f} s to remove the temporary folder")
+    return result
+
+
+def _run_in(tmp: Path, units: int, seed: int, workers: int | None, store: Path | None, keep: Path | None,
+            progress: bool) -> SiteBench:
+    store_seconds = None
+    if store is None or not store.exists():
+        store = store or tmp / "store.duckdb"
+        cpu = _cpu_seconds()
+        summary = make_large_store(store, units, seed)
+        store_seconds = summary.seconds
+        print(f"store: generated in {store_seconds:.1f} s (CPU time {_cpu_seconds() - cpu:.1f} s; load average "
+              f"{_load()}): {_describe(summary)}")
+    else:
+        print(f"store: reusing {store} (--units and --seed do not apply)")
+    store_bytes = store.stat().st_size
+    n_units = _count_units(store)
+    print(f"store: {n_units:,} units, {_size(store_bytes)}")
+    out = keep or tmp / "site"
+    load, cpu = _load(), _cpu_seconds()
+    started = time.perf_counter()
+    build_site(store, out, workers=workers, progress=progress)
+    seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu
+    print(f"machine: {os.cpu_count()} CPUs, load average {load} before the build, {_load()} after "
+          "(other processes skew the timing)")
+    site = measure_site(out)
+    fits = {host.name: host.problems(site) for host in HOSTS}
+    result = SiteBench(n_units, store_seconds, store_bytes, seconds, cpu, site, fits)
+    _report(result, workers, out if keep else None)
+    return result
 
 
 def _report(r: SiteBench, workers: int | None, kept: Path | None) -> None:
     s = r.site
     print(f"build: {r.units:,} units in {r.build_seconds:.1f} s = {r.units_per_second:,.0f} units/s "
-          f"(workers: {workers or f'default, {os.cpu_count()} CPUs'})")
+          f"(workers: {workers or f'default, {os.cpu_count()} CPUs'}; CPU time {r.build_cpu_seconds:.1f} s)")
     print(f"site: {s.files:,} files in {s.folders:,} folders, {_size(s.bytes)} ({s.bytes:,} bytes; "
           f"{_size(s.disk_bytes)} on disk) = {s.bytes / max(r.units, 1):,.0f} bytes per unit, "
           f"{100 * s.files / max(r.units, 1):,.1f} files per 100 units")

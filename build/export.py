@@ -4,8 +4,8 @@ Two formats share this module's plumbing (which layers, where, atomically, with 
 `json` (export_json.py: one self-describing file per unit, plus index.json) and `neuronpedia`
 (export_neuronpedia.py: the batch layout Neuronpedia imports). Both read the store only through its public views
 and have DuckDB render the JSON text in bulk, a chunk of units per query, so Python only moves finished strings
-to disk. Chunks run in parallel threads, each on its own cursor (DuckDB runs one small query on one core and
-releases the GIL meanwhile), and each thread writes its own chunk's files.
+to disk. Chunks run in parallel threads, each on its own cursor (a chunk's query keeps about one core busy, and
+DuckDB releases the GIL while it runs), and each thread writes its own chunk's files.
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ def sql_json(expr: str) -> str:
 
 
 def sql_int(expr: str) -> str:
+    """JSON text of an integer expression; null for NULL (a NULL would otherwise make the whole row NULL)."""
     return f"coalesce(CAST({expr} AS VARCHAR), 'null')"
 
 
@@ -106,6 +107,7 @@ EXAMPLE_ORDER = ("CASE {a}example_kind WHEN 'top' THEN 0 WHEN 'bottom' THEN 1 WH
 
 
 def has_view(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    """Whether the store has a view (or table) of this name: newer views are optional in older stores."""
     return con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]).fetchone()[0] > 0
 
 
@@ -224,6 +226,7 @@ def dumps(value: Any) -> str:
 
 
 def read_runs(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    """The `runs` view as JSON-ready dicts (settings and versions parsed), oldest first per model."""
     cursor = con.execute("SELECT * FROM runs ORDER BY model, started_at, run_id")
     names = [d[0] for d in cursor.description]
     runs = []
@@ -315,6 +318,7 @@ class ExportContext:
     bytes: int = 0
 
     def write(self, path: Path, content: bytes) -> None:
+        """A small file, written now by the calling thread and counted."""
         self.files, self.bytes = self.files + 1, self.bytes + len(content)
         path.write_bytes(content)
 
@@ -399,9 +403,7 @@ def export_store(store_path: Path, out_dir: Path, fmt: str = "json", sources: li
             info = {"generator": "featureatlas", "format": fmt, "store": store_path.name,
                     "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             (staging / MARKER).write_text(dumps(info) + "\n")
-            if out_dir.exists() and not overwrite:  # appeared while we worked
-                raise UsageError(f"{out_dir}: appeared during the export; pass --overwrite to replace it")
-            check_target(out_dir, overwrite)
+            check_target(out_dir, overwrite)  # again: it may have appeared or changed while we worked
             replace_folder(staging, out_dir)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

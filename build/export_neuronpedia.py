@@ -109,7 +109,7 @@ def rows_sql(explanations: dict[str, str] | None) -> str:
     and source id), $11 1 when the BOS position is dropped (else 0), $12 the creator id as JSON, $13 createdAt
     as JSON."""
     # Examples: top (binMin -1, binMax the unit's max, binContains -1, as SAEDashboard marks its top group) then
-    # quantile intervals (binMin/binMax the interval; how many tokens fall in it is not stored: binContains null).
+    # quantile intervals (binMin/binMax the interval; the store does not count the contexts in it: binContains null).
     tokens = "list_slice(c.tokens, $11 + 1, length(c.tokens))"
     values = "list_slice(e.activations, $11 + 1, length(e.activations))"
     position = "(e.max_position - $11)"
@@ -238,18 +238,26 @@ def _metadata(ref: LayerRef, model_id: str, set_id: str, source_id: str, facts: 
                    "hasUmapLogSparsity": False, "hasUmapClusters": False, "num_prompts": run.get("n_contexts"),
                    "num_tokens_in_prompt": (context_length - 1 if drop_bos else context_length)
                    if context_length is not None else None,
-                   "dataset": run.get("corpus"),
+                   "dataset": _last_part(run.get("corpus")),
                    "notes": f"featureatlas export of {ref.source}, layer {ref.layer}" + (f" ({hook})" if hook else ""),
                    "createdAt": created_at},
     }
 
 
+GZIP_LEVEL = 1  # twice as fast as SAEDashboard's 5, files about 12% larger; gzip is most of this format's cost
+
+
+def _last_part(path: str | None) -> str | None:
+    """A corpus path's last part: an upload is public, the building machine's folders are not (as on the site)."""
+    return re.split(r"[\\/]", path.rstrip("/\\"))[-1] or path if path else path
+
+
 def _gzipped(lines: list[str]) -> Callable[[], bytes]:
-    """The batch file's bytes, compressed when the writer thread calls it (mtime 0: the same input, the same file)."""
+    """The batch file's bytes, compressed when the writing thread calls it (mtime 0: same rows, same file)."""
     text = "\n".join(lines) + "\n" if lines else ""
 
     def compress() -> bytes:
-        return gzip.compress(text.encode(), compresslevel=5, mtime=0)
+        return gzip.compress(text.encode(), compresslevel=GZIP_LEVEL, mtime=0)
     return compress
 
 

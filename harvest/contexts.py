@@ -5,7 +5,9 @@ Deliberate choices (recorded in the store's `runs` table):
   and its last piece is shorter (batches pad it, and padding never counts);
 - every context starts with the tokenizer's BOS token when it has one, and the BOS position never counts as
   a context's max (it is a well-known attention sink whose activations dwarf the rest);
-- `--tokens N` stops after exactly N text tokens (BOS and padding are not counted).
+- `--tokens N` stops after exactly N text tokens (BOS and padding are not counted);
+- a pre-tokenised document (token ids read from the corpus) is cut the same way, its ids used as is; a BOS it
+  starts with is dropped, since every context gets its own.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from featureatlas.harvest.corpus import Document
+from featureatlas.harvest.corpus import CorpusError, Document
 
 _DECODE_WINDOW = 4  # tokens of left context used to decode one token's display string (a UTF-8 char <= 4 bytes)
 _INCOMPLETE = "\ufffd"  # what decoders make of the bytes of a character whose last byte is yet to come
@@ -61,7 +63,7 @@ def iter_contexts(documents: Iterable[Document], tokenizer: PreTrainedTokenizerB
     for document_id, document in enumerate(documents):
         if budget <= 0:
             return
-        ids = tokenizer(document.text, add_special_tokens=False)["input_ids"]
+        ids = _token_ids(document, tokenizer)
         ids = ids[: int(min(len(ids), budget))]
         if not ids:
             continue
@@ -70,6 +72,22 @@ def iter_contexts(documents: Iterable[Document], tokenizer: PreTrainedTokenizerB
         for start in range(0, len(ids), body):
             yield Context(context_id, document_id, start, prefix + ids[start : start + body])
             context_id += 1
+
+
+def _token_ids(document: Document, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The document's text tokens: tokenized, or its pre-tokenised ids checked against the vocabulary (an id
+    from another tokenizer would index past the embedding matrix)."""
+    if document.token_ids is None:
+        return tokenizer(document.text, add_special_tokens=False)["input_ids"]
+    ids = document.token_ids
+    if ids and ids[0] == tokenizer.bos_token_id:
+        ids = ids[1:]
+    if ids and (min(ids) < 0 or max(ids) >= len(tokenizer)):
+        bad = min(ids) if min(ids) < 0 else max(ids)
+        raise CorpusError(f"{document.name}: token id {bad} is outside this tokenizer's vocabulary "
+                          f"(0-{len(tokenizer) - 1}); the ids were made with another tokenizer: pass the text, or "
+                          "ids made with this model's tokenizer")
+    return ids
 
 
 def iter_batches(contexts: Iterable[Context], batch_size: int, has_bos: bool, pad_id: int

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,12 @@ class Accumulators:
         parts = [self.top, self.bottom, self.quantiles, self.random]
         return torch.cat([p.referenced_context_ids() for p in parts if p is not None])
 
+    def parts(self) -> dict[str, TopK | Reservoir | Statistics]:
+        """The parts a checkpoint saves and restores, each through its STATE attributes."""
+        named = {"top": self.top, "bottom": self.bottom, "statistics": self.statistics, "quantiles": self.quantiles,
+                 "random": self.random}
+        return {name: part for name, part in named.items() if part is not None}
+
 
 class Harvester:
     """Owns the hooks; use as a context manager so they are removed whatever happens."""
@@ -85,26 +92,14 @@ class Harvester:
         self.accumulators = [Accumulators(s, settings, context_length, self.device, _activation_dtype(s, model))
                              for s in sources]
         self._view: BatchView | None = None
-        self._shape = (0, 0)
-        self._handles: list = []
-        self._last_layer = max(s.hook.layer for s in sources)
-        self.attach()
+        self.reader = Reader(model, sources, self._consume)
 
     def attach(self) -> None:
-        """Hook the model: one hook per (module, reads), however many sources read it."""
-        readers = defaultdict(list)
-        for source, acc in zip(self.sources, self.accumulators, strict=True):
-            readers[source.hook.module, source.hook.reads].append((source, acc))
-        for consumers in readers.values():
-            self._handles.append(read_hook(self.backbone, consumers[0][0].hook,
-                                           lambda tensor, consumers=consumers: self._consume(consumers, tensor)))
-        last_block = blocks_of(self.backbone, self.backbone.config.model_type)[self._last_layer]
-        self._handles.append(last_block.register_forward_hook(_stop))
+        """Hook the model (see Reader)."""
+        self.reader.attach()
 
     def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self.reader.detach()
 
     def __enter__(self) -> Harvester:
         return self
@@ -114,6 +109,50 @@ class Harvester:
 
     def step(self, batch: Batch) -> None:
         self._view = BatchView.of(batch, self.first_counted, self.settings.seed, self.device)
+        self.reader.run(batch)
+
+    def referenced_context_ids(self) -> set[int]:
+        return set(torch.cat([acc.referenced_context_ids() for acc in self.accumulators]).tolist())
+
+    def _consume(self, index: int, acts: torch.Tensor) -> None:
+        self.accumulators[index].update(acts, self._view)
+
+
+class Reader:
+    """The one path from token ids to every source's [batch, tokens, units] activations, shared by harvest and
+    `verify` so that what is checked is what was harvested. Hooks each (module, reads) once, however many sources
+    read it, and stops the forward pass after the last hooked block. consume(i, acts) gets sources[i]'s
+    activations; they may be a view of the hooked tensor, valid only during the call."""
+
+    def __init__(self, model: torch.nn.Module, sources: list[UnitSource],
+                 consume: Callable[[int, torch.Tensor], None]):
+        self.backbone = model.base_model
+        self.device = next(model.parameters()).device
+        self.sources = sources
+        self.consume = consume
+        self._shape = (0, 0)
+        self._handles: list = []
+        self._last_layer = max(s.hook.layer for s in sources)
+        self.attach()
+
+    def attach(self) -> None:
+        """Hook the model: one hook per (module, reads), however many sources read it."""
+        readers = defaultdict(list)
+        for index, source in enumerate(self.sources):
+            readers[source.hook.module, source.hook.reads].append((index, source))
+        for consumers in readers.values():
+            self._handles.append(read_hook(self.backbone, consumers[0][1].hook,
+                                           lambda tensor, consumers=consumers: self._read(consumers, tensor)))
+        last_block = blocks_of(self.backbone, self.backbone.config.model_type)[self._last_layer]
+        self._handles.append(last_block.register_forward_hook(_stop))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def run(self, batch: Batch) -> None:
+        """One forward pass of the batch (right-padded; its mask only when it is padded, as harvest runs it)."""
         self._shape = tuple(batch.input_ids.shape)
         mask = None
         if batch.padded:  # padding is at the end: causal attention never lets real tokens see it anyway
@@ -125,13 +164,9 @@ class Harvester:
             except _StopForward:
                 pass
 
-    def referenced_context_ids(self) -> set[int]:
-        return set(torch.cat([acc.referenced_context_ids() for acc in self.accumulators]).tolist())
-
-    def _consume(self, consumers: list, tensor: torch.Tensor) -> None:
-        for source, acc in consumers:
-            acts = source.activations(tensor, *self._shape)
-            acc.update(acts, self._view)
+    def _read(self, consumers: list[tuple[int, UnitSource]], tensor: torch.Tensor) -> None:
+        for index, source in consumers:
+            self.consume(index, source.activations(tensor, *self._shape))
 
 
 def check_widths(model: torch.nn.Module, sources: list[UnitSource]) -> None:

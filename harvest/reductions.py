@@ -27,6 +27,8 @@ def reduce_eager(acts: torch.Tensor, counted: torch.Tensor, first: int) -> Reduc
     # Sums as one matrix product with the counted mask: BOS and padding weigh exactly zero, over a contiguous
     # [tokens, units] view (a strided sum that skips BOS is several times slower).
     flat = acts.reshape(-1, acts.shape[-1])
+    if flat.dtype != torch.float32:  # a bfloat16 product would round each batch's sum to 8 bits
+        flat = flat.float()
     weight = counted.reshape(1, -1).to(flat.dtype)
     return (high.amax(dim=1), low.amin(dim=1), (weight @ flat)[0].float(), (weight @ flat.square())[0].float(),
             (weight @ flat.relu().sign_())[0].round().long())

@@ -19,6 +19,8 @@ _NO_EXPONENT = -(2**20)  # W = 2^exponent; a unit that never fired has none
 
 
 class Reservoir:
+    STATE = ("exponent", "keys", "context_ids", "positions", "values", "activations")  # what a checkpoint saves
+
     def __init__(self, n_units: int, n_bins: int, per_bin: int, context_length: int, device: torch.device,
                  activation_dtype: torch.dtype):
         if n_bins > 1 and n_bins % 2:

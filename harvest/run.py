@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,8 +20,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from featureatlas.errors import UsageError
 from featureatlas.harvest.architectures import blocks_of
+from featureatlas.harvest.checkpoint import Checkpointer, checkpoint_path, shaping_options
 from featureatlas.harvest.contexts import Context, DocumentInfo, display_tokens, iter_batches, iter_contexts
-from featureatlas.harvest.corpus import CorpusError, corpus_files, iter_documents
+from featureatlas.harvest.corpus import CorpusError, check_corpus, iter_documents
 from featureatlas.harvest.harvester import Harvester, Settings, check_widths
 from featureatlas.harvest.logits import logit_effects
 from featureatlas.harvest.models import ModelRef, load_model, pick_device, pick_dtype, resolve_model
@@ -49,6 +51,8 @@ class HarvestConfig:
     device: str = "auto"
     dtype: str = "auto"
     text_field: str = "text"
+    token_field: str | None = None       # a column of token ids to use instead of text (None: auto-detected)
+    split: str | None = None             # of a hub dataset or saved DatasetDict (None: train), or files named so
     bottom_k: int | None = None          # for signed units; None: as many as top_k
     intervals: int = 12
     per_interval: int = 2
@@ -57,6 +61,10 @@ class HarvestConfig:
     logits: int = 10
     seed: int = 0
     compile: str = "auto"                # fuse the per-batch reductions: on | off | auto (CUDA, or 1M+ tokens)
+    shard: tuple[int, int] | None = None  # (i, n): only contexts whose id is i mod n (merge the n stores after)
+    checkpoint_every: int | None = None  # save the whole state every this many tokens (None: never)
+    resume: bool = False                 # continue from the checkpoint beside `out`
+    overwrite: bool = False              # replace a finished store at `out`
     progress: bool = True
 
 
@@ -82,8 +90,19 @@ def validate(config: HarvestConfig) -> None:
         raise UsageError("--intervals must be even (intervals merge in pairs when a unit's range doubles)")
     if config.tokens is not None and config.tokens < 1:
         raise UsageError("--tokens must be at least 1")
-    corpus_files(Path(config.corpus))
+    if config.shard is not None and not 0 <= config.shard[0] < config.shard[1]:
+        raise UsageError(f"--shard {config.shard[0]}/{config.shard[1]}: want I/N with 0 <= I < N")
+    if config.checkpoint_every is not None and config.checkpoint_every < 1:
+        raise UsageError("--checkpoint-every must be at least 1 token")
+    check_corpus(config.corpus, config.split)
     check_writable_target(Path(config.out))
+    out = Path(config.out)
+    if out.exists() and not config.overwrite:
+        finished = " (finished; its checkpoint is stale)" if config.resume else ""
+        raise UsageError(f"{out}: a store is already there{finished}; pass --overwrite to replace it, or choose "
+                         "another --out")
+    if config.resume and not checkpoint_path(out).is_file():
+        raise UsageError(f"{checkpoint_path(out)}: no checkpoint to resume from; run without --resume")
 
 
 def build_sources(model: torch.nn.Module, config: HarvestConfig, device: torch.device) -> list[UnitSource]:
@@ -136,15 +155,25 @@ def harvest(config: HarvestConfig, loaded: tuple[PreTrainedModel, PreTrainedToke
                         histogram_every=config.histogram_every, seed=config.seed,
                         compile=_compile(config.compile, device, config.tokens))
 
+    checkpoints = Checkpointer(Path(config.out), config.checkpoint_every)
     with StoreWriter(config.out) as store, \
             Harvester(model, sources, settings, config.context_length, int(has_bos)) as harvester:
         documents: list[DocumentInfo] = []
-        contexts = iter_contexts(iter_documents(Path(config.corpus), config.text_field), tokenizer,
-                                 config.context_length, config.tokens, documents.append)
+        contexts = iter_contexts(iter_documents(config.corpus, config.text_field, config.token_field, config.split),
+                                 tokenizer, config.context_length, config.tokens, documents.append)
+        if config.shard is not None:  # every shard reads the whole corpus: context ids stay global
+            contexts = (c for c in contexts if c.context_id % config.shard[1] == config.shard[0])
         kept: dict[int, Context] = {}  # contexts some unit still keeps: their tokens are written at the end
         n_tokens = n_contexts = 0
+        elapsed = 0.0  # forward-pass seconds of earlier runs, when resuming
+        if config.resume:
+            resumed = checkpoints.load(config, harvester.accumulators)
+            n_tokens, n_contexts, elapsed, started = (resumed[k] for k in ("n_tokens", "n_contexts", "elapsed",
+                                                                           "started_at"))
+            kept = _only({c.context_id: c for c in itertools.islice(contexts, n_contexts)},
+                         harvester.referenced_context_ids())  # read again, not run again
         t0 = time.perf_counter()
-        with tqdm.tqdm(total=config.tokens, unit="tok", unit_scale=True, desc="harvest",
+        with tqdm.tqdm(total=config.tokens, initial=n_tokens, unit="tok", unit_scale=True, desc="harvest",
                        disable=not config.progress, dynamic_ncols=True) as bar:
             for step, (batch, batch_contexts) in enumerate(
                     iter_batches(contexts, config.batch_size, has_bos, pad_id)):
@@ -156,7 +185,10 @@ def harvest(config: HarvestConfig, loaded: tuple[PreTrainedModel, PreTrainedToke
                 n_tokens += batch.n_text_tokens
                 n_contexts += len(batch_contexts)
                 bar.update(batch.n_text_tokens)
-        seconds = time.perf_counter() - t0
+                if checkpoints.due(n_tokens):
+                    checkpoints.save(config, harvester.accumulators, n_contexts, n_tokens,
+                                     elapsed + time.perf_counter() - t0, started)
+        seconds = elapsed + time.perf_counter() - t0
         if n_contexts == 0:
             raise CorpusError(f"{config.corpus}: holds no text (every document is empty); point --corpus at text")
         _write_documents(store, documents)
@@ -180,10 +212,11 @@ def harvest(config: HarvestConfig, loaded: tuple[PreTrainedModel, PreTrainedToke
             n_tokens=n_tokens, context_length=config.context_length, top_k=config.top_k, layers=mlp_layers,
             batch_size=config.batch_size, dtype=str(model.dtype).removeprefix("torch."), device=str(device),
             bos_token=tokenizer.bos_token if has_bos else None, bos_excluded=has_bos, seed=config.seed,
-            settings={k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+            settings=shaping_options(config),
             versions=_versions(), started_at=started, finished_at=_now(),
             tokens_per_second=n_tokens / seconds)
         n_units = sum(s.n_units for s in harvester.sources)
+    checkpoints.remove()  # the store is in place: nothing is left to resume
     return HarvestSummary(Path(config.out), n_units, n_tokens, n_contexts, seconds, n_tokens / seconds)
 
 

@@ -42,6 +42,8 @@ def histogram_columns(x: torch.Tensor) -> torch.Tensor:
 
 
 class Statistics:
+    STATE = ("n_tokens", "n_firing", "sum", "sum_squares", "min", "max", "counts")  # what a checkpoint saves
+
     def __init__(self, n_units: int, device: torch.device, sparse: bool, histogram_every: int = 1):
         self.sparse = sparse
         self.histogram_every = 1 if sparse else histogram_every

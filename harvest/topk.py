@@ -19,6 +19,8 @@ class TopK:
     never move: `slots` says which slot holds each rank, so an update copies only contexts that enter.
     """
 
+    STATE = ("values", "context_ids", "positions", "slots", "slot_activations")  # what a checkpoint saves
+
     def __init__(self, n_units: int, k: int, context_length: int, device: torch.device,
                  activation_dtype: torch.dtype):
         self.k = k

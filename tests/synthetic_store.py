@@ -434,7 +434,8 @@ class _Units:
     bos: np.ndarray  # activation on BOS (an attention sink: large for neurons and residual dimensions)
 
 
-def _draw_units(spec: SourceSpec, layer: int, rng: np.random.Generator) -> _Units:
+def _draw_units(spec: SourceSpec, rng: np.random.Generator) -> _Units:
+    """Each unit's scale and extremes, drawn as its kind's activations are distributed in a real model."""
     n = spec.n_units
     scale = rng.lognormal(0.0, 0.5, n)
     dead = np.zeros(n, bool)
@@ -490,7 +491,7 @@ def _backgrounds(context_length: int, rng: np.random.Generator) -> dict[str, tup
 
 
 def _large_activations(u: _Units, units: np.ndarray, values: np.ndarray, positions: np.ndarray, bottom: bool,
-                 background: tuple[np.ndarray, np.ndarray], rng: np.random.Generator) -> np.ndarray:
+                       background: tuple[np.ndarray, np.ndarray], rng: np.random.Generator) -> np.ndarray:
     """[rows, context_length] float32 per-token activations: the unit's background, kept strictly below the
     example's value (above it, for bottom examples) and within the unit's range, rising to a peak whose top,
     exactly the value, is at `positions`; BOS (position 0) as the unit's attention-sink value."""
@@ -517,7 +518,7 @@ def _large_activations(u: _Units, units: np.ndarray, values: np.ndarray, positio
 
 
 def _large_example_sets(u: _Units, chunk: np.ndarray, signed: bool, h: _Harvest, rng: np.random.Generator
-                  ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]:
+                        ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]:
     """Per kind, for the units in `chunk`: values [m, slots], which slots hold an example [m, slots], ranks
     [m, slots], and for quantile examples the intervals [m, slots, 2]. Top: the max then shares of it falling
     to ~half; bottom likewise from the min; quantile: [0, W) in equal intervals, W the power of two above the
@@ -569,7 +570,7 @@ def _write_large_layer(store: StoreWriter, spec: SourceSpec, layer: int, context
                                                          "note": "</script><script>alert(4)</script>"}}
     store.add_source(LARGE_MODEL, spec.name, layer, spec.n_units, hook, kind=spec.kind, hook_name=hook_name,
                      signed=spec.signed, histogram_every=spec.histogram_every, **dictionary)
-    u = _draw_units(spec, layer, rng)
+    u = _draw_units(spec, rng)
     stats, counts = _statistics_and_histograms(u, n_tokens, spec.histogram_every, rng)
     n_pool = len(contexts.lengths)
     stats["n_examples"] = np.where(u.dead, 0, min(h.top_k, n_pool))
@@ -647,6 +648,5 @@ def make_large_store(path: Path, units: int = 100_000, seed: int = 0, *, n_conte
             finished_at=datetime(2025, 1, 2, 4, 5), tokens_per_second=1449.0)
     return LargeStoreSummary(
         path=Path(path), units={s.name: s.n_units * len(s.layers) for s in specs},
-        layers={s.name: len(s.layers) for s in specs}, examples=examples,
-        dead_features=dead,
-        contexts=len(kept), documents=n_documents, vocabulary=len(token_ids), seconds=time.perf_counter() - started)
+        layers={s.name: len(s.layers) for s in specs}, examples=examples, dead_features=dead, contexts=len(kept),
+        documents=n_documents, vocabulary=len(token_ids), seconds=time.perf_counter() - started)

@@ -399,3 +399,71 @@ def test_accessibility(page: object, site_dir: Path, scheme: str) -> None:
             page.locator("#results .results").first.wait_for()
         found[name] = serious_violations(page)
     assert found == {name: [] for name in found}, found
+
+
+def test_served_over_http_like_a_static_host(page: object, site_dir: Path) -> None:
+    """The same site from `featureatlas serve` (CSP as a header too): index, layer, unit, search, no problem."""
+    import threading
+
+    from featureatlas.build.serve import make_server
+
+    server = make_server(site_dir, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    page.problems.clear()  # type: ignore[attr-defined]
+    page.on("request", lambda r: None)  # type: ignore[attr-defined]
+    try:
+        page.goto(base + "index.html")  # type: ignore[attr-defined]
+        page.get_by_role("link", name=re.compile(r"^Layer 1\b")).first.click()
+        page.get_by_role("link", name="7", exact=True).click()
+        expect(page.locator("h1")).to_have_text("Neuron 7")
+        assert page.locator("#top .ctx").count() > 0
+        page.fill("#q", "resid/1/9")
+        page.keyboard.press("Enter")
+        expect(page.locator("#results .hits a").first).to_have_text("Dimension 9")
+        outside = [url for url in page.evaluate("performance.getEntriesByType('resource').map(e => e.name)")
+                   if not url.startswith(base)]
+        assert outside == []
+    finally:
+        server.shutdown()
+        server.server_close()
+    problems = [p for p in page.problems if not p.startswith(base)]  # type: ignore[attr-defined]
+    assert problems == [] and page.evaluate("window.__problems") == []
+
+
+def test_without_javascript_the_layer_pages_still_list_units(browser: object, site_dir: Path) -> None:
+    context = browser.new_context(java_script_enabled=False)  # type: ignore[attr-defined]
+    page = context.new_page()
+    page.goto(next(site_dir.glob("*/mlp/1/index.html")).as_uri())
+    assert page.locator("#units tbody tr").count() == 50
+    assert page.locator("#units tbody tr").nth(7).locator("mark").count() == 1  # the snippet, max token marked
+    page.goto(unit_url(site_dir, "mlp", 1, 7))
+    assert "the layer page" in page.locator("noscript").first.text_content()
+    context.close()
+
+
+def test_hostile_explanations_render_as_text(page: object, tmp_path: Path, store_path: Path) -> None:
+    """An explanation full of markup is shown as text on its unit page, its layer page and in search results."""
+    from featureatlas.build.site import build_site
+    from featureatlas.store.annotate import annotate
+
+    store = tmp_path / "store.duckdb"
+    store.write_bytes(store_path.read_bytes())
+    hostile = '"><img src=x onerror=alert(1)> <script>alert(2)</script> javascript:alert(3) \u202eevil'
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text(json.dumps({"unit": "mlp/1/7", "text": hostile, "author": "<b>mallory</b>"}) + "\n")
+    annotate(store, notes)
+    site = tmp_path / "site"
+    build_site(store, site, workers=1, progress=False)
+    page.goto(unit_url(site, "mlp", 1, 7))  # type: ignore[attr-defined]
+    explanation = page.locator("#explanation li")
+    expect(explanation).to_contain_text('"><img src=x onerror=alert(1)> <script>alert(2)</script>')
+    assert "\\u202eevil" in explanation.inner_text() and "<b>mallory</b>" in explanation.inner_text()
+    page.goto(next(site.glob("*/mlp/1/index.html")).as_uri())
+    assert "<img src=x" in page.locator("#units tbody tr").nth(7).inner_text()
+    page.goto((site / "search.html").as_uri() + "?q=onerror")
+    result = page.locator("#results .hits > li").first
+    expect(result.locator("a").first).to_have_text("Neuron 7")
+    assert "<script>alert(2)</script>" in result.locator(".expl").inner_text()
+    assert page.locator("img, script:not([src])").count() == 0
+    assert_clean(page)

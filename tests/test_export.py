@@ -428,6 +428,20 @@ def test_neuronpedia_hostile_text(np_out: Path) -> None:
     assert model["displayName"] == MODEL
 
 
+def test_two_models(tmp_path: Path) -> None:
+    models = (MODEL, "tiny/LM")
+    store = make_store(tmp_path / "two.duckdb", n_layers=1, n_units=8, models=models, sources=("mlp",))
+    export_store(store, tmp_path / "json", progress=False)
+    index = json.loads((tmp_path / "json" / "index.json").read_text(encoding="utf-8"))
+    assert [(m["model"], m["slug"]) for m in index["models"]] == sorted(unique_slugs(models).items())
+    assert len(index["runs"]) == 2 and index["n_units"] == 16
+    with pytest.raises(UsageError, match="--neuronpedia-model-id names one model, but the store has 2"):
+        export_store(store, tmp_path / "np", "neuronpedia", progress=False, model_id="tiny")
+    export_store(store, tmp_path / "np", "neuronpedia", progress=False)
+    assert sorted(p.name for p in (tmp_path / "np").iterdir() if not p.name.startswith(".")) == [
+        "tiny-lm", "tiny-lm-b-v1-b-x"]
+
+
 # --- the command line ------------------------------------------------------------------------------------------------
 
 
