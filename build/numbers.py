@@ -74,6 +74,44 @@ def encode_activations(values: np.ndarray) -> str:
     return _DIGIT_BYTES[digits].tobytes().decode("ascii")
 
 
+# Runs of exact zeros (most of a dictionary feature's tokens) are shorter: `~` and one digit d stand for d + 1
+# zeros (2 to 64); a lone zero keeps its three characters.
+ZERO_RUN = "~"
+
+
+def encode_examples(values: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> list[str]:
+    """Each example's activations (values[start:stop]) as text, runs of zeros shortened: built as one byte buffer
+    (three bytes a value, two for the head of a run of zeros, none for the rest of it), then sliced."""
+    values, starts, stops = np.asarray(values), np.asarray(starts, np.int64), np.asarray(stops, np.int64)
+    n = len(values)
+    codes = activation_codes(values)
+    buffer = _DIGIT_BYTES[np.stack([codes >> 12, (codes >> 6) & 63, codes & 63], axis=1)]  # [n, 3] bytes
+    width = np.full(n, ACT_WIDTH, np.int64)  # bytes each value keeps
+    zero = codes == _ZERO_CODE
+    if zero.any():
+        first_of_example = np.zeros(n + 1, bool)
+        first_of_example[starts] = True
+        run_start = zero & (first_of_example[:n] | ~np.r_[False, zero[:-1]])
+        run_end = np.nonzero(zero & ~np.r_[zero[1:] & ~first_of_example[1:n], False])[0] + 1  # past each run
+        start_at = np.nonzero(run_start)[0]
+        at = np.nonzero(zero)[0]
+        run = np.cumsum(run_start)[at] - 1
+        offset = at - start_at[run]
+        chunk_length = np.minimum(run_end[run] - at, 64)  # zeros from a chunk's head to its end
+        head = (offset % 64 == 0) & (chunk_length >= 2)
+        buffer[at[head], 0] = ord(ZERO_RUN)
+        buffer[at[head], 1] = _DIGIT_BYTES[chunk_length[head] - 1]
+        width[at[head]] = 2
+        width[at[offset % 64 != 0]] = 0  # inside a chunk: its head counts them
+    keep = np.arange(ACT_WIDTH)[None, :] < width[:, None]
+    text = buffer[keep].tobytes().decode("ascii")
+    ends = np.r_[0, np.cumsum(width)]
+    return [text[a:b] for a, b in zip(ends[starts].tolist(), ends[stops].tolist(), strict=True)]
+
+
+_ZERO_CODE = int(activation_codes(np.zeros(1))[0])
+
+
 def decode_activation(text: str) -> float:
     """One value from its three characters: the number that the three significant digits denote."""
     code = (_DIGIT_VALUES[text[0]] << 12) | (_DIGIT_VALUES[text[1]] << 6) | _DIGIT_VALUES[text[2]]
@@ -84,5 +122,14 @@ def decode_activation(text: str) -> float:
 
 
 def decode_activations(text: str) -> list[float]:
-    """Every value of a `data-acts` attribute, for tests and for anyone reading the pages with a script."""
-    return [decode_activation(text[i:i + ACT_WIDTH]) for i in range(0, len(text), ACT_WIDTH)]
+    """Every value of an example's activation text, for tests and for anyone reading the data with a script."""
+    values: list[float] = []
+    i = 0
+    while i < len(text):
+        if text[i] == ZERO_RUN:
+            values += [0.0] * (_DIGIT_VALUES[text[i + 1]] + 1)
+            i += 2
+        else:
+            values.append(decode_activation(text[i:i + ACT_WIDTH]))
+            i += ACT_WIDTH
+    return values

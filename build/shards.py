@@ -4,12 +4,12 @@ with a `<script>` tag (the one way to load data that works from `file://` too) a
 A shard stores each context once, however many of its units show it: the distinct token strings (`toks`),
 then the contexts as token indices over the union of the windows shown (`ctx`), then per unit its statistics,
 histogram, logit effects, explanations and examples, each example pointing at a context. Activations are three
-characters each (numbers.py). A card shard holds what a search result shows of a unit: its numbers and a snippet.
+characters each, a run of zeros two (numbers.py). A card shard holds what a search result shows of a unit: its numbers and a snippet.
 
 Shard layout (format version 1; site.js reads it, tests decode it with `read_js`):
   {"v": 1, "bos": BOS token or null, "toks": [token, ...], "docs": [document name, ...],
    "ctx": [[doc, start_token, lo, context_length, [tok, ...]], ...], "prev": unit or null, "next": unit or null,
-   "units": [{"u": unit, "s": [max, min, n_tokens, n_firing, mean, std], "h": [[bin, ...], [count, ...]],
+   "units": [{"u": unit, "s": [max, min, n_tokens, n_firing, mean, std], "h": [first bin, [count, ...]],
               "lt": [[tok or null, token_id, effect], ...], "lb": [...],
               "x": [[text, score or null, author or null], ...],
               "ex": {"top": [[ctx, lo, position, value, acts], ...], "bottom": [...],
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-from featureatlas.build.numbers import ACT_WIDTH, encode_activations
+from featureatlas.build.numbers import encode_examples
 from featureatlas.build.reader import EXAMPLE_KINDS, UnitChunk
 
 SHARD_UNITS = 256  # unit numbers per shard: a few hundred KB to load per page, files ~ units / 128
@@ -125,15 +125,14 @@ def render_shard(chunk: UnitChunk, bos_token: str | None) -> tuple[dict, dict, P
         contexts.document, contexts.start_token.tolist(), contexts.lo.tolist(), strict=True))]
     context_tokens = list(toks)  # every context token is interned by now; logit tokens may follow
 
-    acts_text = encode_activations(examples.activations)
+    acts = encode_examples(examples.activations, examples.start, examples.stop)
     context_of = np.searchsorted(contexts.context_id, examples.context_id)
     found = context_of < len(contexts.context_id)
     found[found] = contexts.context_id[context_of[found]] == examples.context_id[found]  # else dangling: skipped
     for c, length in zip(context_of[found].tolist(), examples.context_length[found].tolist(), strict=True):
         ctx_rows[c][3] = length
-    starts, stops = (ACT_WIDTH * examples.start).tolist(), (ACT_WIDTH * examples.stop).tolist()
-    example_rows = [[c, lo, position, value, acts_text[a:b]] for c, lo, position, value, a, b in zip(
-        context_of.tolist(), examples.lo.tolist(), examples.position.tolist(), numbers(examples.value), starts, stops,
+    example_rows = [[c, lo, position, value, text] for c, lo, position, value, text in zip(
+        context_of.tolist(), examples.lo.tolist(), examples.position.tolist(), numbers(examples.value), acts,
         strict=True)]
     for i, lo, hi in zip(np.nonzero(examples.kind == 2)[0].tolist(), numbers(examples.interval_lo[examples.kind == 2]),
                          numbers(examples.interval_hi[examples.kind == 2]), strict=True):
@@ -158,8 +157,10 @@ def render_shard(chunk: UnitChunk, bos_token: str | None) -> tuple[dict, dict, P
     for j, unit in enumerate(units.tolist()):
         row: dict[str, Any] = {"u": unit, "s": list(stat_rows[j])}
         h0, h1 = hist_bounds[j], hist_bounds[j + 1]
-        if h1 > h0:
-            row["h"] = [hist.bin[h0:h1].tolist(), hist.count[h0:h1].tolist()]
+        if h1 > h0:  # [first bin, the count of every bin from there to the last non-empty one]
+            counts = np.zeros(int(hist.bin[h1 - 1] - hist.bin[h0]) + 1, np.int64)
+            counts[hist.bin[h0:h1] - hist.bin[h0]] = hist.count[h0:h1]
+            row["h"] = [int(hist.bin[h0]), counts.tolist()]
         for polarity, key in ((False, "lt"), (True, "lb")):
             rows = [k for k in range(logit_bounds[j], logit_bounds[j + 1]) if bottom[k] == polarity]
             row[key] = [[None if logits.token[k] is None else toks[logits.token[k]], int(logits.token_id[k]),

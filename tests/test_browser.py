@@ -147,7 +147,7 @@ def test_unit_page_draws_its_data(page: object, site_dir: Path, source: str, lay
         assert drawn.count() == len(examples), kind
         for i, ex in enumerate(examples[:3]):
             ctx = shard["ctx"][ex[0]]
-            n = len(ex[4]) // 3
+            n = len(decode_activations(ex[4]))
             tokens = drawn.nth(i).locator(":scope > b")
             assert tokens.count() == n
             raw = [shard["toks"][t] for t in ctx[4][ex[1] - ctx[2]:ex[1] - ctx[2] + n]]
@@ -161,7 +161,7 @@ def test_unit_page_draws_its_data(page: object, site_dir: Path, source: str, lay
     facts = page.locator("#stats dl div").all_inner_texts()
     assert any(text.startswith("TOKENS COUNTED") or text.startswith("Tokens counted") for text in facts)
     if "h" in row:
-        assert page.locator("#histogram svg rect").count() == len(row["h"][0])
+        assert page.locator("#histogram svg rect").count() == sum(count > 0 for count in row["h"][1])
     assert page.locator("#logits tbody tr").count() == len(row["lt"]) + len(row["lb"])
     assert_clean(page)
 
@@ -226,7 +226,7 @@ def test_tooltip_shows_raw_tokens(page: object, site_dir: Path, raw: str, expect
             shard, row = unit_data(site_dir, "mlp", layer, unit)
             for ex in row["ex"].get("top", []):
                 ctx = shard["ctx"][ex[0]]
-                shown = [shard["toks"][t] for t in ctx[4][ex[1] - ctx[2]:ex[1] - ctx[2] + len(ex[4]) // 3]]
+                shown = [shard["toks"][t] for t in ctx[4][ex[1] - ctx[2]:ex[1] - ctx[2] + len(decode_activations(ex[4]))]]
                 if raw in shown:
                     page.goto(unit_url(site_dir, "mlp", layer, unit))  # type: ignore[attr-defined]
                     example = row["ex"]["top"].index(ex)

@@ -323,7 +323,12 @@ def test_statistics_histogram_and_logits_match_the_store(site_dir: Path, store_p
                         stats["n_firing"], short(stats["mean"]), short(stats["std"])]
     bins = query(store_path, """SELECT bin, count FROM histograms WHERE source = ? AND layer = ? AND unit = ?
                                 AND count > 0 ORDER BY bin""", [source, layer, unit])
-    assert row.get("h", [[], []]) == [[b for b, _ in bins], [c for _, c in bins]]
+    if bins:  # the first bin, then every bin's count up to the last non-empty one
+        first, counts = row["h"]
+        assert first == bins[0][0] and len(counts) == bins[-1][0] - first + 1
+        assert [(first + i, c) for i, c in enumerate(counts) if c] == bins
+    else:
+        assert "h" not in row
     for polarity, key in (("top", "lt"), ("bottom", "lb")):
         logits = query(store_path, """SELECT token, token_id, effect FROM logit_effects WHERE source = ? AND layer = ?
                                       AND unit = ? AND polarity = ? ORDER BY rank""", [source, layer, unit, polarity])
@@ -350,6 +355,7 @@ def test_examples_of_every_kind_match_the_store(site_dir: Path, store_path: Path
             expected_lo, hi = shown_window(kind, position, len(tokens))
             assert (lo, shown_position, shown_value) == (expected_lo, position, short(value))
             assert decode_activations(acts) == [float(f"{a:.3g}") for a in activations[lo:hi]]
+            assert len(acts) <= 3 * (hi - lo)  # runs of zeros are shorter
             assert [shard["toks"][t] for t in ctx[4][lo - ctx[2]:hi - ctx[2]]] == tokens[lo:hi]
             assert ctx[1] == start and ctx[3] == len(tokens) and shard["docs"][ctx[0]]
             if kind == "quantile":
@@ -375,7 +381,7 @@ def test_examples_show_a_window_around_their_max(tmp_path: Path) -> None:
     for kind in ("top", "bottom", "quantile", "random"):
         before, after = WINDOWS.top if kind == "top" else WINDOWS.other
         for example in row["ex"][kind]:
-            lo, position, n = example[1], example[2], len(example[4]) // 3
+            lo, position, n = example[1], example[2], len(decode_activations(example[4]))
             assert n <= 1 + before + after and lo <= position < lo + n
             assert lo == shown_window(kind, position, 64)[0]
             cut += lo > 0

@@ -121,7 +121,12 @@
   var ACT_SPECIAL = { 262000: NaN, 262001: Infinity, 262002: -Infinity };
   function decodeActivations(raw) {
     var out = [];
-    for (var i = 0; i + 3 <= raw.length; i += 3) {
+    for (var i = 0; i + 2 <= raw.length; i += 3) {
+      if (raw.charAt(i) === "~") { // a run of zeros: "~" and a digit d stand for d + 1 zeros
+        for (var z = ACT_DIGITS.indexOf(raw.charAt(i + 1)); z >= 0; z--) out.push(0);
+        i -= 1;
+        continue;
+      }
       var code = 0;
       for (var j = i; j < i + 3; j++) code = code * 64 + ACT_DIGITS.indexOf(raw.charAt(j));
       if (code >= 262000) out.push(code in ACT_SPECIAL ? ACT_SPECIAL[code] : NaN);
@@ -418,6 +423,18 @@
     return figure;
   }
 
+  /* A shard's histogram, [first bin, counts from there on], as the non-empty bins and their counts. */
+  function expandHistogram(h) {
+    var bins = [], counts = [];
+    h[1].forEach(function (c, i) {
+      if (c > 0) {
+        bins.push(h[0] + i);
+        counts.push(c);
+      }
+    });
+    return [bins, counts];
+  }
+
   function sqlString(s) {
     return "'" + String(s).replace(/'/g, "''") + "'";
   }
@@ -441,7 +458,10 @@
       unit: unit.u, note: "What this page shows: examples are windows around their max token; " +
         "`featureatlas export` writes whole contexts.",
       statistics: { max: s[0], min: s[1], n_tokens: s[2], n_firing: s[3], mean: s[4], std: s[5] },
-      histogram: unit.h ? unit.h[0].map(function (b, i) { var e = binEdges(b); return { bin: b, lo: e[0], hi: e[1] === Infinity ? null : e[1], count: unit.h[1][i] }; }) : [],
+      histogram: unit.h ? expandHistogram(unit.h)[0].map(function (b, i) {
+        var e = binEdges(b);
+        return { bin: b, lo: e[0], hi: e[1] === Infinity ? null : e[1], count: expandHistogram(unit.h)[1][i] };
+      }) : [],
       logits: { top: logits(unit.lt || []), bottom: logits(unit.lb || []) },
       explanations: (unit.x || []).map(function (x) { return { text: x[0], score: x[1], author: x[2] }; }),
       examples: examples
@@ -519,7 +539,7 @@
 
     var pair = el("div", "pair");
     var hist = section("histogram", "Activation histogram");
-    if (unit.h) hist.appendChild(histogram(unit.h[0], unit.h[1], meta.histogramEvery));
+    if (unit.h) hist.appendChild(histogram.apply(null, expandHistogram(unit.h).concat([meta.histogramEvery])));
     else hist.appendChild(el("p", "empty", seen ? "No histogram in this store." :
                                                    "No histogram: this unit was never seen in the harvest."));
     pair.appendChild(hist);
