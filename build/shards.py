@@ -4,7 +4,8 @@ with a `<script>` tag (the one way to load data that works from `file://` too) a
 A shard stores each context once, however many of its units show it: the distinct token strings (`toks`),
 then the contexts as token indices over the union of the windows shown (`ctx`), then per unit its statistics,
 histogram, logit effects, explanations and examples, each example pointing at a context. Activations are three
-characters each, a run of zeros two (numbers.py). A card shard holds what a search result shows of a unit: its numbers and a snippet.
+characters each, a run of zeros two (numbers.py). A card shard holds what a search result shows of a unit: its
+numbers and a snippet.
 
 Shard layout (format version 1; site.js reads it, tests decode it with `read_js`):
   {"v": 1, "bos": BOS token or null, "toks": [token, ...], "docs": [document name, ...],

@@ -226,7 +226,8 @@ def test_tooltip_shows_raw_tokens(page: object, site_dir: Path, raw: str, expect
             shard, row = unit_data(site_dir, "mlp", layer, unit)
             for ex in row["ex"].get("top", []):
                 ctx = shard["ctx"][ex[0]]
-                shown = [shard["toks"][t] for t in ctx[4][ex[1] - ctx[2]:ex[1] - ctx[2] + len(decode_activations(ex[4]))]]
+                first = ex[1] - ctx[2]
+                shown = [shard["toks"][t] for t in ctx[4][first:first + len(decode_activations(ex[4]))]]
                 if raw in shown:
                     page.goto(unit_url(site_dir, "mlp", layer, unit))  # type: ignore[attr-defined]
                     example = row["ex"]["top"].index(ex)
