@@ -76,12 +76,11 @@ class BuildState:
 
     def add(self, key: tuple, folder: str, fingerprint: str, postings: Postings) -> None:
         entry = self.layers.setdefault(key, {"key": list(key), "folder": folder, "fingerprint": fingerprint,
-                                             "postings": {}})
-        for term, entries in postings.terms.items():
-            entry["postings"].setdefault(term, []).extend(entries)
+                                             "postings": []})
+        entry["postings"].extend(postings.rows)
 
     def postings(self, key: tuple) -> Postings:
-        return Postings({term: [tuple(e) for e in entries] for term, entries in self.layers[key]["postings"].items()})
+        return Postings([tuple(row) for row in self.layers[key]["postings"]])
 
     def write(self, site: Path) -> int:
         data = gzip.compress(json.dumps({"version": STATE_VERSION, "generator": self.generator,

@@ -42,8 +42,12 @@ class SearchIndex:
         self.terms: dict[str, list[tuple[int, int, int, float]]] = {}
 
     def add(self, layer_index: int, postings: Postings) -> None:
-        for term, entries in postings.terms.items():
-            self.terms.setdefault(term, []).extend((kind, layer_index, unit, score) for kind, unit, score in entries)
+        terms = self.terms
+        for term, kind, unit, score in postings.rows:
+            entries = terms.get(term)
+            if entries is None:
+                entries = terms[term] = []
+            entries.append((kind, layer_index, unit, score))
 
     def write(self, site_dir: Path, layers: list[dict], n_units: int) -> tuple[int, int]:
         """Write the manifest and the term files; returns (files, bytes)."""

@@ -1,15 +1,16 @@
 """Unit data as shards: one `.js` file per SHARD_UNITS unit numbers of a layer, which the layer's unit page loads
 with a `<script>` tag (the one way to load data that works from `file://` too) and renders with site.js.
 
-A shard stores each context once, however many of its units show it: the distinct token strings (`toks`),
-then the contexts as token indices over the union of the windows shown (`ctx`), then per unit its statistics,
-histogram, logit effects, explanations and examples, each example pointing at a context. Activations are three
-characters each, a run of zeros two (numbers.py). A card shard holds what a search result shows of a unit: its
-numbers and a snippet.
+A shard stores each context once, however many of its units show it: the distinct token strings (`toks`), then
+the contexts as token indices (fixed-width base64 digits) over the union of the windows shown (`ctx`), then per
+unit its statistics, histogram, logit effects, explanations and examples, each example pointing at a context.
+Activations are three characters each, a run of zeros two (numbers.py). A card shard holds what a search result
+shows of a unit: its numbers and a snippet.
 
 Shard layout (format version 1; site.js reads it, tests decode it with `read_js`):
   {"v": 1, "bos": BOS token or null, "toks": [token, ...], "docs": [document name, ...],
-   "ctx": [[doc, start_token, lo, context_length, [tok, ...]], ...], "prev": unit or null, "next": unit or null,
+   "tw": digits a token index takes, "ctx": [[doc, start_token, lo, context_length, token indices], ...],
+   "prev": unit or null, "next": unit or null,
    "units": [{"u": unit, "s": [max, min, n_tokens, n_firing, mean, std], "h": [first bin, [count, ...]],
               "lt": [[tok or null, token_id, effect], ...], "lb": [...],
               "x": [[text, score or null, author or null], ...],
@@ -28,9 +29,10 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-from featureatlas.build.numbers import encode_examples
+from featureatlas.build.numbers import ACT_DIGITS, encode_examples
 from featureatlas.build.reader import EXAMPLE_KINDS, UnitChunk
 
+_DIGITS = np.frombuffer(ACT_DIGITS.encode("ascii"), dtype=np.uint8)
 SHARD_UNITS = 256  # unit numbers per shard: a few hundred KB to load per page, files ~ units / 128
 FORMAT_VERSION = 1
 SNIPPET_BEFORE, SNIPPET_AFTER = 8, 3
@@ -48,9 +50,17 @@ def card_key(folder: str, shard: int) -> str:
     return f"{folder}/c/{shard}"
 
 
+def context_token_indices(shard: dict, c: int) -> list[int]:
+    """Context c's token indices (into shard["toks"]) from its digits: for tests and scripts reading a site."""
+    digits, width = shard["ctx"][c][4], shard["tw"]
+    values = [ACT_DIGITS.index(ch) for ch in digits]
+    return [sum(values[i + k] << (6 * (width - 1 - k)) for k in range(width)) for i in range(0, len(values), width)]
+
+
 def js_file(key: str, value: Any) -> bytes:
     """A `.js` file that hands its data to site.js: `FA.put(key, data);`. ASCII JSON, so no charset matters."""
-    return f"FA.put({json.dumps(key)},{json.dumps(value, separators=(',', ':'), allow_nan=False)});\n".encode()
+    text = json.dumps(value, separators=(",", ":"), allow_nan=False, check_circular=False)
+    return f"FA.put({json.dumps(key)},{text});\n".encode()
 
 
 def read_js(text: str) -> tuple[str, Any]:
@@ -90,13 +100,10 @@ def normalize_term(text: str) -> str:
 
 @dataclass
 class Postings:
-    """Search postings of a shard's units: term -> [(kind, unit, score)]."""
+    """Search postings of a shard's units, as (term, kind, unit, score) rows: cheap to append, grouped by term
+    only once, when the index is written."""
 
-    terms: dict[str, list[tuple[int, int, float]]] = field(default_factory=dict)
-
-    def add(self, term: str, kind: int, unit: int, score: float) -> None:
-        if term:
-            self.terms.setdefault(term, []).append((kind, unit, score))
+    rows: list[tuple[str, int, int, float]] = field(default_factory=list)
 
 
 class _Interner(dict):
@@ -112,19 +119,30 @@ def _bounds(sorted_units: np.ndarray, units: np.ndarray) -> list[int]:
     return np.searchsorted(sorted_units, np.append(units, units[-1] + 1 if len(units) else 0)).tolist()
 
 
+def _encode_indices(codes: np.ndarray, width: int) -> bytes:
+    """Token indices as `width` base64url digits each (the activations' digits), most significant first."""
+    shifts = 6 * np.arange(width - 1, -1, -1)
+    return _DIGITS[(codes[:, None] >> shifts[None, :]) & 63].tobytes()
+
+
 def render_shard(chunk: UnitChunk, bos_token: str | None) -> tuple[dict, dict, Postings]:
     """The data shard, the card shard and the search postings of a chunk's units."""
     toks, docs = _Interner(), _Interner()
     stats, examples, contexts = chunk.stats, chunk.examples, chunk.contexts
-    # The distinct context tokens, found by Arrow: their codes index the shard's token table.
+    # The distinct context tokens, found by Arrow: their codes index the shard's token table. Each context's
+    # tokens are written as a string of fixed-width base64 digits (two a token for up to 4,096 distinct tokens).
     encoded = pc.dictionary_encode(contexts.tokens.flatten())
     for token in encoded.dictionary.to_pylist():
         toks[token]
-    codes = encoded.indices.to_numpy(zero_copy_only=False).tolist()
-    offsets = (contexts.tokens.offsets.to_numpy() - contexts.tokens.offsets[0].as_py()).tolist()
-    ctx_rows = [[docs[doc], start, lo, 0, codes[offsets[i]:offsets[i + 1]]] for i, (doc, start, lo) in enumerate(zip(
-        contexts.document, contexts.start_token.tolist(), contexts.lo.tolist(), strict=True))]
     context_tokens = list(toks)  # every context token is interned by now; logit tokens may follow
+    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    width = next(w for w in (2, 3, 4) if len(context_tokens) <= 64 ** w)
+    text = _encode_indices(codes, width).decode("ascii")
+    offsets = contexts.tokens.offsets.to_numpy().astype(np.int64) - contexts.tokens.offsets[0].as_py()
+    context_lo = contexts.lo.astype(np.int64)
+    ctx_rows = [[docs[doc], start, lo, 0, text[width * a:width * b]] for doc, start, lo, a, b in zip(
+        contexts.document, contexts.start_token.tolist(), context_lo.tolist(), offsets[:-1].tolist(),
+        offsets[1:].tolist(), strict=True)]
 
     acts = encode_examples(examples.activations, examples.start, examples.stop)
     context_of = np.searchsorted(contexts.context_id, examples.context_id)
@@ -135,10 +153,20 @@ def render_shard(chunk: UnitChunk, bos_token: str | None) -> tuple[dict, dict, P
     example_rows = [[c, lo, position, value, text] for c, lo, position, value, text in zip(
         context_of.tolist(), examples.lo.tolist(), examples.position.tolist(), numbers(examples.value), acts,
         strict=True)]
-    for i, lo, hi in zip(np.nonzero(examples.kind == 2)[0].tolist(), numbers(examples.interval_lo[examples.kind == 2]),
-                         numbers(examples.interval_hi[examples.kind == 2]), strict=True):
+    quantile = examples.kind == 2
+    for i, lo, hi in zip(np.nonzero(quantile)[0].tolist(), numbers(examples.interval_lo[quantile]),
+                         numbers(examples.interval_hi[quantile]), strict=True):
         example_rows[i] += [lo, hi]
-    kinds, found = examples.kind.tolist(), found.tolist()
+    kinds, found_list = examples.kind.tolist(), found.tolist()
+
+    # The token each top example peaks on, for search: its code, then its normalised term.
+    code_at = np.full(len(examples.unit), -1, np.int64)
+    where = found & (examples.kind == 0)
+    c = context_of[where]
+    index = offsets[c] + examples.position[where] - context_lo[c]
+    inside = (index >= offsets[c]) & (index < offsets[c + 1])
+    code_at[np.nonzero(where)[0][inside]] = codes[index[inside]]
+    terms = [normalize_term(token) for token in context_tokens]
 
     units = stats.units[chunk.first:chunk.stop]
     ex_bounds = _bounds(examples.unit, units)
@@ -146,14 +174,17 @@ def render_shard(chunk: UnitChunk, bos_token: str | None) -> tuple[dict, dict, P
     logit_bounds = _bounds(chunk.logits.unit, units)
     expl_bounds = _bounds(chunk.explanations.unit, units)
     logits, hist, expl = chunk.logits, chunk.histograms, chunk.explanations
-    effects, scores = numbers(logits.effect), numbers(expl.score)
+    logit_rows = [[None if token is None else toks[token], token_id, effect] for token, token_id, effect in zip(
+        logits.token, logits.token_id.tolist(), numbers(logits.effect), strict=True)]
+    scores = numbers(expl.score)
     part = slice(chunk.first, chunk.stop)
     stat_rows = list(zip(numbers(stats.max[part]), numbers(stats.min[part]), stats.n_tokens[part].tolist(),
                          stats.n_firing[part].tolist(), numbers(stats.mean[part]), numbers(stats.std[part]),
                          strict=True))
+    frequencies = numbers(stats.frequency[part])
     bottom = logits.bottom.tolist()
-    frequencies = numbers(stats.frequency[chunk.first:chunk.stop])
     postings = Postings()
+    add = postings.rows.append
     unit_rows, cards = [], []
     for j, unit in enumerate(units.tolist()):
         row: dict[str, Any] = {"u": unit, "s": list(stat_rows[j])}
@@ -162,46 +193,40 @@ def render_shard(chunk: UnitChunk, bos_token: str | None) -> tuple[dict, dict, P
             counts = np.zeros(int(hist.bin[h1 - 1] - hist.bin[h0]) + 1, np.int64)
             counts[hist.bin[h0:h1] - hist.bin[h0]] = hist.count[h0:h1]
             row["h"] = [int(hist.bin[h0]), counts.tolist()]
-        for polarity, key in ((False, "lt"), (True, "lb")):
-            rows = [k for k in range(logit_bounds[j], logit_bounds[j + 1]) if bottom[k] == polarity]
-            row[key] = [[None if logits.token[k] is None else toks[logits.token[k]], int(logits.token_id[k]),
-                         effects[k]] for k in rows]
-            if not polarity:
-                for rank, k in enumerate(rows):
-                    if logits.token[k] is not None:
-                        postings.add(normalize_term(logits.token[k]), LOGIT, unit, len(rows) - rank)
+        l0, l1 = logit_bounds[j], logit_bounds[j + 1]
+        split = l0 + bottom[l0:l1].count(False)
+        row["lt"], row["lb"] = logit_rows[l0:split], logit_rows[split:l1]
+        for rank, k in enumerate(range(l0, split)):
+            token = logits.token[k]
+            if token is not None and token.strip():
+                add((normalize_term(token), LOGIT, unit, split - l0 - rank))
         texts = [[expl.text[k], scores[k], expl.author[k]] for k in range(expl_bounds[j], expl_bounds[j + 1])]
         if texts:
             row["x"] = texts
             for word in {w.lower() for text, _, _ in texts for w in WORD.findall(text)}:
-                postings.add(word, WORDS, unit, 1.0)
+                add((word, WORDS, unit, 1))
         grouped: dict[str, list] = {}
-        for k in range(ex_bounds[j], ex_bounds[j + 1]):
-            if found[k]:
+        e0, e1 = ex_bounds[j], ex_bounds[j + 1]
+        for k in range(e0, e1):
+            if found_list[k]:
                 grouped.setdefault(EXAMPLE_KINDS[kinds[k]], []).append(example_rows[k])
         row["ex"] = grouped
-        peaks = Counter(normalize_term(_token_at(ctx_rows[ex[0]], ex[2], context_tokens))
-                        for ex in grouped.get("top", ()))
+        peaks = Counter(terms[code] for code in code_at[e0:e1].tolist() if code >= 0)
         for term, count in peaks.items():
-            postings.add(term, PEAK, unit, count)
+            if term:
+                add((term, PEAK, unit, count))
         unit_rows.append(row)
-        cards.append(_card(row, frequencies[j], ctx_rows, context_tokens, texts, bos_token))
+        cards.append(_card(row, frequencies[j], ctx_rows, width, context_tokens, codes, offsets, texts, bos_token))
 
-    shard = {"v": FORMAT_VERSION, "bos": bos_token, "toks": list(toks), "docs": list(docs), "ctx": ctx_rows,
-             "prev": int(stats.units[chunk.first - 1]) if chunk.first > 0 else None,
+    shard = {"v": FORMAT_VERSION, "bos": bos_token, "toks": list(toks), "tw": width, "docs": list(docs),
+             "ctx": ctx_rows, "prev": int(stats.units[chunk.first - 1]) if chunk.first > 0 else None,
              "next": int(stats.units[chunk.stop]) if chunk.stop < len(stats.units) else None,
              "units": unit_rows}
     return shard, {"v": FORMAT_VERSION, "units": cards}, postings
 
 
-def _token_at(ctx: list, position: int, tokens: list[str]) -> str:
-    """The token string at a position of a shard context (it holds tokens [lo, lo + len))."""
-    index = position - ctx[2]
-    return tokens[ctx[4][index]] if 0 <= index < len(ctx[4]) else ""
-
-
-def _card(row: dict, frequency: float | None, ctx_rows: list, tokens: list[str], texts: list,
-          bos_token: str | None) -> list:
+def _card(row: dict, frequency: float | None, ctx_rows: list, width: int, tokens: list[str], codes: np.ndarray,
+          offsets: np.ndarray, texts: list, bos_token: str | None) -> list:
     """[unit, max, min, frequency, snippet tokens, index of the max token in them, explanation]: a search
     result's line. The snippet is the strongest example around its max token, without the BOS."""
     s = row["s"]
@@ -209,11 +234,12 @@ def _card(row: dict, frequency: float | None, ctx_rows: list, tokens: list[str],
     top = row["ex"].get("top")
     if top:
         c, _, position, _, _ = top[0]
-        ctx = ctx_rows[c]
-        first = max(position - SNIPPET_BEFORE, ctx[2])
-        if first == 0 and ctx[2] == 0 and bos_token is not None and ctx[4] and tokens[ctx[4][0]] == bos_token:
+        lo, n = ctx_rows[c][2], len(ctx_rows[c][4]) // width
+        context = codes[offsets[c]:offsets[c] + n]
+        first = max(position - SNIPPET_BEFORE, lo)
+        if first == 0 and bos_token is not None and n and tokens[context[0]] == bos_token:
             first = 1 if position > 0 else 0
-        stop = min(position + SNIPPET_AFTER + 1, ctx[2] + len(ctx[4]))
-        snippet = [tokens[ctx[4][p - ctx[2]]] for p in range(first, stop)]
+        stop = min(position + SNIPPET_AFTER + 1, lo + n)
+        snippet = [tokens[code] for code in context[first - lo:stop - lo].tolist()]
         mark = position - first
     return [row["u"], s[0], s[1], frequency, snippet, mark, texts[0][0] if texts else None]

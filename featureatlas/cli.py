@@ -111,9 +111,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--full-paths", action="store_true",
                    help="show the corpus, model and dictionary paths in full (default: their last part only, so a "
                         "public site does not reveal the building machine's folders)")
-    p = sub.add_parser("serve", help="serve a built site on localhost",
-                       description="Serve a built site with Python's http.server (a site also works from file://).")
+    p = sub.add_parser("serve", help="serve a built site on localhost, with a live probe box given a model",
+                       description="Serve a built site with Python's http.server (a site also works from file://). "
+                                   "With --store (or --model), every unit page gets a box to run your own text "
+                                   "through the unit, and to list the units of its layer that fire most on it.")
     p.add_argument("site", type=Path)
+    p.add_argument("--store", type=Path, default=None,
+                   help="the store the site was built from: its run's model, dictionaries and dtype are loaded")
+    p.add_argument("--model", default=None, help="the model, where it is now (default: the store's run's)")
+    p.add_argument("--sae", action="append", default=[], metavar="[NAME=]PATH",
+                   help="a dictionary folder where it is now (default: the store's recorded paths)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
     p = sub.add_parser("train-sae", help="train a top-k SAE on a hook of a model and save it for SAELens",
@@ -155,6 +163,7 @@ def _parser() -> argparse.ArgumentParser:
     _annotate_parser(sub)
     _export_parser(sub)
     _verify_parser(sub)
+    _probe_parser(sub)
     return parser
 
 
@@ -233,8 +242,13 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from featureatlas.build.serve import serve
-    serve(args.site, port=args.port, host=args.host)
+    from featureatlas.build.serve import make_server, serve
+    make_server(args.site, port=0).server_close()  # a folder that is not a site fails before the model loads
+    prober = None
+    if args.store is not None or args.model is not None:
+        from featureatlas.harvest.probe import load_prober
+        prober = load_prober(args.model, args.sae, store=args.store, device=args.device)
+    serve(args.site, port=args.port, host=args.host, prober=prober)
     return 0
 
 
@@ -447,3 +461,39 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 COMMANDS["verify"] = cmd_verify
+
+
+def _probe_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("probe", help="show what a unit does on your own text, or which units fire most on it",
+                       description="Run a text through the model (only up to the deepest layer needed), as harvest "
+                                   "runs a context (BOS first), and print a unit's activation on every token, shaded "
+                                   "on a terminal (scaled to the unit's max in --store, else to the text's max), "
+                                   "plain `token<TAB>activation` lines when piped or with --plain; or, with --top, "
+                                   "the units of a source and layer with the largest max on the text.")
+    p.add_argument("text", help="the text to probe, or - to read it from stdin")
+    p.add_argument("--unit", default=None, metavar="ADDRESS", help="e.g. mlp/12/345, L12N345, sae:res15/123")
+    p.add_argument("--top", type=int, default=None, metavar="N", help="list the N units that fire most on the text")
+    p.add_argument("--source", default="mlp", help="--top: mlp, resid, sae:NAME, transcoder:NAME (default: mlp)")
+    p.add_argument("--layer", type=int, default=None, help="--top: the layer (a source with one layer: optional)")
+    p.add_argument("--model", default=None,
+                   help="model folder, .gguf file, hub id or smollm2-135m; with --store: where the run's model is now")
+    p.add_argument("--store", type=Path, default=None,
+                   help="take the model, dictionaries and dtype from this store's run (and shade to its units' max)")
+    p.add_argument("--sae", action="append", default=[], metavar="[NAME=]PATH",
+                   help="a dictionary folder (source sae:NAME / transcoder:NAME); repeatable")
+    p.add_argument("--site", type=Path, default=None, help="a built site: print each unit's page link")
+    p.add_argument("--plain", action="store_true", help="token<TAB>activation lines even on a terminal")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="without --store (default: %(default)s)")
+    p.add_argument("--no-model-cache", action="store_true", help="as for harvest")
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from featureatlas.harvest.probe_command import ProbeArgs, probe_command
+    return probe_command(ProbeArgs(text=args.text, unit=args.unit, top=args.top, source=args.source,
+                                   layer=args.layer, model=args.model, store=args.store, saes=args.sae,
+                                   site=args.site, plain=args.plain, device=args.device, dtype=args.dtype))
+
+
+COMMANDS["probe"] = cmd_probe

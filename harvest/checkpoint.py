@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from featureatlas.atomic import temp_path_beside
+from featureatlas.atomic import remove_stale_temps, temp_path_beside
 from featureatlas.errors import UsageError
 
 VERSION = 1
@@ -45,6 +45,7 @@ class Checkpointer:
         self.path = checkpoint_path(Path(out))
         self.every = every
         self._next = every
+        remove_stale_temps(self.path)  # a save that a kill -9 interrupted left its partial file behind
 
     def due(self, n_tokens: int) -> bool:
         return self._next is not None and n_tokens >= self._next

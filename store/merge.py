@@ -33,6 +33,12 @@ from featureatlas.store.writer import StoreWriter
 _SHARD_ONLY = {"shard"}
 # What fixes the context ids: stores that agree on these number the same contexts the same way.
 _CONTEXT_KEYS = ("corpus", "context_length", "tokens", "text_field")
+# An example's per-token activations as stored (store/encoding.py), copied as they are: a merged example is
+# the shard's, bit for bit, so it reads exactly as in a single run.
+_ENCODED = "activations_q, activations_levels, activations_exact"
+_ENCODED_E = ", ".join(f"e.{name}" for name in _ENCODED.split(", "))
+_EXAMPLE_COLUMNS = ("model, source, layer, unit, example_kind, interval_lo, interval_hi, rank, context_id, "
+                    f"max_position, max_activation, {_ENCODED}")
 
 
 @dataclass
@@ -219,9 +225,9 @@ def _merge_examples(con: duckdb.DuckDBPyConnection, family: Family, key: str, se
     bottom_k = settings.get("bottom_k")
     bottom_k = top_k if bottom_k is None else int(bottom_k)
     for kind, k, order in (("top", top_k, "max_activation DESC"), ("bottom", bottom_k, "max_activation ASC")):
-        con.execute(f"""INSERT INTO t_examples
+        con.execute(f"""INSERT INTO t_examples ({_EXAMPLE_COLUMNS})
             SELECT model, source, layer, unit, example_kind, interval_lo, interval_hi, r, context_id + {offset},
-                   max_position, max_activation, activations
+                   max_position, max_activation, {_ENCODED}
             FROM (SELECT *, row_number() OVER (PARTITION BY unit ORDER BY {order}, context_id) AS r
                   FROM ({examples}) WHERE example_kind = '{kind}')
             WHERE r <= {k}""")
@@ -237,9 +243,10 @@ def _merge_examples(con: duckdb.DuckDBPyConnection, family: Family, key: str, se
             continue
         con.register("featureatlas_chosen", chosen)
         try:
-            con.execute(f"""INSERT INTO t_examples
+            con.execute(f"""INSERT INTO t_examples ({_EXAMPLE_COLUMNS})
                 SELECT e.model, e.source, e.layer, e.unit, e.example_kind, c.lo, c.hi, c.rank,
-                       e.context_id + {offset}, e.max_position, e.max_activation, e.activations
+                       e.context_id + {offset}, e.max_position, e.max_activation,
+                       {_ENCODED_E}
                 FROM ({examples}) e JOIN featureatlas_chosen c USING (part, unit, context_id)
                 WHERE e.example_kind = '{kind}'""")
         finally:

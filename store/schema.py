@@ -6,9 +6,11 @@ from pathlib import Path
 
 import duckdb
 
-SCHEMA_VERSION = 2
+# 3: per-token activations stored as 16-bit codes (store/encoding.py) behind the unchanged `examples` view.
+SCHEMA_VERSION = 3
 SCHEMA_SQL = (Path(__file__).parent / "schema.sql").read_text()
-# The explanations table and view, a marked part of schema.sql: added to version 2 in place (see there).
+# The explanations table and view, a marked part of schema.sql: added to version 2 in place (see there); every
+# version-3 store has them from the start, so for those ensure_explanations changes nothing.
 EXPLANATIONS_SQL = SCHEMA_SQL[SCHEMA_SQL.index("-- Explanations:"):SCHEMA_SQL.index("-- End of explanations.")]
 
 

@@ -1,4 +1,4 @@
--- featureatlas store, schema version 2.
+-- featureatlas store, schema version 3.
 -- Tables (prefixed t_) hold the data and may change between versions; the views below are the public,
 -- documented interface: query them with `duckdb STORE.duckdb "SELECT ... FROM units ..."`.
 
@@ -82,7 +82,12 @@ CREATE TABLE t_examples (
     context_id BIGINT NOT NULL,
     max_position INTEGER NOT NULL,     -- 0-based index of the context's max token (its min, for bottom examples)
     max_activation FLOAT NOT NULL,     -- the context's max activation (its min, for bottom examples)
-    activations FLOAT[] NOT NULL       -- one per token of the context
+    -- The per-token activations, one per token of the context, in one of two forms (store/encoding.py): 16-bit
+    -- codes on a grid of |max_activation| / activations_levels per step, which the examples view decodes, or,
+    -- for an example the grid cannot hold (a NaN or infinity, a max of zero, ...), the float32 values themselves.
+    activations_q SMALLINT[],          -- round(activation / step); NULL when activations_exact holds them
+    activations_levels SMALLINT,       -- steps from 0 to |max_activation| (1,024..32,767); NULL likewise
+    activations_exact FLOAT[]          -- the activations as harvested; NULL when activations_q holds them
 );
 
 CREATE TABLE t_logits (
@@ -141,7 +146,14 @@ CREATE VIEW histograms AS
                 ELSE 2.0 ^ ((abs(bin) - 1) // 4 - 16) * (1 + ((abs(bin) - 1) % 4) / 4) END AS hi,
            count
     FROM flat;
-CREATE VIEW examples AS SELECT * FROM t_examples;
+-- activations: decoded, as float32, from the grid (see t_examples): within half a step of the harvested value,
+-- the max (min) itself exact; or the stored float32 values.
+CREATE VIEW examples AS
+    SELECT model, source, layer, unit, example_kind, interval_lo, interval_hi, rank, context_id, max_position,
+           max_activation,
+           coalesce(activations_exact, list_transform(activations_q, lambda q:
+               (q * (abs(max_activation::DOUBLE) / activations_levels))::FLOAT)) AS activations
+    FROM t_examples;
 CREATE VIEW logit_effects AS
     SELECT l.model, l.source, l.layer, l.unit, l.polarity, l.rank, l.token_id, v.token, l.effect
     FROM t_logits l LEFT JOIN t_vocabulary v USING (model, token_id);

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from featureatlas.atomic import remove_stale_temps, temp_path_beside
+from featureatlas.store import encoding
 from featureatlas.store.schema import StoreError, create_schema
 
 
@@ -24,14 +25,6 @@ def check_writable_target(path: Path) -> None:
         raise StoreError(f"{path}: folder {parent} does not exist; create it or choose another --out")
     if not os.access(parent, os.W_OK):
         raise StoreError(f"{path}: folder {parent} is not writable; choose another --out")
-
-
-def _ragged(rows: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
-    """Rows of a 2-D array cut to their lengths, as an Arrow list column (no per-row Python loop)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    keep = np.arange(rows.shape[1]) < lengths[:, None]
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(rows[keep]))
 
 
 class StoreWriter:
@@ -124,17 +117,19 @@ class StoreWriter:
                      ranks: np.ndarray, context_ids: np.ndarray, positions: np.ndarray, values: np.ndarray,
                      activations: np.ndarray, context_lengths: np.ndarray, interval_lo: np.ndarray | None = None,
                      interval_hi: np.ndarray | None = None) -> None:
-        """Examples of one kind, one row each: activations [n, width] are cut to context_lengths [n]."""
+        """Examples of one kind, one row each: activations [n, width] are cut to context_lengths [n] and stored
+        as store/encoding.py says (values, the max_activation column, fixes each example's grid)."""
         n = len(units)
         nulls = pa.nulls(n, pa.float32())
+        values = np.asarray(values, np.float32)
+        encoded = encoding.encode(activations, context_lengths, values)
         self._insert("t_examples", {
             **self._keys(model, source, layer, n), "unit": np.asarray(units, np.int32),
             "example_kind": pa.array([kind] * n, pa.string()),
             "interval_lo": nulls if interval_lo is None else np.asarray(interval_lo, np.float32),
             "interval_hi": nulls if interval_hi is None else np.asarray(interval_hi, np.float32),
             "rank": np.asarray(ranks, np.int32), "context_id": np.asarray(context_ids, np.int64),
-            "max_position": np.asarray(positions, np.int32), "max_activation": np.asarray(values, np.float32),
-            "activations": _ragged(np.asarray(activations, np.float32).reshape(n, -1), context_lengths),
+            "max_position": np.asarray(positions, np.int32), "max_activation": values, **encoded.columns(),
         })
 
     def add_histograms(self, model: str, source: str, layer: int, counts: np.ndarray) -> None:

@@ -17,7 +17,7 @@ import featureatlas.store.annotate as annotate_module
 from featureatlas.cli import main
 from featureatlas.store.addresses import AddressError, UnknownUnitError, parse_address, store_sources
 from featureatlas.store.annotate import AnnotationError, annotate
-from featureatlas.store.schema import StoreError, ensure_explanations, open_store
+from featureatlas.store.schema import SCHEMA_VERSION, StoreError, ensure_explanations, open_store
 
 M = "m"  # make_store's stores here: mlp and resid on layers 0-1 (50 units each), sae:res on layer 1 (100 units)
 HOSTILE = ["<script>alert(1)</script>", "a\x00b", "\u202eevil", "\u2066x\u2069 and \u200b", "two\nlines\r\n",
@@ -430,7 +430,7 @@ def test_store_written_before_explanations(store: Path, tmp_path: Path) -> None:
     annotate(store, write(tmp_path / "n.csv", "unit,text\nmlp/1/1,x\n"))
     assert rows(store) == [("mlp", 1, 1, "x", None, None, None)]
     con = duckdb.connect(str(store), read_only=True)
-    assert con.execute("SELECT value FROM t_meta WHERE key = 'schema_version'").fetchone() == ("2",)
+    assert con.execute("SELECT value FROM t_meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
     assert [r[0] for r in con.execute("DESCRIBE explanations").fetchall()] == [
         "model", "source", "layer", "unit", "text", "score", "score_kind", "author", "file", "added_at"]
     con.close()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from featureatlas.build.numbers import decode_activations
-from featureatlas.build.shards import SHARD_UNITS, read_js
+from featureatlas.build.shards import SHARD_UNITS, context_token_indices, read_js
 
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = Path("/tmp/featureatlas-shots")
@@ -150,7 +150,8 @@ def test_unit_page_draws_its_data(page: object, site_dir: Path, source: str, lay
             n = len(decode_activations(ex[4]))
             tokens = drawn.nth(i).locator(":scope > b")
             assert tokens.count() == n
-            raw = [shard["toks"][t] for t in ctx[4][ex[1] - ctx[2]:ex[1] - ctx[2] + n]]
+            indices = context_token_indices(shard, ex[0])
+            raw = [shard["toks"][t] for t in indices[ex[1] - ctx[2]:ex[1] - ctx[2] + n]]
             assert tokens.evaluate_all("els => els.map(e => e.textContent.length > 0)") == [True] * n
             marked = tokens.evaluate_all("els => els.map(e => e.classList.contains('m'))")
             assert marked.index(True) == ex[2] - ex[1] and marked.count(True) == 1
@@ -227,7 +228,8 @@ def test_tooltip_shows_raw_tokens(page: object, site_dir: Path, raw: str, expect
             for ex in row["ex"].get("top", []):
                 ctx = shard["ctx"][ex[0]]
                 first = ex[1] - ctx[2]
-                shown = [shard["toks"][t] for t in ctx[4][first:first + len(decode_activations(ex[4]))]]
+                indices = context_token_indices(shard, ex[0])
+                shown = [shard["toks"][t] for t in indices[first:first + len(decode_activations(ex[4]))]]
                 if raw in shown:
                     page.goto(unit_url(site_dir, "mlp", layer, unit))  # type: ignore[attr-defined]
                     example = row["ex"]["top"].index(ex)
@@ -334,7 +336,8 @@ def test_search_by_token_lists_units_that_peak_on_it(page: object, site_dir: Pat
     match = re.search(r"/([^/]+)/(\d+)/unit\.html#(\d+)$", link)
     folder, layer, unit = match.group(1), int(match.group(2)), int(match.group(3))
     shard, row = unit_data(site_dir, {"sae-res": "sae:res"}.get(folder, folder), layer, unit)
-    peaks = [shard["toks"][shard["ctx"][ex[0]][4][ex[2] - shard["ctx"][ex[0]][2]]] for ex in row["ex"]["top"]]
+    peaks = [shard["toks"][context_token_indices(shard, ex[0])[ex[2] - shard["ctx"][ex[0]][2]]]
+             for ex in row["ex"]["top"]]
     assert token in peaks
     page.fill("#q", "zzzz-nothing")
     page.locator("#search-status").filter(has_text="Nothing found").wait_for()

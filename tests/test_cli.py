@@ -10,6 +10,7 @@ import torch
 import transformers
 
 from featureatlas.cli import main
+from featureatlas.store.schema import SCHEMA_VERSION
 
 from tiny_models import save_tiny_model, tiny_tokenizer, write_corpus
 
@@ -156,12 +157,14 @@ def test_store_of_another_schema_version_is_refused(tiny, tmp_path: Path, capsys
     model, corpus = tiny
     out = tmp_path / "s.duckdb"
     assert main([str(a) for a in harvest_args(model, corpus, out, "--layers", "0")]) == 0
-    con = duckdb.connect(str(out))
-    con.execute("UPDATE t_meta SET value = '999' WHERE key = 'schema_version'")
-    con.close()
-    for command in (["info", out], ["build", out, "--out", tmp_path / "site"]):
-        code, message = run(capsys, *command)
-        assert code == 2 and "store schema version 999" in message and "harvest it again" in message
+    for version in ("999", str(SCHEMA_VERSION - 1)):  # a newer store, and one written before this version
+        con = duckdb.connect(str(out))
+        con.execute("UPDATE t_meta SET value = ? WHERE key = 'schema_version'", [version])
+        con.close()
+        for command in (["info", out], ["build", out, "--out", tmp_path / "site"]):
+            code, message = run(capsys, *command)
+            assert code == 2 and f"store schema version {version}, this featureatlas reads version " \
+                f"{SCHEMA_VERSION}; harvest it again" in message
     assert not (tmp_path / "site").exists()
 
 

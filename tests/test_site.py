@@ -29,14 +29,14 @@ from featureatlas.build.numbers import (
 from featureatlas.build.output import MARKER, SiteError
 from featureatlas.build.search_index import fnv1a
 from featureatlas.build.serve import make_server
-from featureatlas.build.shards import SHARD_UNITS, numbers, read_js
+from featureatlas.build.shards import SHARD_UNITS, context_token_indices, numbers, read_js
 from featureatlas.build.site import build_site
 from featureatlas.build.slugs import slugify, unique_slugs
 from featureatlas.build.tokens import token_text
 from featureatlas.build.worker import WINDOWS
 from featureatlas.store.schema import StoreError, create_schema, open_store
 
-CSP = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:"
+CSP = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'"
 # Raw characters that must never reach a page: controls (other than newline) and direction overrides.
 FORBIDDEN_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u200e\u200f]")
 
@@ -356,7 +356,8 @@ def test_examples_of_every_kind_match_the_store(site_dir: Path, store_path: Path
             assert (lo, shown_position, shown_value) == (expected_lo, position, short(value))
             assert decode_activations(acts) == [float(f"{a:.3g}") for a in activations[lo:hi]]
             assert len(acts) <= 3 * (hi - lo)  # runs of zeros are shorter
-            assert [shard["toks"][t] for t in ctx[4][lo - ctx[2]:hi - ctx[2]]] == tokens[lo:hi]
+            indices = context_token_indices(shard, c)
+            assert [shard["toks"][t] for t in indices[lo - ctx[2]:hi - ctx[2]]] == tokens[lo:hi]
             assert ctx[1] == start and ctx[3] == len(tokens) and shard["docs"][ctx[0]]
             if kind == "quantile":
                 assert example[5:] == [short(interval_lo), short(interval_hi)]

@@ -135,6 +135,23 @@
     return out;
   }
 
+  /* A shard context's token indices: shard.tw base64url digits each (build/shards.py). */
+  var contextCache = new WeakMap();
+  function contextTokens(shard, c) {
+    var ctx = shard.ctx[c], cache = contextCache.get(ctx);
+    if (!cache) {
+      var digits = ctx[4], width = shard.tw;
+      cache = [];
+      for (var i = 0; i < digits.length; i += width) {
+        var v = 0;
+        for (var k = 0; k < width; k++) v = v * 64 + ACT_DIGITS.indexOf(digits.charAt(i + k));
+        cache.push(v);
+      }
+      contextCache.set(ctx, cache);
+    }
+    return cache;
+  }
+
   /* ---- Tooltip on hover and keyboard focus (unit pages and search results) ---- */
   var tokenInfo = new WeakMap(); // token element -> {raw, value, scale, relativeTo}
   var tip = null, shown = null;
@@ -213,6 +230,7 @@
   /* One example: its header line and its tokens, coloured on a scale relative to the unit's max (min). */
   function exampleBlock(shard, ex, rank, scale, relativeTo) {
     var ctx = shard.ctx[ex[0]], lo = ex[1], position = ex[2], acts = decodeActivations(ex[4]);
+    var indices = contextTokens(shard, ex[0]);
     var bos = shard.bos;
     var block = el("div", "ex");
     var head = el("p");
@@ -228,7 +246,7 @@
     if (lo > 0) line.classList.add("cut-l");
     if (lo + acts.length < ctx[3]) line.classList.add("cut-r");
     for (var i = 0; i < acts.length; i++) {
-      var p = lo + i, raw = shard.toks[ctx[4][p - ctx[2]]];
+      var p = lo + i, raw = shard.toks[indices[p - ctx[2]]];
       var value = acts[i], b = el("b");
       var bucket = Math.round((value / scale) * BUCKETS);
       if (isNaN(bucket)) bucket = 0;
@@ -441,8 +459,8 @@
 
   function unitJSON(meta, shard, unit) {
     var ctxOf = function (ex, kind) {
-      var ctx = shard.ctx[ex[0]], acts = decodeActivations(ex[4]), tokens = [];
-      for (var i = 0; i < acts.length; i++) tokens.push(shard.toks[ctx[4][ex[1] + i - ctx[2]]]);
+      var ctx = shard.ctx[ex[0]], acts = decodeActivations(ex[4]), tokens = [], indices = contextTokens(shard, ex[0]);
+      for (var i = 0; i < acts.length; i++) tokens.push(shard.toks[indices[ex[1] + i - ctx[2]]]);
       var out = { kind: kind, max_activation: ex[3], max_position: ex[2], first_position: ex[1],
                   document: shard.docs[ctx[0]], start_token: ctx[1], tokens: tokens, activations: acts };
       if (kind === "quantile") out.interval = [ex[5], ex[6]];
@@ -632,6 +650,114 @@
     data.appendChild(copy);
     host.appendChild(data);
     tocLink("data", "Data");
+    host.appendChild(probeBox(meta, unit));
+    tocLink("probe", "Try your own text");
+  }
+
+  /* ---- The live probe box: only where `featureatlas serve --store` answers (build/serve.py) ---- */
+  var probeText = "";
+  function probeBox(meta, unit) {
+    var sec = section("probe", "Try your own text");
+    var note = el("p", "note");
+    sec.appendChild(note);
+    var serveHint = "Run your own text through this unit: start `featureatlas serve SITE --store STORE.duckdb` " +
+      "and open this page from the address it prints.";
+    if (location.protocol.indexOf("http") !== 0) { // file://: no server to ask
+      note.textContent = serveHint;
+      return sec;
+    }
+    note.textContent = "Checking for a model\u2026";
+    fetch(ROOT + "api/probe", { headers: { Accept: "application/json" } }).then(function (response) {
+      return response.json().then(function (body) { return [response.ok, body]; });
+    }).then(function (answer) {
+      var ok = answer[0], body = answer[1];
+      var served = ok && body.sources.some(function (s) { return s[0] === meta.source && s[1] === meta.layer; });
+      if (!served) {
+        note.textContent = ok ? "The server's model has no " + meta.source + " layer " + meta.layer + "." : serveHint;
+        return;
+      }
+      note.textContent = "Runs " + visible(body.model) + " on the server. Colours are on the same scale as the examples.";
+      var label = el("label", null, "Text");
+      label.htmlFor = "probe-text";
+      var box = el("textarea");
+      box.id = "probe-text";
+      box.rows = 3;
+      box.maxLength = 20000;
+      box.value = probeText;
+      var run = el("button", "button", "Run through " + meta.noun.toLowerCase() + " " + unit.u);
+      run.type = "button";
+      var top = el("button", "button", "Top units of this layer");
+      top.type = "button";
+      var status = el("p", "meta");
+      status.setAttribute("role", "status");
+      var out = el("div", "probe-out");
+      [label, box, run, top, status, out].forEach(function (node) { sec.appendChild(node); });
+      function ask(extra) {
+        probeText = box.value;
+        status.textContent = "Running\u2026";
+        out.textContent = "";
+        var request = { text: box.value, source: meta.source, layer: meta.layer };
+        Object.keys(extra).forEach(function (k) { request[k] = extra[k]; });
+        return fetch(ROOT + "api/probe", { method: "POST", headers: { "Content-Type": "application/json" },
+                                           body: JSON.stringify(request) })
+          .then(function (response) { return response.json(); })
+          .then(function (result) {
+            if (result.error) {
+              status.textContent = result.error;
+              return null;
+            }
+            status.textContent = "";
+            return result;
+          }, function () { status.textContent = "The server did not answer."; return null; });
+      }
+      run.addEventListener("click", function () {
+        ask({ unit: unit.u }).then(function (result) {
+          if (!result) return;
+          var acts = result.activations.map(function (v) { return v === null ? NaN : v; });
+          var scale = result.scale !== null && result.scale > 0 ? result.scale : Math.max.apply(null,
+            acts.map(function (v) { return isFinite(v) ? Math.abs(v) : 0; }).concat([1e-30]));
+          var line = el("div", "ctx");
+          line.id = "probe-result";
+          result.tokens.forEach(function (raw, i) {
+            var b = el("b"), bucket = Math.round((acts[i] / scale) * BUCKETS);
+            bucket = isNaN(bucket) ? 0 : Math.max(-BUCKETS, Math.min(BUCKETS, bucket));
+            if (bucket > 0) b.classList.add("a" + bucket);
+            else if (bucket < 0) b.classList.add("n" + -bucket);
+            if (i === result.max_position) {
+              b.classList.add("m");
+              b.tabIndex = 0;
+            }
+            if (i < result.first_counted) b.classList.add("bos");
+            appendToken(b, raw, false);
+            tokenInfo.set(b, { raw: raw, value: acts[i], scale: scale, relativeTo: "max" });
+            line.appendChild(b);
+          });
+          var head = el("p", "meta", "max " + fmt(acts[result.max_position]) + " on " +
+            repr(result.tokens[result.max_position]) + (result.scale ? " \u00b7 the unit's max in the catalogue: " +
+            fmt(result.scale) : ""));
+          out.appendChild(head);
+          out.appendChild(line);
+        });
+      });
+      top.addEventListener("click", function () {
+        ask({ top: 10 }).then(function (result) {
+          if (!result) return;
+          var list = el("ol", "hits");
+          list.id = "probe-top";
+          result.units.forEach(function (u) {
+            var li = el("li"), a = el("a", null, meta.noun + " " + u.unit);
+            a.href = "#" + u.unit;
+            li.appendChild(a);
+            li.appendChild(el("span", "muted", " max " + fmt(u.max) + " on " + repr(result.tokens[u.position])));
+            list.appendChild(li);
+          });
+          out.appendChild(list);
+        });
+      });
+    }, function () {
+      note.textContent = serveHint;
+    });
+    return sec;
   }
 
   function unitPage(host) {

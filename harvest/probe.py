@@ -1,0 +1,264 @@
+"""Probe: what a unit (or the units of one source and layer) does on a text of the user's own.
+
+A probe must show the numbers the catalogue shows, or a unit's page and a probe of the same words would disagree.
+So the text becomes one context exactly as a harvest makes one (the tokenizer's BOS first when it has one, the
+text's tokens without special tokens; the BOS position never counts as the max), the sources are the harvest's
+own (build_sources; from a store, rebuilt from its runs/sources as `verify` does) and the activations come from
+harvest's own Reader, which also stops the forward pass after the deepest layer asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from featureatlas.errors import UsageError
+from featureatlas.harvest.architectures import blocks_of
+from featureatlas.harvest.contexts import Context, display_tokens, make_batch
+from featureatlas.harvest.harvester import Reader
+from featureatlas.harvest.sources import UnitSource, mlp_sources, resid_sources
+from featureatlas.store.addresses import AddressError, SourceLayer, describe_sources, format_address, parse_address
+
+MAX_CHARS = 20_000   # checked before tokenising, so a huge paste costs nothing
+MAX_TOKENS = 2_048   # one forward pass; seconds on a CPU for the embedded model
+
+
+@dataclass(frozen=True)
+class UnitProbe:
+    """One unit's activation on every token of a text (BOS included, as a stored example's are)."""
+
+    model: str
+    source: str
+    layer: int
+    unit: int
+    tokens: list[str]          # display strings, joining up to the text (after BOS)
+    token_ids: list[int]
+    activations: np.ndarray    # float32 [tokens]
+    first_counted: int         # 1 when tokens[0] is BOS, which never counts as the max
+    scale: float | None = None  # the unit's largest activation in the store (None: not known)
+
+    @property
+    def address(self) -> str:
+        return format_address(self.model, self.source, self.layer, self.unit)
+
+    @property
+    def max_position(self) -> int:
+        """The first max over counted tokens, as harvest picks an example's max_position."""
+        return int(self.activations[self.first_counted:].argmax()) + self.first_counted
+
+    @property
+    def max_activation(self) -> float:
+        return float(self.activations[self.max_position])
+
+
+@dataclass(frozen=True)
+class TopUnit:
+    """A unit of a (source, layer) ranked by its max activation over a text's counted tokens."""
+
+    model: str
+    source: str
+    layer: int
+    unit: int
+    max_activation: float
+    position: int
+    token: str
+
+    @property
+    def address(self) -> str:
+        return format_address(self.model, self.source, self.layer, self.unit)
+
+
+def pick_source(held: list[SourceLayer], source: str, layer: int | None) -> tuple[str, int]:
+    """The (source, layer) a --top asks for among those held (a source with one layer may leave the layer out)."""
+    layers = sorted({s.layer for s in held if s.source == source})
+    if not layers:
+        raise UsageError(f"--source {source!r}: no such source; there are {describe_sources(held)}")
+    has = describe_sources([s for s in held if s.source == source])
+    if layer is None and len(layers) > 1:
+        raise UsageError(f"--source {source} has several layers ({has}); pass --layer")
+    if layer is not None and layer not in layers:
+        raise UsageError(f"--layer {layer}: no such layer in {source}; there is {has}")
+    return source, layers[0] if layer is None else layer
+
+
+def check_text(text: str) -> str:
+    """Refuse what no probe can use before any model loads."""
+    if not isinstance(text, str) or not text.strip():
+        raise UsageError("no text to probe; pass some text (or - to read it from stdin)")
+    if len(text) > MAX_CHARS:
+        raise UsageError(f"the text is {len(text):,} characters; probe takes at most {MAX_CHARS:,}")
+    return text
+
+
+@dataclass
+class Prober:
+    """A loaded model and the sources it can read, ready for any number of probes."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    model_name: str                              # the store's `model` column (the ref's display name)
+    sources: dict[tuple[str, int], UnitSource]   # (source name, layer) -> source
+    store: Path | None = None                    # where the units' own max activations are read from
+
+    _scales: dict[tuple[str, int, int], float] | None = None
+
+    def scale(self, source: str, layer: int, unit: int) -> float | None:
+        """The unit's largest activation in the store (its |min| if it never fires positive): what shades are
+        scaled to, so a probe reads like the unit's page. None without a store, or if the store lacks the unit.
+        All units' are read at the first call, in one query: the store is not held open between probes."""
+        if self.store is None:
+            return None
+        if self._scales is None:
+            from featureatlas.store.schema import open_store
+            con = open_store(self.store)
+            try:
+                rows = con.execute("SELECT source, layer, unit, max_activation, min_activation FROM units "
+                                   "WHERE model = ?", [self.model_name]).fetchall()
+            finally:
+                con.close()
+            self._scales = {(s, la, u): float(hi) if hi is not None and hi > 0 else float(-(lo or 0.0))
+                            for s, la, u, hi, lo in rows}
+        return self._scales.get((source, layer, unit)) or None
+
+    @property
+    def has_bos(self) -> bool:
+        return self.tokenizer.bos_token_id is not None
+
+    def source_layers(self) -> list[SourceLayer]:
+        """What parse_address reads addresses against."""
+        return [SourceLayer(self.model_name, name, layer, s.n_units) for (name, layer), s in self.sources.items()]
+
+    def resolve(self, address: str) -> tuple[str, str, int, int]:
+        """(model, source, layer, unit) of an address; an unknown or out-of-range unit is a UsageError."""
+        try:
+            return parse_address(address, self.source_layers())
+        except AddressError as err:
+            raise UsageError(str(err)) from None
+
+    def resolve_source(self, source: str, layer: int | None) -> tuple[str, int]:
+        return pick_source(self.source_layers(), source, layer)
+
+    def token_ids(self, text: str) -> list[int]:
+        """BOS (when the tokenizer has one) + the text's tokens, as harvest's contexts are made."""
+        ids = self.tokenizer(check_text(text), add_special_tokens=False)["input_ids"]
+        if len(ids) > MAX_TOKENS:
+            raise UsageError(f"the text is {len(ids):,} tokens; probe takes at most {MAX_TOKENS:,}")
+        return ([self.tokenizer.bos_token_id] if self.has_bos else []) + list(ids)
+
+    def activations(self, token_ids: list[int], keys: list[tuple[str, int]]) -> dict[tuple[str, int], np.ndarray]:
+        """float32 [tokens, units] per (source, layer), read by harvest's Reader: up to the deepest layer only."""
+        if not token_ids:
+            raise UsageError("no tokens to probe")
+        wanted = [self.sources[k] for k in keys]
+        captured: dict[tuple[str, int], np.ndarray] = {}
+
+        def consume(i: int, acts: torch.Tensor) -> None:
+            captured[keys[i]] = acts[0].float().cpu().numpy().copy()
+
+        reader = Reader(self.model, wanted, consume)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        try:
+            reader.run(make_batch([Context(0, 0, 0, list(token_ids))], self.has_bos, pad))
+        finally:
+            reader.detach()
+        return captured
+
+    def _first(self, ids: list[int]) -> int:
+        """1 when the context starts with BOS (never a max), as harvest counts positions."""
+        return int(self.has_bos and len(ids) > 1 and ids[0] == self.tokenizer.bos_token_id)
+
+    def display(self, token_ids: list[int]) -> list[str]:
+        return display_tokens(self.tokenizer, [list(token_ids)])[0]
+
+    def unit(self, text: str | None, address: str, token_ids: list[int] | None = None) -> UnitProbe:
+        """One unit on a text (or on given token ids, BOS included: a stored context's, say)."""
+        model, source, layer, unit = self.resolve(address)
+        ids = token_ids if token_ids is not None else self.token_ids(text)
+        acts = self.activations(ids, [(source, layer)])[(source, layer)][:, unit]
+        return UnitProbe(model, source, layer, unit, self.display(ids), list(ids), acts, self._first(ids),
+                         self.scale(source, layer, unit))
+
+    def top(self, text: str | None, source: str, layer: int | None, n: int,
+            token_ids: list[int] | None = None) -> list[TopUnit]:
+        """The n units of (source, layer) with the largest max over the text's counted tokens (ties: lower unit
+        first)."""
+        if n < 1:
+            raise UsageError("--top must be at least 1")
+        name, layer = self.resolve_source(source, layer)
+        ids = token_ids if token_ids is not None else self.token_ids(text)
+        acts = self.activations(ids, [(name, layer)])[(name, layer)]
+        first = self._first(ids)
+        counted = acts[first:]
+        peaks = counted.max(axis=0)
+        positions = counted.argmax(axis=0) + first
+        order = np.lexsort((np.arange(len(peaks)), -peaks.astype(np.float64)))[:n]
+        tokens = self.display(ids)
+        return [TopUnit(self.model_name, name, layer, int(u), float(peaks[u]), int(positions[u]),
+                        tokens[positions[u]]) for u in order]
+
+
+def load_prober(model: str | None = None, saes: list[str] | None = None, *, store: Path | str | None = None,
+                device: str = "auto", dtype: str = "auto", model_name: str | None = None) -> Prober:
+    """From a store: its run's model (or `model`, where it is now), dictionaries (or `saes`), dtype and device,
+    the sources rebuilt and checked as verify rebuilds them. Without: `model` with every MLP layer, every residual
+    layer and each `saes` dictionary, in `dtype` (neurons and residual dimensions need no check forward pass)."""
+    from featureatlas.harvest.models import load_model, pick_device, pick_dtype, resolve_model
+
+    if store is None:
+        if model is None:
+            raise UsageError("pass --model MODEL or --store STORE")
+        from featureatlas.harvest.run import HarvestConfig, build_sources
+        torch_device = pick_device(device)
+        ref = resolve_model(model)
+        loaded, tokenizer = load_model(ref, torch_device, pick_dtype(dtype, torch_device))
+        backbone, model_type = loaded.base_model, loaded.config.model_type
+        every = list(range(len(blocks_of(backbone, model_type))))
+        built = mlp_sources(backbone, model_type, every) + resid_sources(backbone, model_type, every,
+                                                                         loaded.config.hidden_size)
+        if saes:  # harvest's own loading and checks (d_in against the hooked tensor) for the dictionaries
+            config = HarvestConfig(model=model, corpus=Path("."), out=Path("."), layers="none", saes=list(saes),
+                                   device=str(torch_device))
+            built += build_sources(loaded, config, torch_device)
+        sources = {(s.name, s.layer): s for s in built}
+        return Prober(loaded, tokenizer, ref.display_name, sources)
+    return _from_store(Path(store), model, list(saes or []), device, model_name)
+
+
+def _from_store(store: Path, model: str | None, saes: list[str], device: str, model_name: str | None) -> Prober:
+    from featureatlas.harvest import verify as v
+    from featureatlas.harvest.models import ModelLoadError, load_model, resolve_model
+    from featureatlas.store.schema import open_store
+
+    con = open_store(store)
+    try:
+        runs = [v._Run(*row) for row in con.execute(
+            "SELECT model, model_ref, dtype, device, context_length, batch_size, bos_excluded, n_contexts, "
+            "settings, n_tokens FROM runs ORDER BY run_id").fetchall()]
+        names = sorted({r.model for r in runs})
+        if not runs:
+            raise UsageError(f"{store}: records no harvest run, so no model to probe with")
+        if model_name is None and len(names) > 1:
+            raise UsageError(f"{store}: holds runs of {len(names)} models ({', '.join(names)}); name one in the "
+                             "address (MODEL::mlp/12/345)")
+        name = model_name or names[0]
+        run = next((r for r in runs if r.model == name), None)
+        if run is None:
+            raise UsageError(f"{store}: no run of model {name!r}; it holds {', '.join(names)}")
+        config = v.VerifyConfig(store=store, model=model, saes=saes, device=device, progress=False)
+        specs = v._dictionary_specs(con, name, saes)
+        torch_device = v._device(device, run.device)
+        try:
+            ref = resolve_model(model or run.model_ref)
+        except ModelLoadError as err:
+            if model is not None:
+                raise
+            raise ModelLoadError(f"{err} (the run's recorded model); pass --model to where it is now") from None
+        loaded, tokenizer = load_model(ref, torch_device, v._dtype(run.dtype, torch_device, store))
+        sources = v._rebuild_sources(con, run, loaded, specs, config, torch_device)
+    finally:
+        con.close()
+    return Prober(loaded, tokenizer, name, sources, store)
