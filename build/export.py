@@ -26,7 +26,8 @@ from typing import Any
 import duckdb
 from tqdm import tqdm
 
-from featureatlas.atomic import remove_stale_temps, replace_folder, temp_path_beside
+from featureatlas.atomic import replace_folder
+from featureatlas.build.output import staging_dir
 from featureatlas.build.slugs import unique_slugs
 from featureatlas.build.tokens import visible
 from featureatlas.errors import UsageError
@@ -288,19 +289,6 @@ def check_target(out_dir: Path, overwrite: bool) -> None:
         raise UsageError(f"{out_dir}: folder {parent} is not writable; choose another --out")
 
 
-def _staging(out_dir: Path) -> Path:
-    remove_stale_temps(out_dir)
-    staging = temp_path_beside(out_dir)
-    if staging.exists():
-        shutil.rmtree(staging)
-    try:
-        staging.mkdir()
-    except OSError as err:
-        raise UsageError(f"{out_dir}: cannot write in {out_dir.parent} ({err.strerror}); "
-                         "choose another --out") from None
-    return staging
-
-
 @dataclass
 class ExportContext:
     """What a format writer gets: the open store, the layers, the staging folder and options, and the means to
@@ -394,7 +382,7 @@ def export_store(store_path: Path, out_dir: Path, fmt: str = "json", sources: li
         if fmt == "neuronpedia":
             options = check_options(refs, options)
         check_target(out_dir, overwrite)
-        staging = _staging(out_dir)
+        staging = staging_dir(out_dir)  # the site's: same place, same cleanup of killed runs
         total = sum(ref.n_units for ref in refs)
         try:
             with tqdm(total=total, unit="unit", disable=not progress, desc=f"export {fmt}", dynamic_ncols=True) as bar:
