@@ -34,7 +34,7 @@ def write_source(store: StoreWriter, model: str, source: UnitSource, acc: Accumu
         model, source.name, source.layer, source.n_units, source.hook.description, kind=source.kind,
         hook_name=source.hook.name, signed=source.signed, histogram_every=acc.statistics.histogram_every,
         hook_out_name=dictionary.hook_out_name if dictionary is not None else None,
-        dictionary_path=str(dictionary.path) if dictionary is not None else None,
+        dictionary_path=str(dictionary.path.resolve()) if dictionary is not None else None,  # usable from any cwd
         dictionary_format=dictionary.format if dictionary is not None else None,
         architecture=dictionary.architecture if dictionary is not None else None,
         config=dictionary.config if dictionary is not None else None)

@@ -40,7 +40,7 @@ CREATE TABLE t_sources (
     hook_out_name VARCHAR,             -- transcoders: where the decoder writes
     signed BOOLEAN NOT NULL,           -- units go negative too: bottom examples and negative histogram bins
     histogram_every INTEGER NOT NULL,  -- the histogram counts every token of one context in this many
-    dictionary_path VARCHAR,           -- the SAE / transcoder folder as given
+    dictionary_path VARCHAR,           -- the SAE / transcoder folder, as an absolute path
     dictionary_format VARCHAR,         -- 'saelens' | 'sparsify'
     architecture VARCHAR,              -- the dictionary's architecture, e.g. 'topk', 'jumprelu'
     config JSON,                       -- the dictionary's whole config file
