@@ -21,18 +21,8 @@ def format_percent(fraction: float | None) -> str:
     return f"{100 * fraction:.3g}%"
 
 
-def format_one_in(fraction: float | None) -> str:
-    """A frequency as people say it: "1 in 2,345 tokens" (rounded), "never" or "every token"."""
-    if fraction is None or math.isnan(fraction):
-        return "no token seen"
-    if fraction <= 0:
-        return "never"
-    n = round(1 / fraction)
-    return "every token" if n <= 1 else f"1 in {n:,} tokens"
-
-
-# The `data-acts` attribute: every activation of an example, rounded to three significant digits, as exactly
-# three characters, with no separators (site.js decodes it the same way; so does `decode_activations`).
+# An example's activations as text (build/shards.py): each rounded to three significant digits, as exactly three
+# characters, with no separators (site.js decodes it the same way; so does `decode_activations`).
 #
 # A value rounded to three significant digits is m * 10**e with m an integer in -999..999 (|m| >= 100 unless
 # the value is 0). Its code is (e + 50) * 2000 + (m + 1000), which for every float32 (e within -47..36) is below
@@ -65,13 +55,6 @@ def activation_codes(values: np.ndarray) -> np.ndarray:
     too_large = (v == np.inf) | (v == -np.inf) | (exponent > _MAX_EXPONENT)  # the last: beyond float32, too
     codes[too_large] = np.where(v[too_large] > 0, _POS_INF, _NEG_INF)
     return codes
-
-
-def encode_activations(values: np.ndarray) -> str:
-    """The values as `data-acts` text: ACT_WIDTH characters each, so value i is at [3 * i, 3 * i + 3)."""
-    codes = activation_codes(values)
-    digits = np.stack([codes >> 12, (codes >> 6) & 63, codes & 63], axis=1)
-    return _DIGIT_BYTES[digits].tobytes().decode("ascii")
 
 
 # Runs of exact zeros (most of a dictionary feature's tokens) are shorter: `~` and one digit d stand for d + 1

@@ -21,9 +21,8 @@ from conftest import BOS, MODEL, PLAIN_TOKENS, SAE_CONFIG, histogram_bin, make_s
 from featureatlas.build import worker
 from featureatlas.build.numbers import (
     decode_activations,
-    encode_activations,
+    encode_examples,
     format_activation,
-    format_one_in,
     format_percent,
 )
 from featureatlas.build.output import MARKER, SiteError
@@ -281,26 +280,30 @@ def test_slugs() -> None:
     assert unique_slugs(["A/B", "a-b", "a b"]) == {"A/B": "a-b", "a-b": "a-b-2", "a b": "a-b-3"}
 
 
+def encode(values: np.ndarray) -> str:
+    """One example's activation text."""
+    return encode_examples(values, np.array([0]), np.array([len(values)]))[0]
+
+
 def test_number_formats() -> None:
     values = np.array([0, 0.1234, -0.01234, 1.5, 12345.6, 0.9996, -2e-7, np.nan, np.inf, -np.inf], dtype=np.float32)
-    text = encode_activations(values)
+    text = encode(values)
     assert len(text) == 3 * len(values) and re.fullmatch(r"[A-Za-z0-9_-]*", text)
     decoded = decode_activations(text)
     assert decoded[:7] == [0, 0.123, -0.0123, 1.5, 12300, 1, -2e-7] and np.isnan(decoded[7])
     assert decoded[8:] == [np.inf, -np.inf]
-    assert encode_activations(np.array([], dtype=np.float32)) == ""
+    assert encode(np.array([], dtype=np.float32)) == ""
+    assert encode(np.zeros(3, np.float32)) == "~C" and decode_activations("~C") == [0.0, 0.0, 0.0]
     # Every float32 comes back as its three significant digits, over the whole range, subnormals included.
     rng = np.random.default_rng(1)
     spread = rng.standard_normal(20_000) * 10.0 ** rng.uniform(-46, 38.5, 20_000)
     spread = spread[np.abs(spread) <= np.finfo(np.float32).max].astype(np.float32)
     spread[:4] = [np.finfo(np.float32).max, -np.finfo(np.float32).smallest_subnormal, 999.6, -0.09996]
-    assert decode_activations(encode_activations(spread)) == [float(f"{v:.3g}") for v in spread.tolist()]
+    assert decode_activations(encode(spread)) == [float(f"{v:.3g}") for v in spread.tolist()]
     assert format_activation(None) == "\u2014" and format_activation(float("nan")) == "\u2014"
     assert format_activation(3.14159) == "3.142"
     assert [format_percent(f) for f in (0.1234, 0.000123, 0.0, 1.0, None)] == ["12.3%", "0.0123%", "0%", "100%",
                                                                                 "\u2014"]
-    assert [format_one_in(f) for f in (0.000123, 0.25, 0.9, 0.0, float("nan"))] == [
-        "1 in 8,130 tokens", "1 in 4 tokens", "every token", "never", "no token seen"]
 
 
 # --- unit data (drawn by site.js; tests/test_browser.py checks the drawing) --------------------------
