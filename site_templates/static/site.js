@@ -573,6 +573,8 @@
     host.appendChild(pair);
     tocLink("histogram", "Histogram");
     tocLink("logits", "Logit effects");
+    host.appendChild(probeBox(meta, unit));  // a hypothesis from the examples is one step from a test
+    tocLink("probe", "Try your own text");
 
     var any = KINDS.some(function (k) { return unit.ex[k] && unit.ex[k].length; });
     if (any) {
@@ -650,8 +652,6 @@
     data.appendChild(copy);
     host.appendChild(data);
     tocLink("data", "Data");
-    host.appendChild(probeBox(meta, unit));
-    tocLink("probe", "Try your own text");
   }
 
   /* ---- The live probe box: only where `featureatlas serve --store` answers (build/serve.py) ---- */
