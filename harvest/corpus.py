@@ -16,14 +16,12 @@ import io
 import json
 import os
 import re
-import socket
 import sys
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
@@ -535,10 +533,10 @@ def _check_hub(spec: str) -> None:
     if offline:
         raise CorpusError(f"{spec}: no such file or folder, and {offline} is set, so it cannot be streamed from "
                           "the hub; pass a local file or folder (e.g. one saved with `save_to_disk` while online)")
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=5).close()
-    except OSError:
+    from featureatlas.harvest.models import unreachable_hub
+
+    host = unreachable_hub()
+    if host is not None:
         raise CorpusError(f"{spec}: no such file or folder, and {host} cannot be reached to stream it as a hub "
                           "dataset; pass a local file or folder (e.g. one saved with `save_to_disk` while "
                           "online)") from None

@@ -70,6 +70,17 @@ def resolve_model(model: str) -> ModelRef:
     return ModelRef(model, None, model)
 
 
+def unreachable_hub() -> str | None:
+    """The Hugging Face hub's host when it cannot be reached within 5 s, else None: offline runs fail in seconds,
+    not after a minute of retries (models here, hub datasets in corpus.py)."""
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError:
+        return host
+    return None
+
+
 def _check_hub_reachable(repo_id: str) -> None:
     """Fail in seconds, not after a minute of retries, when a hub model is neither cached nor downloadable."""
     if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
@@ -77,10 +88,8 @@ def _check_hub_reachable(repo_id: str) -> None:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
         raise ModelLoadError(f"{repo_id}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
                              "download it while online, or pass a local folder or .gguf file")
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=5).close()
-    except OSError:
+    host = unreachable_hub()
+    if host is not None:
         raise ModelLoadError(f"{repo_id}: no such local folder or file, not in the local Hugging Face cache, "
                              f"and {host} cannot be reached; "
                              "download it while online, or pass a local folder, a .gguf file or "

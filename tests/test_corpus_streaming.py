@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import socket
 import sys
 import time
 import tracemalloc
@@ -343,7 +344,7 @@ def test_hub_dataset_offline_or_without_datasets_fails_in_seconds(monkeypatch: p
 
     def unreachable(*args, **kwargs):
         raise OSError("network is unreachable")
-    monkeypatch.setattr(corpus.socket, "create_connection", unreachable)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
     with pytest.raises(CorpusError, match=r"^wiki: no such file or folder, and huggingface.co cannot be reached"):
         list(iter_documents("wiki"))
     monkeypatch.setattr(corpus.importlib.util, "find_spec", lambda name: None)

@@ -10,27 +10,15 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pytest
-import torch
 
 from featureatlas.cli import main
 from featureatlas.harvest.probe import MAX_CHARS, load_prober
 from featureatlas.harvest.probe_command import ProbeArgs, probe_command
 from featureatlas.notebook import highlight, open_atlas
 
-from tiny_models import save_tiny_model, write_corpus
+from tiny_models import saelens_sae, save_tiny_model, write_corpus
 
 HOSTILE = '<script>alert("x")</script>\u202e\x1b[31m'
-
-
-def saelens_sae(folder: Path, d_in: int, hook: str) -> Path:
-    """A small random top-k SAE in SAELens's format (as tests/test_verify.py makes one)."""
-    from featureatlas.harvest.train_sae import TrainResult, save_saelens_folder
-    g = torch.Generator().manual_seed(1)
-    w = torch.nn.functional.normalize(torch.randn(40, d_in, generator=g), dim=1)
-    result = TrainResult(W_enc=w.T.clone(), b_enc=torch.zeros(40), W_dec=w, b_dec=torch.zeros(d_in), k=4, fvu=1.0,
-                         l0=4.0, dead_fraction=0.0, steps=0, seconds=0.0)
-    return save_saelens_folder(result, folder, hook_name=hook, model_name="tiny", context_size=16, prepend_bos=True,
-                               dataset_path="corpus")
 
 
 @pytest.fixture(scope="module")
