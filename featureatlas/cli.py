@@ -51,7 +51,7 @@ def _harvest_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--per-interval", type=int, default=2, help="examples per interval (default: %(default)s)")
     p.add_argument("--random-examples", type=int, default=4,
                    help="random examples where the unit fires (default: %(default)s)")
-    p.add_argument("--histogram-every", type=int, default=8,
+    p.add_argument("--histogram-every", type=int, default=32,
                    help="neurons and residual dimensions: the histogram counts every token of one context in N "
                         "(dictionary features: every token) (default: %(default)s)")
     p.add_argument("--logits", type=int, default=10,

@@ -92,6 +92,11 @@ class Dictionary:
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """[..., d_in] -> [..., d_sae]: the format's own encode, step for step (SAELens's process_sae_in, then
         the architecture's encode; sparsify's SparseCoder.encode, scattered back to a dense tensor)."""
+        return self.encode_with_nonzeros(x)[0]
+
+    def encode_with_nonzeros(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """encode(x), and the flat indices of its non-zero entries (in no particular order): a top-k encode knows
+        them already, any other takes one pass to find them. The harvest's accumulators work from these."""
         x = x.to(self.dtype)
         if self.normalize == "constant_norm_rescale":
             x = x * (self.d_in**0.5 / x.norm(dim=-1, keepdim=True))
@@ -100,7 +105,13 @@ class Dictionary:
             x = x / (x.std(dim=-1, keepdim=True) + 1e-5)
         if self.subtract_b_dec:
             x = x - self.tensors["b_dec"]
-        return ENCODERS[self.activation](self, x)
+        dense, chosen = ENCODERS[self.activation](self, x)
+        flat = dense.view(-1)
+        if chosen is None:
+            return dense, flat.nonzero().squeeze(1)
+        chosen = chosen.reshape(-1, chosen.shape[-1])  # [positions, k] indices into each position's features
+        index = (chosen + torch.arange(chosen.shape[0], device=chosen.device)[:, None] * self.d_sae).view(-1)
+        return dense, index[flat[index] != 0]
 
     @property
     def decoder(self) -> torch.Tensor:
@@ -113,51 +124,59 @@ def _pre(d: Dictionary, x: torch.Tensor) -> torch.Tensor:
     return h * d.tensors["W_dec"].norm(dim=-1) if d.rescale_acts_by_decoder_norm else h
 
 
-def _jumprelu(d: Dictionary, x: torch.Tensor) -> torch.Tensor:
+Encoded = tuple[torch.Tensor, "torch.Tensor | None"]  # dense features; the indices a top-k chose (None: unknown)
+
+
+def _relu(d: Dictionary, x: torch.Tensor) -> Encoded:
+    return torch.relu(_pre(d, x)), None
+
+
+def _jumprelu(d: Dictionary, x: torch.Tensor) -> Encoded:
     h = _pre(d, x)
-    return torch.relu(h) * (h > d.tensors["threshold"]).to(h.dtype)
+    return torch.relu(h) * (h > d.tensors["threshold"]).to(h.dtype), None
 
 
-def _topk(d: Dictionary, x: torch.Tensor) -> torch.Tensor:
+def _topk(d: Dictionary, x: torch.Tensor) -> Encoded:
     """SAELens: the k largest pre-activations, then ReLU on them."""
     h = _pre(d, x)
     values, indices = torch.topk(h, k=d.k, dim=-1, sorted=False)
-    return torch.zeros_like(h).scatter_(-1, indices, values.relu())
+    return torch.zeros_like(h).scatter_(-1, indices, values.relu()), indices
 
 
-def _abstopk(d: Dictionary, x: torch.Tensor) -> torch.Tensor:
+def _abstopk(d: Dictionary, x: torch.Tensor) -> Encoded:
     """SAELens: the k largest |pre-activations|, signs kept."""
     h = _pre(d, x)
     indices = torch.topk(h.abs(), k=d.k, dim=-1, sorted=False).indices
-    return torch.zeros_like(h).scatter_(-1, indices, h.gather(-1, indices))
+    return torch.zeros_like(h).scatter_(-1, indices, h.gather(-1, indices)), indices
 
 
-def _gated(d: Dictionary, x: torch.Tensor) -> torch.Tensor:
+def _gated(d: Dictionary, x: torch.Tensor) -> Encoded:
     t = d.tensors
     active = (x @ t["W_enc"] + t["b_gate"] > 0).to(x.dtype)
-    return active * torch.relu(x @ (t["W_enc"] * t["r_mag"].exp()) + t["b_mag"])
+    return active * torch.relu(x @ (t["W_enc"] * t["r_mag"].exp()) + t["b_mag"]), None
 
 
 def _sparsify_pre(d: Dictionary, x: torch.Tensor) -> torch.Tensor:
     return F.relu(F.linear(x, d.tensors["encoder.weight"], d.tensors["encoder.bias"]))
 
 
-def _sparsify_topk(d: Dictionary, x: torch.Tensor) -> torch.Tensor:
+def _sparsify_topk(d: Dictionary, x: torch.Tensor) -> Encoded:
     """sparsify: ReLU first, then the k largest."""
     pre = _sparsify_pre(d, x)
     values, indices = torch.topk(pre, d.k, dim=-1, sorted=False)
-    return torch.zeros_like(pre).scatter_(-1, indices, values)
+    return torch.zeros_like(pre).scatter_(-1, indices, values), indices
 
 
-def _sparsify_groupmax(d: Dictionary, x: torch.Tensor) -> torch.Tensor:
+def _sparsify_groupmax(d: Dictionary, x: torch.Tensor) -> Encoded:
     """sparsify: the latents cut into k equal groups, each keeps its maximum."""
     groups = _sparsify_pre(d, x).unflatten(-1, (d.k, -1))
     values, indices = groups.max(dim=-1)
-    return torch.zeros_like(groups).scatter_(-1, indices[..., None], values[..., None]).flatten(-2)
+    dense = torch.zeros_like(groups).scatter_(-1, indices[..., None], values[..., None]).flatten(-2)
+    return dense, indices + torch.arange(d.k, device=indices.device) * groups.shape[-1]
 
 
-ENCODERS: dict[str, Callable[[Dictionary, torch.Tensor], torch.Tensor]] = {
-    "relu": lambda d, x: torch.relu(_pre(d, x)),
+ENCODERS: dict[str, Callable[[Dictionary, torch.Tensor], Encoded]] = {
+    "relu": _relu,
     "jumprelu": _jumprelu,
     "topk": _topk,
     "abstopk": _abstopk,

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 import torch
 
 from featureatlas.errors import UsageError
+from featureatlas.harvest.activation_rows import DenseRows, SparseRows
 from featureatlas.harvest.architectures import blocks_of
 from featureatlas.harvest.batchview import BatchView
 from featureatlas.harvest.contexts import Batch
 from featureatlas.harvest.hooks import read_hook
-from featureatlas.harvest.reductions import reduce_extremes, reducer
+from featureatlas.harvest.reductions import firing, reducer
 from featureatlas.harvest.reservoir import Reservoir
 from featureatlas.harvest.sources import UnitSource
 from featureatlas.harvest.statistics import Statistics
@@ -31,7 +32,7 @@ class Settings:
     intervals: int = 12           # quantile intervals (even: see reservoir.py)
     per_interval: int = 2         # quantile examples per interval
     random: int = 4               # random examples where the unit fires
-    histogram_every: int = 8      # dense units: the histogram counts one context in this many
+    histogram_every: int = 32     # dense units: the histogram counts one context in this many (cost: see README)
     seed: int = 0
     compile: bool = False         # fuse the per-batch reductions with torch.compile (reductions.py)
 
@@ -49,24 +50,40 @@ class Accumulators:
         self.quantiles = Reservoir(n, settings.intervals, settings.per_interval, context_length, device, dtype) \
             if settings.per_interval and settings.intervals else None
         self.random = Reservoir(n, 1, settings.random, context_length, device, dtype) if settings.random else None
-        self.reduce = reduce_extremes if source.sparse else reducer(settings.compile)
+        self.sparse = source.sparse
+        self.reduce = reducer(settings.compile)
+        self._table: torch.Tensor | None = None
 
-    def update(self, acts: torch.Tensor, view: BatchView) -> None:
-        """Each context's max and min (and the dense statistics' sums) come from one reduction shared by all;
-        positions are found only for contexts that enter a list."""
-        first = view.first_counted
-        context_max, context_min, *sums = self.reduce(acts, view.counted, first)
-        high = low = acts[:, first:]  # scores for the positions of entering contexts: uncounted ones masked
-        if view.padded:
-            uncounted = ~view.counted[:, first:, None]
-            high, low = high.masked_fill(uncounted, float("-inf")), low.masked_fill(uncounted, float("inf"))
-        self.top.update(acts, view, context_max, high)
+    def update(self, acts: torch.Tensor, view: BatchView, nonzeros: torch.Tensor | None = None) -> None:
+        """Dense units: each context's max and min (and the statistics' sums) come from one reduction shared by
+        all. Sparse units (nonzeros: the flat indices of acts' non-zeros): everything comes from the non-zeros.
+        Either way, per-token activations are gathered only for contexts that enter a list."""
+        reservoirs = [r for r in (self.quantiles, self.random) if r is not None]
+        if self.sparse:
+            acts = acts.contiguous()
+            if nonzeros is None:
+                nonzeros = acts.view(-1).nonzero().squeeze(1)
+            rows_of = SparseRows(acts, nonzeros, self._pair_table(acts.shape[0] * acts.shape[2], acts.device))
+            fired = firing(rows_of, view.counted)
+            self.statistics.update_sparse(view, fired.units, fired.values)
+            self.top.update_pairs(rows_of, view, fired.pair_rows, fired.pair_units, fired.pair_max)
+            for reservoir in reservoirs:
+                reservoir.update_pairs(rows_of, view, fired.pair_rows, fired.pair_units, fired.pair_max,
+                                       fired.batch_max)
+            return
+        context_max, context_min, *sums = self.reduce(acts, view.counted, view.first_counted)
+        self.top.update(DenseRows(acts), view, context_max)
         if self.bottom is not None:
-            self.bottom.update(acts, view, -context_min, low, largest=False)
+            self.bottom.update(DenseRows(acts), view, -context_min, largest=False)
         self.statistics.update(acts, view, context_max, context_min, sums)
-        for reservoir in (self.quantiles, self.random):
-            if reservoir is not None:
-                reservoir.update(acts, view, context_max, high)
+        for reservoir in reservoirs:
+            reservoir.update(DenseRows(acts), view, context_max)
+
+    def _pair_table(self, size: int, device: torch.device) -> torch.Tensor:
+        """SparseRows' scratch, kept between batches (it is left all -1)."""
+        if self._table is None or self._table.numel() < size:
+            self._table = torch.full((size,), -1, dtype=torch.int32, device=device)
+        return self._table
 
     def referenced_context_ids(self) -> torch.Tensor:
         parts = [self.top, self.bottom, self.quantiles, self.random]
@@ -92,7 +109,7 @@ class Harvester:
         self.accumulators = [Accumulators(s, settings, context_length, self.device, _activation_dtype(s, model))
                              for s in sources]
         self._view: BatchView | None = None
-        self.reader = Reader(model, sources, self._consume)
+        self.reader = Reader(model, sources, self._consume, nonzeros=True)
 
     def attach(self) -> None:
         """Hook the model (see Reader)."""
@@ -114,22 +131,24 @@ class Harvester:
     def referenced_context_ids(self) -> set[int]:
         return set(torch.cat([acc.referenced_context_ids() for acc in self.accumulators]).tolist())
 
-    def _consume(self, index: int, acts: torch.Tensor) -> None:
-        self.accumulators[index].update(acts, self._view)
+    def _consume(self, index: int, acts: torch.Tensor, nonzeros: torch.Tensor | None) -> None:
+        self.accumulators[index].update(acts, self._view, nonzeros)
 
 
 class Reader:
     """The one path from token ids to every source's [batch, tokens, units] activations, shared by harvest and
     `verify` so that what is checked is what was harvested. Hooks each (module, reads) once, however many sources
     read it, and stops the forward pass after the last hooked block. consume(i, acts) gets sources[i]'s
-    activations; they may be a view of the hooked tensor, valid only during the call."""
+    activations; they may be a view of the hooked tensor, valid only during the call. With nonzeros=True it is
+    consume(i, acts, nonzeros), nonzeros being a dictionary's non-zero flat indices (None for dense units)."""
 
-    def __init__(self, model: torch.nn.Module, sources: list[UnitSource],
-                 consume: Callable[[int, torch.Tensor], None]):
+    def __init__(self, model: torch.nn.Module, sources: list[UnitSource], consume: Callable[..., None],
+                 nonzeros: bool = False):
         self.backbone = model.base_model
         self.device = next(model.parameters()).device
         self.sources = sources
         self.consume = consume
+        self.nonzeros = nonzeros
         self._shape = (0, 0)
         self._handles: list = []
         self._last_layer = max(s.hook.layer for s in sources)
@@ -166,7 +185,10 @@ class Reader:
 
     def _read(self, consumers: list[tuple[int, UnitSource]], tensor: torch.Tensor) -> None:
         for index, source in consumers:
-            self.consume(index, source.activations(tensor, *self._shape))
+            if self.nonzeros:
+                self.consume(index, *source.activations_and_nonzeros(tensor, *self._shape))
+            else:
+                self.consume(index, source.activations(tensor, *self._shape))
 
 
 def check_widths(model: torch.nn.Module, sources: list[UnitSource]) -> None:

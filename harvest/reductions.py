@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
+
+from featureatlas.harvest.activation_rows import SparseRows
 
 Reduced = tuple[torch.Tensor, ...]
 
@@ -34,13 +37,31 @@ def reduce_eager(acts: torch.Tensor, counted: torch.Tensor, first: int) -> Reduc
             (weight @ flat.relu().sign_())[0].round().long())
 
 
-def reduce_extremes(acts: torch.Tensor, counted: torch.Tensor, first: int) -> Reduced:
-    """Only each context's max and min: sparse units' statistics touch their non-zeros instead."""
-    x = acts[:, first:]
-    if bool(counted[:, first:].all()):
-        return x.amax(dim=1), x.amin(dim=1)
-    uncounted = ~counted[:, first:, None]
-    return x.masked_fill(uncounted, float("-inf")).amax(dim=1), x.masked_fill(uncounted, float("inf")).amin(dim=1)
+class Firing(NamedTuple):
+    """A sparse source's batch, from its non-zeros alone: never a pass over the dense [batch, tokens, units]
+    (counted positions only)."""
+    units: torch.Tensor         # [nnz] the unit of each counted non-zero activation
+    values: torch.Tensor        # [nnz] its value
+    pair_rows: torch.Tensor     # [pairs] batch row of each (context, unit) pair where the unit fires
+    pair_units: torch.Tensor    # [pairs]
+    pair_max: torch.Tensor      # [pairs] float32: the context's max for the unit (> 0)
+    batch_max: torch.Tensor     # [units] float32: the largest pair_max (0 where none)
+
+
+def firing(nonzeros: SparseRows, counted: torch.Tensor) -> Firing:
+    """A context's max for a unit is the max of its counted non-zeros, or 0 where some counted position is zero;
+    only contexts where it is > 0 fire."""
+    n_units = nonzeros.shape[2]
+    keep = counted.reshape(-1)[nonzeros.token]
+    units, values = nonzeros.units[keep], nonzeros.values[keep]
+    pairs, pair_of = torch.unique(nonzeros.pair[keep], return_inverse=True)
+    pair_max = torch.full(pairs.shape, float("-inf"), device=values.device)
+    pair_max.scatter_reduce_(0, pair_of, values.float(), "amax")
+    fires = pair_max > 0
+    pairs, pair_max = pairs[fires], pair_max[fires]
+    pair_units = pairs % n_units
+    batch_max = torch.zeros(n_units, device=values.device).scatter_reduce_(0, pair_units, pair_max, "amax")
+    return Firing(units, values, torch.div(pairs, n_units, rounding_mode="floor"), pair_units, pair_max, batch_max)
 
 
 def _reduce_fused(acts: torch.Tensor, counted: torch.Tensor, first: int) -> Reduced:
@@ -48,8 +69,10 @@ def _reduce_fused(acts: torch.Tensor, counted: torch.Tensor, first: int) -> Redu
     x = acts[:, first:]
     keep = counted[:, first:, None]
     values = torch.where(keep, x.float(), 0.0)
+    # Every reduction runs over tokens (dim 1) so that Inductor makes one loop of them all; the [batch, units]
+    # partial sums then add up cheaply (a reduction over dims (0, 1) would be a second pass over the batch).
     return (torch.where(keep, x, float("-inf")).amax(1), torch.where(keep, x, float("inf")).amin(1),
-            values.sum((0, 1)), (values * values).sum((0, 1)), (values > 0).sum((0, 1)))
+            values.sum(1).sum(0), (values * values).sum(1).sum(0), (values > 0).sum(1).sum(0))
 
 
 _compiled: Callable[..., Reduced] | None = None

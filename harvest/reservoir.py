@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from featureatlas.harvest.activation_rows import DenseRows, SparseRows
 from featureatlas.harvest.batchview import BatchView
+from featureatlas.harvest.topk import extreme_positions
 
 _NO_KEY = torch.iinfo(torch.int64).max
 _NO_EXPONENT = -(2**20)  # W = 2^exponent; a unit that never fired has none
@@ -34,46 +36,77 @@ class Reservoir:
         self.values = torch.zeros(shape, device=device)
         self.activations = torch.zeros((*shape, context_length), dtype=activation_dtype, device=device)
 
-    def update(self, acts: torch.Tensor, batch: BatchView, context_max: torch.Tensor, scores: torch.Tensor) -> None:
-        """acts [batch, tokens, units]; context_max [batch, units] and scores as for TopK.update."""
+    def update(self, acts: DenseRows, batch: BatchView, context_max: torch.Tensor) -> None:
+        """Dense units. acts: the batch's [batch, tokens, units] activations; context_max [batch, units] as for
+        TopK.update. The candidates are found on the [batch, units] matrix, then listed."""
         context_max = context_max.float()
         fires = context_max > 0
-        if not bool(fires.any()):
-            return
         if self.n_bins > 1:
             self._grow(context_max.amax(dim=0))
-            bins = torch.ldexp(context_max, -self.exponent[None, :]).mul_(self.n_bins).floor_()
+            # Units that never fired have no W: their scale is clamped to stay finite (0 * 2^big is NaN on CUDA)
+            scale = (-self.exponent).clamp(max=126)[None, :]
+            bins = torch.ldexp(context_max, scale).mul_(self.n_bins).floor_()
             bins = bins.clamp_(0, self.n_bins - 1).long()
+            units = torch.arange(context_max.shape[1], device=bins.device)
+            worst = self.keys.amax(dim=2).view(-1).take(units * self.n_bins + bins)
         else:
             bins = torch.zeros(context_max.shape, dtype=torch.int64, device=context_max.device)
-        keys = batch.keys[:, None].expand_as(bins)
+            worst = self.keys[:, 0].amax(dim=1)
+        rows, units = (fires & (batch.keys[:, None] < worst)).nonzero(as_tuple=True)
+        self._enter(acts, batch, units, bins[rows, units], rows, batch.keys[rows], context_max[rows, units])
+
+    def update_pairs(self, acts: DenseRows | SparseRows, batch: BatchView, rows: torch.Tensor, units: torch.Tensor,
+                     values: torch.Tensor, batch_max: torch.Tensor) -> None:
+        """Sparse units. rows/units/values: every (batch row, unit) pair where the unit fires (context max > 0,
+        float32); batch_max [units]: each unit's max over the batch."""
+        if units.numel() == 0:
+            return
+        if self.n_bins > 1:
+            self._grow(batch_max.float())
+            bins = torch.ldexp(values, -self.exponent[units]).mul_(self.n_bins).floor_()
+            bins = bins.clamp_(0, self.n_bins - 1).long()
+        else:
+            bins = torch.zeros_like(units)
         # Candidates: contexts whose key beats the largest kept key of their unit's bin (few, once bins fill).
-        units = torch.arange(acts.shape[2], device=acts.device).expand_as(bins)
-        worst = self.keys[units, bins].amax(dim=2)
-        rows, cols = (fires & (keys < worst)).nonzero(as_tuple=True)
-        unit, bin_, row = cols, bins[rows, cols], rows
-        key = keys[rows, cols]
+        worst = self.keys.amax(dim=2).view(-1)[units * self.n_bins + bins]
+        keys = batch.keys[rows]
+        candidate = keys < worst
+        self._enter(acts, batch, units[candidate], bins[candidate], rows[candidate], keys[candidate],
+                    values[candidate])
+
+    def _enter(self, acts: DenseRows | SparseRows, batch: BatchView, unit: torch.Tensor, bin_: torch.Tensor,
+               row: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Candidate (unit, bin, batch row, key, context max) lists: those with the smallest keys enter."""
         # In round r every (unit, bin) takes its smallest remaining candidate; after per_bin rounds none is left
-        # that could still enter, so the loop is short whatever the batch size.
+        # that could still enter, so the loop is short whatever the batch size. A context that enters is never
+        # pushed out in a later round (later candidates have larger keys), so its tokens are copied once, after.
+        entered = []
         for _ in range(self.per_bin):
             if unit.numel() == 0:
                 break
             group = unit * self.n_bins + bin_
-            best = torch.full((acts.shape[2] * self.n_bins,), _NO_KEY, dtype=torch.int64, device=acts.device)
+            best = torch.full((acts.shape[2] * self.n_bins,), _NO_KEY, dtype=torch.int64, device=unit.device)
             best.scatter_reduce_(0, group, key, "amin")
             is_best = key == best[group]
-            u, b, r, k = unit[is_best], bin_[is_best], row[is_best], key[is_best]
+            u, b, r, k, v = unit[is_best], bin_[is_best], row[is_best], key[is_best], value[is_best]
             kept_worst, slot = self.keys[u, b].max(dim=1)
             enter = k < kept_worst
-            u, b, r, k, slot = u[enter], b[enter], r[enter], k[enter], slot[enter]
-            self.keys[u, b, slot] = k
-            self.context_ids[u, b, slot] = batch.context_ids[r]
-            self.positions[u, b, slot] = scores[r, :, u].argmax(dim=1) + batch.first_counted
-            self.values[u, b, slot] = context_max[r, u]
-            tokens = acts.shape[1]
-            self.activations[u, b, slot, :tokens] = acts[r, :, u].to(self.activations.dtype)
-            self.activations[u, b, slot, tokens:] = 0
-            unit, bin_, row, key = unit[~is_best], bin_[~is_best], row[~is_best], key[~is_best]
+            u, b, r, slot = u[enter], b[enter], r[enter], slot[enter]
+            self.keys[u, b, slot] = k[enter]
+            self.values[u, b, slot] = v[enter]
+            entered.append((u, b, r, slot))
+            rest = ~is_best
+            unit, bin_, row, key, value = unit[rest], bin_[rest], row[rest], key[rest], value[rest]
+        if not entered:
+            return
+        u, b, r, slot = (torch.cat(parts) for parts in zip(*entered, strict=True))
+        self.context_ids[u, b, slot] = batch.context_ids[r]
+        tokens = acts(r, u)
+        self.positions[u, b, slot] = extreme_positions(tokens, r, batch)
+        width = self.activations.shape[-1]
+        if tokens.shape[1] < width:
+            tokens = torch.nn.functional.pad(tokens, (0, width - tokens.shape[1]))
+        self.activations[u, b, slot] = tokens.to(self.activations.dtype)
 
     def _grow(self, batch_max: torch.Tensor) -> None:
         """Raise W to the smallest power of two above each unit's max, merging bins in pairs per doubling."""

@@ -57,7 +57,7 @@ class HarvestConfig:
     intervals: int = 12
     per_interval: int = 2
     random_examples: int = 4
-    histogram_every: int = 8
+    histogram_every: int = 32
     logits: int = 10
     seed: int = 0
     compile: str = "auto"                # fuse the per-batch reductions: on | off | auto (CUDA, or 1M+ tokens)

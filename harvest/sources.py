@@ -41,6 +41,13 @@ class UnitSource:
         x = hooked.reshape(batch, tokens, -1)
         return x if self.encode is None else self.encode(x)
 
+    def activations_and_nonzeros(self, hooked: torch.Tensor, batch: int, tokens: int
+                                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """activations(), and for a dictionary the flat indices of their non-zeros (None for dense units)."""
+        if self.dictionary is None:
+            return self.activations(hooked, batch, tokens), None
+        return self.dictionary.encode_with_nonzeros(hooked.reshape(batch, tokens, -1))
+
 
 def mlp_sources(backbone: torch.nn.Module, model_type: str, layers: list[int]) -> list[UnitSource]:
     gated = architecture_of(model_type).gated

@@ -58,18 +58,35 @@ class Statistics:
 
     def update(self, acts: torch.Tensor, batch: BatchView, context_max: torch.Tensor, context_min: torch.Tensor,
                sums: list[torch.Tensor]) -> None:
-        """acts [batch, tokens, units]; context_max/min [batch, units] over counted positions only; sums: the
-        counted tokens' sum, sum of squares and firing count per unit (reductions.py)."""
+        """Dense units. acts [batch, tokens, units]; context_max/min [batch, units] over counted positions only;
+        sums: the counted tokens' sum, sum of squares and firing count per unit (reductions.py)."""
         self.n_tokens += batch.n_counted
-        if self.sparse:
-            self._update_sparse(acts[:, batch.first_counted:], batch.counted[:, batch.first_counted:])
-        else:
-            self.sum += sums[0]
-            self.sum_squares += sums[1]
-            self.n_firing += sums[2]
-            self._update_histogram(acts, batch)
-        torch.maximum(self.max, context_max.amax(dim=0).float(), out=self.max)
-        torch.minimum(self.min, context_min.amin(dim=0).float(), out=self.min)
+        self.sum += sums[0]
+        self.sum_squares += sums[1]
+        self.n_firing += sums[2]
+        self._update_histogram(acts, batch)
+        self._update_extremes(context_max.amax(dim=0), context_min.amin(dim=0))
+
+    def update_sparse(self, batch: BatchView, units: torch.Tensor, values: torch.Tensor) -> None:
+        """Sparse units: only the counted non-zero activations (units[i] has values[i]); zeros are implied by
+        n_tokens."""
+        self.n_tokens += batch.n_counted
+        values = values.float()
+        self.sum.index_add_(0, units, values.double())
+        self.sum_squares.index_add_(0, units, values.double().square())
+        self.n_firing.index_add_(0, units, (values > 0).long())
+        flat = histogram_columns(values) * self.counts.shape[1] + units
+        self.counts.view(-1).index_add_(0, flat, self._ones.view(1).expand_as(flat))
+        n = self.max.numel()
+        high = torch.full((n,), float("-inf"), device=values.device).scatter_reduce_(0, units, values, "amax")
+        low = torch.full((n,), float("inf"), device=values.device).scatter_reduce_(0, units, values, "amin")
+        with_zero = torch.bincount(units, minlength=n) < batch.n_counted  # a counted token where it is zero
+        self._update_extremes(torch.where(with_zero, high.clamp(min=0), high),
+                              torch.where(with_zero, low.clamp(max=0), low))
+
+    def _update_extremes(self, batch_max: torch.Tensor, batch_min: torch.Tensor) -> None:
+        torch.maximum(self.max, batch_max.float(), out=self.max)
+        torch.minimum(self.min, batch_min.float(), out=self.min)
 
     def _update_histogram(self, acts: torch.Tensor, batch: BatchView) -> None:
         """Every counted token of the sampled contexts."""
@@ -81,18 +98,6 @@ class Statistics:
         uncounted = ~batch.counted[rows].reshape(-1)
         columns[uncounted] = N_BINS  # the last row of counts collects what does not count
         self.counts.scatter_add_(0, columns, self._ones.expand_as(columns))
-
-    def _update_sparse(self, x: torch.Tensor, counted: torch.Tensor) -> None:
-        """Only non-zero activations are touched; zeros are implied by n_tokens."""
-        if not bool(counted.all()):
-            x = x * counted[..., None]
-        rows, positions, units = x.nonzero(as_tuple=True)
-        values = x[rows, positions, units].float()
-        self.sum.index_add_(0, units, values.double())
-        self.sum_squares.index_add_(0, units, values.double().square())
-        self.n_firing.index_add_(0, units, (values > 0).long())
-        flat = histogram_columns(values) * self.counts.shape[1] + units
-        self.counts.view(-1).index_add_(0, flat, self._ones.view(1).expand_as(flat))
 
     def finish(self) -> dict[str, torch.Tensor]:
         """Per-unit arrays for the store; a sparse source's zeros are every counted token it did not fire on."""

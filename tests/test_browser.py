@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -274,7 +275,12 @@ def test_feature_page_histogram_and_logits(page: object, site_dir: Path) -> None
     assert promoted[0] == "<script>alert(1)</script>" and len(promoted) == 10
     page.get_by_role("link", name="Quantile intervals").click()
     assert page.url.endswith("#0/quantiles")
-    assert page.evaluate("document.getElementById('quantiles').getBoundingClientRect().top") < 50
+    # the hashchange handler scrolls after the click has returned: wait for it rather than race it (polled from
+    # here: wait_for_function evaluates a string, which the page's CSP forbids)
+    deadline = time.monotonic() + 5
+    while page.evaluate("document.getElementById('quantiles').getBoundingClientRect().top") >= 50:
+        assert time.monotonic() < deadline, "the quantiles section was not scrolled to"
+        page.wait_for_timeout(50)
     sql = page.locator("pre.sql").inner_text()
     assert "AND source = 'sae:res' AND layer = 1 AND unit = 0" in sql and "'Tiny \"LM\" <b>v1</b>/../x'" in sql
     with page.expect_download() as download:

@@ -241,9 +241,9 @@ def test_dictionary_features_are_saelens_encode_of_the_hooked_tensor(tmp_path: P
                            "FROM examples WHERE example_kind = 'top' GROUP BY ALL")
     firing = dict(con.execute("SELECT source || '/' || unit, n_firing FROM statistics").fetchall())
     for name, source, layer in (("res", "sae:res", 1), ("tc", "transcoder:tc", 2)):
-        for unit in range(40):
+        for unit in range(40):  # a feature's top examples are contexts where it fires
             scores = sorted((-float(f[1:, unit].max()), cid, int(f[1:, unit].argmax()) + 1)
-                            for cid, f in enumerate(features[name]))[:K]
+                            for cid, f in enumerate(features[name]) if f[1:, unit].max() > 0)[:K]
             assert stored.get((source, layer, unit), []) == [(c, p) for _, c, p in scores], (source, unit)
             assert firing[f"{source}/{unit}"] == sum(int((f[1:, unit] > 0).sum()) for f in features[name])
     assert con.execute("SELECT count(*) FROM logit_effects WHERE source = 'transcoder:tc'").fetchone()[0] == 40 * 2 * 10
@@ -282,9 +282,87 @@ def test_sparsify_run_folder_reads_module_outputs_and_transcoder_inputs(tmp_path
                            "FROM examples WHERE example_kind = 'top' GROUP BY ALL")
     for name, source, layer in (("sae", "sae:sp/layers.0", 0), ("tc", "transcoder:sp/layers.2.mlp", 2)):
         for unit in range(40):
-            scores = sorted((-float(f[1:, unit].max()), cid) for cid, f in enumerate(features[name]))[:K]
-            got = stored[(source, layer, unit)]
+            scores = sorted((-float(f[1:, unit].max()), cid) for cid, f in enumerate(features[name])
+                            if f[1:, unit].max() > 0)[:K]
+            got = stored.get((source, layer, unit), [])
             np.testing.assert_allclose([v for v, _ in got], [-s for s, _ in scores], rtol=1e-5, atol=1e-6)
             for rank, ((value, cid), (_, expected)) in enumerate(zip(got, scores, strict=True)):
                 near_tie = any(abs(value - other) < 1e-5 for j, (other, _) in enumerate(got) if j != rank)
                 assert cid == expected or near_tie, (source, unit)  # the corpus repeats itself: equal contexts
+
+
+def test_sparse_features_every_accumulator_from_the_non_zeros_alone(tmp_path: Path) -> None:
+    """A top-k SAE with dead and rare features, batches with padding: statistics, histograms, top, quantile and
+    random examples and their per-token activations (BOS included) all equal brute force on each context alone;
+    a feature's examples are only contexts where it fires."""
+    from featureatlas.harvest.dictionaries import load_dictionaries
+
+    from tiny_models import saelens_sae
+
+    model_dir = save_tiny_model("llama", tmp_path / "model")
+    corpus = write_corpus(tmp_path / "corpus")
+    folder = saelens_sae(tmp_path / "sae", 32, "blocks.1.hook_resid_post")
+    dictionary = load_dictionaries(folder)[0]
+    with torch.no_grad():  # features 0-4 dead (never among the top 4), 5-9 rare or dead (large negative biases)
+        dictionary.tensors["W_enc"][:, :5] = 0
+        dictionary.tensors["b_enc"][:5] = -100
+        dictionary.tensors["b_enc"][5:10] = torch.tensor([-2.0, -2.5, -3.0, -3.5, -4.0])
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in dictionary.tensors.items()}, folder / "sae_weights.safetensors")
+    store = tmp_path / "store.duckdb"
+    harvest(HarvestConfig(model=str(model_dir), corpus=corpus, out=store, context_length=CONTEXT_LENGTH, top_k=K,
+                          batch_size=3, dtype="float32", device="cpu", progress=False, layers="none",
+                          saes=[f"f={folder}"], intervals=INTERVALS, per_interval=PER_INTERVAL,
+                          random_examples=RANDOM, seed=SEED))
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    seen: dict[str, torch.Tensor] = {}
+    model.base_model.layers[1].register_forward_hook(lambda m, a, out: seen.update(
+        res=out[0] if isinstance(out, tuple) else out))
+    contexts, _ = run_contexts_alone(model_dir, corpus)
+    features = []
+    with torch.no_grad():
+        for ids in contexts:
+            model(torch.tensor([ids]))
+            features.append(dictionary.encode(seen["res"][0]).numpy())
+    assert any(len(ids) < CONTEXT_LENGTH for ids in contexts)  # padded batches
+    keys = sampling_keys(np.arange(len(contexts)), SEED).tolist()
+    con = duckdb.connect(str(store), read_only=True)
+    stats = {u: row for u, *row in con.execute("SELECT unit, n_tokens, n_firing, mean, std, min_activation, "
+                                                 "max_activation FROM statistics").fetchall()}
+    hists = dict(con.execute("SELECT unit, map_from_entries(list((bin, count))) FROM histograms GROUP BY ALL"
+                             ).fetchall())
+    examples = {(kind, u): rows for kind, u, rows in con.execute(
+        "SELECT example_kind, unit, list((context_id, max_position, max_activation, activations) ORDER BY "
+        "interval_lo, rank) FROM examples GROUP BY ALL").fetchall()}
+    rare = 0
+    for unit in range(40):
+        values = np.concatenate([f[1:, unit] for f in features]).astype(np.float64)
+        n, firing, mean, std, lo, hi = stats[unit]
+        assert (n, firing) == (len(values), int((values > 0).sum())), unit
+        np.testing.assert_allclose([mean, std, lo, hi], [values.mean(), values.std(), values.min(), values.max()],
+                                   rtol=1e-4, atol=1e-5)
+        expected_hist: dict[int, int] = {}
+        for v in values.tolist():
+            expected_hist[histogram_bin(v)] = expected_hist.get(histogram_bin(v), 0) + 1
+        assert hists[unit] == expected_hist, unit
+        maxima = [float(f[1:, unit].max()) for f in features]
+        fired = [cid for cid, m in enumerate(maxima) if m > 0]
+        rare += 0 < len(fired) < K
+        top = sorted(fired, key=lambda cid: (-maxima[cid], cid))[:K]
+        got = examples.get(("top", unit), [])
+        assert [c for c, *_ in got] == top, unit
+        by_key = sorted(fired, key=lambda cid: keys[cid])
+        assert [c for c, *_ in examples.get(("random", unit), [])] == by_key[:RANDOM], unit
+        quantiles = []
+        if fired:
+            width = 2.0 ** math.frexp(max(maxima))[1] / INTERVALS
+            for interval in range(INTERVALS):
+                quantiles += [c for c in by_key if min(math.floor(maxima[c] / width), INTERVALS - 1) == interval
+                              ][:PER_INTERVAL]
+        assert sorted(c for c, *_ in examples.get(("quantile", unit), [])) == sorted(quantiles), unit
+        for kind in ("top", "random", "quantile"):
+            for cid, position, value, acts in examples.get((kind, unit), []):
+                f = features[cid][:, unit]
+                assert position == int(f[1:].argmax()) + 1 and value == pytest.approx(maxima[cid], rel=1e-5)
+                np.testing.assert_allclose(acts, f, rtol=1e-5, atol=1e-5 + rounding_bound(np.abs(f).max()))
+    assert all(("top", unit) not in examples for unit in range(5)) and rare  # dead ones have none; some rare
