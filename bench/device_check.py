@@ -813,9 +813,9 @@ def accumulators_cpu_vs_device(dev, dtype, sparse: bool, compiled: bool, shape: 
                         Hook("blocks.0.hook_resid_post", 0, "layers.0", "output", "residual"), U,
                         signed=not sparse, sparse=sparse)
     accs = []
-    for device, comp in ((torch.device("cpu"), False), (dev, compiled)):
+    for device, comp, fixed in ((torch.device("cpu"), False, False), (dev, compiled, True)):
         settings = Settings(top_k=5, bottom_k=5, intervals=4, per_interval=2, random=3, histogram_every=2, seed=3,
-                            compile=comp)
+                            compile=comp, fixed_shapes=fixed)  # the harvest's CUDA form against the CPU one
         accs.append((Accumulators(source, settings, T, device, dtype), device))
     next_id = 0
     for step in range(n_batches):

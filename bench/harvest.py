@@ -70,7 +70,8 @@ def main() -> None:
 
     timed(lambda: bare(batches[0]))  # warm-up
     t_bare, t_harvest = [], []
-    settings = Settings(top_k=args.top_k, bottom_k=args.top_k, compile=args.compile == "on")
+    settings = Settings(top_k=args.top_k, bottom_k=args.top_k, compile=args.compile == "on",
+                        fixed_shapes=device.type == "cuda")  # as the harvest chooses
     with Harvester(model, sources, settings, args.context_length, int(has_bos)) as warm_up:
         warm_up.step(batches[0])  # compiles the fused reductions (once per process) before anything is timed
     harvester = Harvester(model, sources, settings, args.context_length, int(has_bos))

@@ -35,6 +35,7 @@ class Settings:
     histogram_every: int = 32     # dense units: the histogram counts one context in this many (cost: see README)
     seed: int = 0
     compile: bool = False         # fuse the per-batch reductions with torch.compile (reductions.py)
+    fixed_shapes: bool = False    # dense units' lists in data-independent shapes: no host syncs (for CUDA)
 
 
 class Accumulators:
@@ -42,14 +43,15 @@ class Accumulators:
 
     def __init__(self, source: UnitSource, settings: Settings, context_length: int, device: torch.device,
                  dtype: torch.dtype):
-        n = source.n_units
-        self.top = TopK(n, settings.top_k, context_length, device, dtype)
-        self.bottom = TopK(n, settings.bottom_k, context_length, device, dtype) \
+        n, fixed = source.n_units, settings.fixed_shapes and not source.sparse
+        self.top = TopK(n, settings.top_k, context_length, device, dtype, fixed)
+        self.bottom = TopK(n, settings.bottom_k, context_length, device, dtype, fixed) \
             if source.signed and settings.bottom_k else None
-        self.statistics = Statistics(n, device, source.sparse, settings.histogram_every)
-        self.quantiles = Reservoir(n, settings.intervals, settings.per_interval, context_length, device, dtype) \
-            if settings.per_interval and settings.intervals else None
-        self.random = Reservoir(n, 1, settings.random, context_length, device, dtype) if settings.random else None
+        self.statistics = Statistics(n, device, source.sparse, settings.histogram_every, fixed)
+        self.quantiles = Reservoir(n, settings.intervals, settings.per_interval, context_length, device, dtype,
+                                   fixed) if settings.per_interval and settings.intervals else None
+        self.random = Reservoir(n, 1, settings.random, context_length, device, dtype, fixed) \
+            if settings.random else None
         self.sparse = source.sparse
         self.reduce = reducer(settings.compile)
         self._table: torch.Tensor | None = None

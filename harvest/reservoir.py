@@ -24,10 +24,11 @@ class Reservoir:
     STATE = ("exponent", "keys", "context_ids", "positions", "values", "activations")  # what a checkpoint saves
 
     def __init__(self, n_units: int, n_bins: int, per_bin: int, context_length: int, device: torch.device,
-                 activation_dtype: torch.dtype):
+                 activation_dtype: torch.dtype, fixed_shapes: bool = False):
         if n_bins > 1 and n_bins % 2:
             raise ValueError("n_bins must be even, so that bins merge in pairs when the range doubles")
         self.n_bins, self.per_bin = n_bins, per_bin
+        self.fixed_shapes = fixed_shapes
         shape = (n_units, n_bins, per_bin)
         self.exponent = torch.full((n_units,), _NO_EXPONENT, dtype=torch.int64, device=device)
         self.keys = torch.full(shape, _NO_KEY, dtype=torch.int64, device=device)
@@ -40,6 +41,8 @@ class Reservoir:
         """Dense units. acts: the batch's [batch, tokens, units] activations; context_max [batch, units] as for
         TopK.update. The candidates are found on the [batch, units] matrix, then listed."""
         context_max = context_max.float()
+        if self.fixed_shapes:
+            return self._update_fixed(acts.acts, batch, context_max)
         fires = context_max > 0
         if self.n_bins > 1:
             self._grow(context_max.amax(dim=0))
@@ -54,6 +57,49 @@ class Reservoir:
             worst = self.keys[:, 0].amax(dim=1)
         rows, units = (fires & (batch.keys[:, None] < worst)).nonzero(as_tuple=True)
         self._enter(acts, batch, units, bins[rows, units], rows, batch.keys[rows], context_max[rows, units])
+
+    def _update_fixed(self, acts: torch.Tensor, batch: BatchView, context_max: torch.Tensor) -> None:
+        """The same samples in shapes that never depend on the data (no host synchronisation: see TopK): per
+        (unit, bin), the smallest keys among the kept contexts and every firing context of the batch. A larger W
+        re-bins the kept contexts by their max, which is exactly what merging bins in pairs does."""
+        n_bins, per = self.n_bins, self.per_bin
+        (batch_size, tokens, n_units), slots = acts.shape, self.n_bins * self.per_bin
+        if n_bins > 1:
+            batch_max = context_max.amax(dim=0)
+            _, exponent = torch.frexp(batch_max)
+            self.exponent = torch.maximum(self.exponent, torch.where(batch_max > 0, exponent.long(), _NO_EXPONENT))
+            scale = (-self.exponent).clamp(max=126)
+            kept_bins = _bin(self.values.view(n_units, slots), scale[:, None], n_bins)
+            batch_bins = _bin(context_max.T, scale[:, None], n_bins)                 # [units, batch]
+            bins = torch.cat([kept_bins, batch_bins], dim=1)
+        else:
+            bins = torch.zeros((n_units, slots + batch_size), dtype=torch.int64, device=acts.device)
+        keys = torch.cat([self.keys.view(n_units, slots),
+                          torch.where(context_max.T > 0, batch.keys[None, :], _NO_KEY)], dim=1)  # [units, pool]
+        in_bin = bins[:, None, :] == torch.arange(n_bins, device=acts.device)[None, :, None]
+        chosen_keys, chosen = torch.where(in_bin, keys[:, None, :], _NO_KEY).topk(per, dim=2, largest=False)
+        chosen_keys, chosen = chosen_keys.reshape(n_units, slots), chosen.reshape(n_units, slots)
+        empty, from_batch = chosen_keys == _NO_KEY, chosen >= slots
+        kept, rows = chosen.clamp(max=slots - 1), (chosen - slots).clamp(min=0)
+        units = torch.arange(n_units, device=acts.device)[:, None]
+
+        def pick(table: torch.Tensor, new: torch.Tensor, name: str) -> torch.Tensor:
+            value = torch.where(from_batch, new, table.view(n_units, slots).gather(1, kept))
+            return torch.where(empty, _empty(name), value).view(n_units, n_bins, per)
+
+        entered = acts[rows, :, units]                                                   # [units, slots, tokens]
+        positions = extreme_positions(entered.reshape(-1, tokens), rows.reshape(-1), batch).view(n_units, slots)
+        self.values = pick(self.values, context_max.T.gather(1, rows), "values")
+        self.context_ids = pick(self.context_ids, batch.context_ids[rows], "context_ids")
+        self.positions = pick(self.positions, positions, "positions")
+        width = self.activations.shape[-1]
+        if tokens < width:
+            entered = torch.nn.functional.pad(entered, (0, width - tokens))
+        previous = self.activations.view(n_units, slots, width)
+        activations = torch.where(from_batch[..., None], entered.to(previous.dtype),
+                                  previous.gather(1, kept[..., None].expand(-1, -1, width)))
+        self.activations = torch.where(empty[..., None], 0, activations).view(n_units, n_bins, per, width)
+        self.keys = chosen_keys.view(n_units, n_bins, per)
 
     def update_pairs(self, acts: DenseRows | SparseRows, batch: BatchView, rows: torch.Tensor, units: torch.Tensor,
                      values: torch.Tensor, batch_max: torch.Tensor) -> None:
@@ -149,6 +195,11 @@ class Reservoir:
     def referenced_context_ids(self) -> torch.Tensor:
         ids = self.context_ids.unique()
         return ids[ids >= 0]
+
+
+def _bin(values: torch.Tensor, scale: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """Interval of each context max under W = 2^-scale (anything at or below 0 lands in bin 0: never kept)."""
+    return torch.ldexp(values, scale).mul_(n_bins).floor_().clamp_(0, n_bins - 1).long()
 
 
 def _empty(name: str) -> int:

@@ -61,6 +61,7 @@ class HarvestConfig:
     logits: int = 10
     seed: int = 0
     compile: str = "auto"                # fuse the per-batch reductions: on | off | auto (CUDA, or 1M+ tokens)
+    fixed_shapes: bool | None = None     # dense units' lists in fixed shapes, no host syncs (None: on CUDA)
     shard: tuple[int, int] | None = None  # (i, n): only contexts whose id is i mod n (merge the n stores after)
     checkpoint_every: int | None = None  # save the whole state every this many tokens (None: never)
     resume: bool = False                 # continue from the checkpoint beside `out`
@@ -153,7 +154,8 @@ def harvest(config: HarvestConfig, loaded: tuple[PreTrainedModel, PreTrainedToke
     settings = Settings(top_k=config.top_k, bottom_k=config.top_k if config.bottom_k is None else config.bottom_k,
                         intervals=config.intervals, per_interval=config.per_interval, random=config.random_examples,
                         histogram_every=config.histogram_every, seed=config.seed,
-                        compile=_compile(config.compile, device, config.tokens))
+                        compile=_compile(config.compile, device, config.tokens),
+                        fixed_shapes=device.type == "cuda" if config.fixed_shapes is None else config.fixed_shapes)
 
     checkpoints = Checkpointer(Path(config.out), config.checkpoint_every)
     with StoreWriter(config.out) as store, \

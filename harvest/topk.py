@@ -25,8 +25,9 @@ class TopK:
     STATE = ("values", "context_ids", "positions", "slots", "slot_activations")  # what a checkpoint saves
 
     def __init__(self, n_units: int, k: int, context_length: int, device: torch.device,
-                 activation_dtype: torch.dtype):
+                 activation_dtype: torch.dtype, fixed_shapes: bool = False):
         self.k = k
+        self.fixed_shapes = fixed_shapes
         self.values = torch.full((n_units, k), float("-inf"), device=device)
         self.context_ids = torch.full((n_units, k), -1, dtype=torch.int64, device=device)
         self.positions = torch.zeros((n_units, k), dtype=torch.int64, device=device)
@@ -37,6 +38,8 @@ class TopK:
         """Dense units. acts: the batch's [batch, tokens, units] activations; its context ids are increasing, all
         larger than any seen before. context_max [batch, units]: each context's score (its max over counted
         positions, or minus its min when largest is False, for bottom-k)."""
+        if self.fixed_shapes:
+            return self._update_fixed(acts.acts, view, context_max, largest)
         # Only units whose best context in this batch beats their current k-th score can change; a tie with
         # the k-th score loses to it because every kept context has a lower id.
         units = (context_max.amax(dim=0).float() > self.values[:, -1]).nonzero().squeeze(1)
@@ -46,6 +49,28 @@ class TopK:
         rows = torch.arange(batch, device=units.device).expand(n, batch)
         self._merge(acts, view, units, context_max[:, units].T.float(), rows, view.context_ids.expand(n, batch),
                     largest)
+
+    def _update_fixed(self, acts: torch.Tensor, view: BatchView, context_max: torch.Tensor, largest: bool) -> None:
+        """The same result with every unit merged every batch, in shapes that never depend on the data: no host
+        synchronisation, which is what a GPU needs (the list form above waits on the GPU a dozen times a call).
+        Slots stay in rank order here."""
+        k, (_, tokens, n_units) = self.k, acts.shape
+        values = torch.cat([self.values, context_max.T.float()], dim=1)           # [units, k + batch]
+        order = values.sort(dim=1, descending=True, stable=True).indices[:, :k]
+        entering, kept, rows = order >= k, order.clamp(max=k - 1), (order - k).clamp(min=0)
+        self.values = values.gather(1, order)
+        self.context_ids = torch.where(entering, view.context_ids[rows], self.context_ids.gather(1, kept))
+        units = torch.arange(n_units, device=acts.device)[:, None]
+        entered = acts[rows, :, units]                                            # [units, k, tokens]
+        positions = extreme_positions(entered.reshape(-1, tokens), rows.reshape(-1), view, largest)
+        self.positions = torch.where(entering, positions.view(n_units, k), self.positions.gather(1, kept))
+        previous = self.activations()
+        width = previous.shape[2]
+        if tokens < width:
+            entered = torch.nn.functional.pad(entered, (0, width - tokens))
+        self.slot_activations = torch.where(entering[..., None], entered.to(previous.dtype),
+                                            previous.gather(1, kept[..., None].expand_as(previous)))
+        self.slots = torch.arange(k, device=acts.device).expand(n_units, k).clone()
 
     def update_pairs(self, acts: DenseRows | SparseRows, view: BatchView, rows: torch.Tensor, units: torch.Tensor,
                      values: torch.Tensor) -> None:

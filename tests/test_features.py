@@ -69,10 +69,12 @@ def histogram_bin(v: float) -> int:
     return b if v > 0 else -b
 
 
-@pytest.fixture(scope="module", params=[("llama", "off"), ("gpt2", "on")], ids=["llama-eager", "gpt2-compiled"])
+@pytest.fixture(scope="module", params=[("llama", "off", False), ("gpt2", "on", False), ("llama", "off", True)],
+                ids=["llama-eager", "gpt2-compiled", "llama-fixed-shapes"])
 def harvested(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    """The reductions run eagerly for one model and through torch.compile for the other: both are exact."""
-    model_type, compile_mode = request.param
+    """The reductions run eagerly for one model and through torch.compile for the other: both are exact. The third
+    keeps the lists in fixed shapes, as on CUDA (no host synchronisation): exact too."""
+    model_type, compile_mode, fixed_shapes = request.param
     tmp = tmp_path_factory.mktemp(model_type)
     model_dir = save_tiny_model(model_type, tmp / "model")
     corpus = write_corpus(tmp / "corpus")
@@ -80,7 +82,7 @@ def harvested(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     harvest(HarvestConfig(model=str(model_dir), corpus=corpus, out=store, context_length=CONTEXT_LENGTH, top_k=K,
                           batch_size=5, dtype="float32", device="cpu", progress=False, resid="all",
                           intervals=INTERVALS, per_interval=PER_INTERVAL, random_examples=RANDOM,
-                          histogram_every=1, seed=SEED, logits=5, compile=compile_mode))
+                          histogram_every=1, seed=SEED, logits=5, compile=compile_mode, fixed_shapes=fixed_shapes))
     contexts, acts = run_contexts_alone(model_dir, corpus)
     return model_type, model_dir, duckdb.connect(str(store), read_only=True), contexts, acts
 
@@ -366,3 +368,22 @@ def test_sparse_features_every_accumulator_from_the_non_zeros_alone(tmp_path: Pa
                 assert position == int(f[1:].argmax()) + 1 and value == pytest.approx(maxima[cid], rel=1e-5)
                 np.testing.assert_allclose(acts, f, rtol=1e-5, atol=1e-5 + rounding_bound(np.abs(f).max()))
     assert all(("top", unit) not in examples for unit in range(5)) and rare  # dead ones have none; some rare
+
+
+def test_fixed_shapes_store_equals_the_list_form(tmp_path: Path) -> None:
+    """The CUDA form of the dense accumulators (fixed shapes) writes exactly the store the CPU form writes, with the
+    histogram sampled one context in 2 and a padded batch."""
+    model_dir = save_tiny_model("llama", tmp_path / "model")
+    corpus = write_corpus(tmp_path / "corpus")
+    stores = []
+    for fixed in (False, True):
+        stores.append(tmp_path / f"fixed-{fixed}.duckdb")
+        harvest(HarvestConfig(model=str(model_dir), corpus=corpus, out=stores[-1], context_length=CONTEXT_LENGTH,
+                              top_k=K, batch_size=7, dtype="float32", device="cpu", progress=False, resid="all",
+                              intervals=INTERVALS, per_interval=PER_INTERVAL, random_examples=RANDOM,
+                              histogram_every=2, seed=SEED, fixed_shapes=fixed))
+    queries = ["SELECT source, layer, unit, example_kind, rank, context_id, max_position, max_activation, "
+               "interval_lo, activations FROM examples ORDER BY ALL",
+               "SELECT * EXCLUDE (mean, std) FROM statistics ORDER BY ALL", "SELECT * FROM histograms ORDER BY ALL"]
+    got = [[duckdb.connect(str(store), read_only=True).execute(q).fetchall() for q in queries] for store in stores]
+    assert len(got[0][0]) > 1000 and got[0] == got[1]
