@@ -44,13 +44,14 @@ class Accumulators:
     def __init__(self, source: UnitSource, settings: Settings, context_length: int, device: torch.device,
                  dtype: torch.dtype):
         n, fixed = source.n_units, settings.fixed_shapes and not source.sparse
-        self.top = TopK(n, settings.top_k, context_length, device, dtype, fixed)
-        self.bottom = TopK(n, settings.bottom_k, context_length, device, dtype, fixed) \
+        form = (fixed, settings.compile)  # fixed shapes compile into a few kernels a step
+        self.top = TopK(n, settings.top_k, context_length, device, dtype, *form)
+        self.bottom = TopK(n, settings.bottom_k, context_length, device, dtype, *form) \
             if source.signed and settings.bottom_k else None
         self.statistics = Statistics(n, device, source.sparse, settings.histogram_every, fixed)
         self.quantiles = Reservoir(n, settings.intervals, settings.per_interval, context_length, device, dtype,
-                                   fixed) if settings.per_interval and settings.intervals else None
-        self.random = Reservoir(n, 1, settings.random, context_length, device, dtype, fixed) \
+                                   *form) if settings.per_interval and settings.intervals else None
+        self.random = Reservoir(n, 1, settings.random, context_length, device, dtype, *form) \
             if settings.random else None
         self.sparse = source.sparse
         self.reduce = reducer(settings.compile)

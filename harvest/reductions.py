@@ -75,26 +75,32 @@ def _reduce_fused(acts: torch.Tensor, counted: torch.Tensor, first: int) -> Redu
             values.sum(1).sum(0), (values * values).sum(1).sum(0), (values > 0).sum(1).sum(0))
 
 
-_compiled: Callable[..., Reduced] | None = None
+def fused(fn: Callable, fallback: Callable) -> Callable:
+    """fn compiled with torch.compile (Inductor), falling back to `fallback` for good, with one line on stderr,
+    where Inductor cannot build (no C++ compiler, an unsupported platform)."""
+    compiled = torch.compile(fn, dynamic=True)
+    chosen = [compiled]
+
+    def call(*args: object) -> object:
+        if chosen[0] is compiled:
+            try:
+                return compiled(*args)
+            except Exception as err:  # Inductor failures come as many exception types
+                print(f"featureatlas: torch.compile is unavailable here ({type(err).__name__}: {err}"[:300]
+                      + "); harvesting without it (slower; pass --compile off to skip trying)", file=sys.stderr)
+                chosen[0] = fallback
+        return fallback(*args)
+    return call
+
+
+_compiled_reducer: Callable[..., Reduced] | None = None
 
 
 def reducer(compiled: bool) -> Callable[[torch.Tensor, torch.Tensor, int], Reduced]:
-    """The compiled reducer, falling back to the eager one (with one line on stderr) where Inductor cannot
-    build (no C++ compiler, an unsupported platform)."""
+    """The compiled reducer (one for the process), or the eager one."""
     if not compiled:
         return reduce_eager
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(_reduce_fused, dynamic=True)
-
-    def reduce(acts: torch.Tensor, counted: torch.Tensor, first: int) -> Reduced:
-        global _compiled
-        if _compiled is not reduce_eager:
-            try:
-                return _compiled(acts, counted, first)
-            except Exception as err:  # Inductor failures come as many exception types
-                print(f"featureatlas: torch.compile is unavailable here ({type(err).__name__}); harvesting "
-                      "without it (slower; pass --compile off to skip trying)", file=sys.stderr)
-                _compiled = reduce_eager
-        return reduce_eager(acts, counted, first)
-    return reduce
+    global _compiled_reducer
+    if _compiled_reducer is None:
+        _compiled_reducer = fused(_reduce_fused, reduce_eager)
+    return _compiled_reducer

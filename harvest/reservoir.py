@@ -10,10 +10,13 @@ of the final W, whatever the order. With n_bins = 1 the one bin is every context
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from featureatlas.harvest.activation_rows import DenseRows, SparseRows
 from featureatlas.harvest.batchview import BatchView
+from featureatlas.harvest.reductions import fused
 from featureatlas.harvest.topk import extreme_positions
 
 _NO_KEY = torch.iinfo(torch.int64).max
@@ -24,11 +27,12 @@ class Reservoir:
     STATE = ("exponent", "keys", "context_ids", "positions", "values", "activations")  # what a checkpoint saves
 
     def __init__(self, n_units: int, n_bins: int, per_bin: int, context_length: int, device: torch.device,
-                 activation_dtype: torch.dtype, fixed_shapes: bool = False):
+                 activation_dtype: torch.dtype, fixed_shapes: bool = False, compiled: bool = False):
         if n_bins > 1 and n_bins % 2:
             raise ValueError("n_bins must be even, so that bins merge in pairs when the range doubles")
         self.n_bins, self.per_bin = n_bins, per_bin
         self.fixed_shapes = fixed_shapes
+        self._fixed_step = fixed_step(compiled)
         shape = (n_units, n_bins, per_bin)
         self.exponent = torch.full((n_units,), _NO_EXPONENT, dtype=torch.int64, device=device)
         self.keys = torch.full(shape, _NO_KEY, dtype=torch.int64, device=device)
@@ -59,47 +63,11 @@ class Reservoir:
         self._enter(acts, batch, units, bins[rows, units], rows, batch.keys[rows], context_max[rows, units])
 
     def _update_fixed(self, acts: torch.Tensor, batch: BatchView, context_max: torch.Tensor) -> None:
-        """The same samples in shapes that never depend on the data (no host synchronisation: see TopK): per
-        (unit, bin), the smallest keys among the kept contexts and every firing context of the batch. A larger W
-        re-bins the kept contexts by their max, which is exactly what merging bins in pairs does."""
-        n_bins, per = self.n_bins, self.per_bin
-        (batch_size, tokens, n_units), slots = acts.shape, self.n_bins * self.per_bin
-        if n_bins > 1:
-            batch_max = context_max.amax(dim=0)
-            _, exponent = torch.frexp(batch_max)
-            self.exponent = torch.maximum(self.exponent, torch.where(batch_max > 0, exponent.long(), _NO_EXPONENT))
-            scale = (-self.exponent).clamp(max=126)
-            kept_bins = _bin(self.values.view(n_units, slots), scale[:, None], n_bins)
-            batch_bins = _bin(context_max.T, scale[:, None], n_bins)                 # [units, batch]
-            bins = torch.cat([kept_bins, batch_bins], dim=1)
-        else:
-            bins = torch.zeros((n_units, slots + batch_size), dtype=torch.int64, device=acts.device)
-        keys = torch.cat([self.keys.view(n_units, slots),
-                          torch.where(context_max.T > 0, batch.keys[None, :], _NO_KEY)], dim=1)  # [units, pool]
-        in_bin = bins[:, None, :] == torch.arange(n_bins, device=acts.device)[None, :, None]
-        chosen_keys, chosen = torch.where(in_bin, keys[:, None, :], _NO_KEY).topk(per, dim=2, largest=False)
-        chosen_keys, chosen = chosen_keys.reshape(n_units, slots), chosen.reshape(n_units, slots)
-        empty, from_batch = chosen_keys == _NO_KEY, chosen >= slots
-        kept, rows = chosen.clamp(max=slots - 1), (chosen - slots).clamp(min=0)
-        units = torch.arange(n_units, device=acts.device)[:, None]
-
-        def pick(table: torch.Tensor, new: torch.Tensor, name: str) -> torch.Tensor:
-            value = torch.where(from_batch, new, table.view(n_units, slots).gather(1, kept))
-            return torch.where(empty, _empty(name), value).view(n_units, n_bins, per)
-
-        entered = acts[rows, :, units]                                                   # [units, slots, tokens]
-        positions = extreme_positions(entered.reshape(-1, tokens), rows.reshape(-1), batch).view(n_units, slots)
-        self.values = pick(self.values, context_max.T.gather(1, rows), "values")
-        self.context_ids = pick(self.context_ids, batch.context_ids[rows], "context_ids")
-        self.positions = pick(self.positions, positions, "positions")
-        width = self.activations.shape[-1]
-        if tokens < width:
-            entered = torch.nn.functional.pad(entered, (0, width - tokens))
-        previous = self.activations.view(n_units, slots, width)
-        activations = torch.where(from_batch[..., None], entered.to(previous.dtype),
-                                  previous.gather(1, kept[..., None].expand(-1, -1, width)))
-        self.activations = torch.where(empty[..., None], 0, activations).view(n_units, n_bins, per, width)
-        self.keys = chosen_keys.view(n_units, n_bins, per)
+        """The same samples in shapes that never depend on the data (no host synchronisation: see TopK)."""
+        (self.exponent, self.keys, self.context_ids, self.positions, self.values, self.activations) = \
+            self._fixed_step(self.exponent, self.keys, self.context_ids, self.positions, self.values,
+                             self.activations, acts, context_max, batch.keys, batch.context_ids, batch.counted,
+                             batch.first_counted, batch.padded)
 
     def update_pairs(self, acts: DenseRows | SparseRows, batch: BatchView, rows: torch.Tensor, units: torch.Tensor,
                      values: torch.Tensor, batch_max: torch.Tensor) -> None:
@@ -195,6 +163,63 @@ class Reservoir:
     def referenced_context_ids(self) -> torch.Tensor:
         ids = self.context_ids.unique()
         return ids[ids >= 0]
+
+
+def _sample_fixed(exponent: torch.Tensor, keys: torch.Tensor, context_ids: torch.Tensor, positions: torch.Tensor,
+                  values: torch.Tensor, activations: torch.Tensor, acts: torch.Tensor, context_max: torch.Tensor,
+                  batch_keys: torch.Tensor, batch_ids: torch.Tensor, counted: torch.Tensor, first: int,
+                  padded: bool) -> tuple[torch.Tensor, ...]:
+    """Reservoir's fixed-shape update as a pure function of tensors (for torch.compile): per (unit, bin), the
+    smallest keys among the kept contexts and every firing context of the batch. A larger W re-bins the kept
+    contexts by their max, which is exactly what merging bins in pairs does. Returns the new STATE tensors."""
+    n_units, n_bins, per = keys.shape
+    (batch_size, tokens, _), slots, width = acts.shape, n_bins * per, activations.shape[-1]
+    context_max = context_max.float()
+    if n_bins > 1:
+        batch_max = context_max.amax(dim=0)
+        _, grown = torch.frexp(batch_max)
+        exponent = torch.maximum(exponent, torch.where(batch_max > 0, grown.long(), _NO_EXPONENT))
+        scale = (-exponent).clamp(max=126)[:, None]  # never-fired units: finite, not 2^(2^20)
+        bins = torch.cat([_bin(values.view(n_units, slots), scale, n_bins), _bin(context_max.T, scale, n_bins)], 1)
+    else:
+        bins = torch.zeros((n_units, slots + batch_size), dtype=torch.int64, device=acts.device)
+    pool = torch.cat([keys.view(n_units, slots), torch.where(context_max.T > 0, batch_keys[None, :], _NO_KEY)], 1)
+    in_bin = bins[:, None, :] == torch.arange(n_bins, device=acts.device)[None, :, None]
+    chosen_keys, chosen = torch.where(in_bin, pool[:, None, :], _NO_KEY).topk(per, dim=2, largest=False)
+    chosen_keys, chosen = chosen_keys.reshape(n_units, slots), chosen.reshape(n_units, slots)
+    empty, from_batch = chosen_keys == _NO_KEY, chosen >= slots
+    kept, rows = chosen.clamp(max=slots - 1), (chosen - slots).clamp(min=0)
+    entered = acts[rows, :, torch.arange(n_units, device=acts.device)[:, None]]      # [units, slots, tokens]
+    scores = entered[:, :, first:]
+    if padded:
+        scores = scores.masked_fill(~counted[rows, first:], float("-inf"))
+    found = scores.argmax(dim=2) + first
+    if tokens < width:
+        entered = torch.nn.functional.pad(entered, (0, width - tokens))
+
+    def pick(table: torch.Tensor, new: torch.Tensor, name: str) -> torch.Tensor:
+        value = torch.where(from_batch, new, table.view(n_units, slots).gather(1, kept))
+        return torch.where(empty, _empty(name), value).view(n_units, n_bins, per)
+
+    previous = activations.view(n_units, slots, width)
+    tokens_kept = torch.where(from_batch[..., None], entered.to(previous.dtype),
+                              previous.gather(1, kept[..., None].expand(-1, -1, width)))
+    return (exponent, chosen_keys.view(n_units, n_bins, per), pick(context_ids, batch_ids[rows], "context_ids"),
+            pick(positions, found, "positions"), pick(values, context_max.T.gather(1, rows), "values"),
+            torch.where(empty[..., None], 0, tokens_kept).view(n_units, n_bins, per, width))
+
+
+_compiled_sample: Callable[..., tuple[torch.Tensor, ...]] | None = None
+
+
+def fixed_step(compiled: bool) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """The fixed-shape update, through torch.compile when asked (one compiled function for the process)."""
+    if not compiled:
+        return _sample_fixed
+    global _compiled_sample
+    if _compiled_sample is None:
+        _compiled_sample = fused(_sample_fixed, _sample_fixed)
+    return _compiled_sample
 
 
 def _bin(values: torch.Tensor, scale: torch.Tensor, n_bins: int) -> torch.Tensor:

@@ -9,10 +9,13 @@ contexts has three top examples, not three and seventeen where it is zero.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from featureatlas.harvest.activation_rows import DenseRows, SparseRows
 from featureatlas.harvest.batchview import BatchView
+from featureatlas.harvest.reductions import fused
 
 
 class TopK:
@@ -25,9 +28,10 @@ class TopK:
     STATE = ("values", "context_ids", "positions", "slots", "slot_activations")  # what a checkpoint saves
 
     def __init__(self, n_units: int, k: int, context_length: int, device: torch.device,
-                 activation_dtype: torch.dtype, fixed_shapes: bool = False):
+                 activation_dtype: torch.dtype, fixed_shapes: bool = False, compiled: bool = False):
         self.k = k
         self.fixed_shapes = fixed_shapes
+        self._fixed_step = fixed_step(compiled)
         self.values = torch.full((n_units, k), float("-inf"), device=device)
         self.context_ids = torch.full((n_units, k), -1, dtype=torch.int64, device=device)
         self.positions = torch.zeros((n_units, k), dtype=torch.int64, device=device)
@@ -54,23 +58,10 @@ class TopK:
         """The same result with every unit merged every batch, in shapes that never depend on the data: no host
         synchronisation, which is what a GPU needs (the list form above waits on the GPU a dozen times a call).
         Slots stay in rank order here."""
-        k, (_, tokens, n_units) = self.k, acts.shape
-        values = torch.cat([self.values, context_max.T.float()], dim=1)           # [units, k + batch]
-        order = values.sort(dim=1, descending=True, stable=True).indices[:, :k]
-        entering, kept, rows = order >= k, order.clamp(max=k - 1), (order - k).clamp(min=0)
-        self.values = values.gather(1, order)
-        self.context_ids = torch.where(entering, view.context_ids[rows], self.context_ids.gather(1, kept))
-        units = torch.arange(n_units, device=acts.device)[:, None]
-        entered = acts[rows, :, units]                                            # [units, k, tokens]
-        positions = extreme_positions(entered.reshape(-1, tokens), rows.reshape(-1), view, largest)
-        self.positions = torch.where(entering, positions.view(n_units, k), self.positions.gather(1, kept))
-        previous = self.activations()
-        width = previous.shape[2]
-        if tokens < width:
-            entered = torch.nn.functional.pad(entered, (0, width - tokens))
-        self.slot_activations = torch.where(entering[..., None], entered.to(previous.dtype),
-                                            previous.gather(1, kept[..., None].expand_as(previous)))
-        self.slots = torch.arange(k, device=acts.device).expand(n_units, k).clone()
+        self.values, self.context_ids, self.positions, self.slot_activations = self._fixed_step(
+            self.values, self.context_ids, self.positions, self.activations(), acts, context_max, view.context_ids,
+            view.counted, view.first_counted, view.padded, largest)
+        self.slots = torch.arange(self.k, device=acts.device).expand_as(self.values).clone()
 
     def update_pairs(self, acts: DenseRows | SparseRows, view: BatchView, rows: torch.Tensor, units: torch.Tensor,
                      values: torch.Tensor) -> None:
@@ -142,3 +133,39 @@ def extreme_positions(rows_acts: torch.Tensor, rows: torch.Tensor, view: BatchVi
         uncounted = ~view.counted[rows, first:]
         scores = scores.masked_fill(uncounted, float("-inf") if largest else float("inf"))
     return (scores.argmax(dim=1) if largest else scores.argmin(dim=1)) + first
+
+
+def _merge_fixed(values: torch.Tensor, context_ids: torch.Tensor, positions: torch.Tensor,
+                 activations: torch.Tensor, acts: torch.Tensor, context_max: torch.Tensor, batch_ids: torch.Tensor,
+                 counted: torch.Tensor, first: int, padded: bool, largest: bool) -> tuple[torch.Tensor, ...]:
+    """TopK's fixed-shape merge as a pure function of tensors, for torch.compile: the new values, context ids,
+    positions and rank-ordered activations [units, k, width]."""
+    k, (_, tokens, n_units), width = values.shape[1], acts.shape, activations.shape[2]
+    candidates = torch.cat([values, context_max.T.float()], dim=1)               # [units, k + batch]
+    order = candidates.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    entering, kept, rows = order >= k, order.clamp(max=k - 1), (order - k).clamp(min=0)
+    units = torch.arange(n_units, device=acts.device)[:, None]
+    entered = acts[rows, :, units]                                                # [units, k, tokens]
+    scores = entered[:, :, first:]
+    if padded:
+        scores = scores.masked_fill(~counted[rows, first:], float("-inf") if largest else float("inf"))
+    found = (scores.argmax(dim=2) if largest else scores.argmin(dim=2)) + first
+    if tokens < width:
+        entered = torch.nn.functional.pad(entered, (0, width - tokens))
+    return (candidates.gather(1, order), torch.where(entering, batch_ids[rows], context_ids.gather(1, kept)),
+            torch.where(entering, found, positions.gather(1, kept)),
+            torch.where(entering[..., None], entered.to(activations.dtype),
+                        activations.gather(1, kept[..., None].expand_as(activations))))
+
+
+_compiled_merge: Callable[..., tuple[torch.Tensor, ...]] | None = None
+
+
+def fixed_step(compiled: bool) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """The fixed-shape merge, through torch.compile when asked (one compiled function for the process)."""
+    if not compiled:
+        return _merge_fixed
+    global _compiled_merge
+    if _compiled_merge is None:
+        _compiled_merge = fused(_merge_fixed, _merge_fixed)
+    return _compiled_merge

@@ -371,19 +371,19 @@ def test_sparse_features_every_accumulator_from_the_non_zeros_alone(tmp_path: Pa
 
 
 def test_fixed_shapes_store_equals_the_list_form(tmp_path: Path) -> None:
-    """The CUDA form of the dense accumulators (fixed shapes) writes exactly the store the CPU form writes, with the
-    histogram sampled one context in 2 and a padded batch."""
+    """The CUDA form of the dense accumulators (fixed shapes, eager and through torch.compile) writes exactly the
+    store the CPU form writes, with the histogram sampled one context in 2 and a padded batch."""
     model_dir = save_tiny_model("llama", tmp_path / "model")
     corpus = write_corpus(tmp_path / "corpus")
     stores = []
-    for fixed in (False, True):
-        stores.append(tmp_path / f"fixed-{fixed}.duckdb")
+    for fixed, compile_mode in ((False, "off"), (True, "off"), (True, "on")):
+        stores.append(tmp_path / f"fixed-{fixed}-{compile_mode}.duckdb")
         harvest(HarvestConfig(model=str(model_dir), corpus=corpus, out=stores[-1], context_length=CONTEXT_LENGTH,
                               top_k=K, batch_size=7, dtype="float32", device="cpu", progress=False, resid="all",
                               intervals=INTERVALS, per_interval=PER_INTERVAL, random_examples=RANDOM,
-                              histogram_every=2, seed=SEED, fixed_shapes=fixed))
+                              histogram_every=2, seed=SEED, fixed_shapes=fixed, compile=compile_mode))
     queries = ["SELECT source, layer, unit, example_kind, rank, context_id, max_position, max_activation, "
                "interval_lo, activations FROM examples ORDER BY ALL",
                "SELECT * EXCLUDE (mean, std) FROM statistics ORDER BY ALL", "SELECT * FROM histograms ORDER BY ALL"]
     got = [[duckdb.connect(str(store), read_only=True).execute(q).fetchall() for q in queries] for store in stores]
-    assert len(got[0][0]) > 1000 and got[0] == got[1]
+    assert len(got[0][0]) > 1000 and got[0] == got[1] == got[2]
