@@ -58,8 +58,8 @@ def _harvest_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="top and bottom tokens of each unit's logit effect (default: %(default)s; 0 for none)")
     p.add_argument("--seed", type=int, default=0, help="seeds the quantile and random samples (default: %(default)s)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="fuse the per-batch reductions with torch.compile, several times faster once compiled "
-                        "(seconds to a minute); auto: on CUDA or for 1M+ tokens (default: %(default)s)")
+                   help="fuse the per-batch steps with torch.compile, several times faster once compiled "
+                        "(seconds to a minute); auto: for 1M+ tokens or the whole corpus (default: %(default)s)")
     if not demo:
         p.add_argument("--text-field", default="text",
                        help="field/column holding the text in .jsonl/.parquet/.arrow/hub rows (default: %(default)s)")

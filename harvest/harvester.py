@@ -34,7 +34,7 @@ class Settings:
     random: int = 4               # random examples where the unit fires
     histogram_every: int = 32     # dense units: the histogram counts one context in this many (cost: see README)
     seed: int = 0
-    compile: bool = False         # fuse the per-batch reductions with torch.compile (reductions.py)
+    compile: bool = False         # fuse the per-batch steps with torch.compile (reductions.py)
     fixed_shapes: bool = False    # dense units' lists in data-independent shapes: no host syncs (for CUDA)
 
 
@@ -75,12 +75,13 @@ class Accumulators:
                                        fired.batch_max)
             return
         context_max, context_min, *sums = self.reduce(acts, view.counted, view.first_counted)
-        self.top.update(DenseRows(acts), view, context_max)
+        rows_of = DenseRows(acts)
+        self.top.update(rows_of, view, context_max)
         if self.bottom is not None:
-            self.bottom.update(DenseRows(acts), view, -context_min, largest=False)
+            self.bottom.update(rows_of, view, -context_min, largest=False)
         self.statistics.update(acts, view, context_max, context_min, sums)
         for reservoir in reservoirs:
-            reservoir.update(DenseRows(acts), view, context_max)
+            reservoir.update(rows_of, view, context_max)
 
     def _pair_table(self, size: int, device: torch.device) -> torch.Tensor:
         """SparseRows' scratch, kept between batches (it is left all -1)."""
