@@ -75,7 +75,7 @@ CREATE TABLE t_examples (
     source VARCHAR NOT NULL,
     layer INTEGER NOT NULL,
     unit INTEGER NOT NULL,
-    example_kind VARCHAR NOT NULL,     -- 'top' | 'bottom' | 'quantile' | 'random'
+    example_kind VARCHAR NOT NULL,     -- 'top' | 'bottom' | 'quantile' | 'random' (features: only contexts where they fire)
     interval_lo FLOAT,                 -- quantile examples: the interval [lo, hi) their max falls in
     interval_hi FLOAT,
     rank INTEGER NOT NULL,             -- 1 is the strongest (top), the most negative (bottom), else sample order
