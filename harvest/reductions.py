@@ -1,10 +1,10 @@
 """Per batch and source, the reductions over tokens that every accumulator starts from.
 
-Each context's max and min (over counted positions only) feed top-k, bottom-k, the samples and the statistics;
-the per-unit sum, sum of squares and firing count feed the statistics of dense units. Eagerly these are
-several passes over the activations; compiled with torch.compile (Inductor) they fuse into one, which is about
-seven times faster on a CPU and makes them a small part of the harvest. `--compile` chooses; both paths are
-tested against brute force.
+Dense units: each context's max and min (over counted positions only) feed top-k, bottom-k, the samples and the
+statistics; the per-unit sum, sum of squares and firing count feed the statistics. Eagerly these are several
+passes over the activations; compiled with torch.compile (Inductor) they fuse into one. `--compile` chooses;
+both paths are tested against brute force. Sparse units (dictionary features): the same from their non-zeros
+alone (`firing`).
 """
 
 from __future__ import annotations
