@@ -93,14 +93,16 @@ def fused(fn: Callable, fallback: Callable) -> Callable:
     return call
 
 
-_compiled_reducer: Callable[..., Reduced] | None = None
+_compiled: dict[Callable, Callable] = {}
+
+
+def compiled_once(fn: Callable, fallback: Callable | None = None) -> Callable:
+    """fused(fn, fallback or fn), made once per process: its compiled graphs are shared by every caller."""
+    if fn not in _compiled:
+        _compiled[fn] = fused(fn, fallback or fn)
+    return _compiled[fn]
 
 
 def reducer(compiled: bool) -> Callable[[torch.Tensor, torch.Tensor, int], Reduced]:
-    """The compiled reducer (one for the process), or the eager one."""
-    if not compiled:
-        return reduce_eager
-    global _compiled_reducer
-    if _compiled_reducer is None:
-        _compiled_reducer = fused(_reduce_fused, reduce_eager)
-    return _compiled_reducer
+    """The compiled reducer, or the eager one."""
+    return compiled_once(_reduce_fused, reduce_eager) if compiled else reduce_eager

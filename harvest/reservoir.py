@@ -10,13 +10,11 @@ of the final W, whatever the order. With n_bins = 1 the one bin is every context
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from featureatlas.harvest.activation_rows import DenseRows, SparseRows
 from featureatlas.harvest.batchview import BatchView
-from featureatlas.harvest.reductions import fused
+from featureatlas.harvest.reductions import compiled_once
 from featureatlas.harvest.topk import extreme_positions
 
 _NO_KEY = torch.iinfo(torch.int64).max
@@ -32,7 +30,7 @@ class Reservoir:
             raise ValueError("n_bins must be even, so that bins merge in pairs when the range doubles")
         self.n_bins, self.per_bin = n_bins, per_bin
         self.fixed_shapes = fixed_shapes
-        self._fixed_step = fixed_step(compiled)
+        self._fixed_step = compiled_once(_sample_fixed) if compiled else _sample_fixed
         shape = (n_units, n_bins, per_bin)
         self.exponent = torch.full((n_units,), _NO_EXPONENT, dtype=torch.int64, device=device)
         self.keys = torch.full(shape, _NO_KEY, dtype=torch.int64, device=device)
@@ -207,19 +205,6 @@ def _sample_fixed(exponent: torch.Tensor, keys: torch.Tensor, context_ids: torch
     return (exponent, chosen_keys.view(n_units, n_bins, per), pick(context_ids, batch_ids[rows], "context_ids"),
             pick(positions, found, "positions"), pick(values, context_max.T.gather(1, rows), "values"),
             torch.where(empty[..., None], 0, tokens_kept).view(n_units, n_bins, per, width))
-
-
-_compiled_sample: Callable[..., tuple[torch.Tensor, ...]] | None = None
-
-
-def fixed_step(compiled: bool) -> Callable[..., tuple[torch.Tensor, ...]]:
-    """The fixed-shape update, through torch.compile when asked (one compiled function for the process)."""
-    if not compiled:
-        return _sample_fixed
-    global _compiled_sample
-    if _compiled_sample is None:
-        _compiled_sample = fused(_sample_fixed, _sample_fixed)
-    return _compiled_sample
 
 
 def _bin(values: torch.Tensor, scale: torch.Tensor, n_bins: int) -> torch.Tensor:

@@ -9,13 +9,11 @@ contexts has three top examples, not three and seventeen where it is zero.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from featureatlas.harvest.activation_rows import DenseRows, SparseRows
 from featureatlas.harvest.batchview import BatchView
-from featureatlas.harvest.reductions import fused
+from featureatlas.harvest.reductions import compiled_once
 
 
 class TopK:
@@ -31,7 +29,7 @@ class TopK:
                  activation_dtype: torch.dtype, fixed_shapes: bool = False, compiled: bool = False):
         self.k = k
         self.fixed_shapes = fixed_shapes
-        self._fixed_step = fixed_step(compiled)
+        self._fixed_step = compiled_once(_merge_fixed) if compiled else _merge_fixed
         self.values = torch.full((n_units, k), float("-inf"), device=device)
         self.context_ids = torch.full((n_units, k), -1, dtype=torch.int64, device=device)
         self.positions = torch.zeros((n_units, k), dtype=torch.int64, device=device)
@@ -156,16 +154,3 @@ def _merge_fixed(values: torch.Tensor, context_ids: torch.Tensor, positions: tor
             torch.where(entering, found, positions.gather(1, kept)),
             torch.where(entering[..., None], entered.to(activations.dtype),
                         activations.gather(1, kept[..., None].expand_as(activations))))
-
-
-_compiled_merge: Callable[..., tuple[torch.Tensor, ...]] | None = None
-
-
-def fixed_step(compiled: bool) -> Callable[..., tuple[torch.Tensor, ...]]:
-    """The fixed-shape merge, through torch.compile when asked (one compiled function for the process)."""
-    if not compiled:
-        return _merge_fixed
-    global _compiled_merge
-    if _compiled_merge is None:
-        _compiled_merge = fused(_merge_fixed, _merge_fixed)
-    return _compiled_merge
