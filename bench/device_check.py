@@ -420,7 +420,7 @@ def compile_fell_back() -> bool:
     """Whether the reducer's torch.compile failed in this process and harvest went on eagerly."""
     try:
         from featureatlas.harvest import reductions
-        return getattr(reductions, "_compiled", None) is getattr(reductions, "reduce_eager", object())
+        return any(getattr(call, "fell_back", False) for call in getattr(reductions, "_compiled", {}).values())
     except Exception:  # noqa: BLE001 - a probe only
         return False
 

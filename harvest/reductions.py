@@ -79,17 +79,17 @@ def fused(fn: Callable, fallback: Callable) -> Callable:
     """fn compiled with torch.compile (Inductor), falling back to `fallback` for good, with one line on stderr,
     where Inductor cannot build (no C++ compiler, an unsupported platform)."""
     compiled = torch.compile(fn, dynamic=True)
-    chosen = [compiled]
 
     def call(*args: object) -> object:
-        if chosen[0] is compiled:
+        if not call.fell_back:
             try:
                 return compiled(*args)
             except Exception as err:  # Inductor failures come as many exception types
                 print(f"featureatlas: torch.compile is unavailable here ({type(err).__name__}: {err}"[:300]
                       + "); harvesting without it (slower; pass --compile off to skip trying)", file=sys.stderr)
-                chosen[0] = fallback
+                call.fell_back = True
         return fallback(*args)
+    call.fell_back = False  # read by bench/device_check.py
     return call
 
 
