@@ -16,21 +16,14 @@ from featureatlas.harvest.probe import MAX_CHARS, load_prober
 from featureatlas.harvest.probe_command import ProbeArgs, probe_command
 from featureatlas.notebook import highlight, open_atlas
 
-from tiny_models import saelens_sae, save_tiny_model, write_corpus
+from tiny_models import harvest_small_store
 
 HOSTILE = '<script>alert("x")</script>\u202e\x1b[31m'
 
 
 @pytest.fixture(scope="module")
 def harvested(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("probe")
-    model, corpus = save_tiny_model("llama", root / "model"), write_corpus(root / "corpus")
-    sae = saelens_sae(root / "sae", 32, "blocks.1.hook_resid_post")
-    store = root / "store.duckdb"
-    assert main(["harvest", "--model", str(model), "--corpus", str(corpus), "--out", str(store), "--device", "cpu",
-                 "--dtype", "float32", "--layers", "0-2", "--resid", "1", "--sae", f"res1={sae}", "--context-length",
-                 "16", "--top-k", "3", "--batch-size", "5", "--intervals", "4", "--random-examples", "2",
-                 "--compile", "off", "--logits", "3", "--tokens", "500"]) == 0
+    store, model, _ = harvest_small_store(tmp_path_factory.mktemp("probe"))
     return store, model
 
 

@@ -14,7 +14,7 @@ from featureatlas.cli import main
 from featureatlas.harvest.verify import default_rtol, sample_examples
 from featureatlas.store.encoding import ROUNDING, rounding_bound
 
-from tiny_models import saelens_sae, save_tiny_model, write_corpus
+from tiny_models import harvest_small_store
 
 ALL = "100000"  # --sample larger than the store: every example is checked
 
@@ -22,14 +22,7 @@ ALL = "100000"  # --sample larger than the store: every example is checked
 @pytest.fixture(scope="module")
 def harvested(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A llama store (signed neurons: every example kind) of neurons, residual dims and SAE features; the SAE."""
-    root = tmp_path_factory.mktemp("verify")
-    model, corpus = save_tiny_model("llama", root / "model"), write_corpus(root / "corpus")
-    sae = saelens_sae(root / "sae", 32, "blocks.1.hook_resid_post")
-    store = root / "store.duckdb"
-    assert main(["harvest", "--model", str(model), "--corpus", str(corpus), "--out", str(store), "--device", "cpu",
-                 "--dtype", "float32", "--layers", "0-2", "--resid", "1", "--sae", f"res1={sae}", "--context-length",
-                 "16", "--top-k", "3", "--batch-size", "5", "--intervals", "4", "--random-examples", "2",
-                 "--compile", "off", "--logits", "0", "--tokens", "500"]) == 0
+    store, _, sae = harvest_small_store(tmp_path_factory.mktemp("verify"), logits=0)
     return store, sae
 
 

@@ -77,3 +77,18 @@ def saelens_sae(folder: Path, d_in: int, hook: str) -> Path:
                          l0=4.0, dead_fraction=0.0, steps=0, seconds=0.0)
     return save_saelens_folder(result, folder, hook_name=hook, model_name="tiny", context_size=16, prepend_bos=True,
                                dataset_path="corpus")
+
+
+def harvest_small_store(root: Path, logits: int = 3) -> tuple[Path, Path, Path]:
+    """A llama store of neurons (signed: every example kind), residual dims and SAE features, through the CLI;
+    returns (store, model folder, SAE folder). Shared by the probe and verify tests."""
+    from featureatlas.cli import main
+
+    model, corpus = save_tiny_model("llama", root / "model"), write_corpus(root / "corpus")
+    sae = saelens_sae(root / "sae", 32, "blocks.1.hook_resid_post")
+    store = root / "store.duckdb"
+    assert main(["harvest", "--model", str(model), "--corpus", str(corpus), "--out", str(store), "--device", "cpu",
+                 "--dtype", "float32", "--layers", "0-2", "--resid", "1", "--sae", f"res1={sae}", "--context-length",
+                 "16", "--top-k", "3", "--batch-size", "5", "--intervals", "4", "--random-examples", "2",
+                 "--compile", "off", "--logits", str(logits), "--tokens", "500"]) == 0
+    return store, model, sae
