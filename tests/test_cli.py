@@ -6,13 +6,12 @@ from pathlib import Path
 
 import duckdb
 import pytest
-import torch
 import transformers
 
 from featureatlas.cli import main
 from featureatlas.store.schema import SCHEMA_VERSION
 
-from tiny_models import save_tiny_model, tiny_tokenizer, write_corpus
+from tiny_models import saelens_sae, save_tiny_model, tiny_tokenizer, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -116,22 +115,11 @@ def test_bad_input_gets_one_clear_line(tiny, tmp_path: Path, capsys, case: str, 
         d_in, hook = {"sae_for_another_width": (24, "blocks.1.hook_resid_post"),
                       "sae_hook_out_of_range": (32, "blocks.7.hook_resid_post"),
                       "sae_hook_unknown": (32, "blocks.1.hook_resid_sideways")}[case]
-        extra = ["--sae", str(random_sae(tmp_path / "sae", d_in, hook))]
+        extra = ["--sae", str(saelens_sae(tmp_path / "sae", d_in, hook, seed=0))]
     code, message = run(capsys, *harvest_args(model, corpus, out, *extra))
     assert code == 2
     assert message.startswith("featureatlas harvest: error: ") and expected in message, message
     assert_nothing_written(tmp_path)
-
-
-def random_sae(folder: Path, d_in: int, hook: str) -> Path:
-    """A small top-k SAE folder in SAELens's format with random weights."""
-    from featureatlas.harvest.train_sae import TrainResult, save_saelens_folder
-    g = torch.Generator().manual_seed(0)
-    w = torch.nn.functional.normalize(torch.randn(40, d_in, generator=g), dim=1)
-    result = TrainResult(W_enc=w.T.clone(), b_enc=torch.zeros(40), W_dec=w, b_dec=torch.zeros(d_in), k=4, fvu=1.0,
-                         l0=4.0, dead_fraction=0.0, steps=0, seconds=0.0)
-    return save_saelens_folder(result, folder, hook_name=hook, model_name="tiny", context_size=16, prepend_bos=True,
-                               dataset_path="corpus")
 
 
 def test_train_sae_then_harvest_its_features(tiny, tmp_path: Path, capsys) -> None:

@@ -68,10 +68,10 @@ def write_corpus(folder: Path) -> Path:
     return folder
 
 
-def saelens_sae(folder: Path, d_in: int, hook: str) -> Path:
+def saelens_sae(folder: Path, d_in: int, hook: str, seed: int = 1) -> Path:
     """A small random top-k SAE saved in SAELens's format by the trainer's own writer."""
     from featureatlas.harvest.train_sae import TrainResult, save_saelens_folder
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     w = torch.nn.functional.normalize(torch.randn(40, d_in, generator=g), dim=1)
     result = TrainResult(W_enc=w.T.clone(), b_enc=torch.zeros(40), W_dec=w, b_dec=torch.zeros(d_in), k=4, fvu=1.0,
                          l0=4.0, dead_fraction=0.0, steps=0, seconds=0.0)
