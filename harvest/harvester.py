@@ -48,7 +48,7 @@ class Accumulators:
         self.top = TopK(n, settings.top_k, context_length, device, dtype, *form)
         self.bottom = TopK(n, settings.bottom_k, context_length, device, dtype, *form) \
             if source.signed and settings.bottom_k else None
-        self.statistics = Statistics(n, device, source.sparse, settings.histogram_every, fixed)
+        self.statistics = Statistics(n, device, source.sparse, settings.histogram_every, *form)
         self.quantiles = Reservoir(n, settings.intervals, settings.per_interval, context_length, device, dtype,
                                    *form) if settings.per_interval and settings.intervals else None
         self.random = Reservoir(n, 1, settings.random, context_length, device, dtype, *form) \

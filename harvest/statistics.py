@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from featureatlas.harvest.batchview import BatchView
+from featureatlas.harvest.reductions import compiled_once
 
 HALF = 130                 # bins each side of zero; column HALF + b of the counts holds bin b
 N_BINS = 2 * HALF + 1
@@ -19,35 +20,31 @@ _SHIFT_TO_CODE = 21        # float32 bits >> 21 = sign, 8 exponent bits, 2 manti
 _FIRST_CODE = 442          # code of 2^-16 is 444, which is bin 2
 
 
-def _code_table() -> torch.Tensor:
-    """(float32 bits >> 21) + 1024 -> histogram column."""
-    raw = torch.arange(2048) - 1024
-    negative = raw < 0
-    code = torch.where(negative, raw + 1024, raw)
-    magnitude = torch.where(code == 0, 0, (code - _FIRST_CODE).clamp(1, HALF))
-    return torch.where(negative, -magnitude, magnitude) + HALF
-
-
-_CODE_TABLE = _code_table()
-
-
 def histogram_columns(x: torch.Tensor) -> torch.Tensor:
-    """The histogram column of every value (int64, same shape)."""
+    """The histogram column of every value (int64, same shape), from its sign, exponent and top mantissa bits."""
     if x.dtype == torch.bfloat16:  # bfloat16 is the top half of a float32: same code, 16 bits further right
-        codes = (x.view(torch.int16) >> (_SHIFT_TO_CODE - 16)).to(torch.int64)
+        raw = (x.view(torch.int16) >> (_SHIFT_TO_CODE - 16)).to(torch.int64)
     else:
-        codes = (x.float().contiguous().view(torch.int32) >> _SHIFT_TO_CODE).to(torch.int64)
-    table = _CODE_TABLE if _CODE_TABLE.device == x.device else _CODE_TABLE.to(x.device)
-    return table[codes + 1024]
+        raw = (x.float().contiguous().view(torch.int32) >> _SHIFT_TO_CODE).to(torch.int64)
+    code = raw & 1023  # without the sign; 0 is zero (or a value too small to have a bin of its own)
+    magnitude = torch.where(code == 0, 0, (code - _FIRST_CODE).clamp(1, HALF))
+    return HALF + torch.where(raw < 0, -magnitude, magnitude)
+
+
+def counted_columns(acts: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """[rows x tokens, units]: each activation's histogram column, N_BINS (the uncounted row) where not counted."""
+    columns = torch.where(counted[..., None], histogram_columns(acts), N_BINS)
+    return columns.reshape(-1, acts.shape[-1])
 
 
 class Statistics:
     STATE = ("n_tokens", "n_firing", "sum", "sum_squares", "min", "max", "counts")  # what a checkpoint saves
 
     def __init__(self, n_units: int, device: torch.device, sparse: bool, histogram_every: int = 1,
-                 fixed_shapes: bool = False):
+                 fixed_shapes: bool = False, compiled: bool = False):
         self.sparse = sparse
         self.fixed_shapes = fixed_shapes
+        self._columns = compiled_once(counted_columns) if compiled else counted_columns
         self.histogram_every = 1 if sparse else histogram_every
         self.n_tokens = 0
         self.n_firing = torch.zeros(n_units, dtype=torch.int64, device=device)
@@ -92,19 +89,14 @@ class Statistics:
 
     def _update_histogram(self, acts: torch.Tensor, batch: BatchView) -> None:
         """Every counted token of the sampled contexts."""
+        sampled = batch.keys % self.histogram_every == 0
         if self.fixed_shapes:  # every context, the others sent to the uncounted row: no host synchronisation
-            columns = histogram_columns(acts).reshape(-1, acts.shape[-1])
-            counted = batch.counted & (batch.keys % self.histogram_every == 0)[:, None]
-            columns.masked_fill_(~counted.reshape(-1, 1), N_BINS)
-            self.counts.scatter_add_(0, columns, self._ones.expand_as(columns))
-            return
-        rows = (batch.keys % self.histogram_every == 0).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            return
-        sampled = acts[rows]
-        columns = histogram_columns(sampled).reshape(-1, acts.shape[-1])
-        uncounted = ~batch.counted[rows].reshape(-1)
-        columns[uncounted] = N_BINS  # the last row of counts collects what does not count
+            columns = self._columns(acts, batch.counted & sampled[:, None])
+        else:
+            rows = sampled.nonzero().squeeze(1)
+            if rows.numel() == 0:
+                return
+            columns = self._columns(acts[rows], batch.counted[rows])
         self.counts.scatter_add_(0, columns, self._ones.expand_as(columns))
 
     def finish(self) -> dict[str, torch.Tensor]:

@@ -30,6 +30,7 @@ class TopK:
         self.k = k
         self.fixed_shapes = fixed_shapes
         self._fixed_step = compiled_once(_merge_fixed) if compiled else _merge_fixed
+        self._ranks = compiled_once(candidate_ranks) if compiled else candidate_ranks
         self.values = torch.full((n_units, k), float("-inf"), device=device)
         self.context_ids = torch.full((n_units, k), -1, dtype=torch.int64, device=device)
         self.positions = torch.zeros((n_units, k), dtype=torch.int64, device=device)
@@ -42,15 +43,11 @@ class TopK:
         positions, or minus its min when largest is False, for bottom-k)."""
         if self.fixed_shapes:
             return self._update_fixed(acts.acts, view, context_max, largest)
-        # Only units whose best context in this batch beats their current k-th score can change; a tie with
-        # the k-th score loses to it because every kept context has a lower id.
-        units = (context_max.amax(dim=0).float() > self.values[:, -1]).nonzero().squeeze(1)
-        if units.numel() == 0:
-            return
-        batch, n = context_max.shape[0], units.numel()
-        rows = torch.arange(batch, device=units.device).expand(n, batch)
-        self._merge(acts, view, units, context_max[:, units].T.float(), rows, view.context_ids.expand(n, batch),
-                    largest)
+        scores = context_max.float()
+        # Only contexts that beat their unit's current k-th score can enter; a tie with the k-th score loses to
+        # it because every kept context has a lower id. Listed row by row: memory order for the gathers.
+        rows, units = (scores > self.values[:, -1]).nonzero(as_tuple=True)
+        self._merge(acts, view, rows, units, scores[rows, units], scores.T.contiguous(), largest)
 
     def _update_fixed(self, acts: torch.Tensor, view: BatchView, context_max: torch.Tensor, largest: bool) -> None:
         """The same result with every unit merged every batch, in shapes that never depend on the data: no host
@@ -63,54 +60,44 @@ class TopK:
 
     def update_pairs(self, acts: DenseRows | SparseRows, view: BatchView, rows: torch.Tensor, units: torch.Tensor,
                      values: torch.Tensor) -> None:
-        """Sparse units: only the (batch row, unit) pairs where a unit fires, each with its context max."""
+        """Sparse units: only the (batch row, unit) pairs where a unit fires, each with its context max (float32),
+        in row-major order."""
+        batch_scores = torch.full((self.values.shape[0], acts.shape[0]), float("-inf"), device=values.device)
+        batch_scores[units, rows] = values
         enter = values > self.values[units, -1]
-        rows, units, values = rows[enter], units[enter], values[enter]
+        self._merge(acts, view, rows[enter], units[enter], values[enter], batch_scores, True)
+
+    def _merge(self, acts: DenseRows | SparseRows, view: BatchView, rows: torch.Tensor, units: torch.Tensor,
+               values: torch.Tensor, batch_scores: torch.Tensor, largest: bool) -> None:
+        """Candidate (batch row, unit) pairs, row-major, with their float32 scores; batch_scores [units, batch]:
+        every context's score (-inf where none). A candidate's new rank is the number of kept contexts scoring at
+        least as much plus the number of this batch's contexts ranked above it, so no list is sorted."""
         if units.numel() == 0:
             return
-        # Each unit's candidates side by side in row (so id) order, padded with -inf, which never enters.
-        order = (units * acts.shape[0] + rows).argsort()
-        rows, units, values = rows[order], units[order], values[order]
-        changed, counts = torch.unique_consecutive(units, return_counts=True)
-        group = torch.repeat_interleave(counts)
-        column = torch.arange(units.numel(), device=units.device) - (counts.cumsum(0) - counts)[group]
-        width = int(counts.max())
-        candidate_values = torch.full((changed.numel(), width), float("-inf"), device=values.device)
-        candidate_values[group, column] = values
-        candidate_rows = torch.zeros((changed.numel(), width), dtype=torch.int64, device=rows.device)
-        candidate_rows[group, column] = rows
-        self._merge(acts, view, changed, candidate_values, candidate_rows, view.context_ids[candidate_rows], True)
-
-    def _merge(self, acts: DenseRows | SparseRows, view: BatchView, units: torch.Tensor, candidate_values: torch.Tensor,
-               candidate_rows: torch.Tensor, candidate_ids: torch.Tensor, largest: bool) -> None:
-        """units [n]: the units that may change; candidate_values/rows/ids [n, c]: their candidates from this
-        batch (float32 scores; batch rows, so context ids, in increasing order)."""
-        k, n = self.k, units.numel()
-        values = torch.cat([self.values[units], candidate_values], dim=1)          # [n, k + c]
-        # A stable sort keeps candidates in id order among equal scores: kept ones, then the batch in order.
-        order = values.sort(dim=1, descending=True, stable=True).indices[:, :k]
-        entering = order >= k                                                   # [n, k]: from this batch
-        self.values[units] = values.gather(1, order)
-        self.context_ids[units] = torch.cat([self.context_ids[units], candidate_ids], 1).gather(1, order)
-        kept_slots = self.slots[units].gather(1, order.clamp(max=k - 1))
-        # Slots of dropped contexts are free; entering contexts take them in ascending order.
-        used = torch.zeros((n, k + 1), dtype=torch.int8, device=units.device)
-        used.scatter_(1, torch.where(entering, k, kept_slots), 1)
-        free = used[:, :k].argsort(dim=1, stable=True)                           # free slots first
-        nth_entering = (entering.cumsum(dim=1) - 1).clamp(min=0)
-        slots = torch.where(entering, free.gather(1, nth_entering), kept_slots)
-        self.slots[units] = slots
-        rows, ranks = entering.nonzero(as_tuple=True)
-        entering_units = units[rows]
-        entering_rows = candidate_rows[rows, order[rows, ranks] - k]             # row in the batch
-        entering_acts = acts(entering_rows, entering_units)                     # [m, tokens]
-        positions = self.positions[units].gather(1, order.clamp(max=k - 1))
-        positions[rows, ranks] = extreme_positions(entering_acts, entering_rows, view, largest)
-        self.positions[units] = positions
+        k, device = self.k, units.device
+        among_kept, among_batch = self._ranks(self.values, batch_scores, rows, units, values)
+        rank = among_kept + among_batch
+        enter = rank < k
+        rows, units, values = rows[enter], units[enter], values[enter]
+        among_kept, among_batch, rank = among_kept[enter], among_batch[enter], rank[enter]
+        # Kept context j moves down by the entering contexts that score above it and drops out past k - 1: a
+        # unit's last n_entering ones, whose slots its entering contexts take, best first.
+        ahead = torch.zeros((self.values.shape[0], k + 1), dtype=torch.int64, device=device)
+        ahead.index_put_((units, among_kept), torch.ones_like(units), accumulate=True)
+        moved = (torch.arange(k, device=device) + ahead[:, :k].cumsum(dim=1)).clamp_(max=k)  # k: dropped
+        slots = self.slots[units, k - ahead.sum(dim=1)[units] + among_batch]
+        entering_acts = acts(rows, units)                                        # [m, tokens]
+        for name, new in (("values", values), ("context_ids", view.context_ids[rows]),
+                          ("positions", extreme_positions(entering_acts, rows, view, largest)), ("slots", slots)):
+            table = getattr(self, name)
+            merged = torch.empty((table.shape[0], k + 1), dtype=table.dtype, device=device)
+            merged.scatter_(1, moved, table)
+            merged[units, rank] = new
+            setattr(self, name, merged[:, :k].contiguous())
         tokens, width = acts.shape[1], self.slot_activations.shape[2]
         if tokens < width:
             entering_acts = torch.nn.functional.pad(entering_acts, (0, width - tokens))
-        self.slot_activations[entering_units, slots[rows, ranks]] = entering_acts.to(self.slot_activations.dtype)
+        self.slot_activations[units, slots] = entering_acts.to(self.slot_activations.dtype)
 
     def activations(self) -> torch.Tensor:
         """[units, k, context_length]: the per-token activations of each rank's context."""
@@ -119,6 +106,16 @@ class TopK:
     def referenced_context_ids(self) -> torch.Tensor:
         ids = self.context_ids.unique()
         return ids[ids >= 0]
+
+
+def candidate_ranks(kept_values: torch.Tensor, batch_scores: torch.Tensor, rows: torch.Tensor, units: torch.Tensor,
+                    values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each candidate (rows[i], units[i]) scoring values[i]: how many kept contexts of its unit score at least
+    as much, and how many contexts of this batch rank above it (higher score, or equal with a lower id)."""
+    others, score = batch_scores[units], values[:, None]                                  # [m, batch]
+    earlier = torch.arange(others.shape[1], device=rows.device) < rows[:, None]
+    among_batch = ((others > score) | ((others == score) & earlier)).sum(dim=1)
+    return (kept_values[units] >= score).sum(dim=1), among_batch
 
 
 def extreme_positions(rows_acts: torch.Tensor, rows: torch.Tensor, view: BatchView, largest: bool = True
