@@ -31,6 +31,7 @@ class Reservoir:
         self.n_bins, self.per_bin = n_bins, per_bin
         self.fixed_shapes = fixed_shapes
         self._fixed_step = compiled_once(_sample_fixed) if compiled else _sample_fixed
+        self._ranks = compiled_once(sample_ranks) if compiled else sample_ranks
         shape = (n_units, n_bins, per_bin)
         self.exponent = torch.full((n_units,), _NO_EXPONENT, dtype=torch.int64, device=device)
         self.keys = torch.full(shape, _NO_KEY, dtype=torch.int64, device=device)
@@ -41,24 +42,15 @@ class Reservoir:
 
     def update(self, acts: DenseRows, batch: BatchView, context_max: torch.Tensor) -> None:
         """Dense units. acts: the batch's [batch, tokens, units] activations; context_max [batch, units] as for
-        TopK.update. The candidates are found on the [batch, units] matrix, then listed."""
+        TopK.update. The candidates are found on the [batch, units] matrix, then listed row by row."""
         context_max = context_max.float()
         if self.fixed_shapes:
             return self._update_fixed(acts.acts, batch, context_max)
-        fires = context_max > 0
         if self.n_bins > 1:
             self._grow(context_max.amax(dim=0))
-            # Units that never fired have no W: their scale is clamped to stay finite (0 * 2^big is NaN on CUDA)
-            scale = (-self.exponent).clamp(max=126)[None, :]
-            bins = torch.ldexp(context_max, scale).mul_(self.n_bins).floor_()
-            bins = bins.clamp_(0, self.n_bins - 1).long()
-            units = torch.arange(context_max.shape[1], device=bins.device)
-            worst = self.keys.amax(dim=2).view(-1).take(units * self.n_bins + bins)
-        else:
-            bins = torch.zeros(context_max.shape, dtype=torch.int64, device=context_max.device)
-            worst = self.keys[:, 0].amax(dim=1)
-        rows, units = (fires & (batch.keys[:, None] < worst)).nonzero(as_tuple=True)
-        self._enter(acts, batch, units, bins[rows, units], rows, batch.keys[rows], context_max[rows, units])
+        candidate, bins = candidates(context_max, self.exponent, self.keys, batch.keys)
+        rows, units = candidate.nonzero(as_tuple=True)
+        self._enter(acts, batch, rows, units, bins[rows, units], context_max[rows, units])
 
     def _update_fixed(self, acts: torch.Tensor, batch: BatchView, context_max: torch.Tensor) -> None:
         """The same samples in shapes that never depend on the data (no host synchronisation: see TopK)."""
@@ -70,55 +62,49 @@ class Reservoir:
     def update_pairs(self, acts: DenseRows | SparseRows, batch: BatchView, rows: torch.Tensor, units: torch.Tensor,
                      values: torch.Tensor, batch_max: torch.Tensor) -> None:
         """Sparse units. rows/units/values: every (batch row, unit) pair where the unit fires (context max > 0,
-        float32); batch_max [units]: each unit's max over the batch."""
+        float32), row-major; batch_max [units]: each unit's max over the batch."""
         if units.numel() == 0:
             return
         if self.n_bins > 1:
             self._grow(batch_max.float())
-            bins = torch.ldexp(values, -self.exponent[units]).mul_(self.n_bins).floor_()
-            bins = bins.clamp_(0, self.n_bins - 1).long()
+            bins = _bin(values, -self.exponent[units], self.n_bins)
         else:
             bins = torch.zeros_like(units)
         # Candidates: contexts whose key beats the largest kept key of their unit's bin (few, once bins fill).
-        worst = self.keys.amax(dim=2).view(-1)[units * self.n_bins + bins]
-        keys = batch.keys[rows]
-        candidate = keys < worst
-        self._enter(acts, batch, units[candidate], bins[candidate], rows[candidate], keys[candidate],
-                    values[candidate])
+        candidate = batch.keys[rows] < self.keys.amax(dim=2)[units, bins]
+        self._enter(acts, batch, rows[candidate], units[candidate], bins[candidate], values[candidate])
 
-    def _enter(self, acts: DenseRows | SparseRows, batch: BatchView, unit: torch.Tensor, bin_: torch.Tensor,
-               row: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Candidate (unit, bin, batch row, key, context max) lists: those with the smallest keys enter."""
-        # In round r every (unit, bin) takes its smallest remaining candidate; after per_bin rounds none is left
-        # that could still enter, so the loop is short whatever the batch size. A context that enters is never
-        # pushed out in a later round (later candidates have larger keys), so its tokens are copied once, after.
-        entered = []
-        for _ in range(self.per_bin):
-            if unit.numel() == 0:
-                break
-            group = unit * self.n_bins + bin_
-            best = torch.full((acts.shape[2] * self.n_bins,), _NO_KEY, dtype=torch.int64, device=unit.device)
-            best.scatter_reduce_(0, group, key, "amin")
-            is_best = key == best[group]
-            u, b, r, k, v = unit[is_best], bin_[is_best], row[is_best], key[is_best], value[is_best]
-            kept_worst, slot = self.keys[u, b].max(dim=1)
-            enter = k < kept_worst
-            u, b, r, slot = u[enter], b[enter], r[enter], slot[enter]
-            self.keys[u, b, slot] = k[enter]
-            self.values[u, b, slot] = v[enter]
-            entered.append((u, b, r, slot))
-            rest = ~is_best
-            unit, bin_, row, key, value = unit[rest], bin_[rest], row[rest], key[rest], value[rest]
-        if not entered:
+    def _enter(self, acts: DenseRows | SparseRows, batch: BatchView, rows: torch.Tensor, units: torch.Tensor,
+               bins: torch.Tensor, values: torch.Tensor) -> None:
+        """Candidate (batch row, unit) pairs, row-major, with their bins and context max. A candidate enters when
+        fewer than per_bin contexts of its bin have smaller keys, kept ones and this batch's candidates together:
+        no rounds, no sorting."""
+        if units.numel() == 0:
             return
-        u, b, r, slot = (torch.cat(parts) for parts in zip(*entered, strict=True))
-        self.context_ids[u, b, slot] = batch.context_ids[r]
-        tokens = acts(r, u)
-        self.positions[u, b, slot] = extreme_positions(tokens, r, batch)
+        keys = batch.keys[rows]
+        batch_bins = torch.full((self.keys.shape[0], acts.shape[0]), -1, dtype=torch.int16, device=units.device)
+        batch_bins[units, rows] = bins.to(torch.int16)  # every candidate's bin, -1 elsewhere (n_bins < 2^15)
+        among_kept, among_batch = self._ranks(self.keys, batch_bins, batch.keys, rows, units, bins, keys)
+        enter = among_kept + among_batch < self.per_bin
+        rows, units, bins, values = rows[enter], units[enter], bins[enter], values[enter]
+        keys, among_batch = keys[enter], among_batch[enter]
+        if units.numel() == 0:
+            return
+        # A bin's e entering contexts (among_batch 0 .. e-1) take the slots of its e largest kept keys (an empty
+        # slot's key is the largest).
+        group = units * self.n_bins + bins
+        n_entering = torch.bincount(group, minlength=self.keys.shape[0] * self.n_bins)[group]
+        by_key = self.keys[units, bins].argsort(dim=1)
+        slot = by_key.gather(1, (self.per_bin - n_entering + among_batch)[:, None]).squeeze(1)
+        tokens = acts(rows, units)
         width = self.activations.shape[-1]
+        self.keys[units, bins, slot] = keys
+        self.values[units, bins, slot] = values
+        self.context_ids[units, bins, slot] = batch.context_ids[rows]
+        self.positions[units, bins, slot] = extreme_positions(tokens, rows, batch)
         if tokens.shape[1] < width:
             tokens = torch.nn.functional.pad(tokens, (0, width - tokens.shape[1]))
-        self.activations[u, b, slot] = tokens.to(self.activations.dtype)
+        self.activations[units, bins, slot] = tokens.to(self.activations.dtype)
 
     def _grow(self, batch_max: torch.Tensor) -> None:
         """Raise W to the smallest power of two above each unit's max, merging bins in pairs per doubling."""
@@ -161,6 +147,32 @@ class Reservoir:
     def referenced_context_ids(self) -> torch.Tensor:
         ids = self.context_ids.unique()
         return ids[ids >= 0]
+
+
+def candidates(context_max: torch.Tensor, exponent: torch.Tensor, keys: torch.Tensor, batch_keys: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[batch, units]: whether each context may enter its unit's sample (it fires, and its key beats the largest
+    kept key of its bin), and its bin."""
+    n_units, n_bins = keys.shape[:2]
+    if n_bins == 1:
+        worst = keys.amax(dim=(1, 2))[None, :]
+        bins = torch.zeros((1, 1), dtype=torch.int64, device=keys.device).expand(context_max.shape)
+    else:  # units that never fired have no W: their scale stays finite (0 * 2^big is NaN on CUDA)
+        bins = _bin(context_max, (-exponent).clamp(max=126)[None, :], n_bins)
+        units = torch.arange(n_units, device=keys.device)
+        worst = keys.amax(dim=2).view(-1).take(units * n_bins + bins)
+    return (context_max > 0) & (batch_keys[:, None] < worst), bins
+
+
+def sample_ranks(kept_keys: torch.Tensor, batch_bins: torch.Tensor, batch_keys: torch.Tensor, rows: torch.Tensor,
+                 units: torch.Tensor, bins: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each candidate: how many kept contexts of its bin have smaller keys, and how many of this batch's
+    candidates for that bin do (equal keys, vanishingly rare, go to the lower row)."""
+    among_kept = (kept_keys[units, bins] < keys[:, None]).sum(dim=1)
+    others = batch_keys[None, :]
+    earlier = torch.arange(others.shape[1], device=rows.device) < rows[:, None]
+    smaller = (others < keys[:, None]) | ((others == keys[:, None]) & earlier)
+    return among_kept, ((batch_bins[units] == bins[:, None]) & smaller).sum(dim=1)
 
 
 def _sample_fixed(exponent: torch.Tensor, keys: torch.Tensor, context_ids: torch.Tensor, positions: torch.Tensor,
@@ -208,8 +220,16 @@ def _sample_fixed(exponent: torch.Tensor, keys: torch.Tensor, context_ids: torch
 
 
 def _bin(values: torch.Tensor, scale: torch.Tensor, n_bins: int) -> torch.Tensor:
-    """Interval of each context max under W = 2^-scale (anything at or below 0 lands in bin 0: never kept)."""
-    return torch.ldexp(values, scale).mul_(n_bins).floor_().clamp_(0, n_bins - 1).long()
+    """Interval of each context max under W = 2^-scale (anything at or below 0 lands in bin 0: never kept).
+    values x 2^scale in two exact steps of a power of two each (torch.ldexp is a pow, slow and unfused)."""
+    half = torch.div(scale, 2, rounding_mode="floor")
+    scaled = values * _power_of_two(half) * _power_of_two(scale - half)
+    return (scaled * n_bins).floor_().clamp_(0, n_bins - 1).long()
+
+
+def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:
+    """2.0^exponent as float32, built from its bits (exponent within [-126, 127])."""
+    return ((exponent + 127) << 23).to(torch.int32).view(torch.float32)
 
 
 def _empty(name: str) -> int:

@@ -87,8 +87,9 @@ def validate(config: HarvestConfig) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least {minimum}")
     if config.compile not in ("auto", "on", "off"):
         raise UsageError("--compile must be auto, on or off")
-    if config.intervals % 2:
-        raise UsageError("--intervals must be even (intervals merge in pairs when a unit's range doubles)")
+    if config.intervals % 2 or config.intervals > 1000:
+        raise UsageError("--intervals must be even (intervals merge in pairs when a unit's range doubles) and at "
+                         "most 1000")
     if config.tokens is not None and config.tokens < 1:
         raise UsageError("--tokens must be at least 1")
     if config.shard is not None and not 0 <= config.shard[0] < config.shard[1]:
