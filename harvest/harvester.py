@@ -20,7 +20,7 @@ from featureatlas.harvest.sources import UnitSource
 from featureatlas.harvest.statistics import Statistics
 from featureatlas.harvest.topk import TopK
 
-PENDING_BYTES = 1536 * 2**20  # dense activations held for the end of a batch's forward pass (see _consume)
+PENDING_BYTES = 512 * 2**20  # dense activations held for the end of a batch's forward pass (see _consume)
 
 
 class _StopForward(Exception):
