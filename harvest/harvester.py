@@ -135,7 +135,8 @@ class Harvester:
     def step(self, batch: Batch) -> None:
         self._view = BatchView.of(batch, self.first_counted, self.settings.seed, self.device)
         self.reader.run(batch)
-        self._update_pending()
+        with torch.inference_mode():  # as in the hooks: no autograd bookkeeping, the same compiled graphs
+            self._update_pending()
 
     def referenced_context_ids(self) -> set[int]:
         return set(torch.cat([acc.referenced_context_ids() for acc in self.accumulators]).tolist())
