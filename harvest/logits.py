@@ -16,6 +16,7 @@ from featureatlas.harvest.hooks import Hook, norm_gain
 from featureatlas.harvest.sources import UnitSource
 
 _CHUNK = 1024  # units per matmul against the whole vocabulary
+_BLOCK = 64    # vocabulary entries per block in extremes()
 
 
 def output_directions(source: UnitSource, backbone: torch.nn.Module, arch: Architecture, d_model: int
@@ -68,7 +69,22 @@ def logit_effects(model: torch.nn.Module, source: UnitSource, n: int = 10
     with torch.inference_mode():
         for start in range(0, directions.shape[0], _CHUNK):
             logits = directions[start:start + _CHUNK].float() @ readout
-            top = logits.topk(n, dim=1)
-            bottom = logits.topk(n, dim=1, largest=False)
-            parts.append((top.indices, top.values, bottom.indices, bottom.values))
+            parts.append((*extremes(logits, n, largest=True), *extremes(logits, n, largest=False)))
     return tuple(torch.cat([p[i] for p in parts]) for i in range(4))  # type: ignore[return-value]
+
+
+def extremes(rows: torch.Tensor, n: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, values) of each row's n largest (or smallest) entries, as topk gives them, in about a third of
+    its time over a whole vocabulary: the n best entries lie in the n blocks of _BLOCK whose own best is best
+    (fewer than n blocks hold an entry strictly better than the n-th, and each tie of it adds one), so topk runs
+    on the blocks' bests, then on those n blocks' entries only."""
+    width = rows.shape[1]
+    if width < 4 * n * _BLOCK or width % _BLOCK:
+        found = rows.topk(n, dim=1, largest=largest)
+        return found.indices, found.values
+    blocks = rows.view(rows.shape[0], width // _BLOCK, _BLOCK)
+    best = blocks.amax(dim=2) if largest else blocks.amin(dim=2)
+    chosen = best.topk(n, dim=1, largest=largest).indices                              # [rows, n]
+    columns = (chosen[:, :, None] * _BLOCK + torch.arange(_BLOCK, device=rows.device)).flatten(1)
+    found = rows.gather(1, columns).topk(n, dim=1, largest=largest)
+    return columns.gather(1, found.indices), found.values

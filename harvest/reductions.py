@@ -65,14 +65,22 @@ def firing(nonzeros: SparseRows, counted: torch.Tensor) -> Firing:
 
 
 def _reduce_fused(acts: torch.Tensor, counted: torch.Tensor, first: int) -> Reduced:
-    """The same reductions written for Inductor to fuse into a single pass."""
-    x = acts[:, first:]
-    keep = counted[:, first:, None]
+    """The same reductions written for Inductor to fuse into one pass. Tokens are reduced in chunks of up to 16
+    (then across chunks): Inductor's loop walks a 16-unit column down the chunk's token rows, and 16 such
+    streams at a time are what the CPU's prefetchers follow; down all 64 rows at once it ran half as fast.
+    Every position goes through the counted mask (BOS included), so no slice breaks the chunks."""
+    b, t, u = acts.shape
+    chunk = _chunk_of(t)
+    x = acts.reshape(b, t // chunk, chunk, u)
+    keep = counted.reshape(b, t // chunk, chunk, 1)
     values = torch.where(keep, x.float(), 0.0)
-    # Every reduction runs over tokens (dim 1) so that Inductor makes one loop of them all; the [batch, units]
-    # partial sums then add up cheaply (a reduction over dims (0, 1) would be a second pass over the batch).
-    return (torch.where(keep, x, float("-inf")).amax(1), torch.where(keep, x, float("inf")).amin(1),
-            values.sum(1).sum(0), (values * values).sum(1).sum(0), (values > 0).sum(1).sum(0))
+    return (torch.where(keep, x, float("-inf")).amax(2).amax(1), torch.where(keep, x, float("inf")).amin(2).amin(1),
+            values.sum(2).sum((0, 1)), (values * values).sum(2).sum((0, 1)), (values > 0).sum(2).sum((0, 1)))
+
+
+def _chunk_of(tokens: int) -> int:
+    """The largest divisor of tokens up to 16 (16 for the usual context lengths)."""
+    return next(c for c in range(min(tokens, 16), 0, -1) if tokens % c == 0)
 
 
 def fused(fn: Callable, fallback: Callable) -> Callable:

@@ -19,6 +19,8 @@ from featureatlas.harvest import harvester
 from featureatlas.harvest.architectures import architecture_of, blocks_of, get_submodule
 from featureatlas.harvest.batchview import sampling_keys
 from featureatlas.harvest.harvester import PENDING_BYTES
+from featureatlas.harvest.logits import extremes
+from featureatlas.harvest.reductions import reduce_eager, reducer
 from featureatlas.harvest.run import HarvestConfig, harvest
 from featureatlas.store.encoding import rounding_bound
 
@@ -392,3 +394,40 @@ def test_fixed_shapes_store_equals_the_list_form(tmp_path: Path, monkeypatch: py
                "SELECT * EXCLUDE (mean, std) FROM statistics ORDER BY ALL", "SELECT * FROM histograms ORDER BY ALL"]
     got = [[duckdb.connect(str(store), read_only=True).execute(q).fetchall() for q in queries] for store in stores]
     assert len(got[0][0]) > 1000 and got[0] == got[1] == got[2] == got[3]
+
+
+@pytest.mark.parametrize("tokens", [64, 48, 13])
+def test_compiled_reductions_equal_the_eager_ones_for_any_context_length(tokens: int) -> None:
+    """The compiled reducer splits tokens into chunks (16 for 64 and 48; one chunk of 13, a prime): the extremes
+    and firing counts are exact, the sums equal to float32 rounding, with BOS and padding never counted."""
+    gen = torch.Generator().manual_seed(tokens)
+    acts = torch.randn((6, tokens, 40), generator=gen) * 3
+    counted = torch.ones((6, tokens), dtype=torch.bool)
+    counted[:, 0] = False
+    counted[4, tokens // 2:] = counted[5, 3:] = False  # padded rows
+    acts[4, tokens // 2:] = 1e6  # padding's values must not count
+    with torch.inference_mode():
+        got, want = reducer(True)(acts, counted, 1), reduce_eager(acts, counted, 1)
+    for name, g, w in zip(("max", "min", "sum", "sum of squares", "firing"), got, want, strict=True):
+        assert g.shape == w.shape, name
+        if name in ("max", "min", "firing"):
+            assert torch.equal(g, w), name
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_logit_extremes_by_blocks_equal_topk_over_the_whole_vocabulary(largest: bool) -> None:
+    """The blockwise search finds what topk finds: the same values in the same order, at indices holding them
+    (the same indices where values are distinct), ties across blocks included."""
+    gen = torch.Generator().manual_seed(3)
+    distinct = torch.randn((16, 64 * 200), generator=gen)
+    tied = torch.randint(0, 4, (16, 64 * 200), generator=gen).float()  # every row has thousands of ties
+    tied[0, ::64] = 9 if largest else -9  # the best value once in each of many blocks
+    for rows in (distinct, tied):
+        indices, values = extremes(rows, 10, largest)
+        want = rows.topk(10, dim=1, largest=largest)
+        assert torch.equal(values, want.values)
+        assert torch.equal(rows.gather(1, indices), values)
+        assert all(len(set(r)) == 10 for r in indices.tolist())
+    assert torch.equal(extremes(distinct, 10, largest)[0], distinct.topk(10, dim=1, largest=largest).indices)
