@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from featureatlas.allocator import keep_freed_memory
 from featureatlas.harvest.contexts import iter_batches, iter_contexts
 from featureatlas.harvest.corpus import embedded_corpus, iter_documents
 from featureatlas.harvest.harvester import Harvester, Settings
@@ -25,6 +26,7 @@ from featureatlas.harvest.run import HarvestConfig, build_sources
 
 
 def main() -> None:
+    keep_freed_memory()  # as the featureatlas command does (featureatlas/allocator.py)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--corpus", type=Path, default=None, help="default: the embedded Shakespeare corpus")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from featureatlas.allocator import keep_freed_memory
 from featureatlas.harvest import harvester as current_harvester
 from featureatlas.harvest import run as current_run
 from featureatlas.harvest.contexts import iter_batches, iter_contexts
@@ -51,6 +52,7 @@ def import_revision(revision: str, folder: Path) -> tuple:
 
 
 def main() -> None:
+    keep_freed_memory()  # as the featureatlas command does (featureatlas/allocator.py)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--against", default="HEAD", help="git revision to compare with (default: HEAD)")
     ap.add_argument("--model", default="smollm2-135m")

@@ -5,7 +5,8 @@
 
 bare: loads the model as the harvest does (harvest/models.py load_model, same device and dtype), cuts the corpus
 into the same contexts and batches (harvest/contexts.py, same pad id), and runs only the backbone forward
-(`model.base_model`, inference_mode, no cache, all layers, no LM head) on each batch, plus the bare encode of each
+(`model.base_model`, inference_mode, no cache, all layers, no LM head) on each batch, with the allocator set as
+the command sets it (featureatlas/allocator.py), plus the bare encode of each
 --sae dictionary on its hooked tensor, as bench/harvest.py does. Tokenising is lazy, as in the harvest.
 
 harvest: calls `featureatlas.cli.main(["harvest", …])`, the very function the `featureatlas` console script calls,
@@ -47,9 +48,11 @@ def bare(argv: list[str]) -> dict:
 
     import torch
 
+    from featureatlas.allocator import keep_freed_memory
     from featureatlas.harvest.contexts import iter_batches, iter_contexts
     from featureatlas.harvest.corpus import iter_documents
     from featureatlas.harvest.models import load_model, pick_device, pick_dtype, resolve_model
+    keep_freed_memory()  # as the featureatlas command does, so that the ratio compares like with like
 
     t0 = time.perf_counter()
     device = pick_device(args.device)

@@ -183,6 +183,8 @@ def _train_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from featureatlas.allocator import keep_freed_memory
+    keep_freed_memory()
     from featureatlas.errors import user_errors
     from featureatlas.harvest.models import model_cache_disabled  # already imported by user_errors()
     try:

@@ -67,8 +67,12 @@ def logit_effects(model: torch.nn.Module, source: UnitSource, n: int = 10
     n = min(n, readout.shape[1])
     parts = []
     with torch.inference_mode():
+        # One buffer for every chunk's logits (200 MB for SmolLM2's vocabulary): allocated afresh, each chunk's
+        # would be new pages to fault in, 49k of them, since a thread's allocations that large are mapped anew.
+        buffer = torch.empty((min(_CHUNK, directions.shape[0]), readout.shape[1]), device=readout.device)
         for start in range(0, directions.shape[0], _CHUNK):
-            logits = directions[start:start + _CHUNK].float() @ readout
+            chunk = directions[start:start + _CHUNK].float()
+            logits = torch.mm(chunk, readout, out=buffer[:chunk.shape[0]])
             parts.append((*extremes(logits, n, largest=True), *extremes(logits, n, largest=False)))
     return tuple(torch.cat([p[i] for p in parts]) for i in range(4))  # type: ignore[return-value]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+import sys
 from pathlib import Path
 
 import duckdb
@@ -205,3 +207,17 @@ def test_uncached_hub_id_offline_fails_fast(tiny, tmp_path: Path, capsys, monkey
     code, message = run(capsys, *harvest_args("someone/no-such-model", corpus, tmp_path / "s.duckdb"))
     assert code == 2 and "someone/no-such-model: not in the local Hugging Face cache" in message
     assert_nothing_written(tmp_path)
+
+
+def test_allocator_keeps_freed_memory_unless_the_user_set_malloc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Linux with glibc the command raises malloc's thresholds (featureatlas/allocator.py); a user's own
+    MALLOC_* or GLIBC_TUNABLES settings are left alone."""
+    from featureatlas.allocator import keep_freed_memory
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is expected
