@@ -78,7 +78,7 @@ def logit_effects(model: torch.nn.Module, source: UnitSource, n: int = 10
 
 
 def extremes(rows: torch.Tensor, n: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indices, values) of each row's n largest (or smallest) entries, as topk gives them, in about a third of
+    """(indices, values) of each row's n largest (or smallest) entries, as topk gives them, in about half of
     its time over a whole vocabulary: the n best entries lie in the n blocks of _BLOCK whose own best is best
     (fewer than n blocks hold an entry strictly better than the n-th, and each tie of it adds one), so topk runs
     on the blocks' bests, then on those n blocks' entries only."""
