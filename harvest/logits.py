@@ -81,14 +81,17 @@ def extremes(rows: torch.Tensor, n: int, largest: bool) -> tuple[torch.Tensor, t
     """(indices, values) of each row's n largest (or smallest) entries, as topk gives them, in about half of
     its time over a whole vocabulary: the n best entries lie in the n blocks of _BLOCK whose own best is best
     (fewer than n blocks hold an entry strictly better than the n-th, and each tie of it adds one), so topk runs
-    on the blocks' bests, then on those n blocks' entries only."""
+    on the blocks' bests, then on those n blocks' entries and the few past the last whole block."""
     width = rows.shape[1]
-    if width < 4 * n * _BLOCK or width % _BLOCK:
+    whole = width - width % _BLOCK
+    if whole < 4 * n * _BLOCK:
         found = rows.topk(n, dim=1, largest=largest)
         return found.indices, found.values
-    blocks = rows.view(rows.shape[0], width // _BLOCK, _BLOCK)
+    blocks = rows[:, :whole].view(rows.shape[0], whole // _BLOCK, _BLOCK)  # a view: column slices keep stride 1
     best = blocks.amax(dim=2) if largest else blocks.amin(dim=2)
     chosen = best.topk(n, dim=1, largest=largest).indices                              # [rows, n]
     columns = (chosen[:, :, None] * _BLOCK + torch.arange(_BLOCK, device=rows.device)).flatten(1)
+    rest = torch.arange(whole, width, device=rows.device).expand(rows.shape[0], -1)
+    columns = torch.cat([columns, rest], dim=1)
     found = rows.gather(1, columns).topk(n, dim=1, largest=largest)
     return columns.gather(1, found.indices), found.values

@@ -419,12 +419,14 @@ def test_compiled_reductions_equal_the_eager_ones_for_any_context_length(tokens:
 @pytest.mark.parametrize("largest", [True, False])
 def test_logit_extremes_by_blocks_equal_topk_over_the_whole_vocabulary(largest: bool) -> None:
     """The blockwise search finds what topk finds: the same values in the same order, at indices holding them
-    (the same indices where values are distinct), ties across blocks included."""
+    (the same indices where values are distinct), ties across blocks and entries past the last block included."""
     gen = torch.Generator().manual_seed(3)
     distinct = torch.randn((16, 64 * 200), generator=gen)
     tied = torch.randint(0, 4, (16, 64 * 200), generator=gen).float()  # every row has thousands of ties
     tied[0, ::64] = 9 if largest else -9  # the best value once in each of many blocks
-    for rows in (distinct, tied):
+    ragged = torch.randn((16, 64 * 200 + 37), generator=gen)  # a vocabulary that is no whole number of blocks
+    ragged[1, -5] = 99 if largest else -99  # the best entry past the last whole block
+    for rows in (distinct, tied, ragged):
         indices, values = extremes(rows, 10, largest)
         want = rows.topk(10, dim=1, largest=largest)
         assert torch.equal(values, want.values)
