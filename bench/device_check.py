@@ -13,15 +13,17 @@ stage prints its traceback and the next one runs; none starts once the budget is
                 every accumulator (top/bottom-k, statistics, quantile and random samples) fed the very same
                 activations on CPU and on the device: their states must be equal (float sums within 1e-5)
   correctness   a tiny random LLaMA (neurons, --resid, a top-k SAE with dead features) harvested on CPU float32 and
-                on the device in float32 (compile auto, off, on) and bfloat16; the stores compared
+                on the device in float32 (compile auto, off, on; CUDA graphs on and off) and bfloat16; the stores
+                compared
+  bench-neurons bench/harvest.py on a random model shaped as SmolLM2-135M, bfloat16, all MLP neurons
+  bench-wide    bench-neurons with batches of 4 times as many contexts (half as many batches)
+  bench-whole   bench/harvest_whole.py (whole processes: harvest against bare forward, and peak memory)
+  bench-sae     the same model as bench-neurons, a random 16k-feature top-k SAE on blocks.15.hook_resid_post only
+  bench-1b      bench/harvest.py on a random ~1B LLaMA, neurons only
+  bench-resid   bench-neurons with --resid (neurons and residual dimensions)
   verify        `featureatlas verify` of the device stores (float32, bfloat16), and of the float32 one on CPU
   torchrun      `torchrun --nproc-per-node 1 -m featureatlas harvest` on the device, `--nproc-per-node 2` with gloo
                 on CPU; each compared with its single-process store
-  bench-neurons bench/harvest.py on a random model shaped as SmolLM2-135M, bfloat16, all MLP neurons
-  bench-resid   the same with --resid (neurons and residual dimensions)
-  bench-1b      bench/harvest.py on a random ~1B LLaMA, neurons only
-  bench-sae     the same model as bench-neurons, a random 16k-feature top-k SAE on blocks.15.hook_resid_post only
-  bench-whole   bench/harvest_whole.py (whole processes: harvest against bare forward, and peak memory)
 Everything printed goes to stdout (device_check.sh tees it to OUT/device_check.log); OUT/device_check.json gets
 each stage's status and key numbers, rewritten after every stage. Exit status 0 when every stage that ran passed.
 """
@@ -100,9 +102,9 @@ SMALL = Sizes(tiny_tokens=4_000, tiny_batch=16, prim_shape=(8, 16, 64, 4),
 # name, group, the most seconds its subprocesses may run (in-process work has only the watchdog), the seconds it
 # needs to be worth starting
 STAGES = [("env", "checks", 30, 1), ("primitives", "checks", 90, 10), ("correctness", "checks", 150, 20),
-          ("verify", "checks", 90, 15), ("torchrun", "checks", 120, 30),
-          ("bench-neurons", "speed", 90, 30), ("bench-resid", "speed", 90, 30), ("bench-1b", "speed", 150, 45),
-          ("bench-sae", "speed", 90, 30), ("bench-whole", "speed", 300, 60)]
+          ("bench-neurons", "speed", 150, 30), ("bench-wide", "speed", 120, 30), ("bench-whole", "speed", 240, 60),
+          ("bench-sae", "speed", 90, 30), ("bench-1b", "speed", 150, 45), ("bench-resid", "speed", 90, 30),
+          ("verify", "checks", 90, 15), ("torchrun", "checks", 120, 30)]
 GRACE = 20  # seconds past the budget before the watchdog stops everything (in-process stages cannot be cut)
 
 
@@ -344,6 +346,7 @@ class Ctx:
                 "dev-f32-off": dict(device=self.dev, dtype="float32", compile="off"),
                 "dev-f32-on": dict(device=self.dev, dtype="float32", compile="on"),
                 "dev-bf16": dict(device=self.dev, dtype="bfloat16", compile="auto"),
+                "dev-f32-nographs": dict(device=self.dev, dtype="float32", compile="auto", cuda_graphs=False),
                 "cpu-f32-off": dict(device="cpu", dtype="float32", compile="off")}
         tiny = self.tiny()
         return dict(model=str(tiny["model"]), corpus=str(tiny["corpus"]), tokens=self.sizes.tiny_tokens,
@@ -365,7 +368,8 @@ class Ctx:
                     model=p["model"], corpus=Path(p["corpus"]), out=out, tokens=p["tokens"],
                     context_length=p["context_length"], top_k=p["top_k"], layers=p["layers"], resid=p["resid"],
                     saes=p["saes"], batch_size=p["batch_size"], device=p["device"], dtype=p["dtype"],
-                    compile=p["compile"], overwrite=True, progress=False))
+                    compile=p["compile"], cuda_graphs=p.get("cuda_graphs", True), overwrite=True,
+                    progress=False))
             except Exception as err:
                 self._failed[name] = f"{type(err).__name__}: {err}"[:500]
                 say(f"!! harvest {name} ({p['device']}, {p['dtype']}, compile {p['compile']}) raised:")
@@ -753,10 +757,10 @@ def stage_primitives(ctx: Ctx, rec: dict) -> None:
     counted[:, 0] = False
     counted[-2:, T // 2:] = False  # two short contexts: padded
     for dtype in (torch.float32, torch.bfloat16):
-        ref = reductions.reduce_eager(acts.to(dtype), counted, 1)
+        ref = reductions.reduce_eager(acts.to(dtype), counted, 1, True)
         for compiled in (False, True):
             t0 = time.perf_counter()
-            got = reductions.reducer(compiled)(acts.to(dtype).to(dev), counted.to(dev), 1)
+            got = reductions.reducer(compiled)(acts.to(dtype).to(dev), counted.to(dev), 1, True)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
@@ -884,7 +888,7 @@ def compare_accumulators(a, b) -> dict:
 def stage_correctness(ctx: Ctx, rec: dict) -> None:
     tiny = ctx.tiny()
     say(f"  tiny model {tiny['model']}, corpus {tiny['corpus']}, SAE {tiny['sae']}")
-    names = ["cpu-f32", "dev-f32", "dev-f32-off", "dev-f32-on", "dev-bf16"]
+    names = ["cpu-f32", "dev-f32", "dev-f32-nographs", "dev-f32-off", "dev-f32-on", "dev-bf16"]
     problems = []
     for name in names:
         try:
@@ -892,6 +896,7 @@ def stage_correctness(ctx: Ctx, rec: dict) -> None:
         except StageFailed as err:
             problems.append(str(err))
     checks = [("cpu-f32", "dev-f32", "CPU float32 vs device float32 (compile auto)", True),
+              ("dev-f32", "dev-f32-nographs", "device float32: CUDA graphs vs none", True),
               ("dev-f32", "dev-f32-off", "device float32: compile auto vs off", True),
               ("dev-f32", "dev-f32-on", "device float32: compile auto vs on", True),
               ("cpu-f32", "dev-bf16", "CPU float32 vs device bfloat16 (report only)", False)]
@@ -1027,10 +1032,10 @@ BENCH_LINE = re.compile(r"^\s*(all batches|last \d+): bare forward\s+(\d+) tok/s
                         r"ratio harvest/bare ([\d.]+)", re.M)
 
 
-def run_bench(ctx: Ctx, rec: dict, model: Path, extra: list[str], batches: int) -> None:
+def run_bench(ctx: Ctx, rec: dict, model: Path, extra: list[str], batches: int, batch: int | None = None) -> None:
     s = ctx.sizes
     cmd = [sys.executable, str(REPO / "bench" / "harvest.py"), "--model", str(model), "--corpus", str(ctx.corpus()),
-           "--device", ctx.dev, "--dtype", s.bench_dtype, "--batch-size", str(s.bench_batch), "--batches",
+           "--device", ctx.dev, "--dtype", s.bench_dtype, "--batch-size", str(batch or s.bench_batch), "--batches",
            str(batches), "--compile", s.bench_compile, *extra]
     t0 = time.perf_counter()
     rc, output = run_streamed(cmd, timeout=min(ctx.stage_budget, ctx.left()), env=child_env())
@@ -1045,6 +1050,11 @@ def run_bench(ctx: Ctx, rec: dict, model: Path, extra: list[str], batches: int) 
 
 def stage_bench_neurons(ctx: Ctx, rec: dict) -> None:
     run_bench(ctx, rec, ctx.speed_model(), [], ctx.sizes.bench_batches)
+
+
+def stage_bench_wide(ctx: Ctx, rec: dict) -> None:
+    """bench-neurons with 4 times the contexts a batch: what launching small kernels costs against a longer forward."""
+    run_bench(ctx, rec, ctx.speed_model(), [], max(ctx.sizes.bench_batches // 2, 2), batch=4 * ctx.sizes.bench_batch)
 
 
 def stage_bench_resid(ctx: Ctx, rec: dict) -> None:
@@ -1096,7 +1106,8 @@ def stage_bench_whole(ctx: Ctx, rec: dict) -> None:
 
 STAGE_FUNCTIONS: dict[str, Callable[[Ctx, dict], None]] = {
     "env": stage_env, "primitives": stage_primitives, "correctness": stage_correctness, "verify": stage_verify,
-    "torchrun": stage_torchrun, "bench-neurons": stage_bench_neurons, "bench-resid": stage_bench_resid,
+    "torchrun": stage_torchrun, "bench-neurons": stage_bench_neurons, "bench-wide": stage_bench_wide,
+    "bench-resid": stage_bench_resid,
     "bench-1b": stage_bench_1b, "bench-sae": stage_bench_sae, "bench-whole": stage_bench_whole}
 
 

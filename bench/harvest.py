@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--resid", action="store_true", help="also every layer's residual dimensions")
     ap.add_argument("--sae", action="append", default=[], help="a dictionary folder (repeatable)")
     ap.add_argument("--compile", choices=["on", "off"], default="on", help="fused reductions (reductions.py)")
+    ap.add_argument("--cuda-graphs", choices=["on", "off"], default="on", help="as harvest's (graphs.py)")
     args = ap.parse_args()
     device = pick_device(args.device)
     model, tokenizer = load_model(resolve_model(args.model), device, pick_dtype(args.dtype, device))
@@ -73,7 +74,7 @@ def main() -> None:
     timed(lambda: bare(batches[0]))  # warm-up
     t_bare, t_harvest = [], []
     settings = Settings(top_k=args.top_k, bottom_k=args.top_k, compile=args.compile == "on",
-                        fixed_shapes=device.type == "cuda")  # as the harvest chooses
+                        fixed_shapes=device.type == "cuda", cuda_graphs=args.cuda_graphs == "on")  # as harvest
     with Harvester(model, sources, settings, args.context_length, int(has_bos)) as warm_up:
         warm_up.step(batches[0])  # compiles the fused reductions (once per process) before anything is timed
     harvester = Harvester(model, sources, settings, args.context_length, int(has_bos))

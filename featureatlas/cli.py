@@ -60,6 +60,9 @@ def _harvest_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="fuse the per-batch steps with torch.compile, several times faster once compiled "
                         "(seconds to a minute); auto: for 1M+ tokens or the whole corpus (default: %(default)s)")
+    p.add_argument("--cuda-graphs", choices=["on", "off"], default="on",
+                   help="on CUDA, replay each layer's updates as a recorded CUDA graph instead of launching "
+                        "their small kernels one by one from Python (default: %(default)s)")
     if not demo:
         p.add_argument("--text-field", default="text",
                        help="field/column holding the text in .jsonl/.parquet/.arrow/hub rows (default: %(default)s)")
@@ -210,6 +213,7 @@ def _harvest(args: argparse.Namespace, model: str | None = None, corpus: Path | 
         token_field=getattr(args, "token_field", None), split=getattr(args, "split", None),
         intervals=args.intervals, per_interval=args.per_interval, random_examples=args.random_examples,
         histogram_every=args.histogram_every, logits=args.logits, seed=args.seed, compile=args.compile,
+        cuda_graphs=args.cuda_graphs == "on",
         checkpoint_every=getattr(args, "checkpoint_every", None), resume=getattr(args, "resume", False),
         shard=getattr(args, "shard", None),
         overwrite=getattr(args, "overwrite", False) or args.command == "demo")  # the demo remakes its own output

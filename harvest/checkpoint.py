@@ -25,7 +25,8 @@ from featureatlas.errors import UsageError
 
 VERSION = 1
 # Options that do not change what a harvest computes: a resume may differ in these.
-_FREE = {"progress", "resume", "overwrite", "checkpoint_every", "out", "fixed_shapes"}  # same results either way
+_FREE = {"progress", "resume", "overwrite", "checkpoint_every", "out", "fixed_shapes",
+         "cuda_graphs"}  # same results either way
 
 
 def checkpoint_path(out: Path) -> Path:

@@ -13,6 +13,7 @@ from featureatlas.harvest.activation_rows import DenseRows, SparseRows
 from featureatlas.harvest.architectures import blocks_of
 from featureatlas.harvest.batchview import BatchView
 from featureatlas.harvest.contexts import Batch
+from featureatlas.harvest.graphs import GraphedUpdates
 from featureatlas.harvest.hooks import read_hook
 from featureatlas.harvest.reductions import firing, reducer
 from featureatlas.harvest.reservoir import Reservoir
@@ -38,6 +39,7 @@ class Settings:
     seed: int = 0
     compile: bool = False         # fuse the per-batch steps with torch.compile (reductions.py)
     fixed_shapes: bool = False    # dense units' lists in data-independent shapes: no host syncs (for CUDA)
+    cuda_graphs: bool = False     # with fixed shapes on CUDA: dense units' updates replayed as CUDA graphs
 
 
 class Accumulators:
@@ -63,20 +65,29 @@ class Accumulators:
         """Dense units: each context's max and min (and the statistics' sums) come from one reduction shared by
         all. Sparse units (nonzeros: the flat indices of acts' non-zeros): everything comes from the non-zeros.
         Either way, per-token activations are gathered only for contexts that enter a list."""
-        reservoirs = [r for r in (self.quantiles, self.random) if r is not None]
+        self.statistics.count(view)
         if self.sparse:
-            acts = acts.contiguous()
-            if nonzeros is None:
-                nonzeros = acts.view(-1).nonzero().squeeze(1)
-            rows_of = SparseRows(acts, nonzeros, self._pair_table(acts.shape[0] * acts.shape[2], acts.device))
-            fired = firing(rows_of, view.counted)
-            self.statistics.update_sparse(view, fired.units, fired.values)
-            self.top.update_pairs(rows_of, view, fired.pair_rows, fired.pair_units, fired.pair_max)
-            for reservoir in reservoirs:
-                reservoir.update_pairs(rows_of, view, fired.pair_rows, fired.pair_units, fired.pair_max,
-                                       fired.batch_max)
-            return
-        context_max, context_min, *sums = self.reduce(acts, view.counted, view.first_counted)
+            self._update_sparse(acts, view, nonzeros)
+        else:
+            self.update_dense(acts, view)
+
+    def _update_sparse(self, acts: torch.Tensor, view: BatchView, nonzeros: torch.Tensor | None) -> None:
+        reservoirs = [r for r in (self.quantiles, self.random) if r is not None]
+        acts = acts.contiguous()
+        if nonzeros is None:
+            nonzeros = acts.view(-1).nonzero().squeeze(1)
+        rows_of = SparseRows(acts, nonzeros, self._pair_table(acts.shape[0] * acts.shape[2], acts.device))
+        fired = firing(rows_of, view.counted)
+        self.statistics.update_sparse(view, fired.units, fired.values)
+        self.top.update_pairs(rows_of, view, fired.pair_rows, fired.pair_units, fired.pair_max)
+        for reservoir in reservoirs:
+            reservoir.update_pairs(rows_of, view, fired.pair_rows, fired.pair_units, fired.pair_max,
+                                   fired.batch_max)
+
+    def update_dense(self, acts: torch.Tensor, view: BatchView) -> None:
+        """Tensors only, nothing counted in Python (see Statistics.count): what a CUDA graph records."""
+        reservoirs = [r for r in (self.quantiles, self.random) if r is not None]
+        context_max, context_min, *sums = self.reduce(acts, view.counted, view.first_counted, view.padded)
         rows_of = DenseRows(acts)
         self.top.update(rows_of, view, context_max)
         if self.bottom is not None:
@@ -117,6 +128,7 @@ class Harvester:
         self._view: BatchView | None = None
         self._pending: list[tuple[int, torch.Tensor]] = []
         self._pending_bytes = 0
+        self.graphs = GraphedUpdates(self.device) if settings.cuda_graphs and settings.fixed_shapes else None
         self.reader = Reader(model, sources, self._consume, nonzeros=True)
 
     def attach(self) -> None:
@@ -145,8 +157,14 @@ class Harvester:
         """Dense units on CPU wait for the end of the forward pass (up to PENDING_BYTES of activations): the same
         updates run about a third faster there than between the layers' matrix products. The tensors are the
         model's own, kept by reference: no family in the architecture table modifies them in place later."""
+        accumulators = self.accumulators[index]
+        if self.graphs is not None and not self.sources[index].sparse:
+            accumulators.statistics.count(self._view)
+            self.graphs.update(index, acts, self._view, list(accumulators.parts().values()),
+                               accumulators.update_dense)
+            return
         if self.settings.fixed_shapes or self.sources[index].sparse:
-            self.accumulators[index].update(acts, self._view, nonzeros)
+            accumulators.update(acts, self._view, nonzeros)
             return
         self._pending.append((index, acts))
         self._pending_bytes += acts.numel() * acts.element_size()

@@ -20,11 +20,12 @@ from featureatlas.harvest.activation_rows import SparseRows
 Reduced = tuple[torch.Tensor, ...]
 
 
-def reduce_eager(acts: torch.Tensor, counted: torch.Tensor, first: int) -> Reduced:
-    """(context max, context min [batch, units]; sum, sum of squares (float32), firing count [units])."""
+def reduce_eager(acts: torch.Tensor, counted: torch.Tensor, first: int, padded: bool) -> Reduced:
+    """(context max, context min [batch, units]; sum, sum of squares (float32), firing count [units]). padded:
+    whether any position from first on is uncounted (BatchView's: no need to ask the GPU)."""
     x = acts[:, first:]  # a view: no copy in the common case
     high = low = x
-    if not bool(counted[:, first:].all()):
+    if padded:
         uncounted = ~counted[:, first:, None]
         high, low = x.masked_fill(uncounted, float("-inf")), x.masked_fill(uncounted, float("inf"))
     # Sums as one matrix product with the counted mask: BOS and padding weigh exactly zero, over a contiguous
@@ -64,7 +65,7 @@ def firing(nonzeros: SparseRows, counted: torch.Tensor) -> Firing:
     return Firing(units, values, torch.div(pairs, n_units, rounding_mode="floor"), pair_units, pair_max, batch_max)
 
 
-def _reduce_fused(acts: torch.Tensor, counted: torch.Tensor, first: int) -> Reduced:
+def _reduce_fused(acts: torch.Tensor, counted: torch.Tensor, first: int, padded: bool) -> Reduced:
     """The same reductions written for Inductor to fuse into one pass. Tokens are reduced in chunks of up to 16
     (then across chunks): Inductor's loop walks a 16-unit column down the chunk's token rows, and 16 such
     streams at a time are what the CPU's prefetchers follow; down all 64 rows at once it ran half as fast.
@@ -85,13 +86,15 @@ def _chunk_of(tokens: int) -> int:
 
 def fused(fn: Callable, fallback: Callable) -> Callable:
     """fn compiled with torch.compile (Inductor), falling back to `fallback` for good, with one line on stderr,
-    where Inductor cannot build (no C++ compiler, an unsupported platform)."""
+    where Inductor cannot build (no C++ compiler, an unsupported platform). Always called without grad, so
+    that callers in and out of inference mode share its graphs (grad mode is part of what they are keyed on)."""
     compiled = torch.compile(fn, dynamic=True)
 
     def call(*args: object) -> object:
         if not call.fell_back:
             try:
-                return compiled(*args)
+                with torch.no_grad():
+                    return compiled(*args)
             except Exception as err:  # Inductor failures come as many exception types
                 print(f"featureatlas: torch.compile is unavailable here ({type(err).__name__}: {err}"[:300]
                       + "); harvesting without it (slower; pass --compile off to skip trying)", file=sys.stderr)
@@ -111,6 +114,6 @@ def compiled_once(fn: Callable, fallback: Callable | None = None) -> Callable:
     return _compiled[fn]
 
 
-def reducer(compiled: bool) -> Callable[[torch.Tensor, torch.Tensor, int], Reduced]:
+def reducer(compiled: bool) -> Callable[[torch.Tensor, torch.Tensor, int, bool], Reduced]:
     """The compiled reducer, or the eager one."""
     return compiled_once(_reduce_fused, reduce_eager) if compiled else reduce_eager

@@ -62,6 +62,7 @@ class HarvestConfig:
     seed: int = 0
     compile: str = "auto"                # fuse the per-batch steps: on | off | auto (1M+ tokens, or the whole corpus)
     fixed_shapes: bool | None = None     # dense units' lists in fixed shapes, no host syncs (None: on CUDA)
+    cuda_graphs: bool = True             # with fixed shapes on CUDA: dense updates replayed as CUDA graphs
     shard: tuple[int, int] | None = None  # (i, n): only contexts whose id is i mod n (merge the n stores after)
     checkpoint_every: int | None = None  # save the whole state every this many tokens (None: never)
     resume: bool = False                 # continue from the checkpoint beside `out`
@@ -156,7 +157,8 @@ def harvest(config: HarvestConfig, loaded: tuple[PreTrainedModel, PreTrainedToke
                         intervals=config.intervals, per_interval=config.per_interval, random=config.random_examples,
                         histogram_every=config.histogram_every, seed=config.seed,
                         compile=_compile(config.compile, device, config.tokens),
-                        fixed_shapes=device.type == "cuda" if config.fixed_shapes is None else config.fixed_shapes)
+                        fixed_shapes=device.type == "cuda" if config.fixed_shapes is None else config.fixed_shapes,
+                        cuda_graphs=config.cuda_graphs)
 
     checkpoints = Checkpointer(Path(config.out), config.checkpoint_every)
     with StoreWriter(config.out) as store, \

@@ -58,8 +58,8 @@ class Statistics:
     def update(self, acts: torch.Tensor, batch: BatchView, context_max: torch.Tensor, context_min: torch.Tensor,
                sums: list[torch.Tensor]) -> None:
         """Dense units. acts [batch, tokens, units]; context_max/min [batch, units] over counted positions only;
-        sums: the counted tokens' sum, sum of squares and firing count per unit (reductions.py)."""
-        self.n_tokens += batch.n_counted
+        sums: the counted tokens' sum, sum of squares and firing count per unit (reductions.py). Tensors only
+        (see count)."""
         self.sum += sums[0]
         self.sum_squares += sums[1]
         self.n_firing += sums[2]
@@ -68,8 +68,7 @@ class Statistics:
 
     def update_sparse(self, batch: BatchView, units: torch.Tensor, values: torch.Tensor) -> None:
         """Sparse units: only the counted non-zero activations (units[i] has values[i]); zeros are implied by
-        n_tokens."""
-        self.n_tokens += batch.n_counted
+        n_tokens (see count)."""
         values = values.float()
         self.sum.index_add_(0, units, values.double())
         self.sum_squares.index_add_(0, units, values.double().square())
@@ -82,6 +81,10 @@ class Statistics:
         with_zero = torch.bincount(units, minlength=n) < batch.n_counted  # a counted token where it is zero
         self._update_extremes(torch.where(with_zero, high.clamp(min=0), high),
                               torch.where(with_zero, low.clamp(max=0), low))
+
+    def count(self, batch: BatchView) -> None:
+        """The batch's counted tokens, apart from the tensor updates: a CUDA graph cannot replay Python (graphs.py)."""
+        self.n_tokens += batch.n_counted
 
     def _update_extremes(self, batch_max: torch.Tensor, batch_min: torch.Tensor) -> None:
         torch.maximum(self.max, batch_max.float(), out=self.max)

@@ -375,20 +375,22 @@ def test_sparse_features_every_accumulator_from_the_non_zeros_alone(tmp_path: Pa
 
 
 def test_fixed_shapes_store_equals_the_list_form(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CUDA form of the dense accumulators (fixed shapes, eager and through torch.compile) writes exactly the
-    store the CPU form writes, with the histogram sampled one context in 2 and a padded batch; and the CPU form
-    writes the same whether dense units wait for the end of the forward pass or update within it."""
+    """The CUDA form of the dense accumulators (fixed shapes, eager and through torch.compile, the latter through
+    the CUDA graphs' buffers and in-place state, run eagerly here) writes exactly the store the CPU form writes,
+    with the histogram sampled one context in 2 and a padded batch; and the CPU form writes the same whether
+    dense units wait for the end of the forward pass or update within it."""
     model_dir = save_tiny_model("llama", tmp_path / "model")
     corpus = write_corpus(tmp_path / "corpus")
     stores = []
-    for fixed, compile_mode, pending_bytes in ((False, "off", PENDING_BYTES), (True, "off", 0), (True, "on", 0),
-                                               (False, "off", 0)):
+    for fixed, compile_mode, pending_bytes, graphs in ((False, "off", PENDING_BYTES, False), (True, "off", 0, False),
+                                                       (True, "on", 0, True), (False, "off", 0, False)):
         monkeypatch.setattr(harvester, "PENDING_BYTES", pending_bytes)
-        stores.append(tmp_path / f"fixed-{fixed}-{compile_mode}-{pending_bytes}.duckdb")
+        stores.append(tmp_path / f"fixed-{fixed}-{compile_mode}-{pending_bytes}-{graphs}.duckdb")
         harvest(HarvestConfig(model=str(model_dir), corpus=corpus, out=stores[-1], context_length=CONTEXT_LENGTH,
                               top_k=K, batch_size=7, dtype="float32", device="cpu", progress=False, resid="all",
                               intervals=INTERVALS, per_interval=PER_INTERVAL, random_examples=RANDOM,
-                              histogram_every=2, seed=SEED, fixed_shapes=fixed, compile=compile_mode))
+                              histogram_every=2, seed=SEED, fixed_shapes=fixed, compile=compile_mode,
+                              cuda_graphs=graphs))
     queries = ["SELECT source, layer, unit, example_kind, rank, context_id, max_position, max_activation, "
                "interval_lo, activations FROM examples ORDER BY ALL",
                "SELECT * EXCLUDE (mean, std) FROM statistics ORDER BY ALL", "SELECT * FROM histograms ORDER BY ALL"]
@@ -407,7 +409,7 @@ def test_compiled_reductions_equal_the_eager_ones_for_any_context_length(tokens:
     counted[4, tokens // 2:] = counted[5, 3:] = False  # padded rows
     acts[4, tokens // 2:] = 1e6  # padding's values must not count
     with torch.inference_mode():
-        got, want = reducer(True)(acts, counted, 1), reduce_eager(acts, counted, 1)
+        got, want = reducer(True)(acts, counted, 1, True), reduce_eager(acts, counted, 1, True)
     for name, g, w in zip(("max", "min", "sum", "sum of squares", "firing"), got, want, strict=True):
         assert g.shape == w.shape, name
         if name in ("max", "min", "firing"):
