@@ -3,9 +3,10 @@
 On a GPU the fixed-shape updates never wait for the device, yet launching their hundred-odd small kernels a layer
 from Python took longer than the forward pass itself (an H200: about 60 ms a batch of 64 x 64 tokens for 30
 layers of neurons, against an 18 ms forward). A replayed graph launches them all at once. What a graph needs:
-- Fixed addresses. The hook copies each source's activations into a buffer of its own, each batch's counted
-  mask, context ids and sampling keys go into buffers shared by every source, and the accumulators' state is
-  updated in place (`in_place`), so every replay reads and writes the very tensors that were recorded.
+- Fixed addresses. The hook copies each source's activations into a buffer (one per shape, shared by every
+  source of that shape: the copies and replays run in order on one stream), each batch's counted mask, context
+  ids and sampling keys go into buffers shared by every source, and the accumulators' state is updated in place
+  (`in_place`), so every replay reads and writes the very tensors that were recorded.
 - No Python state inside. Statistics.n_tokens (a Python int) is counted outside (Accumulators.count).
 - Nothing read off the GPU while recording: the fixed-shape steps never synchronise (that is their point).
 Each (source, shape, padded) runs once eagerly (compiling and allocating), is recorded the next time, and replayed
@@ -61,9 +62,12 @@ class GraphedUpdates:
         key = (index, tuple(acts.shape), acts.dtype, view.padded, view.first_counted)
         graph = self._graphs.get(key)
         static_view = self._static_view(view)
-        buffer = self._buffers.get(key)
+        # One buffer per shape, shared by every source of that shape: on one stream, each copy into it runs after
+        # the previous source's replay has read it.
+        shape = (tuple(acts.shape), acts.dtype)
+        buffer = self._buffers.get(shape)
         if buffer is None:
-            buffer = self._buffers[key] = torch.empty(acts.shape, dtype=acts.dtype, device=acts.device)
+            buffer = self._buffers[shape] = torch.empty(acts.shape, dtype=acts.dtype, device=acts.device)
         buffer.copy_(acts)
         if graph is not None:
             graph.replay()
