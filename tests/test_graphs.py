@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from featureatlas.harvest.batchview import BatchView, sampling_keys
@@ -78,3 +79,40 @@ def test_graphed_updates_read_each_batch_through_the_static_buffers() -> None:
     assert len({s[:4] for s in seen}) == 1
     assert [s[5] for s in seen] == [v.context_ids.tolist() for _, v in batches]
     assert [s[4] for s in seen] == [acts.sum().item() for acts, _ in batches]
+
+
+def test_a_failed_recording_says_so_once_and_goes_on_without_graphs(monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Where recording fails (a host sync, an old driver), the batch's update still runs, once, and the run goes
+    on eagerly through the same buffers: the same state as the plain updates."""
+    class NeverReplayed:
+        def replay(self) -> None:
+            raise AssertionError("a failed recording must not be replayed")
+
+    class FailingRecording:
+        def __init__(self, graph: object, pool: object = None, capture_error_mode: str = "global"):
+            pass
+
+        def __enter__(self) -> None:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", NeverReplayed)
+    monkeypatch.setattr(torch.cuda, "graph", FailingRecording)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    plain, graphed, graphs = _accumulators(), _accumulators(), GraphedUpdates(torch.device("cpu"))
+    graphs.record = True  # as on CUDA: the second batch of a shape is recorded
+    with torch.inference_mode():
+        for acts, view in _batches(4):
+            plain.update(acts, view)
+            graphed.statistics.count(view)
+            graphs.update(0, acts, view, list(graphed.parts().values()), graphed.update_dense)
+    assert not graphs.record
+    lines = [line for line in capsys.readouterr().err.splitlines() if "CUDA graphs" in line]
+    assert len(lines) == 1 and "capturing" in lines[0] and "--cuda-graphs off" in lines[0]
+    for name, part in plain.parts().items():
+        for key in part.STATE:
+            want, got = getattr(part, key), getattr(graphed.parts()[name], key)
+            assert torch.equal(torch.as_tensor(want), torch.as_tensor(got)), f"{name}.{key}"
