@@ -24,9 +24,8 @@ from featureatlas.atomic import remove_stale_temps, temp_path_beside
 from featureatlas.errors import UsageError
 
 VERSION = 1
-# Options that do not change what a harvest computes: a resume may differ in these.
-_FREE = {"progress", "resume", "overwrite", "checkpoint_every", "out", "fixed_shapes",
-         "cuda_graphs"}  # same results either way
+# Options that do not change what a harvest computes (the same results either way): a resume may differ in these.
+_FREE = {"progress", "resume", "overwrite", "checkpoint_every", "out", "fixed_shapes", "cuda_graphs"}
 
 
 def checkpoint_path(out: Path) -> Path:
