@@ -18,6 +18,7 @@ stage prints its traceback and the next one runs; none starts once the budget is
   bench-neurons bench/harvest.py on a random model shaped as SmolLM2-135M, bfloat16, all MLP neurons
   bench-wide    bench-neurons with batches of 4 times as many contexts (half as many batches)
   bench-whole   bench/harvest_whole.py (whole processes: harvest against bare forward, and peak memory)
+  profile       bench-neurons' model without CUDA graphs, 3 harvest steps under torch.profiler (GPU time a kernel)
   bench-sae     the same model as bench-neurons, a random 16k-feature top-k SAE on blocks.15.hook_resid_post only
   bench-1b      bench/harvest.py on a random ~1B LLaMA, neurons only
   bench-resid   bench-neurons with --resid (neurons and residual dimensions)
@@ -103,7 +104,8 @@ SMALL = Sizes(tiny_tokens=4_000, tiny_batch=16, prim_shape=(8, 16, 64, 4),
 # needs to be worth starting
 STAGES = [("env", "checks", 30, 1), ("primitives", "checks", 90, 10), ("correctness", "checks", 150, 20),
           ("bench-neurons", "speed", 150, 30), ("bench-wide", "speed", 120, 30), ("bench-whole", "speed", 240, 60),
-          ("bench-sae", "speed", 90, 30), ("bench-1b", "speed", 150, 45), ("bench-resid", "speed", 90, 30),
+          ("profile", "speed", 90, 30), ("bench-sae", "speed", 90, 30), ("bench-1b", "speed", 150, 45),
+          ("bench-resid", "speed", 90, 30),
           ("verify", "checks", 90, 15), ("torchrun", "checks", 120, 30)]
 GRACE = 20  # seconds past the budget before the watchdog stops everything (in-process stages cannot be cut)
 
@@ -1057,6 +1059,12 @@ def stage_bench_wide(ctx: Ctx, rec: dict) -> None:
     run_bench(ctx, rec, ctx.speed_model(), [], max(ctx.sizes.bench_batches // 2, 2), batch=4 * ctx.sizes.bench_batch)
 
 
+def stage_profile(ctx: Ctx, rec: dict) -> None:
+    """bench-neurons' model, 12 batches without CUDA graphs, then the last 3 profiled: which kernels the updates
+    spend their GPU time in."""
+    run_bench(ctx, rec, ctx.speed_model(), ["--cuda-graphs", "off", "--profile", "3"], 12)
+
+
 def stage_bench_resid(ctx: Ctx, rec: dict) -> None:
     run_bench(ctx, rec, ctx.speed_model(), ["--resid"], ctx.sizes.bench_batches)
 
@@ -1107,7 +1115,7 @@ def stage_bench_whole(ctx: Ctx, rec: dict) -> None:
 STAGE_FUNCTIONS: dict[str, Callable[[Ctx, dict], None]] = {
     "env": stage_env, "primitives": stage_primitives, "correctness": stage_correctness, "verify": stage_verify,
     "torchrun": stage_torchrun, "bench-neurons": stage_bench_neurons, "bench-wide": stage_bench_wide,
-    "bench-resid": stage_bench_resid,
+    "profile": stage_profile, "bench-resid": stage_bench_resid,
     "bench-1b": stage_bench_1b, "bench-sae": stage_bench_sae, "bench-whole": stage_bench_whole}
 
 

@@ -1,6 +1,7 @@
 """Harvest cost against the bare forward pass, measured side by side on the same batches in one run.
 
     python bench/harvest.py [--model smollm2-135m] [--batches 60] [--batch-size 16] [--resid] [--sae DIR]
+                            [--cuda-graphs on|off] [--profile N]
 
 For each batch it times the bare backbone forward (inference_mode, same dtype, device and input; all layers;
 no LM head) plus the bare encode of every --sae dictionary on its hooked tensor, and then the same forward
@@ -41,6 +42,9 @@ def main() -> None:
     ap.add_argument("--sae", action="append", default=[], help="a dictionary folder (repeatable)")
     ap.add_argument("--compile", choices=["on", "off"], default="on", help="fused reductions (reductions.py)")
     ap.add_argument("--cuda-graphs", choices=["on", "off"], default="on", help="as harvest's (graphs.py)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="then profile N more harvest steps and print their costliest operations (on CUDA, by GPU "
+                         "time; pass --cuda-graphs off to see the kernels a graph would replay)")
     args = ap.parse_args()
     device = pick_device(args.device)
     model, tokenizer = load_model(resolve_model(args.model), device, pick_dtype(args.dtype, device))
@@ -95,6 +99,25 @@ def main() -> None:
         harvest_rate = tokens * len(t_harvest[part]) / sum(t_harvest[part])
         print(f"{label:>12}: bare forward {bare_rate:7.0f} tok/s | harvest {harvest_rate:7.0f} tok/s | "
               f"ratio harvest/bare {harvest_rate / bare_rate:.3f}")
+    if args.profile:
+        profile_steps(harvester, batches[-args.profile:], device)
+
+
+def profile_steps(harvester: Harvester, batches: list, device: torch.device) -> None:
+    """The harvest steps' costliest operations (forward pass included), from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    harvester.attach()
+    with profile(activities=activities) as prof:
+        for batch in batches:
+            harvester.step(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    harvester.detach()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"profile of {len(batches)} harvest steps, by {key}:")
+    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
 
 
 if __name__ == "__main__":
