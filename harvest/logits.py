@@ -67,12 +67,17 @@ def logit_effects(model: torch.nn.Module, source: UnitSource, n: int = 10
     n = min(n, readout.shape[1])
     parts = []
     with torch.inference_mode():
-        # One buffer for every chunk's logits (200 MB for SmolLM2's vocabulary): allocated afresh, each chunk's
-        # would be new pages to fault in, 49k of them, since a thread's allocations that large are mapped anew.
-        buffer = torch.empty((min(_CHUNK, directions.shape[0]), readout.shape[1]), device=readout.device)
+        if source.kind == "resid":  # a basis vector's logits are its row of the readout: no product to compute
+            readout = readout.contiguous()
+        else:  # one buffer for every chunk's logits (200 MB for SmolLM2's vocabulary): allocated afresh, each
+            # chunk's would be new pages to fault in, 49k of them (a thread's allocations that large are mapped anew)
+            buffer = torch.empty((min(_CHUNK, directions.shape[0]), readout.shape[1]), device=readout.device)
         for start in range(0, directions.shape[0], _CHUNK):
-            chunk = directions[start:start + _CHUNK].float()
-            logits = torch.mm(chunk, readout, out=buffer[:chunk.shape[0]])
+            if source.kind == "resid":
+                logits = readout[start:start + _CHUNK]
+            else:
+                chunk = directions[start:start + _CHUNK].float()
+                logits = torch.mm(chunk, readout, out=buffer[:chunk.shape[0]])
             parts.append((*extremes(logits, n, largest=True), *extremes(logits, n, largest=False)))
     return tuple(torch.cat([p[i] for p in parts]) for i in range(4))  # type: ignore[return-value]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import platform
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -204,10 +204,13 @@ def harvest(config: HarvestConfig, loaded: tuple[PreTrainedModel, PreTrainedToke
         with tqdm.tqdm(total=sum(s.n_units for s in sources), unit="unit", unit_scale=True, desc="store",
                        disable=not config.progress, dynamic_ncols=True) as bar, \
                 ThreadPoolExecutor(1) as pool:  # the logits' matmuls run while the examples are inserted
-            effects = [pool.submit(logit_effects, model, source, config.logits) for source in sources]
-            for source, acc, effect in zip(harvester.sources, harvester.accumulators, effects, strict=True):
+            effects: dict[object, Future] = {}
+            for source in sources:
+                if _effect_key(source) not in effects:
+                    effects[_effect_key(source)] = pool.submit(logit_effects, model, source, config.logits)
+            for source, acc in zip(harvester.sources, harvester.accumulators, strict=True):
                 write_source(store, ref.display_name, source, acc, lengths)
-                token_ids |= write_logits(store, ref.display_name, source, effect.result())
+                token_ids |= write_logits(store, ref.display_name, source, effects[_effect_key(source)].result())
                 bar.update(source.n_units)
         write_vocabulary(store, ref.display_name, tokenizer, token_ids)
         mlp_layers = sorted({s.layer for s in sources if s.kind == "mlp"})
@@ -231,6 +234,11 @@ def _compile(choice: str, device: torch.device, tokens: int | None) -> bool:
     if choice == "auto":
         return tokens is None or tokens >= 1_000_000
     return choice == "on"
+
+
+def _effect_key(source: UnitSource) -> object:
+    """Sources with the same logit effects: every layer's residual dimension i is basis vector i."""
+    return "resid" if source.kind == "resid" else id(source)
 
 
 def _only(kept: dict[int, Context], referenced: set[int]) -> dict[int, Context]:

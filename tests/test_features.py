@@ -190,8 +190,12 @@ def test_logit_effects_read_the_output_direction_through_the_unembedding(harvest
         assert stored[("mlp", 1, unit)] == logits.topk(5).indices.tolist()
         np.testing.assert_allclose(effects[("mlp", unit)], logits.topk(5, largest=False).values.numpy(), rtol=1e-4,
                                    atol=1e-5)
-    for unit in range(readout.shape[1]):
+    for unit in range(readout.shape[1]):  # basis vector `unit`, whatever the layer
         assert stored[("resid", 1, unit)] == readout[:, unit].topk(5).indices.tolist()
+    resid = per_unit(con, "SELECT source, layer, unit, list(effect ORDER BY polarity, rank) FROM logit_effects "
+                          "WHERE source = 'resid' GROUP BY ALL")
+    assert len({layer for _, layer, _ in resid}) > 1
+    assert all(effects == resid[("resid", 1, unit)] for (_, _, unit), effects in resid.items())
     tokens = dict(con.execute("SELECT token_id, token FROM logit_effects").fetchall())
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     assert all(tokens[i] == tokenizer.decode([i]) for i in tokens)
