@@ -2,12 +2,12 @@
 
 On a GPU the fixed-shape updates never wait for the device, yet launching their hundred-odd small kernels a layer
 from Python took longer than the forward pass itself (an H200: about 60 ms a batch of 64 x 64 tokens for 30
-layers of neurons, against an 18 ms forward). A replayed graph launches them all at once. What a graph needs:
+layers of neurons, against a 16-18 ms forward). A replayed graph launches them all at once. What a graph needs:
 - Fixed addresses. The hook copies each source's activations into a buffer (one per shape, shared by every
   source of that shape: the copies and replays run in order on one stream), each batch's counted mask, context
   ids and sampling keys go into buffers shared by every source, and the accumulators' state is updated in place
   (`in_place`), so every replay reads and writes the very tensors that were recorded.
-- No Python state inside. Statistics.n_tokens (a Python int) is counted outside (Accumulators.count).
+- No Python state inside. Statistics.n_tokens (a Python int) is counted outside the step (Statistics.count).
 - Nothing read off the GPU while recording: the fixed-shape steps never synchronise (that is their point).
 Each (source, shape, padded) runs once eagerly (compiling and allocating), is recorded the next time, and replayed
 from then on. A recording that fails turns graphs off for the run, with one line on stderr; the state is
