@@ -221,3 +221,22 @@ def test_allocator_keeps_freed_memory_unless_the_user_set_malloc(monkeypatch: py
         monkeypatch.delenv(name, raising=False)
     expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() is expected
+
+
+@pytest.mark.parametrize("flag, expected", [((), True), (("--cuda-graphs", "off"), False),
+                                            (("--cuda-graphs", "on"), True)])
+def test_cuda_graphs_flag_reaches_the_harvest(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              flag: tuple[str, ...], expected: bool) -> None:
+    """On by default (it only acts on CUDA with the fixed-shape steps); `off` is the way around a driver that
+    cannot record graphs."""
+    from featureatlas.harvest import run as run_module
+    seen = []
+
+    def fake_harvest(config: run_module.HarvestConfig, loaded: object = None) -> run_module.HarvestSummary:
+        seen.append(config.cuda_graphs)
+        return run_module.HarvestSummary(config.out, 1, 1, 1, 1.0, 1.0)
+
+    monkeypatch.setattr(run_module, "harvest", fake_harvest)
+    model, corpus = tiny
+    assert main([str(a) for a in harvest_args(model, corpus, tmp_path / "s.duckdb", *flag)]) == 0
+    assert seen == [expected]
