@@ -9,6 +9,8 @@ residual's scale), so it says which tokens the direction points at, not what the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from featureatlas.harvest.architectures import Architecture, architecture_of, get_submodule, input_to_output_matrix
@@ -67,19 +69,25 @@ def logit_effects(model: torch.nn.Module, source: UnitSource, n: int = 10
     n = min(n, readout.shape[1])
     parts = []
     with torch.inference_mode():
-        if source.kind == "resid":  # a basis vector's logits are its row of the readout: no product to compute
-            readout = readout.contiguous()
-        else:  # one buffer for every chunk's logits (200 MB for SmolLM2's vocabulary): allocated afresh, each
-            # chunk's would be new pages to fault in, 49k of them (a thread's allocations that large are mapped anew)
-            buffer = torch.empty((min(_CHUNK, directions.shape[0]), readout.shape[1]), device=readout.device)
-        for start in range(0, directions.shape[0], _CHUNK):
-            if source.kind == "resid":
-                logits = readout[start:start + _CHUNK]
-            else:
-                chunk = directions[start:start + _CHUNK].float()
-                logits = torch.mm(chunk, readout, out=buffer[:chunk.shape[0]])
+        for logits in _logits_by_chunk(directions, readout, basis=source.kind == "resid"):
             parts.append((*extremes(logits, n, largest=True), *extremes(logits, n, largest=False)))
     return tuple(torch.cat([p[i] for p in parts]) for i in range(4))  # type: ignore[return-value]
+
+
+def _logits_by_chunk(directions: torch.Tensor, readout: torch.Tensor, basis: bool) -> Iterator[torch.Tensor]:
+    """The units' logits, up to _CHUNK units at a time. Basis vectors (residual dimensions) need no product: their
+    logits are the readout's own rows. Otherwise every chunk reuses one buffer (200 MB for SmolLM2's vocabulary):
+    allocated afresh, each chunk's would be new pages to fault in, 49k of them (a thread's allocations that large
+    are mapped anew)."""
+    if basis:
+        rows = readout.contiguous()
+        for start in range(0, rows.shape[0], _CHUNK):
+            yield rows[start:start + _CHUNK]
+        return
+    buffer = torch.empty((min(_CHUNK, directions.shape[0]), readout.shape[1]), device=readout.device)
+    for start in range(0, directions.shape[0], _CHUNK):
+        chunk = directions[start:start + _CHUNK].float()
+        yield torch.mm(chunk, readout, out=buffer[:chunk.shape[0]])
 
 
 def extremes(rows: torch.Tensor, n: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
