@@ -11,14 +11,30 @@ import torch
 
 
 class DenseRows:
-    def __init__(self, acts: torch.Tensor):
-        self.acts = acts
-        self.shape = acts.shape
-        self.dtype = acts.dtype
+    """From [batch, tokens, units] activations, or from one such per layer of a stack (unit u of the stack is
+    unit u mod units of layer u // units)."""
+
+    def __init__(self, acts: torch.Tensor | list[torch.Tensor]):
+        self.layers = [acts] if isinstance(acts, torch.Tensor) else acts
+        self.acts = self.layers[0]  # the fixed-shape steps (never stacked) take it whole
+        batch, tokens, self.width = self.acts.shape
+        self.shape = (batch, tokens, self.width * len(self.layers))
+        self.dtype = self.acts.dtype
 
     def __call__(self, rows: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
         """[m, tokens]: row i is unit units[i] over the tokens of batch row rows[i]."""
-        return self.acts[rows, :, units]
+        if len(self.layers) == 1:
+            return self.acts[rows, :, units]
+        layer = torch.div(units, self.width, rounding_mode="floor")
+        order = layer.argsort(stable=True)
+        out = torch.empty((rows.numel(), self.shape[1]), dtype=self.dtype, device=rows.device)
+        start = 0
+        for acts, n in zip(self.layers, torch.bincount(layer, minlength=len(self.layers)).tolist(), strict=True):
+            if n:
+                pick = order[start:start + n]
+                out[pick] = acts[rows[pick], :, units[pick] - layer[pick] * self.width]
+                start += n
+        return out
 
 
 class SparseRows:
