@@ -22,7 +22,8 @@ from featureatlas.harvest.sources import UnitSource
 from featureatlas.harvest.statistics import Statistics
 from featureatlas.harvest.topk import TopK
 
-STACK_UNITS = 16_384  # dense units of one kind updated together, their layers' activations held till then (see Stack)
+STACK_UNITS = 16_384  # dense units of one kind updated together, their layers' activations held till then
+PENDING_BYTES = 2**30  # dense activations held for the end of a batch's forward pass (see Harvester)
 
 
 class _StopForward(Exception):
@@ -136,11 +137,12 @@ class Harvester:
     """Owns the hooks; use as a context manager so they are removed whatever happens.
 
     On the CPU, dense sources of one kind and shape (every layer's neurons, every layer's residual dimensions)
-    are stacked, up to STACK_UNITS units a stack: their activations wait until the stack's last layer has been
-    read, then one update covers the stack's layers, each reduced on its own. The lists' bookkeeping costs per
-    call more than per unit at these sizes (a few hundred contexts enter a layer's lists a batch), so one call
-    for many layers does the same work for a fraction of the time. `accumulators` shows each source its own
-    layer of a stack."""
+    are stacked, up to STACK_UNITS units a stack, and one update covers a stack's layers, each reduced on its own:
+    the lists' bookkeeping costs more per call than per unit at these sizes (a few hundred contexts enter a
+    layer's lists a batch), so one call for ten layers does their work in a fraction of the time. The updates
+    wait for the end of the forward pass, where they run faster than between the layers' matrix products, holding
+    the layers' activations by reference until then (up to PENDING_BYTES; past it, the complete stacks update
+    then). `accumulators` shows each source its own layer of a stack."""
 
     def __init__(self, model: torch.nn.Module, sources: list[UnitSource], settings: Settings, context_length: int,
                  first_counted: int):
@@ -157,6 +159,8 @@ class Harvester:
                          for stack in self.stacks]
         self._view: BatchView | None = None
         self._pending: dict[int, dict[int, torch.Tensor]] = defaultdict(dict)  # stack -> its layers read so far
+        self._ready: list[tuple[int, list[torch.Tensor]]] = []  # complete stacks, waiting for the end of the pass
+        self._ready_bytes = 0
         self.graphs = GraphedUpdates(self.device) if settings.cuda_graphs and settings.fixed_shapes else None
         self.reader = Reader(model, sources, self._consume, nonzeros=True)
 
@@ -189,13 +193,15 @@ class Harvester:
         self.reader.run(batch)
         if self._pending:
             raise RuntimeError("a stack's layers were not all read")  # the forward pass stops after the last one
+        with torch.inference_mode():  # as in the hooks: no autograd bookkeeping, the same compiled graphs
+            self._update_ready()
 
     def referenced_context_ids(self) -> set[int]:
         return set(torch.cat([acc.referenced_context_ids() for acc in self._stacked]).tolist())
 
     def _consume(self, index: int, acts: torch.Tensor, nonzeros: torch.Tensor | None) -> None:
-        """A stacked source's activations are the model's own, kept by reference until the stack's last layer:
-        no family in the architecture table modifies them in place later."""
+        """Dense activations on the CPU are the model's own, kept by reference until their stack's update: no
+        family in the architecture table modifies them in place later."""
         number, position = self._stack_of[index]
         accumulators = self._stacked[number]
         if self.graphs is not None and not self.sources[index].sparse:
@@ -203,12 +209,23 @@ class Harvester:
             self.graphs.update(index, acts, self._view, list(accumulators.parts().values()),
                                accumulators.update_dense)
             return
+        if self.sources[index].sparse or self.settings.fixed_shapes:
+            accumulators.update(acts, self._view, nonzeros)
+            return
         pending = self._pending[number]
         pending[position] = acts
         if len(pending) == len(self.stacks[number]):
             del self._pending[number]
-            layers = [pending[p] for p in range(len(pending))]
-            accumulators.update(layers if len(layers) > 1 else layers[0], self._view, nonzeros)
+            self._ready.append((number, [pending[p] for p in range(len(pending))]))
+            self._ready_bytes += sum(layer.numel() * layer.element_size() for layer in pending.values())
+            if self._ready_bytes > PENDING_BYTES:
+                self._update_ready()
+
+    def _update_ready(self) -> None:
+        for number, layers in self._ready:
+            self._stacked[number].update(layers if len(layers) > 1 else layers[0], self._view)
+        self._ready.clear()
+        self._ready_bytes = 0
 
 
 def _stacks(sources: list[UnitSource], max_units: int) -> list[list[int]]:

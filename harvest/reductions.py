@@ -69,14 +69,16 @@ def _reduce_fused(acts: torch.Tensor, counted: torch.Tensor, first: int, padded:
     """The same reductions written for Inductor to fuse into one pass. Tokens are reduced in chunks of up to 16
     (then across chunks): Inductor's loop walks a 16-unit column down the chunk's token rows, and 16 such
     streams at a time are what the CPU's prefetchers follow; down all 64 rows at once it ran half as fast.
-    Every position goes through the counted mask (BOS included), so no slice breaks the chunks."""
+    Every position goes through the counted mask (BOS included), so no slice breaks the chunks. Firing is counted
+    in float32, which vectorises without widening to int64 (15% faster for SmolLM2's 1,536 neurons)."""
     b, t, u = acts.shape
     chunk = _chunk_of(t)
     x = acts.reshape(b, t // chunk, chunk, u)
     keep = counted.reshape(b, t // chunk, chunk, 1)
     values = torch.where(keep, x.float(), 0.0)
     return (torch.where(keep, x, float("-inf")).amax(2).amax(1), torch.where(keep, x, float("inf")).amin(2).amin(1),
-            values.sum(2).sum((0, 1)), (values * values).sum(2).sum((0, 1)), (values > 0).sum(2).sum((0, 1)))
+            values.sum(2).sum((0, 1)), (values * values).sum(2).sum((0, 1)),
+            (values > 0).float().sum(2).sum((0, 1)).long())  # counted in float32: exact below 2^24 tokens a batch
 
 
 def _chunk_of(tokens: int) -> int:

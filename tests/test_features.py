@@ -18,7 +18,7 @@ import transformers
 from featureatlas.harvest import harvester
 from featureatlas.harvest.architectures import architecture_of, blocks_of, get_submodule
 from featureatlas.harvest.batchview import sampling_keys
-from featureatlas.harvest.harvester import STACK_UNITS
+from featureatlas.harvest.harvester import PENDING_BYTES, STACK_UNITS
 from featureatlas.harvest.logits import extremes
 from featureatlas.harvest.reductions import reduce_eager, reducer
 from featureatlas.harvest.run import HarvestConfig, harvest
@@ -382,7 +382,8 @@ def test_fixed_shapes_store_equals_the_list_form(tmp_path: Path, monkeypatch: py
     """The CUDA form of the dense accumulators (fixed shapes, eager and through torch.compile, the latter through
     the CUDA graphs' buffers and in-place state, run eagerly here) writes exactly the store the CPU form writes,
     with the histogram sampled one context in 2 and a padded batch; and the CPU form writes the same whether
-    dense units update a layer at a time, in stacks of two layers, or in one stack of every layer."""
+    dense units update a layer at a time, in stacks of two layers (each as soon as it is read), or in one stack of
+    every layer."""
     model_dir = save_tiny_model("llama", tmp_path / "model")
     corpus = write_corpus(tmp_path / "corpus")
     stores = []
@@ -390,6 +391,7 @@ def test_fixed_shapes_store_equals_the_list_form(tmp_path: Path, monkeypatch: py
                                                      (True, "on", 0, True), (False, "off", 0, False),
                                                      (False, "on", 2 * 48, False)):
         monkeypatch.setattr(harvester, "STACK_UNITS", stack_units)
+        monkeypatch.setattr(harvester, "PENDING_BYTES", 0 if stack_units == 2 * 48 else PENDING_BYTES)
         stores.append(tmp_path / f"fixed-{fixed}-{compile_mode}-{stack_units}-{graphs}.duckdb")
         harvest(HarvestConfig(model=str(model_dir), corpus=corpus, out=stores[-1], context_length=CONTEXT_LENGTH,
                               top_k=K, batch_size=7, dtype="float32", device="cpu", progress=False, resid="all",
