@@ -11,32 +11,14 @@ import torch
 
 
 class DenseRows:
-    """From [batch, tokens, units] activations, or from one such per layer of a stack (unit u of the stack is
-    unit u mod units of layer u // units)."""
-
-    def __init__(self, acts: torch.Tensor | list[torch.Tensor]):
-        self.layers = [acts] if isinstance(acts, torch.Tensor) else acts
-        self.acts = self.layers[0]  # the fixed-shape steps (never stacked) take it whole
-        batch, tokens, self.width = self.acts.shape
-        self.shape = (batch, tokens, self.width * len(self.layers))
-        self.dtype = self.acts.dtype
+    def __init__(self, acts: torch.Tensor):
+        self.acts = acts
+        self.shape = acts.shape
+        self.dtype = acts.dtype
 
     def __call__(self, rows: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-        """[m, tokens]: row i is unit units[i] over the tokens of batch row rows[i]. Pairs listed unit by unit
-        (as the lists ask) are gathered a layer at a time straight into place."""
-        if len(self.layers) == 1:
-            return self.acts[rows, :, units]
-        layer = torch.div(units, self.width, rounding_mode="floor")
-        order = None if bool((layer[1:] >= layer[:-1]).all()) else layer.argsort(stable=True)
-        if order is not None:
-            rows, units, layer = rows[order], units[order], layer[order]
-        pieces, start = [], 0
-        for acts, n in zip(self.layers, torch.bincount(layer, minlength=len(self.layers)).tolist(), strict=True):
-            if n:
-                pieces.append(acts[rows[start:start + n], :, units[start:start + n] - layer[start] * self.width])
-                start += n
-        out = torch.cat(pieces) if pieces else torch.empty((0, self.shape[1]), dtype=self.dtype, device=rows.device)
-        return out if order is None else out[order.argsort()]
+        """[m, tokens]: row i is unit units[i] over the tokens of batch row rows[i]."""
+        return self.acts[rows, :, units]
 
 
 class SparseRows:

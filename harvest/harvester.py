@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,8 +21,7 @@ from featureatlas.harvest.sources import UnitSource
 from featureatlas.harvest.statistics import Statistics
 from featureatlas.harvest.topk import TopK
 
-STACK_UNITS = 16_384  # dense units of one kind updated together, their layers' activations held till then
-PENDING_BYTES = 2**30  # dense activations held for the end of a batch's forward pass (see Harvester)
+PENDING_BYTES = 512 * 2**20  # dense activations held for the end of a batch's forward pass (see _consume)
 
 
 class _StopForward(Exception):
@@ -45,12 +43,11 @@ class Settings:
 
 
 class Accumulators:
-    """Everything kept about one source's units, or about a stack of layers' (n_layers sources of the same shape,
-    their units one after the other); each part updates from the same activations."""
+    """Everything kept about one source's units; each part updates from the same activations."""
 
     def __init__(self, source: UnitSource, settings: Settings, context_length: int, device: torch.device,
-                 dtype: torch.dtype, n_layers: int = 1):
-        n, fixed = source.n_units * n_layers, settings.fixed_shapes and not source.sparse
+                 dtype: torch.dtype):
+        n, fixed = source.n_units, settings.fixed_shapes and not source.sparse
         form = (fixed, settings.compile)  # fixed shapes compile into a few kernels a step
         self.top = TopK(n, settings.top_k, context_length, device, dtype, *form)
         self.bottom = TopK(n, settings.bottom_k, context_length, device, dtype, *form) \
@@ -87,14 +84,10 @@ class Accumulators:
             reservoir.update_pairs(rows_of, view, fired.pair_rows, fired.pair_units, fired.pair_max,
                                    fired.batch_max)
 
-    def update_dense(self, acts: torch.Tensor | list[torch.Tensor], view: BatchView) -> None:
-        """acts: [batch, tokens, units], or one such per layer of a stack. Tensors only, nothing counted in Python
-        (see Statistics.count): what a CUDA graph records."""
-        acts = [acts] if isinstance(acts, torch.Tensor) else acts
+    def update_dense(self, acts: torch.Tensor, view: BatchView) -> None:
+        """Tensors only, nothing counted in Python (see Statistics.count): what a CUDA graph records."""
         reservoirs = [r for r in (self.quantiles, self.random) if r is not None]
-        reduced = [self.reduce(layer, view.counted, view.first_counted, view.padded) for layer in acts]
-        context_max, context_min, *sums = (torch.cat(parts, dim=-1) if len(acts) > 1 else parts[0]
-                                           for parts in zip(*reduced, strict=True))
+        context_max, context_min, *sums = self.reduce(acts, view.counted, view.first_counted, view.padded)
         rows_of = DenseRows(acts)
         self.top.update(rows_of, view, context_max)
         if self.bottom is not None:
@@ -119,30 +112,9 @@ class Accumulators:
                  "random": self.random}
         return {name: part for name, part in named.items() if part is not None}
 
-    def units(self, start: int, stop: int) -> Accumulators:
-        """A view of units start..stop-1 (one layer of a stack): what the store writer and checkpoints see. Its
-        tensors are views of this one's, which a CPU update changes only in place."""
-        view = copy.copy(self)
-        for name, part in self.parts().items():
-            part_view = copy.copy(part)
-            for attr in part.STATE:
-                axis = getattr(part, "UNIT_AXIS", {}).get(attr, 0)
-                if axis is not None:
-                    setattr(part_view, attr, getattr(part, attr).narrow(axis, start, stop - start))
-            setattr(view, name, part_view)
-        return view
-
 
 class Harvester:
-    """Owns the hooks; use as a context manager so they are removed whatever happens.
-
-    On the CPU, dense sources of one kind and shape (every layer's neurons, every layer's residual dimensions)
-    are stacked, up to STACK_UNITS units a stack, and one update covers a stack's layers, each reduced on its own:
-    the lists' bookkeeping costs more per call than per unit at these sizes (a few hundred contexts enter a
-    layer's lists a batch), so one call for ten layers does their work in a fraction of the time. The updates
-    wait for the end of the forward pass, where they run faster than between the layers' matrix products, holding
-    the layers' activations by reference until then (up to PENDING_BYTES; past it, the complete stacks update
-    then). `accumulators` shows each source its own layer of a stack."""
+    """Owns the hooks; use as a context manager so they are removed whatever happens."""
 
     def __init__(self, model: torch.nn.Module, sources: list[UnitSource], settings: Settings, context_length: int,
                  first_counted: int):
@@ -151,29 +123,13 @@ class Harvester:
         self.sources = sources
         self.settings = settings
         self.first_counted = first_counted  # 1 when contexts start with BOS, which never counts
-        self.stacks = _stacks(sources, STACK_UNITS if not settings.fixed_shapes else 0)
-        self._stack_of = {index: (number, position) for number, stack in enumerate(self.stacks)
-                          for position, index in enumerate(stack)}
-        self._stacked = [Accumulators(sources[stack[0]], settings, context_length, self.device,
-                                      _activation_dtype(sources[stack[0]], model), len(stack))
-                         for stack in self.stacks]
+        self.accumulators = [Accumulators(s, settings, context_length, self.device, _activation_dtype(s, model))
+                             for s in sources]
         self._view: BatchView | None = None
-        self._pending: dict[int, dict[int, torch.Tensor]] = defaultdict(dict)  # stack -> its layers read so far
-        self._ready: list[tuple[int, list[torch.Tensor]]] = []  # complete stacks, waiting for the end of the pass
-        self._ready_bytes = 0
+        self._pending: list[tuple[int, torch.Tensor]] = []
+        self._pending_bytes = 0
         self.graphs = GraphedUpdates(self.device) if settings.cuda_graphs and settings.fixed_shapes else None
         self.reader = Reader(model, sources, self._consume, nonzeros=True)
-
-    @property
-    def accumulators(self) -> list[Accumulators]:
-        """Each source's accumulators (a view of its layer, for a stacked source)."""
-        views = []
-        for index, source in enumerate(self.sources):
-            number, position = self._stack_of[index]
-            stacked = self._stacked[number]
-            views.append(stacked if len(self.stacks[number]) == 1 else
-                         stacked.units(position * source.n_units, (position + 1) * source.n_units))
-        return views
 
     def attach(self) -> None:
         """Hook the model (see Reader)."""
@@ -191,59 +147,35 @@ class Harvester:
     def step(self, batch: Batch) -> None:
         self._view = BatchView.of(batch, self.first_counted, self.settings.seed, self.device)
         self.reader.run(batch)
-        if self._pending:
-            raise RuntimeError("a stack's layers were not all read")  # the forward pass stops after the last one
         with torch.inference_mode():  # as in the hooks: no autograd bookkeeping, the same compiled graphs
-            self._update_ready()
+            self._update_pending()
 
     def referenced_context_ids(self) -> set[int]:
-        return set(torch.cat([acc.referenced_context_ids() for acc in self._stacked]).tolist())
+        return set(torch.cat([acc.referenced_context_ids() for acc in self.accumulators]).tolist())
 
     def _consume(self, index: int, acts: torch.Tensor, nonzeros: torch.Tensor | None) -> None:
-        """Dense activations on the CPU are the model's own, kept by reference until their stack's update: no
-        family in the architecture table modifies them in place later."""
-        number, position = self._stack_of[index]
-        accumulators = self._stacked[number]
+        """Dense units on CPU wait for the end of the forward pass (up to PENDING_BYTES of activations): the same
+        updates run about a third faster there than between the layers' matrix products. The tensors are the
+        model's own, kept by reference: no family in the architecture table modifies them in place later."""
+        accumulators = self.accumulators[index]
         if self.graphs is not None and not self.sources[index].sparse:
             accumulators.statistics.count(self._view)
             self.graphs.update(index, acts, self._view, list(accumulators.parts().values()),
                                accumulators.update_dense)
             return
-        if self.sources[index].sparse or self.settings.fixed_shapes:
+        if self.settings.fixed_shapes or self.sources[index].sparse:
             accumulators.update(acts, self._view, nonzeros)
             return
-        pending = self._pending[number]
-        pending[position] = acts
-        if len(pending) == len(self.stacks[number]):
-            del self._pending[number]
-            self._ready.append((number, [pending[p] for p in range(len(pending))]))
-            self._ready_bytes += sum(layer.numel() * layer.element_size() for layer in pending.values())
-            if self._ready_bytes > PENDING_BYTES:
-                self._update_ready()
+        self._pending.append((index, acts))
+        self._pending_bytes += acts.numel() * acts.element_size()
+        if self._pending_bytes > PENDING_BYTES:
+            self._update_pending()
 
-    def _update_ready(self) -> None:
-        for number, layers in self._ready:
-            self._stacked[number].update(layers if len(layers) > 1 else layers[0], self._view)
-        self._ready.clear()
-        self._ready_bytes = 0
-
-
-def _stacks(sources: list[UnitSource], max_units: int) -> list[list[int]]:
-    """Source indices in stacks: dense sources of the same kind, shape and hook, in layer order, up to max_units
-    units a stack; every other source alone."""
-    stacks: list[list[int]] = []
-    open_stacks: dict[tuple, list[int]] = {}
-    for index, source in enumerate(sources):
-        if source.sparse or source.n_units * 2 > max_units:
-            stacks.append([index])
-            continue
-        key = (source.kind, source.n_units, source.signed, source.hook.reads)
-        stack = open_stacks.get(key)
-        if stack is None or (len(stack) + 1) * source.n_units > max_units:
-            stack = open_stacks[key] = []
-            stacks.append(stack)
-        stack.append(index)
-    return stacks
+    def _update_pending(self) -> None:
+        for index, acts in self._pending:
+            self.accumulators[index].update(acts, self._view)
+        self._pending.clear()
+        self._pending_bytes = 0
 
 
 class Reader:

@@ -42,14 +42,14 @@ class Reservoir:
 
     def update(self, acts: DenseRows, batch: BatchView, context_max: torch.Tensor) -> None:
         """Dense units. acts: the batch's [batch, tokens, units] activations; context_max [batch, units] as for
-        TopK.update. The candidates are found on the [batch, units] matrix, then listed unit by unit."""
+        TopK.update. The candidates are found on the [batch, units] matrix, then listed row by row."""
         context_max = context_max.float()
         if self.fixed_shapes:
             return self._update_fixed(acts.acts, batch, context_max)
         if self.n_bins > 1:
             self._grow(context_max.amax(dim=0))
         candidate, bins = candidates(context_max, self.exponent, self.keys, batch.keys)
-        units, rows = candidate.T.nonzero(as_tuple=True)  # unit by unit: how a stack's rows are gathered
+        rows, units = candidate.nonzero(as_tuple=True)
         self._enter(acts, batch, rows, units, bins[rows, units], context_max[rows, units])
 
     def _update_fixed(self, acts: torch.Tensor, batch: BatchView, context_max: torch.Tensor) -> None:
@@ -76,7 +76,7 @@ class Reservoir:
 
     def _enter(self, acts: DenseRows | SparseRows, batch: BatchView, rows: torch.Tensor, units: torch.Tensor,
                bins: torch.Tensor, values: torch.Tensor) -> None:
-        """Candidate (batch row, unit) pairs, in any order, with their bins and context max. A candidate enters when
+        """Candidate (batch row, unit) pairs, row-major, with their bins and context max. A candidate enters when
         fewer than per_bin contexts of its bin have smaller keys, kept ones and this batch's candidates together:
         no rounds, no sorting."""
         if units.numel() == 0:

@@ -39,7 +39,6 @@ def counted_columns(acts: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
 
 class Statistics:
     STATE = ("n_tokens", "n_firing", "sum", "sum_squares", "min", "max", "counts")  # what a checkpoint saves
-    UNIT_AXIS = {"n_tokens": None, "counts": 1}  # where each STATE tensor lists units (others: axis 0)
 
     def __init__(self, n_units: int, device: torch.device, sparse: bool, histogram_every: int = 1,
                  fixed_shapes: bool = False, compiled: bool = False):
@@ -47,7 +46,7 @@ class Statistics:
         self.fixed_shapes = fixed_shapes
         self._columns = compiled_once(counted_columns) if compiled else counted_columns
         self.histogram_every = 1 if sparse else histogram_every
-        self.n_tokens = torch.zeros((), dtype=torch.int64)  # a tensor (on the CPU) so that layer views share it
+        self.n_tokens = 0
         self.n_firing = torch.zeros(n_units, dtype=torch.int64, device=device)
         self.sum = torch.zeros(n_units, dtype=torch.float64, device=device)
         self.sum_squares = torch.zeros(n_units, dtype=torch.float64, device=device)
@@ -56,11 +55,11 @@ class Statistics:
         self.counts = torch.zeros(N_BINS + 1, n_units, dtype=torch.int64, device=device)  # last row: not counted
         self._ones = torch.ones(1, 1, dtype=torch.int64, device=device)
 
-    def update(self, acts: list[torch.Tensor], batch: BatchView, context_max: torch.Tensor, context_min: torch.Tensor,
+    def update(self, acts: torch.Tensor, batch: BatchView, context_max: torch.Tensor, context_min: torch.Tensor,
                sums: list[torch.Tensor]) -> None:
-        """Dense units. acts: [batch, tokens, units] per layer of a stack (harvester.py), whose units follow each
-        other; context_max/min [batch, all units] over counted positions only; sums: the counted tokens' sum, sum
-        of squares and firing count per unit (reductions.py). Tensors only (see count)."""
+        """Dense units. acts [batch, tokens, units]; context_max/min [batch, units] over counted positions only;
+        sums: the counted tokens' sum, sum of squares and firing count per unit (reductions.py). Tensors only
+        (see count)."""
         self.sum += sums[0]
         self.sum_squares += sums[1]
         self.n_firing += sums[2]
@@ -91,21 +90,17 @@ class Statistics:
         torch.maximum(self.max, batch_max.float(), out=self.max)
         torch.minimum(self.min, batch_min.float(), out=self.min)
 
-    def _update_histogram(self, acts: list[torch.Tensor], batch: BatchView) -> None:
+    def _update_histogram(self, acts: torch.Tensor, batch: BatchView) -> None:
         """Every counted token of the sampled contexts."""
         sampled = batch.keys % self.histogram_every == 0
-        rows = None if self.fixed_shapes else sampled.nonzero().squeeze(1)
-        if rows is not None and rows.numel() == 0:
-            return
-        start = 0
-        for layer in acts:
-            if rows is None:  # every context, the others sent to the uncounted row: no host synchronisation
-                columns = self._columns(layer, batch.counted & sampled[:, None])
-            else:
-                columns = self._columns(layer[rows], batch.counted[rows])
-            counts = self.counts[:, start:start + layer.shape[2]]
-            counts.scatter_add_(0, columns, self._ones.expand_as(columns))
-            start += layer.shape[2]
+        if self.fixed_shapes:  # every context, the others sent to the uncounted row: no host synchronisation
+            columns = self._columns(acts, batch.counted & sampled[:, None])
+        else:
+            rows = sampled.nonzero().squeeze(1)
+            if rows.numel() == 0:
+                return
+            columns = self._columns(acts[rows], batch.counted[rows])
+        self.counts.scatter_add_(0, columns, self._ones.expand_as(columns))
 
     def finish(self) -> dict[str, torch.Tensor]:
         """Per-unit arrays for the store; a sparse source's zeros are every counted token it did not fire on."""

@@ -30,6 +30,7 @@ class TopK:
         self.k = k
         self.fixed_shapes = fixed_shapes
         self._fixed_step = compiled_once(_merge_fixed) if compiled else _merge_fixed
+        self._ranks = compiled_once(candidate_ranks) if compiled else candidate_ranks
         self.values = torch.full((n_units, k), float("-inf"), device=device)
         self.context_ids = torch.full((n_units, k), -1, dtype=torch.int64, device=device)
         self.positions = torch.zeros((n_units, k), dtype=torch.int64, device=device)
@@ -44,9 +45,9 @@ class TopK:
             return self._update_fixed(acts.acts, view, context_max, largest)
         scores = context_max.float()
         # Only contexts that beat their unit's current k-th score can enter; a tie with the k-th score loses to
-        # it because every kept context has a lower id. Listed row by row: the order ties are broken in.
+        # it because every kept context has a lower id. Listed row by row: memory order for the gathers.
         rows, units = (scores > self.values[:, -1]).nonzero(as_tuple=True)
-        self._merge(acts, view, rows, units, scores[rows, units], largest)
+        self._merge(acts, view, rows, units, scores[rows, units], scores.T.contiguous(), largest)
 
     def _update_fixed(self, acts: torch.Tensor, view: BatchView, context_max: torch.Tensor, largest: bool) -> None:
         """The same result with every unit merged every batch, in shapes that never depend on the data: no host
@@ -61,44 +62,38 @@ class TopK:
                      values: torch.Tensor) -> None:
         """Sparse units: only the (batch row, unit) pairs where a unit fires, each with its context max (float32),
         in row-major order."""
+        batch_scores = torch.full((self.values.shape[0], acts.shape[0]), float("-inf"), device=values.device)
+        batch_scores[units, rows] = values
         enter = values > self.values[units, -1]
-        self._merge(acts, view, rows[enter], units[enter], values[enter], True)
+        self._merge(acts, view, rows[enter], units[enter], values[enter], batch_scores, True)
 
     def _merge(self, acts: DenseRows | SparseRows, view: BatchView, rows: torch.Tensor, units: torch.Tensor,
-               values: torch.Tensor, largest: bool) -> None:
-        """Candidate (batch row, unit) pairs, row-major, with their float32 scores. Grouped by unit, best first, a
-        candidate's new rank is the number of kept contexts scoring at least as much plus its place in its group,
-        so no list is sorted; only the units that have candidates are touched, in place."""
+               values: torch.Tensor, batch_scores: torch.Tensor, largest: bool) -> None:
+        """Candidate (batch row, unit) pairs, row-major, with their float32 scores; batch_scores [units, batch]:
+        every context's score (-inf where none). A candidate's new rank is the number of kept contexts scoring at
+        least as much plus the number of this batch's contexts ranked above it, so no list is sorted."""
         if units.numel() == 0:
             return
         k, device = self.k, units.device
-        order = torch.sort(units * 2**32 + _descending_key(values), stable=True).indices  # ties: earlier row first
-        rows, units, values = rows[order], units[order], values[order]
-        index = torch.arange(units.numel(), device=device)
-        group_start = torch.ones_like(units, dtype=torch.bool)
-        group_start[1:] = units[1:] != units[:-1]
-        among_batch = index - torch.where(group_start, index, 0).cummax(dim=0).values
-        among_kept = (self.values[units] >= values[:, None]).sum(dim=1)
+        among_kept, among_batch = self._ranks(self.values, batch_scores, rows, units, values)
         rank = among_kept + among_batch
         enter = rank < k
-        rows, units, values, among_kept, among_batch, rank = (
-            t[enter] for t in (rows, units, values, among_kept, among_batch, rank))
-        touched, n_entering = torch.unique_consecutive(units, return_counts=True)
-        local = torch.repeat_interleave(torch.arange(touched.numel(), device=device), n_entering)
+        rows, units, values = rows[enter], units[enter], values[enter]
+        among_kept, among_batch, rank = among_kept[enter], among_batch[enter], rank[enter]
         # Kept context j moves down by the entering contexts that score above it and drops out past k - 1: a
         # unit's last n_entering ones, whose slots its entering contexts take, best first.
-        ahead = torch.zeros((touched.numel(), k + 1), dtype=torch.int64, device=device)
-        ahead.index_put_((local, among_kept), torch.ones_like(local), accumulate=True)
+        ahead = torch.zeros((self.values.shape[0], k + 1), dtype=torch.int64, device=device)
+        ahead.index_put_((units, among_kept), torch.ones_like(units), accumulate=True)
         moved = (torch.arange(k, device=device) + ahead[:, :k].cumsum(dim=1)).clamp_(max=k)  # k: dropped
-        slots = self.slots[units, k - n_entering[local] + among_batch]
+        slots = self.slots[units, k - ahead.sum(dim=1)[units] + among_batch]
         entering_acts = acts(rows, units)                                        # [m, tokens]
         for name, new in (("values", values), ("context_ids", view.context_ids[rows]),
                           ("positions", extreme_positions(entering_acts, rows, view, largest)), ("slots", slots)):
             table = getattr(self, name)
-            merged = torch.empty((touched.numel(), k + 1), dtype=table.dtype, device=device)
-            merged.scatter_(1, moved, table[touched])
-            merged[local, rank] = new
-            table[touched] = merged[:, :k]
+            merged = torch.empty((table.shape[0], k + 1), dtype=table.dtype, device=device)
+            merged.scatter_(1, moved, table)
+            merged[units, rank] = new
+            setattr(self, name, merged[:, :k].contiguous())
         tokens, width = acts.shape[1], self.slot_activations.shape[2]
         if tokens < width:
             entering_acts = torch.nn.functional.pad(entering_acts, (0, width - tokens))
@@ -113,11 +108,14 @@ class TopK:
         return ids[ids >= 0]
 
 
-def _descending_key(values: torch.Tensor) -> torch.Tensor:
-    """int64 keys in [0, 2^32) that order float32 values from largest to smallest (equal values, equal keys)."""
-    bits = (values.float() + 0.0).view(torch.int32).long()  # + 0.0: -0.0 becomes 0.0, which it equals
-    ascending = torch.where(bits < 0, ~bits & 0xFFFFFFFF, bits | 0x80000000)
-    return 0xFFFFFFFF - ascending
+def candidate_ranks(kept_values: torch.Tensor, batch_scores: torch.Tensor, rows: torch.Tensor, units: torch.Tensor,
+                    values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each candidate (rows[i], units[i]) scoring values[i]: how many kept contexts of its unit score at least
+    as much, and how many contexts of this batch rank above it (higher score, or equal with a lower id)."""
+    others, score = batch_scores[units], values[:, None]                                  # [m, batch]
+    earlier = torch.arange(others.shape[1], device=rows.device) < rows[:, None]
+    among_batch = ((others > score) | ((others == score) & earlier)).sum(dim=1)
+    return (kept_values[units] >= score).sum(dim=1), among_batch
 
 
 def extreme_positions(rows_acts: torch.Tensor, rows: torch.Tensor, view: BatchView, largest: bool = True

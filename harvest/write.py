@@ -40,7 +40,7 @@ def write_source(store: StoreWriter, model: str, source: UnitSource, acc: Accumu
         config=dictionary.config if dictionary is not None else None)
     stats = {name: t.cpu().numpy() for name, t in acc.statistics.finish().items()}
     store.add_units(model, source.name, source.layer, max_activation=stats["max_activation"],
-                    min_activation=stats["min_activation"], n_tokens=int(acc.statistics.n_tokens),
+                    min_activation=stats["min_activation"], n_tokens=acc.statistics.n_tokens,
                     n_firing=stats["n_firing"], sum_activation=stats["sum_activation"],
                     sum_squares=stats["sum_squares"], n_examples=(acc.top.context_ids >= 0).sum(dim=1).cpu().numpy())
     store.add_histograms(model, source.name, source.layer, stats["counts"])
