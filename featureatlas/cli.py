@@ -42,7 +42,7 @@ def _harvest_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="auto: bfloat16 on CUDA and on CPUs with AVX-512 BF16, else float32 (default: %(default)s)")
     p.add_argument("--no-model-cache", action="store_true",
-                   help="load a .gguf model without the cache of converted models, neither reading nor writing it "
+                   help="neither read nor write the cache of converted .gguf models and of logit effects "
                         "(also FEATUREATLAS_NO_MODEL_CACHE=1; README.md, Model cache)")
     p.add_argument("--bottom-k", type=int, default=None,
                    help="most negative examples kept per signed unit (default: as many as --top-k)")

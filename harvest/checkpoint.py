@@ -25,7 +25,7 @@ from featureatlas.errors import UsageError
 
 VERSION = 1
 # Options that do not change what a harvest computes (the same results either way): a resume may differ in these.
-_FREE = {"progress", "resume", "overwrite", "checkpoint_every", "out", "fixed_shapes", "cuda_graphs"}
+_FREE = {"progress", "resume", "overwrite", "checkpoint_every", "out", "fixed_shapes", "cuda_graphs", "native"}
 
 
 def checkpoint_path(out: Path) -> Path:

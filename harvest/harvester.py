@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from featureatlas.errors import UsageError
+from featureatlas.harvest import native
 from featureatlas.harvest.activation_rows import DenseRows, SparseRows
 from featureatlas.harvest.architectures import blocks_of
 from featureatlas.harvest.batchview import BatchView
@@ -40,6 +41,7 @@ class Settings:
     compile: bool = False         # fuse the per-batch steps with torch.compile (reductions.py)
     fixed_shapes: bool = False    # dense units' lists in data-independent shapes: no host syncs (for CUDA)
     cuda_graphs: bool = False     # with fixed shapes on CUDA: dense units' updates replayed as CUDA graphs
+    native: bool = True           # on CPU: dense units' lists merged in one compiled loop (native.py), if it builds
 
 
 class Accumulators:
@@ -49,13 +51,14 @@ class Accumulators:
                  dtype: torch.dtype):
         n, fixed = source.n_units, settings.fixed_shapes and not source.sparse
         form = (fixed, settings.compile)  # fixed shapes compile into a few kernels a step
-        self.top = TopK(n, settings.top_k, context_length, device, dtype, *form)
-        self.bottom = TopK(n, settings.bottom_k, context_length, device, dtype, *form) \
+        loop = settings.native and not fixed and not source.sparse and native.available(device)
+        self.top = TopK(n, settings.top_k, context_length, device, dtype, *form, native=loop)
+        self.bottom = TopK(n, settings.bottom_k, context_length, device, dtype, *form, native=loop) \
             if source.signed and settings.bottom_k else None
         self.statistics = Statistics(n, device, source.sparse, settings.histogram_every, *form)
         self.quantiles = Reservoir(n, settings.intervals, settings.per_interval, context_length, device, dtype,
-                                   *form) if settings.per_interval and settings.intervals else None
-        self.random = Reservoir(n, 1, settings.random, context_length, device, dtype, *form) \
+                                   *form, native=loop) if settings.per_interval and settings.intervals else None
+        self.random = Reservoir(n, 1, settings.random, context_length, device, dtype, *form, native=loop) \
             if settings.random else None
         self.sparse = source.sparse
         self.reduce = reducer(settings.compile)

