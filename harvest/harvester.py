@@ -55,7 +55,7 @@ class Accumulators:
         self.top = TopK(n, settings.top_k, context_length, device, dtype, *form, native=loop)
         self.bottom = TopK(n, settings.bottom_k, context_length, device, dtype, *form, native=loop) \
             if source.signed and settings.bottom_k else None
-        self.statistics = Statistics(n, device, source.sparse, settings.histogram_every, *form)
+        self.statistics = Statistics(n, device, source.sparse, settings.histogram_every, *form, native=loop)
         self.quantiles = Reservoir(n, settings.intervals, settings.per_interval, context_length, device, dtype,
                                    *form, native=loop) if settings.per_interval and settings.intervals else None
         self.random = Reservoir(n, 1, settings.random, context_length, device, dtype, *form, native=loop) \

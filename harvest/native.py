@@ -1,12 +1,15 @@
-"""Dense units' list merges on CPU as one compiled loop per list and layer (native_lists.cpp).
+"""Dense units' updates on CPU as one compiled loop per list and layer (native.cpp): top/bottom-k, samples and the
+statistics' histogram.
 
 The tensor code in topk.py and reservoir.py spends some forty small operations per list and layer, each a few
 microseconds of dispatch on a few hundred candidates: with every layer's neurons and residual dimensions that is
 most of a batch's update time on a CPU. The loop walks each unit's batch column once and copies only the
-contexts that enter. It is built with the system's C++ compiler at first use (about a second, plain C ABI, no
-torch headers) into the featureatlas cache, keyed by its source and the compiler, and called through ctypes.
-Where none builds (no compiler), or for dtypes it does not read, the tensor code runs instead, as it always does
-on GPUs. Both give the same lists; the tests check it. FEATUREATLAS_NATIVE=0 turns it off.
+contexts that enter (asking for the next one's cache lines while it copies). The histogram's loop counts each
+sampled token straight into its column, where the tensor code builds a column index per token, then scatters.
+It is built with the system's C++ compiler at first use (about a second, plain C ABI, no torch headers) into the
+featureatlas cache, keyed by its source and the compiler, and called through ctypes. Where none builds (no
+compiler), or for dtypes it does not read, the tensor code runs instead, as it always does on GPUs. Both give the
+same results; the tests check it. FEATUREATLAS_NATIVE=0 turns it off.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ from featureatlas.cachedir import cache_root
 if TYPE_CHECKING:
     from featureatlas.harvest.batchview import BatchView
     from featureatlas.harvest.reservoir import Reservoir
+    from featureatlas.harvest.statistics import Statistics
     from featureatlas.harvest.topk import TopK
 
-SOURCE = Path(__file__).with_name("native_lists.cpp")
+SOURCE = Path(__file__).with_name("native.cpp")
 _FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fPIC", "-shared"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -61,6 +65,8 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.topk_update.argtypes = [_PTR, ctypes.c_int] + [_I64] * 7 + [_PTR, _PTR, _I64, _PTR, ctypes.c_int, _I64,
                                                                      _I64, _PTR, _PTR, _PTR, _PTR, _PTR, ctypes.c_int]
+    lib.histogram_update.argtypes = [_PTR, ctypes.c_int] + [_I64] * 7 + [_PTR, _PTR, _I64, _I64, _I64, _PTR,
+                                                                         ctypes.c_int]
     lib.reservoir_update.argtypes = [_PTR, ctypes.c_int] + [_I64] * 7 + [_PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64,
                                                                          _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR,
                                                                          ctypes.c_int]
@@ -68,10 +74,10 @@ def library() -> ctypes.CDLL | None:
 
 
 def _build(compiler: str) -> Path:
-    """cache/native/lists-<hash>.so, compiled once; the hash covers the source, the compiler and its flags."""
+    """cache/native/updates-<hash>.so, compiled once; the hash covers the source, the compiler and its flags."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256(SOURCE.read_bytes() + "\0".join([compiler, version, *_FLAGS]).encode()).hexdigest()[:16]
-    target = cache_root() / "native" / f"lists-{key}.so"
+    target = cache_root() / "native" / f"updates-{key}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         temp = temp_path_beside(target)
@@ -81,9 +87,9 @@ def _build(compiler: str) -> Path:
     return target
 
 
-def reads(acts: torch.Tensor, stored: torch.Tensor) -> bool:
-    """Whether the loop can take these activations into lists of `stored`'s dtype (it copies them as they are)."""
-    return acts.dtype in _DTYPES and stored.dtype == acts.dtype and acts.device.type == "cpu"
+def reads(acts: torch.Tensor, stored: torch.Tensor | None = None) -> bool:
+    """Whether the loops can read these activations (into lists of `stored`'s dtype: they copy them as they are)."""
+    return acts.dtype in _DTYPES and acts.device.type == "cpu" and (stored is None or stored.dtype == acts.dtype)
 
 
 def topk_update(top: TopK, acts: torch.Tensor, scores: torch.Tensor, view: BatchView, largest: bool) -> None:
@@ -109,6 +115,18 @@ def reservoir_update(samples: Reservoir, acts: torch.Tensor, context_max: torch.
                          samples.activations.shape[-1], samples.exponent.data_ptr(), samples.keys.data_ptr(),
                          samples.context_ids.data_ptr(), samples.positions.data_ptr(), samples.values.data_ptr(),
                          samples.activations.data_ptr(), torch.get_num_threads())
+
+
+def histogram_update(statistics: Statistics, acts: torch.Tensor, view: BatchView) -> None:
+    """Statistics' histogram for dense units: every token of the contexts whose key is a multiple of
+    histogram_every, into counts [N_BINS + 1, units] (the last row takes uncounted positions)."""
+    from featureatlas.harvest.statistics import _FIRST_CODE, HALF  # statistics imports this module
+    lib = library()
+    assert lib is not None
+    _contiguous(statistics, ("counts",))
+    counted = view.counted.contiguous()
+    lib.histogram_update(*_acts_args(acts), counted.data_ptr(), view.keys.data_ptr(), statistics.histogram_every,
+                         HALF, _FIRST_CODE, statistics.counts.data_ptr(), torch.get_num_threads())
 
 
 def _acts_args(acts: torch.Tensor) -> tuple[int, ...]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from featureatlas.harvest import native
 from featureatlas.harvest.batchview import BatchView
 from featureatlas.harvest.reductions import compiled_once
 
@@ -41,9 +42,10 @@ class Statistics:
     STATE = ("n_tokens", "n_firing", "sum", "sum_squares", "min", "max", "counts")  # what a checkpoint saves
 
     def __init__(self, n_units: int, device: torch.device, sparse: bool, histogram_every: int = 1,
-                 fixed_shapes: bool = False, compiled: bool = False):
+                 fixed_shapes: bool = False, compiled: bool = False, native: bool = False):
         self.sparse = sparse
         self.fixed_shapes = fixed_shapes
+        self.native = native  # dense histograms counted in native.py's loop where it reads the activations
         self._columns = compiled_once(counted_columns) if compiled else counted_columns
         self.histogram_every = 1 if sparse else histogram_every
         self.n_tokens = 0
@@ -92,6 +94,8 @@ class Statistics:
 
     def _update_histogram(self, acts: torch.Tensor, batch: BatchView) -> None:
         """Every counted token of the sampled contexts."""
+        if self.native and not self.fixed_shapes and native.reads(acts):
+            return native.histogram_update(self, acts, batch)
         sampled = batch.keys % self.histogram_every == 0
         if self.fixed_shapes:  # every context, the others sent to the uncounted row: no host synchronisation
             columns = self._columns(acts, batch.counted & sampled[:, None])

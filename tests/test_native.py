@@ -16,9 +16,10 @@ from featureatlas.harvest.activation_rows import DenseRows
 from featureatlas.harvest.batchview import BatchView, sampling_keys
 from featureatlas.harvest.reductions import reduce_eager
 from featureatlas.harvest.reservoir import Reservoir
+from featureatlas.harvest.statistics import Statistics
 from featureatlas.harvest.topk import TopK
 
-pytestmark = pytest.mark.skipif(native.library() is None, reason="no C++ compiler to build harvest/native_lists.cpp")
+pytestmark = pytest.mark.skipif(native.library() is None, reason="no C++ compiler to build harvest/native.cpp")
 
 UNITS, TOKENS, WIDTH = 13, 9, 11  # lists wider than the batches' tokens: the rest is zero padding
 SCALES = [1.0, 0.25, 9.0, 300.0, 0.5, 2.0]  # batch 3 raises the units' ranges by up to five doublings at once
@@ -84,6 +85,26 @@ def test_the_lists_are_full_and_the_ranges_grew() -> None:
     assert (top.context_ids[1:] >= 0).all() and (top.values[:, :-1] == top.values[:, 1:]).any()
     assert (reservoir.exponent[1:] >= 8).all() and (reservoir.context_ids[1:] >= 0).sum() > 2 * UNITS
     assert (reservoir.context_ids[0] == -1).all()  # the unit that never fires keeps nothing
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("every", [1, 2])
+def test_native_histogram_equals_the_tensor_code(dtype: torch.dtype, every: int) -> None:
+    """Every bin edge case too: zero, below 2^-16, at and beyond 2^16, infinities, both signs."""
+    def counts(loop: bool) -> torch.Tensor:
+        statistics = Statistics(UNITS, torch.device("cpu"), False, every, native=loop)
+        for i, (acts, view) in enumerate(batches(dtype, dtype != torch.float32)):
+            if i == 2:
+                acts = acts.clone()
+                acts[:, 3, 1:9] = torch.tensor([1e-7, -1e-7, 2.0**16, -(2.0**16), 6e4, -6e4, float("inf"),
+                                                float("-inf")]).to(dtype)
+            high, low, *sums = reduce_eager(acts, view.counted, view.first_counted, view.padded)
+            statistics.update(acts, view, high, low, sums)
+        return statistics.counts
+
+    native_counts, tensor_counts = counts(True), counts(False)
+    assert native_counts.sum() > 0 and torch.equal(native_counts, tensor_counts)
+
 
 
 def _ranked(top: TopK) -> dict[str, torch.Tensor]:

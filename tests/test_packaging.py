@@ -24,7 +24,7 @@ def test_wheel_carries_package_data(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("featureatlas-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for expected in ["featureatlas/cli.py", "featureatlas/__main__.py", "featureatlas/harvest/topk.py",
-                     "featureatlas/harvest/native_lists.cpp",
+                     "featureatlas/harvest/native.cpp",
                      "featureatlas/store/schema.sql", "featureatlas/build/site.py",
                      "featureatlas/site_templates/unit.html", "featureatlas/site_templates/static/site.js",
                      "featureatlas/site_templates/static/style.css"]:

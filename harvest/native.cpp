@@ -1,7 +1,7 @@
-// Per-batch merges of dense units' example lists on CPU: top/bottom-k (topk.py) and seeded samples
-// (reservoir.py), one unit per loop iteration instead of some forty small tensor operations per list and layer.
-// Built and loaded by native.py; the tensor code in topk.py and reservoir.py is the reference, and the tests
-// check that both give the same lists. Plain C ABI (no torch headers): it builds in about a second.
+// Per-batch updates of dense units on CPU: top/bottom-k (topk.py), seeded samples (reservoir.py) and the
+// statistics' histogram (statistics.py), each one loop over the layer's units instead of some forty small tensor
+// operations. Built and loaded by native.py; the tensor code is the reference, and the tests check that both
+// give the same results. Plain C ABI (no torch headers): it builds in about a second.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -9,6 +9,9 @@
 #include <limits>
 #include <numeric>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -60,6 +63,13 @@ int64_t copy_row(const Acts& a, const uint8_t* counted, int64_t first, int64_t b
   }
   if (width > a.tokens) std::memset(out + a.tokens * a.item, 0, (width - a.tokens) * a.item);
   return position < 0 ? first : position;
+}
+
+// Asks for row (b, u)'s cache lines ahead of copy_row: one line per token, stride units apart, which the
+// hardware prefetchers do not follow; issued one candidate ahead, their fetches overlap the current copy.
+void prefetch_row(const Acts& a, int64_t b, int64_t u) {
+  const char* p = a.data + (b * a.sb + u * a.su) * a.item;
+  for (int64_t t = 0; t < a.tokens; ++t) __builtin_prefetch(p + t * a.st * a.item);
 }
 
 float power_of_two(int64_t exponent) {  // as reservoir._power_of_two: exact, from the bits
@@ -119,27 +129,37 @@ void topk_update(const void* acts, int dtype, int64_t item, int64_t batch, int64
                  const int64_t* batch_ids, int largest, int64_t k, int64_t width, float* values, int64_t* ids,
                  int64_t* positions, int64_t* slots, void* slot_acts, int threads) {
   const Acts a{static_cast<const char*>(acts), dtype, item, batch, tokens, units, sb, st, su};
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t u = 0; u < units; ++u) {
-    float* value = values + u * k;
-    int64_t *id = ids + u * k, *position = positions + u * k, *slot = slots + u * k;
-    for (int64_t b = 0; b < batch; ++b) {
-      const float s = scores[b * units + u];
-      if (!(s > value[k - 1])) continue;
-      int64_t rank = k - 1;
-      while (rank > 0 && value[rank - 1] < s) --rank;
-      const int64_t freed = slot[k - 1];  // the last kept context's slot: it drops out
-      for (int64_t i = k - 1; i > rank; --i) {
-        value[i] = value[i - 1];
-        id[i] = id[i - 1];
-        position[i] = position[i - 1];
-        slot[i] = slot[i - 1];
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<int64_t> rows;  // contexts beating the k-th score as the batch starts (the bar only rises)
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < units; ++u) {
+      float* value = values + u * k;
+      int64_t *id = ids + u * k, *position = positions + u * k, *slot = slots + u * k;
+      rows.clear();
+      for (int64_t b = 0; b < batch; ++b)
+        if (scores[b * units + u] > value[k - 1]) rows.push_back(b);
+      if (!rows.empty()) prefetch_row(a, rows[0], u);
+      for (size_t i = 0; i < rows.size(); ++i) {
+        if (i + 1 < rows.size()) prefetch_row(a, rows[i + 1], u);
+        const int64_t b = rows[i];
+        const float s = scores[b * units + u];
+        if (!(s > value[k - 1])) continue;
+        int64_t rank = k - 1;
+        while (rank > 0 && value[rank - 1] < s) --rank;
+        const int64_t freed = slot[k - 1];  // the last kept context's slot: it drops out
+        for (int64_t j = k - 1; j > rank; --j) {
+          value[j] = value[j - 1];
+          id[j] = id[j - 1];
+          position[j] = position[j - 1];
+          slot[j] = slot[j - 1];
+        }
+        value[rank] = s;
+        id[rank] = batch_ids[b];
+        slot[rank] = freed;
+        char* out = static_cast<char*>(slot_acts) + (u * k + freed) * width * item;
+        position[rank] = copy_row(a, counted, first, b, u, out, width, largest != 0);
       }
-      value[rank] = s;
-      id[rank] = batch_ids[b];
-      slot[rank] = freed;
-      char* out = static_cast<char*>(slot_acts) + (u * k + freed) * width * item;
-      position[rank] = copy_row(a, counted, first, b, u, out, width, largest != 0);
     }
   }
 }
@@ -196,6 +216,45 @@ void reservoir_update(const void* acts, int dtype, int64_t item, int64_t batch, 
       s.ids[worst] = batch_ids[b];
       s.values[worst] = x;
       s.positions[worst] = copy_row(a, counted, first, b, u, s.acts + worst * width * item, width, true);
+    }
+  }
+}
+
+// The statistics' histogram of dense units (Statistics._update_histogram): every token of the contexts whose
+// key is a multiple of `every`, each activation counted in the column statistics.py reads off its float bits
+// (sign, exponent, top two mantissa bits); uncounted positions (BOS, padding) go to the last row, never read.
+// counts [half * 2 + 2, units] int64. Each thread owns a range of units, reading the rows in memory order.
+void histogram_update(const void* acts, int dtype, int64_t item, int64_t batch, int64_t tokens, int64_t units,
+                      int64_t sb, int64_t st, int64_t su, const uint8_t* counted, const int64_t* batch_keys,
+                      int64_t every, int64_t half, int64_t first_code, int64_t* counts, int threads) {
+  const Acts a{static_cast<const char*>(acts), dtype, item, batch, tokens, units, sb, st, su};
+  const int64_t uncounted = 2 * half + 1;
+#pragma omp parallel num_threads(threads)
+  {
+    int n = 1, me = 0;
+#ifdef _OPENMP
+    n = omp_get_num_threads();
+    me = omp_get_thread_num();
+#endif
+    const int64_t lo = units * me / n, hi = units * (me + 1) / n;
+    for (int64_t b = 0; b < batch; ++b) {
+      if (batch_keys[b] % every != 0) continue;
+      for (int64_t t = 0; t < tokens; ++t) {
+        const char* p = a.data + (b * a.sb + t * a.st) * a.item;
+        if (!counted[b * tokens + t]) {
+          for (int64_t u = lo; u < hi; ++u) ++counts[uncounted * units + u];
+          continue;
+        }
+        for (int64_t u = lo; u < hi; ++u) {
+          const float v = a.load(p + u * a.su * a.item);
+          uint32_t bits;
+          std::memcpy(&bits, &v, 4);
+          const int32_t raw = int32_t(bits) >> 21;
+          const int64_t code = raw & 1023;
+          const int64_t magnitude = code == 0 ? 0 : std::min(std::max(code - first_code, int64_t(1)), half);
+          ++counts[(half + (raw < 0 ? -magnitude : magnitude)) * units + u];
+        }
+      }
     }
   }
 }
