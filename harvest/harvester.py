@@ -61,7 +61,7 @@ class Accumulators:
         self.random = Reservoir(n, 1, settings.random, context_length, device, dtype, *form, native=loop) \
             if settings.random else None
         self.sparse = source.sparse
-        self.reduce = reducer(settings.compile)
+        self.reduce = reducer(settings.compile, loop)
         self._table: torch.Tensor | None = None
 
     def update(self, acts: torch.Tensor, view: BatchView, nonzeros: torch.Tensor | None = None) -> None:

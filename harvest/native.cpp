@@ -116,6 +116,57 @@ struct Samples {  // one unit's reservoir: [bins, per] entries, each with [width
   }
 };
 
+
+// Per-context extremes and per-unit sums of dense units (reductions.reduce_eager's results): for each context,
+// the max and min over its counted positions (-inf and inf where none); per unit, the counted tokens' sum and sum
+// of squares (in double: float32 within a context, then added up) and firing count (activation > 0). The units
+// must be innermost (unit stride 1), so each thread streams whole rows of its own contexts.
+template <typename T>
+float to_float(T v) {
+  return float(v);
+}
+template <>
+float to_float<uint16_t>(uint16_t v) {  // bfloat16
+  uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+template <typename T>
+void reduce_rows(const T* data, int64_t b0, int64_t b1, int64_t tokens, int64_t units, int64_t sb, int64_t st,
+                 const uint8_t* counted, float* context_max, float* context_min, double* sum, double* squares,
+                 int64_t* firing) {
+  std::vector<float> s1(units), s2(units);
+  std::vector<int32_t> fires(units);
+  for (int64_t b = b0; b < b1; ++b) {
+    float* high = context_max + b * units;
+    float* low = context_min + b * units;
+    std::fill(high, high + units, -std::numeric_limits<float>::infinity());
+    std::fill(low, low + units, std::numeric_limits<float>::infinity());
+    std::fill(s1.begin(), s1.end(), 0.0f);
+    std::fill(s2.begin(), s2.end(), 0.0f);
+    std::fill(fires.begin(), fires.end(), 0);
+    for (int64_t t = 0; t < tokens; ++t) {
+      if (!counted[b * tokens + t]) continue;
+      const T* row = data + b * sb + t * st;
+      for (int64_t u = 0; u < units; ++u) {
+        const float v = to_float(row[u]);
+        high[u] = v > high[u] ? v : high[u];
+        low[u] = v < low[u] ? v : low[u];
+        s1[u] += v;
+        s2[u] += v * v;
+        fires[u] += v > 0.0f;
+      }
+    }
+    for (int64_t u = 0; u < units; ++u) {
+      sum[u] += s1[u];
+      squares[u] += s2[u];
+      firing[u] += fires[u];
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -257,6 +308,41 @@ void histogram_update(const void* acts, int dtype, int64_t item, int64_t batch, 
       }
     }
   }
+}
+
+void reduce(const void* acts, int dtype, int64_t batch, int64_t tokens, int64_t units, int64_t sb, int64_t st,
+            const uint8_t* counted, float* context_max, float* context_min, double* sum, double* squares,
+            int64_t* firing, int threads) {
+  // Each thread sums its own contexts into its own row; the rows are added in thread order (deterministic).
+  std::vector<double> sums(size_t(threads) * units * 2, 0.0);
+  std::vector<int64_t> fires(size_t(threads) * units, 0);
+#pragma omp parallel num_threads(threads)
+  {
+    int n = 1, me = 0;
+#ifdef _OPENMP
+    n = omp_get_num_threads();
+    me = omp_get_thread_num();
+#endif
+    const int64_t b0 = batch * me / n, b1 = batch * (me + 1) / n;
+    double* my_sum = sums.data() + size_t(me) * units * 2;
+    double* my_squares = my_sum + units;
+    int64_t* my_fires = fires.data() + size_t(me) * units;
+    if (dtype == 0)
+      reduce_rows(static_cast<const float*>(acts), b0, b1, tokens, units, sb, st, counted, context_max,
+                  context_min, my_sum, my_squares, my_fires);
+    else if (dtype == 1)
+      reduce_rows(static_cast<const uint16_t*>(acts), b0, b1, tokens, units, sb, st, counted, context_max,
+                  context_min, my_sum, my_squares, my_fires);
+    else
+      reduce_rows(static_cast<const _Float16*>(acts), b0, b1, tokens, units, sb, st, counted, context_max,
+                  context_min, my_sum, my_squares, my_fires);
+  }
+  for (int me = 0; me < threads; ++me)
+    for (int64_t u = 0; u < units; ++u) {
+      sum[u] += sums[size_t(me) * units * 2 + u];
+      squares[u] += sums[size_t(me) * units * 2 + units + u];
+      firing[u] += fires[size_t(me) * units + u];
+    }
 }
 
 }  // extern "C"

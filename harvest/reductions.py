@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 
+from featureatlas.harvest import native
 from featureatlas.harvest.activation_rows import SparseRows
 
 Reduced = tuple[torch.Tensor, ...]
@@ -116,6 +117,15 @@ def compiled_once(fn: Callable, fallback: Callable | None = None) -> Callable:
     return _compiled[fn]
 
 
-def reducer(compiled: bool) -> Callable[[torch.Tensor, torch.Tensor, int, bool], Reduced]:
-    """The compiled reducer, or the eager one."""
-    return compiled_once(_reduce_fused, reduce_eager) if compiled else reduce_eager
+def reducer(compiled: bool, native_loop: bool = False) -> Callable[[torch.Tensor, torch.Tensor, int, bool], Reduced]:
+    """native_loop: native.reduce where it reads the activations (on CPU, units innermost); otherwise, or without
+    it, the compiled reducer or the eager one."""
+    fallback = compiled_once(_reduce_fused, reduce_eager) if compiled else reduce_eager
+    if not native_loop:
+        return fallback
+
+    def reduce(acts: torch.Tensor, counted: torch.Tensor, first: int, padded: bool) -> Reduced:
+        if native.reads(acts) and acts.stride(-1) == 1:
+            return native.reduce(acts, counted)
+        return fallback(acts, counted, first, padded)
+    return reduce

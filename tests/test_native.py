@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from featureatlas.harvest import native
+from featureatlas.harvest import native, reductions
 from featureatlas.harvest.activation_rows import DenseRows
 from featureatlas.harvest.batchview import BatchView, sampling_keys
 from featureatlas.harvest.reductions import reduce_eager
@@ -120,3 +120,22 @@ def _by_key(reservoir: Reservoir) -> dict[str, torch.Tensor]:
     state["activations"] = reservoir.activations.gather(2, order[..., None].expand_as(reservoir.activations))
     state["exponent"] = reservoir.exponent
     return state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_reduction_equals_the_eager_one(dtype: torch.dtype) -> None:
+    """Extremes and firing counts exact, sums to rounding; BOS, padding and an all-padding context never count."""
+    for acts, view in batches(dtype, False):
+        acts = acts.clone()
+        counted = view.counted.clone()
+        acts[-1, 5:] = 1e4  # padding's values must not count
+        counted[-1, 5:] = False
+        counted[0] = False  # a context with nothing counted: -inf and inf, as the eager reduction gives
+        got = reductions.reducer(False, native_loop=True)(acts, counted, 1, True)
+        want = reductions.reduce_eager(acts, counted, 1, True)
+        for name, g, w in zip(("max", "min", "sum", "sum of squares", "firing"), got, want, strict=True):
+            assert g.shape == w.shape, name
+            if name in ("max", "min", "firing"):
+                assert torch.equal(g, w.to(g.dtype)), name
+            else:
+                torch.testing.assert_close(g.float(), w.float(), rtol=1e-5, atol=1e-3, msg=name)
