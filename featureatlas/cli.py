@@ -58,8 +58,9 @@ def _harvest_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="top and bottom tokens of each unit's logit effect (default: %(default)s; 0 for none)")
     p.add_argument("--seed", type=int, default=0, help="seeds the quantile and random samples (default: %(default)s)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="fuse the per-batch steps with torch.compile, several times faster once compiled "
-                        "(seconds to a minute); auto: for 1M+ tokens or the whole corpus (default: %(default)s)")
+                   help="fuse the per-batch steps with torch.compile (seconds to a minute): several times faster on "
+                        "GPUs; on CPUs the native loops (README: Cost and memory) already are, and it then speeds up "
+                        "only dictionary features; auto: for 1M+ tokens or the whole corpus (default: %(default)s)")
     p.add_argument("--cuda-graphs", choices=["on", "off"], default="on",
                    help="on CUDA, replay each layer's updates as a recorded CUDA graph instead of launching "
                         "their small kernels one by one from Python (default: %(default)s)")

@@ -45,31 +45,50 @@ struct Acts {
 };
 
 // Copies row (b, u) over every token into out (zero past the batch's tokens, up to width) and returns the first
-// counted position reaching the row's max (or min): what the list keeps of an entering context.
+// counted position reaching the row's max (or min): what the list keeps of an entering context. The strided
+// gather is a loop of plain loads of the element's width; the search then runs on the copy, in L1.
+template <typename Bits>
+void gather(const char* p, int64_t step, int64_t n, char* out) {
+  Bits* o = reinterpret_cast<Bits*>(out);
+  for (int64_t t = 0; t < n; ++t, p += step) std::memcpy(o + t, p, sizeof(Bits));
+}
+
 int64_t copy_row(const Acts& a, const uint8_t* counted, int64_t first, int64_t b, int64_t u, char* out,
                  int64_t width, bool largest) {
   const char* p = a.data + (b * a.sb + u * a.su) * a.item;
-  const int64_t step = a.st * a.item;
+  if (a.item == 4)
+    gather<uint32_t>(p, a.st * a.item, a.tokens, out);
+  else
+    gather<uint16_t>(p, a.st * a.item, a.tokens, out);
+  if (width > a.tokens) std::memset(out + a.tokens * a.item, 0, (width - a.tokens) * a.item);
   int64_t position = -1;
   float best = 0;
-  for (int64_t t = 0; t < a.tokens; ++t, p += step) {
-    std::memcpy(out + t * a.item, p, a.item);
-    if (t < first || !counted[b * a.tokens + t]) continue;
-    float v = a.load(p);
+  const uint8_t* row_counted = counted + b * a.tokens;
+  for (int64_t t = first; t < a.tokens; ++t) {
+    if (!row_counted[t]) continue;
+    const float v = a.load(out + t * a.item);
     if (position < 0 || (largest ? v > best : v < best)) {
       best = v;
       position = t;
     }
   }
-  if (width > a.tokens) std::memset(out + a.tokens * a.item, 0, (width - a.tokens) * a.item);
   return position < 0 ? first : position;
 }
 
-// Asks for row (b, u)'s cache lines ahead of copy_row: one line per token, stride units apart, which the
-// hardware prefetchers do not follow; issued one candidate ahead, their fetches overlap the current copy.
-void prefetch_row(const Acts& a, int64_t b, int64_t u) {
-  const char* p = a.data + (b * a.sb + u * a.su) * a.item;
-  for (int64_t t = 0; t < a.tokens; ++t) __builtin_prefetch(p + t * a.st * a.item);
+// A row to copy once a thread's units are merged: batch row b of unit u, into entry `index` (a rank, or a sample).
+struct Copy {
+  int64_t b, u, index;
+};
+
+// Orders copies by batch row (a counting sort, stable): a context's [tokens, units] block is then read once for
+// all its entering units while it is in cache, instead of once per unit.
+void by_row(std::vector<Copy>& copies, int64_t batch, std::vector<Copy>& scratch, std::vector<int64_t>& start) {
+  start.assign(batch + 1, 0);
+  for (const Copy& c : copies) ++start[c.b + 1];
+  for (int64_t b = 0; b < batch; ++b) start[b + 1] += start[b];
+  scratch.resize(copies.size());
+  for (const Copy& c : copies) scratch[start[c.b]++] = c;
+  copies.swap(scratch);
 }
 
 float power_of_two(int64_t exponent) {  // as reservoir._power_of_two: exact, from the bits
@@ -182,18 +201,20 @@ void topk_update(const void* acts, int dtype, int64_t item, int64_t batch, int64
   const Acts a{static_cast<const char*>(acts), dtype, item, batch, tokens, units, sb, st, su};
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<int64_t> rows;  // contexts beating the k-th score as the batch starts (the bar only rises)
-#pragma omp for schedule(static)
+    std::vector<int64_t> rows;          // contexts beating the k-th score as the batch starts (the bar only rises)
+    std::vector<int64_t> from_row(k);   // per rank: the batch row of an entry from this batch, else -1
+    std::vector<Copy> copies, scratch;  // only the entries that stay are copied, once the thread's units merged
+    std::vector<int64_t> start;
+#pragma omp for schedule(static) nowait
     for (int64_t u = 0; u < units; ++u) {
       float* value = values + u * k;
       int64_t *id = ids + u * k, *position = positions + u * k, *slot = slots + u * k;
       rows.clear();
       for (int64_t b = 0; b < batch; ++b)
         if (scores[b * units + u] > value[k - 1]) rows.push_back(b);
-      if (!rows.empty()) prefetch_row(a, rows[0], u);
-      for (size_t i = 0; i < rows.size(); ++i) {
-        if (i + 1 < rows.size()) prefetch_row(a, rows[i + 1], u);
-        const int64_t b = rows[i];
+      if (rows.empty()) continue;
+      std::fill(from_row.begin(), from_row.end(), -1);
+      for (const int64_t b : rows) {
         const float s = scores[b * units + u];
         if (!(s > value[k - 1])) continue;
         int64_t rank = k - 1;
@@ -204,13 +225,20 @@ void topk_update(const void* acts, int dtype, int64_t item, int64_t batch, int64
           id[j] = id[j - 1];
           position[j] = position[j - 1];
           slot[j] = slot[j - 1];
+          from_row[j] = from_row[j - 1];
         }
         value[rank] = s;
         id[rank] = batch_ids[b];
         slot[rank] = freed;
-        char* out = static_cast<char*>(slot_acts) + (u * k + freed) * width * item;
-        position[rank] = copy_row(a, counted, first, b, u, out, width, largest != 0);
+        from_row[rank] = b;
       }
+      for (int64_t r = 0; r < k; ++r)
+        if (from_row[r] >= 0) copies.push_back({from_row[r], u, r});
+    }
+    by_row(copies, batch, scratch, start);  // this thread's units only: no other thread writes them
+    for (const Copy& c : copies) {
+      char* out = static_cast<char*>(slot_acts) + (c.u * k + slots[c.u * k + c.index]) * width * item;
+      positions[c.u * k + c.index] = copy_row(a, counted, first, c.b, c.u, out, width, largest != 0);
     }
   }
 }
@@ -225,48 +253,62 @@ void reservoir_update(const void* acts, int dtype, int64_t item, int64_t batch, 
                       int64_t* positions, float* values, void* sample_acts, int threads) {
   const Acts a{static_cast<const char*>(acts), dtype, item, batch, tokens, units, sb, st, su};
   const int64_t n = n_bins * per;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t u = 0; u < units; ++u) {
-    Samples s{n_bins, per, width, item, keys + u * n, ids + u * n, positions + u * n, values + u * n,
-              static_cast<char*>(sample_acts) + u * n * width * item};
-    if (n_bins > 1) {
-      float batch_max = -std::numeric_limits<float>::infinity();
-      bool nan = false;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<int64_t> from_row(n);  // per entry: the batch row of an entry from this batch, else -1
+    std::vector<Copy> copies, scratch;  // only the entries that stay are copied, once the thread's units merged
+    std::vector<int64_t> start;
+#pragma omp for schedule(static) nowait
+    for (int64_t u = 0; u < units; ++u) {
+      std::fill(from_row.begin(), from_row.end(), -1);
+      Samples s{n_bins, per, width, item, keys + u * n, ids + u * n, positions + u * n, values + u * n,
+                static_cast<char*>(sample_acts) + u * n * width * item};
+      if (n_bins > 1) {
+        float batch_max = -std::numeric_limits<float>::infinity();
+        bool nan = false;
+        for (int64_t b = 0; b < batch; ++b) {
+          const float x = context_max[b * units + u];
+          nan |= std::isnan(x);
+          batch_max = std::max(batch_max, x);
+        }
+        int e = 0;
+        std::frexp(batch_max, &e);
+        const int64_t needed = !nan && batch_max > 0 ? e : kNoExponent;
+        if (needed > exponent[u]) {
+          const bool fired_before = exponent[u] != kNoExponent;
+          const int64_t doublings = std::min<int64_t>(needed - exponent[u], 64);
+          exponent[u] = needed;
+          for (int64_t i = 0; fired_before && i < doublings; ++i) s.merge_pairs();
+        }
+      }
+      const int64_t scale = std::min<int64_t>(-exponent[u], 126);
+      const int64_t half = scale >= 0 ? scale / 2 : -((-scale + 1) / 2);  // floor division
       for (int64_t b = 0; b < batch; ++b) {
         const float x = context_max[b * units + u];
-        nan |= std::isnan(x);
-        batch_max = std::max(batch_max, x);
+        if (!(x > 0)) continue;
+        int64_t bin = 0;
+        if (n_bins > 1) {
+          float y = x * power_of_two(half);
+          y = y * power_of_two(scale - half);
+          y = std::floor(y * float(n_bins));
+          bin = y < 0 ? 0 : y > float(n_bins - 1) ? n_bins - 1 : int64_t(y);
+        }
+        int64_t worst = bin * per;  // the entry with the largest key (the first of equals)
+        for (int64_t j = bin * per + 1; j < (bin + 1) * per; ++j)
+          if (s.keys[j] > s.keys[worst]) worst = j;
+        if (!(batch_keys[b] < s.keys[worst])) continue;
+        s.keys[worst] = batch_keys[b];
+        s.ids[worst] = batch_ids[b];
+        s.values[worst] = x;
+        from_row[worst] = b;
       }
-      int e = 0;
-      std::frexp(batch_max, &e);
-      const int64_t needed = !nan && batch_max > 0 ? e : kNoExponent;
-      if (needed > exponent[u]) {
-        const bool fired_before = exponent[u] != kNoExponent;
-        const int64_t doublings = std::min<int64_t>(needed - exponent[u], 64);
-        exponent[u] = needed;
-        for (int64_t i = 0; fired_before && i < doublings; ++i) s.merge_pairs();
-      }
+      for (int64_t j = 0; j < n; ++j)
+        if (from_row[j] >= 0) copies.push_back({from_row[j], u, j});
     }
-    const int64_t scale = std::min<int64_t>(-exponent[u], 126);
-    const int64_t half = scale >= 0 ? scale / 2 : -((-scale + 1) / 2);  // floor division
-    for (int64_t b = 0; b < batch; ++b) {
-      const float x = context_max[b * units + u];
-      if (!(x > 0)) continue;
-      int64_t bin = 0;
-      if (n_bins > 1) {
-        float y = x * power_of_two(half);
-        y = y * power_of_two(scale - half);
-        y = std::floor(y * float(n_bins));
-        bin = y < 0 ? 0 : y > float(n_bins - 1) ? n_bins - 1 : int64_t(y);
-      }
-      int64_t worst = bin * per;  // the entry with the largest key (the first of equals)
-      for (int64_t j = bin * per + 1; j < (bin + 1) * per; ++j)
-        if (s.keys[j] > s.keys[worst]) worst = j;
-      if (!(batch_keys[b] < s.keys[worst])) continue;
-      s.keys[worst] = batch_keys[b];
-      s.ids[worst] = batch_ids[b];
-      s.values[worst] = x;
-      s.positions[worst] = copy_row(a, counted, first, b, u, s.acts + worst * width * item, width, true);
+    by_row(copies, batch, scratch, start);
+    for (const Copy& c : copies) {
+      char* out = static_cast<char*>(sample_acts) + (c.u * n + c.index) * width * item;
+      positions[c.u * n + c.index] = copy_row(a, counted, first, c.b, c.u, out, width, true);
     }
   }
 }

@@ -1,15 +1,16 @@
-"""Dense units' updates on CPU as one compiled loop per list and layer (native.cpp): top/bottom-k, samples and the
-statistics' histogram.
+"""Dense units' updates on CPU as one compiled loop per list and layer (native.cpp): the reduction, top/bottom-k,
+samples and the statistics' histogram.
 
 The tensor code in topk.py and reservoir.py spends some forty small operations per list and layer, each a few
 microseconds of dispatch on a few hundred candidates: with every layer's neurons and residual dimensions that is
-most of a batch's update time on a CPU. The loop walks each unit's batch column once and copies only the
-contexts that enter (asking for the next one's cache lines while it copies). The histogram's loop counts each
-sampled token straight into its column, where the tensor code builds a column index per token, then scatters.
+most of a batch's update time on a CPU. The loop walks each unit's batch column once, then copies the contexts
+that stay, context by context (each context's block is read once, while in cache, for all its units). The
+histogram's loop counts each sampled token straight into its column, where the tensor code builds a column index
+per token, then scatters. The reduction streams each thread's contexts row by row, needing no torch.compile.
 It is built with the system's C++ compiler at first use (about a second, plain C ABI, no torch headers) into the
-featureatlas cache, keyed by its source and the compiler, and called through ctypes. Where none builds (no
-compiler), or for dtypes it does not read, the tensor code runs instead, as it always does on GPUs. Both give the
-same results; the tests check it. FEATUREATLAS_NATIVE=0 turns it off.
+featureatlas cache, keyed by its source, the compiler and the CPU, and called through ctypes. Where none builds
+(no compiler), or for dtypes it does not read, the tensor code runs instead, as it always does on GPUs. Both give
+the same results; the tests check it. FEATUREATLAS_NATIVE=0 turns it off.
 """
 
 from __future__ import annotations
