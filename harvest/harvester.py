@@ -41,7 +41,7 @@ class Settings:
     compile: bool = False         # fuse the per-batch steps with torch.compile (reductions.py)
     fixed_shapes: bool = False    # dense units' lists in data-independent shapes: no host syncs (for CUDA)
     cuda_graphs: bool = False     # with fixed shapes on CUDA: dense units' updates replayed as CUDA graphs
-    native: bool = True           # on CPU: dense units' lists merged in one compiled loop (native.py), if it builds
+    native: bool = True           # on CPU: dense units updated by compiled loops (native.py), where they build
 
 
 class Accumulators:

@@ -63,7 +63,7 @@ class HarvestConfig:
     compile: str = "auto"                # fuse the per-batch steps: on | off | auto (1M+ tokens, or the whole corpus)
     fixed_shapes: bool | None = None     # dense units' lists in fixed shapes, no host syncs (None: on CUDA)
     cuda_graphs: bool = True             # with fixed shapes on CUDA: dense updates replayed as CUDA graphs
-    native: bool = True                  # on CPU: dense units' list merges in a compiled loop (harvest/native.py)
+    native: bool = True                  # on CPU: dense units updated by compiled loops (harvest/native.py)
     shard: tuple[int, int] | None = None  # (i, n): only contexts whose id is i mod n (merge the n stores after)
     checkpoint_every: int | None = None  # save the whole state every this many tokens (None: never)
     resume: bool = False                 # continue from the checkpoint beside `out`
