@@ -91,6 +91,20 @@ void by_row(std::vector<Copy>& copies, int64_t batch, std::vector<Copy>& scratch
   copies.swap(scratch);
 }
 
+// The calling thread's index and its even part [lo, hi) of `total` items, inside a parallel region.
+struct Share {
+  int me;
+  int64_t lo, hi;
+};
+Share my_share(int64_t total) {
+  int n = 1, me = 0;
+#ifdef _OPENMP
+  n = omp_get_num_threads();
+  me = omp_get_thread_num();
+#endif
+  return {me, total * me / n, total * (me + 1) / n};
+}
+
 float power_of_two(int64_t exponent) {  // as reservoir._power_of_two: exact, from the bits
   uint32_t bits = uint32_t(exponent + 127) << 23;
   float v;
@@ -136,10 +150,7 @@ struct Samples {  // one unit's reservoir: [bins, per] entries, each with [width
 };
 
 
-// Per-context extremes and per-unit sums of dense units (reductions.reduce_eager's results): for each context,
-// the max and min over its counted positions (-inf and inf where none); per unit, the counted tokens' sum and sum
-// of squares (in double: float32 within a context, then added up) and firing count (activation > 0). The units
-// must be innermost (unit stride 1), so each thread streams whole rows of its own contexts.
+// Element loads for the reduction's rows, by dtype.
 template <typename T>
 float to_float(T v) {
   return float(v);
@@ -324,12 +335,7 @@ void histogram_update(const void* acts, int dtype, int64_t item, int64_t batch, 
   const int64_t uncounted = 2 * half + 1;
 #pragma omp parallel num_threads(threads)
   {
-    int n = 1, me = 0;
-#ifdef _OPENMP
-    n = omp_get_num_threads();
-    me = omp_get_thread_num();
-#endif
-    const int64_t lo = units * me / n, hi = units * (me + 1) / n;
+    const auto [me, lo, hi] = my_share(units);
     for (int64_t b = 0; b < batch; ++b) {
       if (batch_keys[b] % every != 0) continue;
       for (int64_t t = 0; t < tokens; ++t) {
@@ -352,6 +358,10 @@ void histogram_update(const void* acts, int dtype, int64_t item, int64_t batch, 
   }
 }
 
+// Per-context extremes and per-unit sums of dense units (reductions.reduce_eager's results): for each context,
+// the max and min over its counted positions (-inf and inf where none); per unit, the counted tokens' sum and sum
+// of squares (in double: float32 within a context, then added up) and firing count (activation > 0). The units
+// must be innermost (unit stride 1), so each thread streams whole rows of its own contexts.
 void reduce(const void* acts, int dtype, int64_t batch, int64_t tokens, int64_t units, int64_t sb, int64_t st,
             const uint8_t* counted, float* context_max, float* context_min, double* sum, double* squares,
             int64_t* firing, int threads) {
@@ -360,12 +370,7 @@ void reduce(const void* acts, int dtype, int64_t batch, int64_t tokens, int64_t 
   std::vector<int64_t> fires(size_t(threads) * units, 0);
 #pragma omp parallel num_threads(threads)
   {
-    int n = 1, me = 0;
-#ifdef _OPENMP
-    n = omp_get_num_threads();
-    me = omp_get_thread_num();
-#endif
-    const int64_t b0 = batch * me / n, b1 = batch * (me + 1) / n;
+    const auto [me, b0, b1] = my_share(batch);
     double* my_sum = sums.data() + size_t(me) * units * 2;
     double* my_squares = my_sum + units;
     int64_t* my_fires = fires.data() + size_t(me) * units;

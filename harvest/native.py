@@ -44,7 +44,7 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
 def available(device: torch.device) -> bool:
-    """Whether list merges on `device` can run natively (building the library on first call)."""
+    """Whether dense units' updates on `device` can run natively (building the library on first call)."""
     return device.type == "cpu" and library() is not None
 
 
@@ -55,15 +55,16 @@ def library() -> ctypes.CDLL | None:
         return None
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if compiler is None:
-        print("featureatlas: no C++ compiler found (g++, c++ or $CXX); merging example lists with tensor "
-              "operations instead (slower on CPU)", file=sys.stderr)
+        print("featureatlas: no C++ compiler found (g++, c++ or $CXX); updating neurons and residual dimensions "
+              "with tensor operations instead (slower on CPU)", file=sys.stderr)
         return None
     try:
         lib = ctypes.CDLL(str(_build(compiler)))
     except (OSError, subprocess.SubprocessError) as err:
         detail = getattr(err, "stderr", None) or err
         print(f"featureatlas: could not build {SOURCE.name} with {compiler} ({str(detail).strip()[:200]}); "
-              "merging example lists with tensor operations instead (slower on CPU)", file=sys.stderr)
+              "updating neurons and residual dimensions with tensor operations instead (slower on CPU)",
+              file=sys.stderr)
         return None
     lib.topk_update.argtypes = [_PTR, ctypes.c_int] + [_I64] * 7 + [_PTR, _PTR, _I64, _PTR, ctypes.c_int, _I64,
                                                                      _I64, _PTR, _PTR, _PTR, _PTR, _PTR, ctypes.c_int]

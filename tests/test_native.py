@@ -139,3 +139,15 @@ def test_native_reduction_equals_the_eager_one(dtype: torch.dtype) -> None:
                 assert torch.equal(g, w.to(g.dtype)), name
             else:
                 torch.testing.assert_close(g.float(), w.float(), rtol=1e-5, atol=1e-3, msg=name)
+
+
+def test_without_a_compiler_one_line_says_so_and_the_tensor_code_runs(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("FEATUREATLAS_CACHE", str(tmp_path / "cache"))
+    native.library.cache_clear()
+    try:
+        assert native.library() is None and not native.available(torch.device("cpu"))
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "could not build native.cpp" in err and "tensor operations" in err
+    finally:
+        native.library.cache_clear()  # the next caller builds (or finds) the real one again
