@@ -134,13 +134,13 @@ def _read(path: Path, n_units: int, n: int) -> Effects | None:
 
 def _write(path: Path, effects: Effects) -> None:
     """Best effort (a read-only cache only costs the next run the recompute); whole or not at all."""
+    temp = temp_path_beside(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temp = temp_path_beside(path)
         torch.save(tuple(t.cpu() for t in effects), temp)
         os.replace(temp, path)
     except OSError:
-        pass
+        temp.unlink(missing_ok=True)  # a full disk mid-write leaves no partial file behind
 
 
 def _logits_by_chunk(directions: torch.Tensor, readout: torch.Tensor, basis: bool) -> Iterator[torch.Tensor]:
