@@ -117,8 +117,7 @@ def reduce(acts: torch.Tensor, counted: torch.Tensor) -> tuple[torch.Tensor, ...
     """reductions.reduce_eager's results for activations whose units are innermost (reads(acts) and unit stride
     1): context max and min [batch, units] (float32), the counted tokens' sum and sum of squares (float64) and
     firing count [units]."""
-    lib = library()
-    assert lib is not None
+    lib = _loaded()
     batch, tokens, units = acts.shape
     high, low = torch.empty((batch, units)), torch.empty((batch, units))
     sums, squares = torch.zeros(units, dtype=torch.float64), torch.zeros(units, dtype=torch.float64)
@@ -132,8 +131,7 @@ def reduce(acts: torch.Tensor, counted: torch.Tensor) -> tuple[torch.Tensor, ...
 
 def topk_update(top: TopK, acts: torch.Tensor, scores: torch.Tensor, view: BatchView, largest: bool) -> None:
     """TopK.update's merge for dense units: scores [batch, units] float32 (each context's max, or minus its min)."""
-    lib = library()
-    assert lib is not None
+    lib = _loaded()
     _contiguous(top, top.STATE)
     scores, counted = scores.float().contiguous(), view.counted.contiguous()
     lib.topk_update(*_acts_args(acts), scores.data_ptr(), counted.data_ptr(), view.first_counted,
@@ -144,8 +142,7 @@ def topk_update(top: TopK, acts: torch.Tensor, scores: torch.Tensor, view: Batch
 
 def reservoir_update(samples: Reservoir, acts: torch.Tensor, context_max: torch.Tensor, view: BatchView) -> None:
     """Reservoir.update for dense units: context_max [batch, units] float32."""
-    lib = library()
-    assert lib is not None
+    lib = _loaded()
     _contiguous(samples, samples.STATE)
     context_max, counted = context_max.float().contiguous(), view.counted.contiguous()
     lib.reservoir_update(*_acts_args(acts), context_max.data_ptr(), counted.data_ptr(), view.first_counted,
@@ -159,12 +156,18 @@ def histogram_update(statistics: Statistics, acts: torch.Tensor, view: BatchView
     """Statistics' histogram for dense units: every token of the contexts whose key is a multiple of
     histogram_every, into counts [N_BINS + 1, units] (the last row takes uncounted positions)."""
     from featureatlas.harvest.statistics import _FIRST_CODE, HALF  # statistics imports this module
-    lib = library()
-    assert lib is not None
+    lib = _loaded()
     _contiguous(statistics, ("counts",))
     counted = view.counted.contiguous()
     lib.histogram_update(*_acts_args(acts), counted.data_ptr(), view.keys.data_ptr(), statistics.histogram_every,
                          HALF, _FIRST_CODE, statistics.counts.data_ptr(), torch.get_num_threads())
+
+
+def _loaded() -> ctypes.CDLL:
+    """The library, for callers that checked `available` (or `library()`) first."""
+    lib = library()
+    assert lib is not None
+    return lib
 
 
 def _acts_args(acts: torch.Tensor) -> tuple[int, ...]:
