@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import platform
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,6 +27,7 @@ from featureatlas.harvest.corpus import CorpusError, check_corpus, iter_document
 from featureatlas.harvest.harvester import Harvester, Settings, check_widths
 from featureatlas.harvest.logits import LogitEffects
 from featureatlas.harvest.models import ModelRef, load_model, pick_device, pick_dtype, resolve_model
+from featureatlas.harvest.prefetch import prefetched
 from featureatlas.harvest.sources import UnitSource, dictionary_sources, mlp_sources, parse_layers, resid_sources
 from featureatlas.harvest.write import ContextLengths, write_logits, write_source, write_vocabulary
 from featureatlas.store.writer import StoreWriter, check_writable_target
@@ -164,7 +166,7 @@ def harvest(config: HarvestConfig, loaded: tuple[PreTrainedModel, PreTrainedToke
     checkpoints = Checkpointer(Path(config.out), config.checkpoint_every)
     with StoreWriter(config.out) as store, \
             Harvester(model, sources, settings, config.context_length, int(has_bos)) as harvester:
-        documents: list[DocumentInfo] = []
+        documents: deque[DocumentInfo] = deque()  # appended to by the thread making batches (prefetch.py)
         contexts = iter_contexts(iter_documents(config.corpus, config.text_field, config.token_field, config.split),
                                  tokenizer, config.context_length, config.tokens, documents.append)
         if config.shard is not None:  # every shard reads the whole corpus: context ids stay global
@@ -182,7 +184,7 @@ def harvest(config: HarvestConfig, loaded: tuple[PreTrainedModel, PreTrainedToke
         with tqdm.tqdm(total=config.tokens, initial=n_tokens, unit="tok", unit_scale=True, desc="harvest",
                        disable=not config.progress, dynamic_ncols=True) as bar:
             for step, (batch, batch_contexts) in enumerate(
-                    iter_batches(contexts, config.batch_size, has_bos, pad_id)):
+                    prefetched(iter_batches(contexts, config.batch_size, has_bos, pad_id))):
                 harvester.step(batch)
                 kept.update((c.context_id, c) for c in batch_contexts)
                 if step % _PRUNE_EVERY == _PRUNE_EVERY - 1:
@@ -247,11 +249,12 @@ def _only(kept: dict[int, Context], referenced: set[int]) -> dict[int, Context]:
     return {cid: c for cid, c in kept.items() if cid in referenced}
 
 
-def _write_documents(store: StoreWriter, documents: list[DocumentInfo]) -> None:
-    if documents:
-        store.add_documents(np.array([d.document_id for d in documents]), [d.name for d in documents],
-                            np.array([d.n_tokens for d in documents]))
-        documents.clear()
+def _write_documents(store: StoreWriter, documents: deque[DocumentInfo]) -> None:
+    """Writes the documents listed so far (taken one by one: the batch-making thread may be adding more)."""
+    taken = [documents.popleft() for _ in range(len(documents))]
+    if taken:
+        store.add_documents(np.array([d.document_id for d in taken]), [d.name for d in taken],
+                            np.array([d.n_tokens for d in taken]))
 
 
 def _write_contexts(store: StoreWriter, tokenizer: transformers.PreTrainedTokenizerBase,
