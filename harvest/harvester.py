@@ -51,7 +51,9 @@ class Accumulators:
                  dtype: torch.dtype):
         n, fixed = source.n_units, settings.fixed_shapes and not source.sparse
         form = (fixed, settings.compile)  # fixed shapes compile into a few kernels a step
-        loop = settings.native and not fixed and not source.sparse and native.available(device)
+        loop = settings.native and not fixed and native.available(device)
+        self.native_pairs = loop and source.sparse  # sparse units' lists merge in native.py's loops too
+        loop = loop and not source.sparse
         self.top = TopK(n, settings.top_k, context_length, device, dtype, *form, native=loop)
         self.bottom = TopK(n, settings.bottom_k, context_length, device, dtype, *form, native=loop) \
             if source.signed and settings.bottom_k else None
@@ -79,6 +81,13 @@ class Accumulators:
         acts = acts.contiguous()
         if nonzeros is None:
             nonzeros = acts.view(-1).nonzero().squeeze(1)
+        if self.native_pairs and native.reads(acts, self.top.slot_activations):
+            index = native.sparse_index(acts, nonzeros, view.counted)
+            self.statistics.update_sparse(view, index.counted_units, index.counted_values)
+            native.topk_update(self.top, acts, index.scores, view, True, index)
+            for reservoir in reservoirs:
+                native.reservoir_update(reservoir, acts, index.scores, view, index)
+            return
         rows_of = SparseRows(acts, nonzeros, self._pair_table(acts.shape[0] * acts.shape[2], acts.device))
         fired = firing(rows_of, view.counted)
         self.statistics.update_sparse(view, fired.units, fired.values)

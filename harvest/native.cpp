@@ -44,23 +44,18 @@ struct Acts {
   }
 };
 
-// Copies row (b, u) over every token into out (zero past the batch's tokens, up to width) and returns the first
-// counted position reaching the row's max (or min): what the list keeps of an entering context. The strided
-// gather is a loop of plain loads of the element's width; the search then runs on the copy, in L1.
-template <typename Bits>
-void gather(const char* p, int64_t step, int64_t n, char* out) {
-  Bits* o = reinterpret_cast<Bits*>(out);
-  for (int64_t t = 0; t < n; ++t, p += step) std::memcpy(o + t, p, sizeof(Bits));
+// One element of 4 or 2 bytes: fixed-size copies compile to a move, where memcpy(item) is a library call.
+inline void copy_item(char* to, const char* from, int64_t item) {
+  if (item == 4)
+    std::memcpy(to, from, 4);
+  else
+    std::memcpy(to, from, 2);
 }
 
-int64_t copy_row(const Acts& a, const uint8_t* counted, int64_t first, int64_t b, int64_t u, char* out,
-                 int64_t width, bool largest) {
-  const char* p = a.data + (b * a.sb + u * a.su) * a.item;
-  if (a.item == 4)
-    gather<uint32_t>(p, a.st * a.item, a.tokens, out);
-  else
-    gather<uint16_t>(p, a.st * a.item, a.tokens, out);
-  if (width > a.tokens) std::memset(out + a.tokens * a.item, 0, (width - a.tokens) * a.item);
+// The first counted position of batch row b reaching the max (or min) of a copied row `out`: what the list keeps
+// of an entering context (`first` when none is counted).
+int64_t extreme_position(const Acts& a, const uint8_t* counted, int64_t first, int64_t b, const char* out,
+                         bool largest) {
   int64_t position = -1;
   float best = 0;
   const uint8_t* row_counted = counted + b * a.tokens;
@@ -74,6 +69,46 @@ int64_t copy_row(const Acts& a, const uint8_t* counted, int64_t first, int64_t b
   }
   return position < 0 ? first : position;
 }
+
+// Copies row (b, u) over every token into out (zero past the batch's tokens, up to width). The strided gather is
+// a loop of plain loads of the element's width; the position search then runs on the copy, in L1.
+template <typename Bits>
+void gather(const char* p, int64_t step, int64_t n, char* out) {
+  Bits* o = reinterpret_cast<Bits*>(out);
+  for (int64_t t = 0; t < n; ++t, p += step) std::memcpy(o + t, p, sizeof(Bits));
+}
+
+// Where entering contexts' rows come from: the dense [batch, tokens, units] activations, or (pairs set) a sparse
+// source's non-zeros grouped by (batch row, unit) pair, as sparse_index lists them; a row is zero elsewhere.
+struct Rows {
+  Acts a;
+  const int64_t* pairs;      // [n_pairs] ascending: b * units + u
+  int64_t n_pairs;
+  const int64_t* starts;     // [n_pairs + 1]: each pair's range of positions and bits
+  const int64_t* positions;  // ascending within a pair
+  const char* bits;          // the values, a.item bytes each
+
+  // Copies row (b, u) into out, zero past the tokens up to width; returns its extreme_position.
+  int64_t copy(const uint8_t* counted, int64_t first, int64_t b, int64_t u, char* out, int64_t width,
+               bool largest) const {
+    if (pairs == nullptr) {
+      const char* p = a.data + (b * a.sb + u * a.su) * a.item;
+      if (a.item == 4)
+        gather<uint32_t>(p, a.st * a.item, a.tokens, out);
+      else
+        gather<uint16_t>(p, a.st * a.item, a.tokens, out);
+      if (width > a.tokens) std::memset(out + a.tokens * a.item, 0, (width - a.tokens) * a.item);
+    } else {
+      std::memset(out, 0, width * a.item);
+      const int64_t pair = b * a.units + u;
+      const int64_t* at = std::lower_bound(pairs, pairs + n_pairs, pair);
+      if (at != pairs + n_pairs && *at == pair)
+        for (int64_t j = starts[at - pairs]; j < starts[at - pairs + 1]; ++j)
+          copy_item(out + positions[j] * a.item, bits + j * a.item, a.item);
+    }
+    return extreme_position(a, counted, first, b, out, largest);
+  }
+};
 
 // A row to copy once a thread's units are merged: batch row b of unit u, into entry `index` (a rank, or a sample).
 struct Copy {
@@ -201,15 +236,20 @@ void reduce_rows(const T* data, int64_t b0, int64_t b1, int64_t tokens, int64_t 
 
 extern "C" {
 
-// Top-k of dense units (TopK.update): scores [batch, units] float32, each context's max (or minus its min, with
-// largest = 0); lists in rank order, slot_acts [units, k, width] in slots that never move. A context enters
+// Top-k (TopK.update, and TopK.update_pairs for sparse units): scores float32 at [b * ssb + u * ssu], each
+// context's max (or minus its min, with largest = 0; -inf where a sparse unit does not fire); entering rows are
+// copied from the dense activations, or from a sparse source's pairs (see Rows) where `pairs` is set. Lists in
+// rank order, slot_acts [units, k, width] in slots that never move. A context enters
 // after every kept one scoring at least as much: kept contexts and earlier rows have lower ids, and ties go
 // to the lower id.
 void topk_update(const void* acts, int dtype, int64_t item, int64_t batch, int64_t tokens, int64_t units,
-                 int64_t sb, int64_t st, int64_t su, const float* scores, const uint8_t* counted, int64_t first,
-                 const int64_t* batch_ids, int largest, int64_t k, int64_t width, float* values, int64_t* ids,
-                 int64_t* positions, int64_t* slots, void* slot_acts, int threads) {
-  const Acts a{static_cast<const char*>(acts), dtype, item, batch, tokens, units, sb, st, su};
+                 int64_t sb, int64_t st, int64_t su, const int64_t* pairs, int64_t n_pairs, const int64_t* starts,
+                 const int64_t* pair_positions, const void* pair_bits, const float* scores, int64_t ssb,
+                 int64_t ssu, const uint8_t* counted, int64_t first, const int64_t* batch_ids, int largest, int64_t k,
+                 int64_t width, float* values, int64_t* ids, int64_t* positions, int64_t* slots, void* slot_acts,
+                 int threads) {
+  const Rows source{{static_cast<const char*>(acts), dtype, item, batch, tokens, units, sb, st, su}, pairs, n_pairs,
+                    starts, pair_positions, static_cast<const char*>(pair_bits)};
 #pragma omp parallel num_threads(threads)
   {
     std::vector<int64_t> rows;          // contexts beating the k-th score as the batch starts (the bar only rises)
@@ -222,11 +262,11 @@ void topk_update(const void* acts, int dtype, int64_t item, int64_t batch, int64
       int64_t *id = ids + u * k, *position = positions + u * k, *slot = slots + u * k;
       rows.clear();
       for (int64_t b = 0; b < batch; ++b)
-        if (scores[b * units + u] > value[k - 1]) rows.push_back(b);
+        if (scores[b * ssb + u * ssu] > value[k - 1]) rows.push_back(b);
       if (rows.empty()) continue;
       std::fill(from_row.begin(), from_row.end(), -1);
       for (const int64_t b : rows) {
-        const float s = scores[b * units + u];
+        const float s = scores[b * ssb + u * ssu];
         if (!(s > value[k - 1])) continue;
         int64_t rank = k - 1;
         while (rank > 0 && value[rank - 1] < s) --rank;
@@ -249,20 +289,24 @@ void topk_update(const void* acts, int dtype, int64_t item, int64_t batch, int64
     by_row(copies, batch, scratch, start);  // this thread's units only: no other thread writes them
     for (const Copy& c : copies) {
       char* out = static_cast<char*>(slot_acts) + (c.u * k + slots[c.u * k + c.index]) * width * item;
-      positions[c.u * k + c.index] = copy_row(a, counted, first, c.b, c.u, out, width, largest != 0);
+      positions[c.u * k + c.index] = source.copy(counted, first, c.b, c.u, out, width, largest != 0);
     }
   }
 }
 
-// Seeded samples of dense units (Reservoir.update): context_max [batch, units] float32; per unit, n_bins bins of
+// Seeded samples (Reservoir.update and update_pairs): context_max float32 at [b * ssb + u * ssu] (-inf where a
+// sparse unit does not fire), rows as for topk_update; per unit, n_bins bins of
 // `per` entries holding the smallest keys among contexts whose max falls in the bin (see reservoir.py: W grows
 // to the power of two above the unit's max, merging bins in pairs per doubling, before the batch is binned).
 void reservoir_update(const void* acts, int dtype, int64_t item, int64_t batch, int64_t tokens, int64_t units,
-                      int64_t sb, int64_t st, int64_t su, const float* context_max, const uint8_t* counted,
-                      int64_t first, const int64_t* batch_ids, const int64_t* batch_keys, int64_t n_bins,
-                      int64_t per, int64_t width, int64_t* exponent, int64_t* keys, int64_t* ids,
-                      int64_t* positions, float* values, void* sample_acts, int threads) {
-  const Acts a{static_cast<const char*>(acts), dtype, item, batch, tokens, units, sb, st, su};
+                      int64_t sb, int64_t st, int64_t su, const int64_t* pairs, int64_t n_pairs,
+                      const int64_t* starts, const int64_t* pair_positions, const void* pair_bits,
+                      const float* context_max, int64_t ssb, int64_t ssu, const uint8_t* counted, int64_t first,
+                      const int64_t* batch_ids, const int64_t* batch_keys, int64_t n_bins, int64_t per,
+                      int64_t width, int64_t* exponent, int64_t* keys, int64_t* ids, int64_t* positions,
+                      float* values, void* sample_acts, int threads) {
+  const Rows source{{static_cast<const char*>(acts), dtype, item, batch, tokens, units, sb, st, su}, pairs, n_pairs,
+                    starts, pair_positions, static_cast<const char*>(pair_bits)};
   const int64_t n = n_bins * per;
 #pragma omp parallel num_threads(threads)
   {
@@ -278,7 +322,7 @@ void reservoir_update(const void* acts, int dtype, int64_t item, int64_t batch, 
         float batch_max = -std::numeric_limits<float>::infinity();
         bool nan = false;
         for (int64_t b = 0; b < batch; ++b) {
-          const float x = context_max[b * units + u];
+          const float x = context_max[b * ssb + u * ssu];
           nan |= std::isnan(x);
           batch_max = std::max(batch_max, x);
         }
@@ -295,7 +339,7 @@ void reservoir_update(const void* acts, int dtype, int64_t item, int64_t batch, 
       const int64_t scale = std::min<int64_t>(-exponent[u], 126);
       const int64_t half = scale >= 0 ? scale / 2 : -((-scale + 1) / 2);  // floor division
       for (int64_t b = 0; b < batch; ++b) {
-        const float x = context_max[b * units + u];
+        const float x = context_max[b * ssb + u * ssu];
         if (!(x > 0)) continue;
         int64_t bin = 0;
         if (n_bins > 1) {
@@ -319,7 +363,7 @@ void reservoir_update(const void* acts, int dtype, int64_t item, int64_t batch, 
     by_row(copies, batch, scratch, start);
     for (const Copy& c : copies) {
       char* out = static_cast<char*>(sample_acts) + (c.u * n + c.index) * width * item;
-      positions[c.u * n + c.index] = copy_row(a, counted, first, c.b, c.u, out, width, true);
+      positions[c.u * n + c.index] = source.copy(counted, first, c.b, c.u, out, width, true);
     }
   }
 }
@@ -390,6 +434,70 @@ void reduce(const void* acts, int dtype, int64_t batch, int64_t tokens, int64_t 
       squares[u] += sums[size_t(me) * units * 2 + units + u];
       firing[u] += fires[size_t(me) * units + u];
     }
+}
+
+// A sparse source's non-zeros (nonzeros: flat indices into [batch, tokens, units], by ascending position, as
+// torch's nonzero or a top-k encode lists them; nonzero_values: theirs, in the same order, gathered by torch,
+// whose parallel gather beats this loop's cache misses) grouped by (batch row, unit) pair for Rows: pairs ascending, each pair's positions ascending with
+// their values' bits. Also each firing pair's context max into scores [units, batch] (left as it is, -inf,
+// elsewhere): as reductions.firing, the max of its counted non-zeros fires where it is above 0 (a NaN among them
+// makes it NaN: no fire). And, in the order given, the counted non-zeros' units and values for the statistics
+// (the first *n_counted of each). Returns the number of pairs.
+int64_t sparse_index(const void* nonzero_values, int dtype, int64_t item, int64_t batch, int64_t tokens,
+                     int64_t units, const int64_t* nonzeros, int64_t nnz, const uint8_t* counted, int64_t* pairs, int64_t* starts,
+                     int64_t* positions, void* bits, float* scores, int64_t* counted_units, void* counted_values,
+                     int64_t* n_counted) {
+  const Acts a{static_cast<const char*>(nonzero_values), dtype, item, batch, tokens, units, 0, 0, 0};
+  char* out = static_cast<char*>(bits);
+  char* values = static_cast<char*>(counted_values);
+  std::vector<int64_t> count(units), next(units);
+  std::vector<int64_t> unit_of, position_of;  // of the row's non-zeros: one division each, not three
+  int64_t n_pairs = 0, j = 0, m = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t end = std::lower_bound(nonzeros + j, nonzeros + nnz, (b + 1) * tokens * units) - nonzeros;
+    unit_of.resize(end - j);
+    position_of.resize(end - j);
+    std::fill(count.begin(), count.end(), 0);
+    for (int64_t i = j; i < end; ++i) {
+      const int64_t flat_position = nonzeros[i] / units;
+      unit_of[i - j] = nonzeros[i] - flat_position * units;
+      position_of[i - j] = flat_position - b * tokens;
+      ++count[unit_of[i - j]];
+    }
+    const int64_t first_pair = n_pairs;
+    for (int64_t u = 0, at = j; u < units; ++u) {  // each unit's range, in unit order (a counting sort)
+      if (count[u] == 0) continue;
+      pairs[n_pairs] = b * units + u;
+      starts[n_pairs++] = at;
+      next[u] = at;
+      at += count[u];
+    }
+    for (int64_t i = j; i < end; ++i) {  // stable: each pair's positions stay ascending
+      const int64_t u = unit_of[i - j], t = position_of[i - j], to = next[u]++;
+      positions[to] = t;
+      copy_item(out + to * item, a.data + i * item, item);
+      if (counted[b * tokens + t]) {
+        counted_units[m] = u;
+        copy_item(values + m++ * item, out + to * item, item);
+      }
+    }
+    for (int64_t p = first_pair; p < n_pairs; ++p) {
+      const int64_t u = pairs[p] - b * units, stop = p + 1 < n_pairs ? starts[p + 1] : end;
+      float best = -std::numeric_limits<float>::infinity();
+      bool nan = false;
+      for (int64_t i = starts[p]; i < stop; ++i) {
+        if (!counted[b * tokens + positions[i]]) continue;
+        const float v = a.load(out + i * item);
+        nan |= std::isnan(v);
+        best = std::max(best, v);
+      }
+      if (best > 0 && !nan) scores[u * batch + b] = best;
+    }
+    j = end;
+  }
+  starts[n_pairs] = nnz;
+  *n_counted = m;
+  return n_pairs;
 }
 
 }  // extern "C"

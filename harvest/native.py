@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -66,14 +66,16 @@ def library() -> ctypes.CDLL | None:
               "updating neurons and residual dimensions with tensor operations instead (slower on CPU)",
               file=sys.stderr)
         return None
-    lib.topk_update.argtypes = [_PTR, ctypes.c_int] + [_I64] * 7 + [_PTR, _PTR, _I64, _PTR, ctypes.c_int, _I64,
-                                                                     _I64, _PTR, _PTR, _PTR, _PTR, _PTR, ctypes.c_int]
+    rows = [_PTR, ctypes.c_int] + [_I64] * 7 + [_PTR, _I64, _PTR, _PTR, _PTR]  # _rows_args
+    lib.topk_update.argtypes = rows + [_PTR, _I64, _I64, _PTR, _I64, _PTR, ctypes.c_int, _I64, _I64, _PTR, _PTR,
+                                       _PTR, _PTR, _PTR, ctypes.c_int]
+    lib.sparse_index.argtypes = [_PTR, ctypes.c_int] + [_I64] * 4 + [_PTR, _I64] + [_PTR] * 9
+    lib.sparse_index.restype = _I64
     lib.reduce.argtypes = [_PTR, ctypes.c_int] + [_I64] * 5 + [_PTR] * 6 + [ctypes.c_int]
     lib.histogram_update.argtypes = [_PTR, ctypes.c_int] + [_I64] * 7 + [_PTR, _PTR, _I64, _I64, _I64, _PTR,
                                                                          ctypes.c_int]
-    lib.reservoir_update.argtypes = [_PTR, ctypes.c_int] + [_I64] * 7 + [_PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64,
-                                                                         _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR,
-                                                                         ctypes.c_int]
+    lib.reservoir_update.argtypes = rows + [_PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR,
+                                            _PTR, _PTR, _PTR, _PTR, ctypes.c_int]
     return lib
 
 
@@ -129,27 +131,66 @@ def reduce(acts: torch.Tensor, counted: torch.Tensor) -> tuple[torch.Tensor, ...
     return high, low, sums, squares, firing
 
 
-def topk_update(top: TopK, acts: torch.Tensor, scores: torch.Tensor, view: BatchView, largest: bool) -> None:
-    """TopK.update's merge for dense units: scores [batch, units] float32 (each context's max, or minus its min)."""
+class SparseIndex(NamedTuple):
+    """A sparse source's batch for the loops (sparse_index): non-zeros grouped by (batch row, unit) pair."""
+    pairs: torch.Tensor      # [n_pairs] int64 ascending: row * units + unit
+    starts: torch.Tensor     # [n_pairs + 1] int64: each pair's range of positions and bits
+    positions: torch.Tensor  # [nnz] int64
+    bits: torch.Tensor       # [nnz] the values, in the activations' dtype
+    scores: torch.Tensor     # [units, batch] float32: each firing context's max, -inf where the unit does not fire
+    counted_units: torch.Tensor   # the counted non-zeros' units, in the order given (for the statistics)
+    counted_values: torch.Tensor  # and their values
+
+
+def sparse_index(acts: torch.Tensor, nonzeros: torch.Tensor, counted: torch.Tensor) -> SparseIndex:
+    """acts [batch, tokens, units] contiguous (reads(acts)); nonzeros: its non-zeros' flat indices, by ascending
+    position (within one, in any order)."""
+    lib = _loaded()
+    batch, tokens, units = acts.shape
+    nonzeros, counted = nonzeros.contiguous(), counted.contiguous()
+    nnz = nonzeros.numel()
+    pairs, starts = torch.empty(nnz, dtype=torch.int64), torch.empty(nnz + 1, dtype=torch.int64)
+    positions, bits = torch.empty(nnz, dtype=torch.int64), torch.empty(nnz, dtype=acts.dtype)
+    scores = torch.full((units, batch), float("-inf"))
+    counted_units, counted_values = torch.empty(nnz, dtype=torch.int64), torch.empty(nnz, dtype=acts.dtype)
+    n_counted = torch.zeros(1, dtype=torch.int64)
+    values = acts.view(-1)[nonzeros]
+    n_pairs = lib.sparse_index(values.data_ptr(), _DTYPES[acts.dtype], acts.element_size(), batch, tokens, units,
+                               nonzeros.data_ptr(), nnz, counted.data_ptr(), pairs.data_ptr(), starts.data_ptr(),
+                               positions.data_ptr(), bits.data_ptr(), scores.data_ptr(), counted_units.data_ptr(),
+                               counted_values.data_ptr(), n_counted.data_ptr())
+    m = int(n_counted)
+    return SparseIndex(pairs[:n_pairs], starts[:n_pairs + 1], positions, bits, scores, counted_units[:m],
+                       counted_values[:m])
+
+
+def topk_update(top: TopK, acts: torch.Tensor, scores: torch.Tensor, view: BatchView, largest: bool,
+                index: SparseIndex | None = None) -> None:
+    """TopK.update's merge for dense units: scores [batch, units] float32 (each context's max, or minus its min).
+    With a sparse source's index, TopK.update_pairs': scores are index.scores, rows come from its pairs."""
     lib = _loaded()
     _contiguous(top, top.STATE)
-    scores, counted = scores.float().contiguous(), view.counted.contiguous()
-    lib.topk_update(*_acts_args(acts), scores.data_ptr(), counted.data_ptr(), view.first_counted,
-                    view.context_ids.data_ptr(), int(largest), top.k, top.slot_activations.shape[2],
-                    top.values.data_ptr(), top.context_ids.data_ptr(), top.positions.data_ptr(),
-                    top.slots.data_ptr(), top.slot_activations.data_ptr(), torch.get_num_threads())
+    scores = scores.float().contiguous()
+    lib.topk_update(*_rows_args(acts, index), scores.data_ptr(), *_score_strides(scores, index),
+                    view.counted.contiguous().data_ptr(), view.first_counted, view.context_ids.data_ptr(),
+                    int(largest), top.k, top.slot_activations.shape[2], top.values.data_ptr(),
+                    top.context_ids.data_ptr(), top.positions.data_ptr(), top.slots.data_ptr(),
+                    top.slot_activations.data_ptr(), torch.get_num_threads())
 
 
-def reservoir_update(samples: Reservoir, acts: torch.Tensor, context_max: torch.Tensor, view: BatchView) -> None:
-    """Reservoir.update for dense units: context_max [batch, units] float32."""
+def reservoir_update(samples: Reservoir, acts: torch.Tensor, context_max: torch.Tensor, view: BatchView,
+                     index: SparseIndex | None = None) -> None:
+    """Reservoir.update for dense units: context_max [batch, units] float32. With a sparse source's index,
+    Reservoir.update_pairs': context_max is index.scores, rows come from its pairs."""
     lib = _loaded()
     _contiguous(samples, samples.STATE)
-    context_max, counted = context_max.float().contiguous(), view.counted.contiguous()
-    lib.reservoir_update(*_acts_args(acts), context_max.data_ptr(), counted.data_ptr(), view.first_counted,
-                         view.context_ids.data_ptr(), view.keys.data_ptr(), samples.n_bins, samples.per_bin,
-                         samples.activations.shape[-1], samples.exponent.data_ptr(), samples.keys.data_ptr(),
-                         samples.context_ids.data_ptr(), samples.positions.data_ptr(), samples.values.data_ptr(),
-                         samples.activations.data_ptr(), torch.get_num_threads())
+    context_max = context_max.float().contiguous()
+    lib.reservoir_update(*_rows_args(acts, index), context_max.data_ptr(), *_score_strides(context_max, index),
+                         view.counted.contiguous().data_ptr(), view.first_counted, view.context_ids.data_ptr(),
+                         view.keys.data_ptr(), samples.n_bins, samples.per_bin, samples.activations.shape[-1],
+                         samples.exponent.data_ptr(), samples.keys.data_ptr(), samples.context_ids.data_ptr(),
+                         samples.positions.data_ptr(), samples.values.data_ptr(), samples.activations.data_ptr(),
+                         torch.get_num_threads())
 
 
 def histogram_update(statistics: Statistics, acts: torch.Tensor, view: BatchView) -> None:
@@ -172,6 +213,19 @@ def _loaded() -> ctypes.CDLL:
 
 def _acts_args(acts: torch.Tensor) -> tuple[int, ...]:
     return (acts.data_ptr(), _DTYPES[acts.dtype], acts.element_size(), *acts.shape, *acts.stride())
+
+
+def _rows_args(acts: torch.Tensor, index: SparseIndex | None) -> tuple[int, ...]:
+    """Where entering rows are copied from (native.cpp's Rows): the activations, or the index's pairs."""
+    if index is None:
+        return (*_acts_args(acts), 0, 0, 0, 0, 0)
+    return (*_acts_args(acts), index.pairs.data_ptr(), index.pairs.numel(), index.starts.data_ptr(),
+            index.positions.data_ptr(), index.bits.data_ptr())
+
+
+def _score_strides(scores: torch.Tensor, index: SparseIndex | None) -> tuple[int, int]:
+    """(batch row, unit) strides: dense scores are [batch, units], a sparse index's [units, batch]."""
+    return (scores.stride(0), scores.stride(1)) if index is None else (scores.stride(1), scores.stride(0))
 
 
 def _contiguous(part: object, names: tuple[str, ...]) -> None:

@@ -8,12 +8,15 @@ every dtype the loop reads.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from featureatlas.harvest import native, reductions
 from featureatlas.harvest.activation_rows import DenseRows
 from featureatlas.harvest.batchview import BatchView, sampling_keys
+from featureatlas.harvest.harvester import Accumulators, Settings
 from featureatlas.harvest.reductions import reduce_eager
 from featureatlas.harvest.reservoir import Reservoir
 from featureatlas.harvest.statistics import Statistics
@@ -105,6 +108,43 @@ def test_native_histogram_equals_the_tensor_code(dtype: torch.dtype, every: int)
     native_counts, tensor_counts = counts(True), counts(False)
     assert native_counts.sum() > 0 and torch.equal(native_counts, tensor_counts)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("order", ["ascending", "top-k"])
+def test_native_sparse_lists_equal_the_tensor_code(dtype: torch.dtype, order: str) -> None:
+    """Dictionary features: rows rebuilt from the non-zeros, listed ascending (torch's nonzero) or position by
+    position in any order (a top-k encode's); contexts whose only counted non-zeros are negative, or whose
+    non-zeros are all uncounted (BOS, padding), never fire."""
+    def state(loop: bool) -> list:
+        source = SimpleNamespace(n_units=UNITS, signed=False, sparse=True)
+        settings = Settings(top_k=5, intervals=6, per_interval=8, random=3, native=loop)
+        acc = Accumulators(source, settings, WIDTH, torch.device("cpu"), dtype)  # type: ignore[arg-type]
+        assert acc.native_pairs == loop
+        generator = torch.Generator().manual_seed(1)
+        for acts, view in batches(dtype, False):
+            acts = torch.where(torch.rand(acts.shape, generator=generator) < 0.6, 0, acts.float().abs()).to(dtype)
+            acts[:, 1:, 2] = -acts[:, 1:, 2]  # unit 2: negative non-zeros only, except at BOS
+            acts[:, 1:, 3], acts[:, 0, 3] = 0, 7  # unit 3 at BOS only: never counted
+            acts[0, 2, 4] = float("nan")  # a context with a NaN never fires
+            nonzeros = acts.reshape(-1).nonzero().squeeze(1)
+            if order == "top-k":  # each position's entries in a scrambled order, positions still ascending
+                position = nonzeros // UNITS
+                scramble = torch.rand(nonzeros.shape, generator=generator)
+                nonzeros = nonzeros[torch.argsort(position.double() + scramble * 0.5)]
+            acc.update(acts, view, nonzeros)
+        lists = [_ranked(acc.top), _by_key(acc.quantiles), _by_key(acc.random)]
+        stats = {name: getattr(acc.statistics, name) for name in ("n_firing", "sum", "sum_squares", "min", "max",
+                                                                    "counts")}
+        return [*lists, stats]
+
+    native_state, tensor_state = state(True), state(False)
+    assert (native_state[0]["context_ids"][1] >= 0).all()  # a list filled
+    assert (native_state[0]["context_ids"][2:4] == -1).all()  # units 2 and 3 never fire
+    assert tensor_state[-1]["sum"][4].isnan()  # the NaN was counted
+    for got, want in zip(native_state, tensor_state, strict=True):
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, equal_nan=True, msg=name)
 
 
 def _ranked(top: TopK) -> dict[str, torch.Tensor]:
