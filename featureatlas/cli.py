@@ -128,13 +128,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
-    p = sub.add_parser("train-sae", help="train a top-k SAE on a hook of a model and save it for SAELens",
+    p = sub.add_parser("train-sae", help="train a top-k SAE (or transcoder) on a hook of a model and save it",
                        description="Collect a hook's activations over a corpus, train a top-k sparse autoencoder "
-                                   "on them and write a folder SAELens loads (and `harvest --sae` reads). Reports "
-                                   "variance unexplained, L0 and dead features on held-out tokens.")
+                                   "on them and write a folder SAELens loads (and `harvest --sae` reads). With "
+                                   "--transcode, train a top-k transcoder of a module (its output predicted from "
+                                   "its input) and write it as EleutherAI sparsify does. Reports variance "
+                                   "unexplained, L0 and dead features on held-out tokens.")
     p.add_argument("--model", required=True, help="as for harvest")
     p.add_argument("--corpus", required=True, type=Path, help="as for harvest")
-    p.add_argument("--hook", required=True, help="TransformerLens hook name, e.g. blocks.12.hook_resid_post")
+    p.add_argument("--hook", required=True, help="TransformerLens hook name, e.g. blocks.12.hook_resid_post; with "
+                                                 "--transcode, the module's path, e.g. layers.12.mlp")
+    p.add_argument("--transcode", action="store_true",
+                   help="train a transcoder of the --hook module instead: --out becomes a sparsify run folder "
+                        "holding OUT/MODULE/ (cfg.json, sae.safetensors)")
     p.add_argument("--out", required=True, type=Path, help="folder to write")
     _train_args(p)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
@@ -162,7 +168,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="folder for store.duckdb and site/ (default: %(default)s)")
     _harvest_args(p, demo=True)
     p.add_argument("--sae-layer", type=int, default=DEMO_SAE_LAYER,
-                   help="the demo trains its SAE on this layer's hook_resid_post (default: %(default)s)")
+                   help="the demo trains its SAE on this layer's hook_resid_post and its transcoder on this "
+                        "layer's MLP (default: %(default)s)")
     _train_args(p, demo=True)
     _annotate_parser(sub)
     _export_parser(sub)
@@ -260,12 +267,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _train(model, tokenizer, ref, hook: str, corpus: Path, out: Path, features: int, k: int, tokens: int,
-           steps: int | None, context_length: int, seed: int, text_field: str = "text", overwrite: bool = False):
+           steps: int | None, context_length: int, seed: int, text_field: str = "text", overwrite: bool = False,
+           transcode: bool = False):
     from featureatlas.harvest.train_command import TrainSaeConfig, train_sae
     result, folder = train_sae(model, tokenizer, ref, TrainSaeConfig(
         hook=hook, corpus=corpus, out=out, features=features, k=k, tokens=tokens, steps=steps,
-        context_length=context_length, seed=seed, text_field=text_field, overwrite=overwrite))
-    print(f"trained a top-{result.k} SAE with {features:,} features on {hook} over {result.n_train:,} tokens in "
+        context_length=context_length, seed=seed, text_field=text_field, overwrite=overwrite, transcode=transcode))
+    what, of = ("transcoder", f"{hook}'s output from its input") if transcode else ("SAE", hook)
+    print(f"trained a top-{result.k} {what} with {features:,} features on {of} over {result.n_train:,} tokens in "
           f"{result.seconds:.0f}s: variance unexplained {result.fvu:.3f}, L0 {result.l0:.1f}, "
           f"dead {result.dead_fraction:.1%} (on {result.n_heldout:,} held-out tokens) -> {folder}")
     return folder
@@ -277,7 +286,7 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
     ref = resolve_model(args.model)
     model, tokenizer = load_model(ref, device, pick_dtype(args.dtype, device))
     _train(model, tokenizer, ref, args.hook, args.corpus, args.out, args.features, args.k, args.tokens, args.steps,
-           args.context_length, args.seed, args.text_field, args.overwrite)
+           args.context_length, args.seed, args.text_field, args.overwrite, args.transcode)
     return 0
 
 
@@ -407,6 +416,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from featureatlas.harvest.architectures import architecture_of
     from featureatlas.harvest.corpus import embedded_corpus
     from featureatlas.harvest.models import EMBEDDED_MODEL, load_model, pick_device, pick_dtype, resolve_model
     args.out.mkdir(parents=True, exist_ok=True)
@@ -414,11 +424,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     ref = resolve_model(EMBEDDED_MODEL)
     model, tokenizer = load_model(ref, device, pick_dtype(args.dtype, device))  # loaded once for both steps
-    hook = f"blocks.{args.sae_layer}.hook_resid_post"
+    layer = args.sae_layer
+    hook = f"blocks.{layer}.hook_resid_post"
     sae = _train(model, tokenizer, ref, hook, embedded_corpus(), args.out / "sae" / hook, args.sae_features,
                  args.sae_k, args.sae_tokens, args.sae_steps, args.context_length, args.seed, overwrite=True)
-    _harvest(args, model=EMBEDDED_MODEL, corpus=embedded_corpus(), out=store, saes=[f"res{args.sae_layer}={sae}"],
-             loaded=(model, tokenizer, ref))
+    arch = architecture_of(model.config.model_type)
+    mlp = f"{arch.blocks}.{layer}.{arch.mlp}"  # the same layer's MLP, transcoded as sparsify names it
+    transcoder = _train(model, tokenizer, ref, mlp, embedded_corpus(), args.out / "transcoder", args.sae_features,
+                        args.sae_k, args.sae_tokens, args.sae_steps, args.context_length, args.seed, overwrite=True,
+                        transcode=True)
+    _harvest(args, model=EMBEDDED_MODEL, corpus=embedded_corpus(), out=store,
+             saes=[f"res{layer}={sae}", f"mlp{layer}={transcoder}"], loaded=(model, tokenizer, ref))
     summary = _build(store, args.out / "site")
     print(f"\nOpen file://{summary.index.resolve()}\nor run: featureatlas serve {args.out / 'site'}")
     return 0

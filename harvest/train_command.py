@@ -1,4 +1,5 @@
-"""`featureatlas train-sae`: collect a hook's activations over a corpus, train a top-k SAE, save it for SAELens."""
+"""`featureatlas train-sae`: collect a hook's activations over a corpus, train a top-k SAE and save it for SAELens;
+with --transcode, collect a module's input and output and train a top-k transcoder, saved as sparsify saves one."""
 
 from __future__ import annotations
 
@@ -15,7 +16,13 @@ from featureatlas.harvest.contexts import iter_batches, iter_contexts
 from featureatlas.harvest.corpus import iter_documents
 from featureatlas.harvest.hooks import Hook, read_hook, resolve_hook
 from featureatlas.harvest.models import ModelRef
-from featureatlas.harvest.train_sae import TrainConfig, TrainResult, save_saelens_folder, train_topk_sae
+from featureatlas.harvest.train_sae import (
+    TrainConfig,
+    TrainResult,
+    save_saelens_folder,
+    save_sparsify_folder,
+    train_topk_sae,
+)
 
 
 @dataclass
@@ -33,30 +40,35 @@ class TrainSaeConfig:
     text_field: str = "text"
     overwrite: bool = False
     progress: bool = True
+    transcode: bool = False  # hook is a module path (sparsify's, e.g. layers.15.mlp): predict its output from its input
 
 
 class _Stop(Exception):
     pass
 
 
-def collect_activations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, hook: Hook, corpus: Path,
-                        tokens: int, context_length: int, batch_size: int, text_field: str = "text",
-                        progress: bool = True) -> torch.Tensor:
-    """[n, width] float32 on the CPU: the hook's vector at every counted token (BOS and padding never count),
-    from the same contexts a harvest makes; the forward pass stops at the hook's block."""
+def collect_activations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, hooks: list[Hook],
+                        corpus: Path, tokens: int, context_length: int, batch_size: int, text_field: str = "text",
+                        progress: bool = True) -> list[torch.Tensor]:
+    """Per hook, [n, width] float32 on the CPU: its vector at every counted token (BOS and padding never count),
+    from the same contexts a harvest makes, rows aligned across hooks; the forward pass stops after the last
+    hook's block."""
     backbone = model.base_model
     device = next(model.parameters()).device
     has_bos = tokenizer.bos_token_id is not None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rows: list[torch.Tensor] = []
+    rows: list[list[torch.Tensor]] = [[] for _ in hooks]
     counted: list[torch.Tensor] = []
 
-    def keep(tensor: torch.Tensor) -> None:
-        mask = counted[0]
-        rows.append(tensor.reshape(*mask.shape, -1)[mask].float().cpu())
+    def keeper(i: int):  # noqa: ANN202 - a hook callback
+        def keep(tensor: torch.Tensor) -> None:
+            mask = counted[0]
+            rows[i].append(tensor.reshape(*mask.shape, -1)[mask].float().cpu())
+        return keep
 
-    handle = read_hook(backbone, hook, keep)
-    stop = blocks_of(backbone, model.config.model_type)[hook.layer].register_forward_hook(_raise_stop)
+    handles = [read_hook(backbone, hook, keeper(i)) for i, hook in enumerate(hooks)]
+    last = max(hook.layer for hook in hooks)
+    stop = blocks_of(backbone, model.config.model_type)[last].register_forward_hook(_raise_stop)
     contexts = iter_contexts(iter_documents(corpus, text_field), tokenizer, context_length, tokens, lambda d: None)
     try:
         with tqdm.tqdm(total=tokens, unit="tok", unit_scale=True, desc="collect", disable=not progress,
@@ -71,31 +83,43 @@ def collect_activations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
                     pass
                 bar.update(batch.n_text_tokens)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         stop.remove()
-    if not rows:
+    if not rows[0]:
         raise UsageError(f"{corpus}: holds no text to train on; point --corpus at text")
-    return torch.cat(rows)
+    return [torch.cat(parts) for parts in rows]
 
 
 def train_sae(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ref: ModelRef,
               config: TrainSaeConfig) -> tuple[TrainResult, Path]:
-    """Train on the hook's activations and write the SAELens folder; returns the metrics and the folder."""
+    """Train on the hook's activations and write the SAELens folder (a transcoder: the module's input and output,
+    and the sparsify folder); returns the metrics and the folder of the dictionary, which `harvest --sae` reads."""
     out = Path(config.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not config.overwrite:
         raise UsageError(f"{out}: already exists; choose another --out or pass --overwrite to replace it")
     if config.k < 1 or config.features < config.k:
         raise UsageError("--k must be at least 1 and at most --features")
-    hook = resolve_hook(config.hook, model.base_model, model.config.model_type)
-    acts = collect_activations(model, tokenizer, hook, Path(config.corpus), config.tokens, config.context_length,
-                               config.batch_size, config.text_field, config.progress)
+    backbone, model_type = model.base_model, model.config.model_type
+    if config.transcode:
+        if config.hook.startswith("blocks."):
+            raise UsageError(f"--hook {config.hook}: with --transcode, name the module to transcode as sparsify "
+                             "does, by its path in the model (e.g. layers.15.mlp)")
+        hooks = [resolve_hook(config.hook, backbone, model_type, reads=reads) for reads in ("input", "output")]
+    else:
+        hooks = [resolve_hook(config.hook, backbone, model_type)]
+    collected = collect_activations(model, tokenizer, hooks, Path(config.corpus), config.tokens,
+                                    config.context_length, config.batch_size, config.text_field, config.progress)
     torch.manual_seed(config.seed)
-    result = train_topk_sae(acts, TrainConfig(n_features=config.features, k=config.k, steps=config.steps,
-                                              seed=config.seed), progress=config.progress)
+    result = train_topk_sae(collected[0], TrainConfig(n_features=config.features, k=config.k, steps=config.steps,
+                                                      seed=config.seed), progress=config.progress,
+                            targets=collected[1] if config.transcode else None)
+    if config.transcode:
+        return result, save_sparsify_folder(result, out, hookpoint=hooks[0].module, overwrite=config.overwrite)
     folder = save_saelens_folder(result, out, hook_name=config.hook, model_name=ref.display_name,
                                  context_size=config.context_length, prepend_bos=tokenizer.bos_token_id is not None,
                                  dataset_path=str(config.corpus), overwrite=config.overwrite,
-                                 extra_metadata={"hf_hook_name": hook.description})
+                                 extra_metadata={"hf_hook_name": hooks[0].description})
     return result, folder
 
 

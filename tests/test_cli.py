@@ -143,6 +143,28 @@ def test_train_sae_then_harvest_its_features(tiny, tmp_path: Path, capsys) -> No
         ("sae:mine", 1, 64, "topk")]
 
 
+def test_train_a_transcoder_then_harvest_its_features(tiny, tmp_path: Path, capsys) -> None:
+    model, corpus = tiny
+    run_folder = tmp_path / "tc"
+    code, message = run(capsys, "train-sae", "--model", model, "--corpus", corpus, "--transcode", "--hook",
+                        "blocks.1.hook_mlp_out", "--out", run_folder)
+    assert code == 2 and "layers.15.mlp" in message and not run_folder.exists()  # a module path, as sparsify's
+    assert main(["train-sae", "--model", str(model), "--corpus", str(corpus), "--transcode", "--hook",
+                 "layers.1.mlp", "--out", str(run_folder), "--features", "64", "--k", "4", "--tokens", "1200",
+                 "--steps", "30", "--context-length", "16"]) == 0
+    report = capsys.readouterr().out
+    assert "transcoder" in report and "layers.1.mlp's output from its input" in report and "L0 " in report
+    assert (run_folder / "layers.1.mlp" / "sae.safetensors").is_file()
+    out = tmp_path / "s.duckdb"
+    assert main([str(a) for a in harvest_args(model, corpus, out, "--layers", "none", "--sae",
+                                              f"mlp1={run_folder}")]) == 0
+    con = duckdb.connect(str(out), read_only=True)
+    assert con.execute("SELECT source, kind, layer, n_units, architecture, hook_name, hook_out_name "
+                       "FROM sources").fetchall() == [
+        ("transcoder:mlp1", "transcoder", 1, 64, "topk_transcoder", "layers.1.mlp", "layers.1.mlp")]
+    assert con.execute("SELECT count(*) FROM examples WHERE example_kind = 'top'").fetchone()[0] > 0
+
+
 def test_store_of_another_schema_version_is_refused(tiny, tmp_path: Path, capsys) -> None:
     model, corpus = tiny
     out = tmp_path / "s.duckdb"

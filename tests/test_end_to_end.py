@@ -23,14 +23,15 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_store_holds_neurons_residual_dimensions_and_sae_features(demo: Path) -> None:
+def test_store_holds_neurons_residual_dimensions_sae_and_transcoder_features(demo: Path) -> None:
     con = duckdb.connect(str(demo / "store.duckdb"), read_only=True)
     run = con.execute("SELECT model, n_tokens, context_length, top_k, layers, bos_token, bos_excluded "
                       "FROM runs").fetchone()
     assert run == ("SmolLM2-135M-Instruct", 1500, 64, 5, [0, 29], "<|im_start|>", True)
     assert con.execute("SELECT source, layer, n_units, kind FROM sources ORDER BY source, layer").fetchall() == [
-        ("mlp", 0, 1536, "mlp"), ("mlp", 29, 1536, "mlp"), ("resid", 29, 576, "resid"), ("sae:res15", 15, 64, "sae")]
-    units = 3072 + 576 + 64
+        ("mlp", 0, 1536, "mlp"), ("mlp", 29, 1536, "mlp"), ("resid", 29, 576, "resid"), ("sae:res15", 15, 64, "sae"),
+        ("transcoder:mlp15", 15, 64, "transcoder")]
+    units = 3072 + 576 + 64 + 64
     assert con.execute("SELECT count(*), count(max_activation) FROM units").fetchone() == (units, units)
     kinds = dict(con.execute("SELECT example_kind, count(DISTINCT (source, layer, unit)) FROM examples "
                              "GROUP BY ALL").fetchall())
@@ -38,6 +39,7 @@ def test_store_holds_neurons_residual_dimensions_and_sae_features(demo: Path) ->
     assert con.execute("SELECT count(*) FROM examples WHERE example_kind = 'top'").fetchone()[0] == units * 5
     assert con.execute("SELECT count(DISTINCT (source, layer, unit)) FROM logit_effects").fetchone()[0] == units
     assert (demo / "sae" / "blocks.15.hook_resid_post" / "cfg.json").is_file()
+    assert (demo / "transcoder" / "layers.15.mlp" / "sae.safetensors").is_file()  # sparsify's layout
     # every example's stored max is its activation at max_position, and no other counted position beats it
     bad = con.execute("""
         SELECT count(*) FROM examples e JOIN contexts c USING (context_id)
@@ -58,10 +60,10 @@ def test_site_fits_free_static_hosts(demo: Path) -> None:
     """A layer page and a unit page per layer, data shards of 256 units, a search index: few files, few bytes."""
     site = demo / "site"
     files = [p for p in site.rglob("*") if p.is_file()]
-    layers = 4
+    layers = 5
     assert len([p for p in files if p.name == "unit.html"]) == layers
     assert len(files) < 20_000 and sum(p.stat().st_size for p in files) < 1e9
-    assert len([p for p in files if p.parent.name in ("d", "c")]) == 2 * (6 + 6 + 3 + 1)  # ceil(units / 256)
+    assert len([p for p in files if p.parent.name in ("d", "c")]) == 2 * (6 + 6 + 3 + 1 + 1)  # ceil(units / 256)
     index = (site / "index.html").read_text()
     assert "SmolLM2-135M-Instruct" in index and str(demo) not in index  # no path of the building machine
     for page in site.rglob("*.html"):
@@ -114,10 +116,11 @@ def test_crawl_the_whole_site_in_a_browser(demo: Path) -> None:
                 shards = sorted(path.parent.glob("d/*.js"))
                 units = [u["u"] for shard in shards for u in read_js(shard.read_text())[1]["units"]]
                 assert page.evaluate(CRAWL, units) == []
-                assert len(units) == {"mlp": 1536, "resid": 576, "sae-res15": 64}[path.parent.parent.name]
+                assert len(units) == {"mlp": 1536, "resid": 576, "sae-res15": 64,
+                                      "transcoder-mlp15": 64}[path.parent.parent.name]
             problems += page.evaluate("window.__problems")
         page.goto((site / "search.html").as_uri() + "?q=the")
         page.locator("#results .results").first.wait_for()
         browser.close()
     assert problems == []
-    assert len(pages) == 2 + 2 * 4
+    assert len(pages) == 2 + 2 * 5

@@ -16,6 +16,7 @@ from featureatlas.harvest.train_sae import (
     decode,
     encode_topk,
     save_saelens_folder,
+    save_sparsify_folder,
     train_topk_sae,
 )
 
@@ -145,3 +146,45 @@ def test_save_refuses_a_non_empty_folder_and_leaves_nothing_behind(trained: Trai
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
     assert sorted(p.name for p in folder.iterdir()) == sorted(["cfg.json", "sae_weights.safetensors",
                                                                REPORT_FILENAME])
+
+
+def test_a_transcoder_learns_a_sparse_map_and_its_sparsify_folder_encodes_the_same(tmp_path: Path) -> None:
+    """Targets that are another sparse code's image (a module's output as a sparse function of its input): the
+    transcoder predicts them, not its input; the folder is sparsify's layout, which the harvest's loader reads
+    as a transcoder of the module with the very encode that was trained (no b_dec subtracted)."""
+    from featureatlas.harvest.dictionaries import load_dictionaries
+
+    gen = torch.Generator().manual_seed(1)
+    n, d, n_true = 20_000, 32, 64
+    inputs, outputs = (torch.randn(n_true, d, generator=gen) for _ in range(2))
+    inputs, outputs = inputs / inputs.norm(dim=1, keepdim=True), outputs / outputs.norm(dim=1, keepdim=True)
+    chosen = torch.rand(n, n_true, generator=gen).argsort(dim=1)[:, :3]
+    codes = torch.zeros(n, n_true).scatter_(1, chosen, torch.rand(n, 3, generator=gen) + 0.5)
+    x = codes @ inputs + 1.0 + 0.01 * torch.randn(n, d, generator=gen)
+    y = codes @ outputs - 0.5
+    config = TrainConfig(n_features=128, k=4, batch_size=1024, steps=300)
+    trained = train_topk_sae(x, config, progress=False, targets=y)
+    untrained = train_topk_sae(x, TrainConfig(n_features=128, k=4, steps=0), progress=False, targets=y)
+    assert trained.transcoder and trained.fvu < 0.3 and trained.fvu < 0.25 * untrained.fvu, (trained.fvu,
+                                                                                              untrained.fvu)
+    z = encode_topk(x[-2_000:], trained.W_enc, trained.b_enc, None, trained.k)  # the held-out rows, as reported
+    heldout_y = y[-2_000:]
+    error = (heldout_y - decode(z, trained.W_dec, trained.b_dec)).pow(2).sum()
+    assert error / (heldout_y - heldout_y.mean(0)).pow(2).sum() == pytest.approx(trained.fvu, rel=1e-4)
+
+    with pytest.raises(ValueError, match="save_sparsify_folder"):
+        save_saelens_folder(trained, tmp_path / "saelens", **SAVE_ARGS)
+    folder = save_sparsify_folder(trained, tmp_path / "run", hookpoint="layers.1.mlp")
+    assert folder == tmp_path / "run" / "layers.1.mlp"
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["transcode"] is True and cfg["activation"] == "topk" and cfg["num_latents"] == 128
+    [dictionary] = load_dictionaries(tmp_path / "run")
+    assert (dictionary.kind, dictionary.format, dictionary.architecture) == ("transcoder", "sparsify",
+                                                                             "topk_transcoder")
+    assert (dictionary.hook_name, dictionary.hook_reads, dictionary.hook_out_name) == ("layers.1.mlp", "input",
+                                                                                      "layers.1.mlp")
+    probe = torch.randn(500, d, generator=gen) * 2 + 1
+    torch.testing.assert_close(dictionary.encode(probe),
+                               encode_topk(probe, trained.W_enc, trained.b_enc, None, trained.k), rtol=0, atol=0)
+    report = json.loads((folder / REPORT_FILENAME).read_text())
+    assert report["fvu"] == trained.fvu and "output" in report["fvu_of"]
