@@ -51,9 +51,9 @@ class Accumulators:
                  dtype: torch.dtype):
         n, fixed = source.n_units, settings.fixed_shapes and not source.sparse
         form = (fixed, settings.compile)  # fixed shapes compile into a few kernels a step
-        loop = settings.native and not fixed and native.available(device)
-        self.native_pairs = loop and source.sparse  # sparse units' lists merge in native.py's loops too
-        loop = loop and not source.sparse
+        natively = settings.native and not fixed and native.available(device)
+        loop = natively and not source.sparse
+        self.native_pairs = natively and source.sparse  # sparse units' lists merge in native.py's loops too
         self.top = TopK(n, settings.top_k, context_length, device, dtype, *form, native=loop)
         self.bottom = TopK(n, settings.bottom_k, context_length, device, dtype, *form, native=loop) \
             if source.signed and settings.bottom_k else None

@@ -170,9 +170,9 @@ def topk_update(top: TopK, acts: torch.Tensor, scores: torch.Tensor, view: Batch
     With a sparse source's index, TopK.update_pairs': scores are index.scores, rows come from its pairs."""
     lib = _loaded()
     _contiguous(top, top.STATE)
-    scores = scores.float().contiguous()
+    scores, counted = scores.float().contiguous(), view.counted.contiguous()  # held until the call returns
     lib.topk_update(*_rows_args(acts, index), scores.data_ptr(), *_score_strides(scores, index),
-                    view.counted.contiguous().data_ptr(), view.first_counted, view.context_ids.data_ptr(),
+                    counted.data_ptr(), view.first_counted, view.context_ids.data_ptr(),
                     int(largest), top.k, top.slot_activations.shape[2], top.values.data_ptr(),
                     top.context_ids.data_ptr(), top.positions.data_ptr(), top.slots.data_ptr(),
                     top.slot_activations.data_ptr(), torch.get_num_threads())
@@ -184,9 +184,9 @@ def reservoir_update(samples: Reservoir, acts: torch.Tensor, context_max: torch.
     Reservoir.update_pairs': context_max is index.scores, rows come from its pairs."""
     lib = _loaded()
     _contiguous(samples, samples.STATE)
-    context_max = context_max.float().contiguous()
+    context_max, counted = context_max.float().contiguous(), view.counted.contiguous()
     lib.reservoir_update(*_rows_args(acts, index), context_max.data_ptr(), *_score_strides(context_max, index),
-                         view.counted.contiguous().data_ptr(), view.first_counted, view.context_ids.data_ptr(),
+                         counted.data_ptr(), view.first_counted, view.context_ids.data_ptr(),
                          view.keys.data_ptr(), samples.n_bins, samples.per_bin, samples.activations.shape[-1],
                          samples.exponent.data_ptr(), samples.keys.data_ptr(), samples.context_ids.data_ptr(),
                          samples.positions.data_ptr(), samples.values.data_ptr(), samples.activations.data_ptr(),
