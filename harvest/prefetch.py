@@ -14,12 +14,14 @@ from typing import TypeVar
 
 T = TypeVar("T")
 _END = object()
+JOIN_SECONDS = 30.0
 
 
 def prefetched(items: Iterable[T], ahead: int = 2) -> Iterator[T]:
     """The items, in order, made up to `ahead` in advance on a helper thread. An error making one is raised
     here, where that item would have come; closing this iterator early (a break, an error in the caller's loop)
-    stops the helper once it finishes the item in hand."""
+    stops the helper once it finishes the item in hand (waiting for that at most JOIN_SECONDS: the helper is a
+    daemon thread, so a process that is exiting anyway does not wait for a huge document's tokenising)."""
     ready: queue.Queue = queue.Queue(ahead)
     stop = threading.Event()
 
@@ -53,4 +55,4 @@ def prefetched(items: Iterable[T], ahead: int = 2) -> Iterator[T]:
             yield item  # type: ignore[misc]
     finally:
         stop.set()
-        helper.join()
+        helper.join(JOIN_SECONDS)
