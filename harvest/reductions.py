@@ -90,14 +90,18 @@ def _chunk_of(tokens: int) -> int:
 def fused(fn: Callable, fallback: Callable) -> Callable:
     """fn compiled with torch.compile (Inductor), falling back to `fallback` for good, with one line on stderr,
     where Inductor cannot build (no C++ compiler, an unsupported platform). Always called without grad, so
-    that callers in and out of inference mode share its graphs (grad mode is part of what they are keyed on)."""
-    compiled = torch.compile(fn, dynamic=True)
+    that callers in and out of inference mode share its graphs (grad mode is part of what they are keyed on).
+    torch.compile itself runs at the first call (importing its compiler takes about a second): paths the native
+    loops replace never pay it."""
+    compiled: list[Callable] = []
 
     def call(*args: object) -> object:
         if not call.fell_back:
             try:
+                if not compiled:
+                    compiled.append(torch.compile(fn, dynamic=True))
                 with torch.no_grad():
-                    return compiled(*args)
+                    return compiled[0](*args)
             except Exception as err:  # Inductor failures come as many exception types
                 print(f"featureatlas: torch.compile is unavailable here ({type(err).__name__}: {err}"[:300]
                       + "); harvesting without it (slower; pass --compile off to skip trying)", file=sys.stderr)
