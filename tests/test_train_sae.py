@@ -10,9 +10,11 @@ import torch
 
 from featureatlas.harvest.train_sae import (
     REPORT_FILENAME,
+    SEED_SIMILARITY,
     TrainConfig,
     TrainResult,
     _Chosen,
+    _seed_rows,
     decode,
     encode_topk,
     save_saelens_folder,
@@ -188,3 +190,20 @@ def test_a_transcoder_learns_a_sparse_map_and_its_sparsify_folder_encodes_the_sa
                                encode_topk(probe, trained.W_enc, trained.b_enc, None, trained.k), rtol=0, atol=0)
     report = json.loads((folder / REPORT_FILENAME).read_text())
     assert report["fvu"] == trained.fvu and "output" in report["fvu_of"]
+
+
+def test_a_transcoders_features_start_on_distinct_tokens() -> None:
+    """No two starting inputs closer than SEED_SIMILARITY (cosine, centred); where too few qualify (three
+    clusters of near-copies, five features), one start per cluster and random rows for the rest."""
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(3_000, 16, generator=gen) + 5.0
+    seeds = _seed_rows(rows, 100, torch.Generator().manual_seed(1), block=64)
+    unit = rows[seeds] - rows.mean(0)
+    unit /= unit.norm(dim=1, keepdim=True)
+    similarity = unit @ unit.T - 2 * torch.eye(100)
+    assert seeds.unique().numel() == 100 and similarity.max() <= SEED_SIMILARITY + 1e-6
+
+    centres = torch.randn(3, 16, generator=gen) * 10
+    clustered = centres.repeat_interleave(400, dim=0) + 0.01 * torch.randn(1_200, 16, generator=gen)
+    seeds = _seed_rows(clustered, 5, torch.Generator().manual_seed(2))
+    assert sorted((seeds[:3] // 400).tolist()) == [0, 1, 2] and len(seeds) == 5
