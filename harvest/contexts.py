@@ -13,7 +13,7 @@ Deliberate choices (recorded in the store's `runs` table):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -50,6 +50,11 @@ class Batch:
     @property
     def padded(self) -> bool:
         return bool((self.lengths < self.input_ids.shape[1]).any())
+
+    def pinned(self) -> Batch:
+        """The same batch in page-locked host memory, whose copies to a GPU (non_blocking) do not wait."""
+        return replace(self, input_ids=self.input_ids.pin_memory(), counted=self.counted.pin_memory(),
+                       context_ids=self.context_ids.pin_memory())
 
 
 def iter_contexts(documents: Iterable[Document], tokenizer: PreTrainedTokenizerBase, context_length: int,

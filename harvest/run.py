@@ -181,10 +181,12 @@ def harvest(config: HarvestConfig, loaded: tuple[PreTrainedModel, PreTrainedToke
             kept = _only({c.context_id: c for c in itertools.islice(contexts, n_contexts)},
                          harvester.referenced_context_ids())  # read again, not run again
         t0 = time.perf_counter()
+        batches = iter_batches(contexts, config.batch_size, has_bos, pad_id)
+        if device.type == "cuda":  # pinned on the helper thread, so that the copies to the GPU do not wait
+            batches = ((batch.pinned(), batch_contexts) for batch, batch_contexts in batches)
         with tqdm.tqdm(total=config.tokens, initial=n_tokens, unit="tok", unit_scale=True, desc="harvest",
                        disable=not config.progress, dynamic_ncols=True) as bar:
-            for step, (batch, batch_contexts) in enumerate(
-                    prefetched(iter_batches(contexts, config.batch_size, has_bos, pad_id))):
+            for step, (batch, batch_contexts) in enumerate(prefetched(batches)):
                 harvester.step(batch)
                 kept.update((c.context_id, c) for c in batch_contexts)
                 if step % _PRUNE_EVERY == _PRUNE_EVERY - 1:
