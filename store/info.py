@@ -19,7 +19,8 @@ def describe(path: Path) -> str:
             "SELECT model, source, count(*), min(layer), max(layer), sum(n_units), any_value(architecture), "
             "any_value(hook_name) FROM sources GROUP BY model, source ORDER BY model, source").fetchall():
         what = f" ({architecture} on {hook})" if architecture else ""
-        lines.append(f"source: {model} / {source}{what}: {n_units:,} units in {n_layers} layers ({lo}-{hi})")
+        where = f"{n_layers} layers ({lo}-{hi})" if n_layers > 1 else f"layer {lo}"
+        lines.append(f"source: {model} / {source}{what}: {n_units:,} units in {where}")
     kinds = con.execute("SELECT example_kind, count(*) FROM examples GROUP BY ALL ORDER BY ALL").fetchall()
     lines.append("examples: " + ", ".join(f"{n:,} {kind}" for kind, n in kinds))
     for name in ("units", "examples", "contexts", "documents"):

@@ -163,6 +163,9 @@ def test_train_a_transcoder_then_harvest_its_features(tiny, tmp_path: Path, caps
                        "FROM sources").fetchall() == [
         ("transcoder:mlp1", "transcoder", 1, 64, "topk_transcoder", "layers.1.mlp", "layers.1.mlp")]
     assert con.execute("SELECT count(*) FROM examples WHERE example_kind = 'top'").fetchone()[0] > 0
+    con.close()
+    assert main(["info", str(out)]) == 0
+    assert "transcoder:mlp1 (topk_transcoder on layers.1.mlp): 64 units in layer 1\n" in capsys.readouterr().out
 
 
 def test_store_of_another_schema_version_is_refused(tiny, tmp_path: Path, capsys) -> None:
