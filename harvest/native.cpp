@@ -438,15 +438,15 @@ void reduce(const void* acts, int dtype, int64_t batch, int64_t tokens, int64_t 
 
 // A sparse source's non-zeros (nonzeros: flat indices into [batch, tokens, units], by ascending position, as
 // torch's nonzero or a top-k encode lists them; nonzero_values: theirs, in the same order, gathered by torch,
-// whose parallel gather beats this loop's cache misses) grouped by (batch row, unit) pair for Rows: pairs ascending, each pair's positions ascending with
-// their values' bits. Also each firing pair's context max into scores [units, batch] (left as it is, -inf,
-// elsewhere): as reductions.firing, the max of its counted non-zeros fires where it is above 0 (a NaN among them
-// makes it NaN: no fire). And, in the order given, the counted non-zeros' units and values for the statistics
-// (the first *n_counted of each). Returns the number of pairs.
+// whose parallel gather beats this loop's cache misses) grouped by (batch row, unit) pair for Rows: pairs
+// ascending, each pair's positions ascending with their values' bits. Also each firing pair's context max into
+// scores [units, batch] (left as it is, -inf, elsewhere): as reductions.firing, the max of its counted non-zeros
+// fires where it is above 0 (a NaN among them makes it NaN: no fire). And, in the order given, the counted
+// non-zeros' units and values for the statistics (the first *n_counted of each). Returns the number of pairs.
 int64_t sparse_index(const void* nonzero_values, int dtype, int64_t item, int64_t batch, int64_t tokens,
-                     int64_t units, const int64_t* nonzeros, int64_t nnz, const uint8_t* counted, int64_t* pairs, int64_t* starts,
-                     int64_t* positions, void* bits, float* scores, int64_t* counted_units, void* counted_values,
-                     int64_t* n_counted) {
+                     int64_t units, const int64_t* nonzeros, int64_t nnz, const uint8_t* counted,
+                     int64_t* pairs, int64_t* starts, int64_t* positions, void* bits, float* scores,
+                     int64_t* counted_units, void* counted_values, int64_t* n_counted) {
   const Acts a{static_cast<const char*>(nonzero_values), dtype, item, batch, tokens, units, 0, 0, 0};
   char* out = static_cast<char*>(bits);
   char* values = static_cast<char*>(counted_values);
