@@ -52,31 +52,56 @@ inline void copy_item(char* to, const char* from, int64_t item) {
     std::memcpy(to, from, 2);
 }
 
-// The first counted position of batch row b reaching the max (or min) of a copied row `out`: what the list keeps
-// of an entering context (`first` when none is counted).
-int64_t extreme_position(const Acts& a, const uint8_t* counted, int64_t first, int64_t b, const char* out,
-                         bool largest) {
+// Element loads by dtype: float, bfloat16 (uint16_t bits) or _Float16.
+template <typename T>
+float to_float(T v) {
+  return float(v);
+}
+template <>
+float to_float<uint16_t>(uint16_t v) {  // bfloat16
+  uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+template <typename T, bool Largest>
+int64_t extreme_in(const T* row, const uint8_t* row_counted, int64_t first, int64_t tokens) {
   int64_t position = -1;
   float best = 0;
-  const uint8_t* row_counted = counted + b * a.tokens;
-  for (int64_t t = first; t < a.tokens; ++t) {
+  for (int64_t t = first; t < tokens; ++t) {
     if (!row_counted[t]) continue;
-    const float v = a.load(out + t * a.item);
-    if (position < 0 || (largest ? v > best : v < best)) {
+    const float v = to_float(row[t]);
+    if (position < 0 || (Largest ? v > best : v < best)) {
       best = v;
       position = t;
     }
   }
+  return position;
+}
+
+// The first counted position of batch row b reaching the max (or min) of a copied row `out`: what the list keeps
+// of an entering context (`first` when none is counted).
+int64_t extreme_position(const Acts& a, const uint8_t* counted, int64_t first, int64_t b, const char* out,
+                         bool largest) {
+  const uint8_t* c = counted + b * a.tokens;
+  int64_t position;
+  if (a.dtype == 0)
+    position = largest ? extreme_in<float, true>(reinterpret_cast<const float*>(out), c, first, a.tokens)
+                       : extreme_in<float, false>(reinterpret_cast<const float*>(out), c, first, a.tokens);
+  else if (a.dtype == 1)
+    position = largest ? extreme_in<uint16_t, true>(reinterpret_cast<const uint16_t*>(out), c, first, a.tokens)
+                       : extreme_in<uint16_t, false>(reinterpret_cast<const uint16_t*>(out), c, first, a.tokens);
+  else
+    position = largest ? extreme_in<_Float16, true>(reinterpret_cast<const _Float16*>(out), c, first, a.tokens)
+                       : extreme_in<_Float16, false>(reinterpret_cast<const _Float16*>(out), c, first, a.tokens);
   return position < 0 ? first : position;
 }
 
-// Copies row (b, u) over every token into out (zero past the batch's tokens, up to width). The strided gather is
-// a loop of plain loads of the element's width; the position search then runs on the copy, in L1.
-template <typename Bits>
-void gather(const char* p, int64_t step, int64_t n, char* out) {
-  Bits* o = reinterpret_cast<Bits*>(out);
-  for (int64_t t = 0; t < n; ++t, p += step) std::memcpy(o + t, p, sizeof(Bits));
-}
+// A row to copy once a thread's units are merged: batch row b of unit u, into entry `index` (a rank, or a sample).
+struct Copy {
+  int64_t b, u, index;
+};
 
 // Where entering contexts' rows come from: the dense [batch, tokens, units] activations, or (pairs set) a sparse
 // source's non-zeros grouped by (batch row, unit) pair, as sparse_index lists them; a row is zero elsewhere.
@@ -88,31 +113,51 @@ struct Rows {
   const int64_t* positions;  // ascending within a pair
   const char* bits;          // the values, a.item bytes each
 
-  // Copies row (b, u) into out, zero past the tokens up to width; returns its extreme_position.
-  int64_t copy(const uint8_t* counted, int64_t first, int64_t b, int64_t u, char* out, int64_t width,
-               bool largest) const {
-    if (pairs == nullptr) {
-      const char* p = a.data + (b * a.sb + u * a.su) * a.item;
-      if (a.item == 4)
-        gather<uint32_t>(p, a.st * a.item, a.tokens, out);
-      else
-        gather<uint16_t>(p, a.st * a.item, a.tokens, out);
-      if (width > a.tokens) std::memset(out + a.tokens * a.item, 0, (width - a.tokens) * a.item);
-    } else {
-      std::memset(out, 0, width * a.item);
-      const int64_t pair = b * a.units + u;
-      const int64_t* at = std::lower_bound(pairs, pairs + n_pairs, pair);
-      if (at != pairs + n_pairs && *at == pair)
-        for (int64_t j = starts[at - pairs]; j < starts[at - pairs + 1]; ++j)
-          copy_item(out + positions[j] * a.item, bits + j * a.item, a.item);
-    }
+  // A sparse source's row (b, u) into out, zero where it has no non-zero and past the tokens up to width; returns
+  // its extreme_position.
+  int64_t copy_pair(const uint8_t* counted, int64_t first, int64_t b, int64_t u, char* out, int64_t width,
+                    bool largest) const {
+    std::memset(out, 0, width * a.item);
+    const int64_t pair = b * a.units + u;
+    const int64_t* at = std::lower_bound(pairs, pairs + n_pairs, pair);
+    if (at != pairs + n_pairs && *at == pair)
+      for (int64_t j = starts[at - pairs]; j < starts[at - pairs + 1]; ++j)
+        copy_item(out + positions[j] * a.item, bits + j * a.item, a.item);
     return extreme_position(a, counted, first, b, out, largest);
   }
-};
 
-// A row to copy once a thread's units are merged: batch row b of unit u, into entry `index` (a rank, or a sample).
-struct Copy {
-  int64_t b, u, index;
+  // Every copy (ordered by batch row, see by_row) into out_of(c), its extreme_position into *position_of(c).
+  // From dense activations, a context's rows are read token by token for all its entering units at once: each
+  // token's row is then walked in address order, where one unit's strided gather after another's waited on a
+  // cache miss per token.
+  template <typename Out, typename Position>
+  void copy_all(const std::vector<Copy>& copies, const uint8_t* counted, int64_t first, int64_t width,
+                bool largest, Out out_of, Position position_of) const {
+    if (pairs != nullptr) {
+      for (const Copy& c : copies) *position_of(c) = copy_pair(counted, first, c.b, c.u, out_of(c), width, largest);
+      return;
+    }
+    std::vector<char*> outs;
+    std::vector<int64_t> offsets;
+    for (size_t begin = 0, end = 0; begin < copies.size(); begin = end) {
+      const int64_t b = copies[begin].b;
+      outs.clear();
+      offsets.clear();
+      for (end = begin; end < copies.size() && copies[end].b == b; ++end) {
+        outs.push_back(out_of(copies[end]));
+        offsets.push_back(copies[end].u * a.su * a.item);
+      }
+      const size_t n = outs.size();
+      for (int64_t t = 0; t < a.tokens; ++t) {
+        const char* row = a.data + (b * a.sb + t * a.st) * a.item;
+        for (size_t i = 0; i < n; ++i) copy_item(outs[i] + t * a.item, row + offsets[i], a.item);
+      }
+      for (size_t i = 0; i < n; ++i) {
+        if (width > a.tokens) std::memset(outs[i] + a.tokens * a.item, 0, (width - a.tokens) * a.item);
+        *position_of(copies[begin + i]) = extreme_position(a, counted, first, b, outs[i], largest);
+      }
+    }
+  }
 };
 
 // Orders copies by batch row (a counting sort, stable): a context's [tokens, units] block is then read once for
@@ -185,17 +230,30 @@ struct Samples {  // one unit's reservoir: [bins, per] entries, each with [width
 };
 
 
-// Element loads for the reduction's rows, by dtype.
-template <typename T>
-float to_float(T v) {
-  return float(v);
-}
-template <>
-float to_float<uint16_t>(uint16_t v) {  // bfloat16
-  uint32_t bits = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
+// N rows into the running extremes, sums and firing counts (N > 1: those are loaded and stored once per N rows,
+// not per row; they, not the activations, bound the one-row loop). NaN never enters an extreme.
+template <typename T, int N>
+void accumulate_rows(const T* const* rows, int64_t units, float* __restrict high, float* __restrict low,
+                     float* __restrict s1, float* __restrict s2, int32_t* __restrict fires) {
+  const T* __restrict p[N];
+  for (int i = 0; i < N; ++i) p[i] = rows[i];
+  for (int64_t u = 0; u < units; ++u) {
+    float h = high[u], l = low[u], a = 0.0f, q = 0.0f;
+    int32_t f = 0;
+    for (int i = 0; i < N; ++i) {
+      const float v = to_float(p[i][u]);
+      h = v > h ? v : h;
+      l = v < l ? v : l;
+      a += v;
+      q += v * v;
+      f += v > 0.0f;
+    }
+    high[u] = h;
+    low[u] = l;
+    s1[u] += a;
+    s2[u] += q;
+    fires[u] += f;
+  }
 }
 
 template <typename T>
@@ -204,6 +262,7 @@ void reduce_rows(const T* data, int64_t b0, int64_t b1, int64_t tokens, int64_t 
                  int64_t* firing) {
   std::vector<float> s1(units), s2(units);
   std::vector<int32_t> fires(units);
+  std::vector<const T*> rows;
   for (int64_t b = b0; b < b1; ++b) {
     float* high = context_max + b * units;
     float* low = context_min + b * units;
@@ -212,22 +271,53 @@ void reduce_rows(const T* data, int64_t b0, int64_t b1, int64_t tokens, int64_t 
     std::fill(s1.begin(), s1.end(), 0.0f);
     std::fill(s2.begin(), s2.end(), 0.0f);
     std::fill(fires.begin(), fires.end(), 0);
-    for (int64_t t = 0; t < tokens; ++t) {
-      if (!counted[b * tokens + t]) continue;
-      const T* row = data + b * sb + t * st;
-      for (int64_t u = 0; u < units; ++u) {
-        const float v = to_float(row[u]);
-        high[u] = v > high[u] ? v : high[u];
-        low[u] = v < low[u] ? v : low[u];
-        s1[u] += v;
-        s2[u] += v * v;
-        fires[u] += v > 0.0f;
-      }
-    }
+    rows.clear();
+    for (int64_t t = 0; t < tokens; ++t)
+      if (counted[b * tokens + t]) rows.push_back(data + b * sb + t * st);
+    size_t r = 0;
+    for (; r + 8 <= rows.size(); r += 8)
+      accumulate_rows<T, 8>(&rows[r], units, high, low, s1.data(), s2.data(), fires.data());
+    for (; r < rows.size(); ++r)
+      accumulate_rows<T, 1>(&rows[r], units, high, low, s1.data(), s2.data(), fires.data());
     for (int64_t u = 0; u < units; ++u) {
       sum[u] += s1[u];
       squares[u] += s2[u];
       firing[u] += fires[u];
+    }
+  }
+}
+
+// histogram_update's loop for one element type. Each token's columns are worked out first, in a loop that
+// vectorises; only the counting itself is element by element.
+template <typename T>
+void histogram_rows(const T* data, int64_t batch, int64_t tokens, int64_t units, int64_t sb, int64_t st, int64_t su,
+                    const uint8_t* counted, const int64_t* batch_keys, int64_t every, int64_t half,
+                    int64_t first_code, int64_t* counts, int threads) {
+  const int64_t uncounted = 2 * half + 1;
+#pragma omp parallel num_threads(threads)
+  {
+    const auto [me, lo, hi] = my_share(units);
+    std::vector<int32_t> columns(hi - lo);
+    for (int64_t b = 0; b < batch; ++b) {
+      if (batch_keys[b] % every != 0) continue;
+      for (int64_t t = 0; t < tokens; ++t) {
+        if (!counted[b * tokens + t]) {
+          for (int64_t u = lo; u < hi; ++u) ++counts[uncounted * units + u];
+          continue;
+        }
+        const T* row = data + b * sb + t * st;
+        for (int64_t u = lo; u < hi; ++u) {
+          const float v = to_float(row[u * su]);
+          uint32_t bits;
+          std::memcpy(&bits, &v, 4);
+          const int32_t raw = int32_t(bits) >> 21;
+          const int32_t code = raw & 1023;
+          const int32_t magnitude =
+              code == 0 ? 0 : std::min(std::max(code - int32_t(first_code), int32_t(1)), int32_t(half));
+          columns[u - lo] = int32_t(half) + (raw < 0 ? -magnitude : magnitude);
+        }
+        for (int64_t u = lo; u < hi; ++u) ++counts[columns[u - lo] * units + u];
+      }
     }
   }
 }
@@ -287,10 +377,12 @@ void topk_update(const void* acts, int dtype, int64_t item, int64_t batch, int64
         if (from_row[r] >= 0) copies.push_back({from_row[r], u, r});
     }
     by_row(copies, batch, scratch, start);  // this thread's units only: no other thread writes them
-    for (const Copy& c : copies) {
-      char* out = static_cast<char*>(slot_acts) + (c.u * k + slots[c.u * k + c.index]) * width * item;
-      positions[c.u * k + c.index] = source.copy(counted, first, c.b, c.u, out, width, largest != 0);
-    }
+    source.copy_all(
+        copies, counted, first, width, largest != 0,
+        [&](const Copy& c) {
+          return static_cast<char*>(slot_acts) + (c.u * k + slots[c.u * k + c.index]) * width * item;
+        },
+        [&](const Copy& c) { return positions + c.u * k + c.index; });
   }
 }
 
@@ -361,10 +453,10 @@ void reservoir_update(const void* acts, int dtype, int64_t item, int64_t batch, 
         if (from_row[j] >= 0) copies.push_back({from_row[j], u, j});
     }
     by_row(copies, batch, scratch, start);
-    for (const Copy& c : copies) {
-      char* out = static_cast<char*>(sample_acts) + (c.u * n + c.index) * width * item;
-      positions[c.u * n + c.index] = source.copy(counted, first, c.b, c.u, out, width, true);
-    }
+    source.copy_all(
+        copies, counted, first, width, true,
+        [&](const Copy& c) { return static_cast<char*>(sample_acts) + (c.u * n + c.index) * width * item; },
+        [&](const Copy& c) { return positions + c.u * n + c.index; });
   }
 }
 
@@ -372,34 +464,18 @@ void reservoir_update(const void* acts, int dtype, int64_t item, int64_t batch, 
 // key is a multiple of `every`, each activation counted in the column statistics.py reads off its float bits
 // (sign, exponent, top two mantissa bits); uncounted positions (BOS, padding) go to the last row, never read.
 // counts [half * 2 + 2, units] int64. Each thread owns a range of units, reading the rows in memory order.
-void histogram_update(const void* acts, int dtype, int64_t item, int64_t batch, int64_t tokens, int64_t units,
+void histogram_update(const void* acts, int dtype, int64_t /*item*/, int64_t batch, int64_t tokens, int64_t units,
                       int64_t sb, int64_t st, int64_t su, const uint8_t* counted, const int64_t* batch_keys,
                       int64_t every, int64_t half, int64_t first_code, int64_t* counts, int threads) {
-  const Acts a{static_cast<const char*>(acts), dtype, item, batch, tokens, units, sb, st, su};
-  const int64_t uncounted = 2 * half + 1;
-#pragma omp parallel num_threads(threads)
-  {
-    const auto [me, lo, hi] = my_share(units);
-    for (int64_t b = 0; b < batch; ++b) {
-      if (batch_keys[b] % every != 0) continue;
-      for (int64_t t = 0; t < tokens; ++t) {
-        const char* p = a.data + (b * a.sb + t * a.st) * a.item;
-        if (!counted[b * tokens + t]) {
-          for (int64_t u = lo; u < hi; ++u) ++counts[uncounted * units + u];
-          continue;
-        }
-        for (int64_t u = lo; u < hi; ++u) {
-          const float v = a.load(p + u * a.su * a.item);
-          uint32_t bits;
-          std::memcpy(&bits, &v, 4);
-          const int32_t raw = int32_t(bits) >> 21;
-          const int64_t code = raw & 1023;
-          const int64_t magnitude = code == 0 ? 0 : std::min(std::max(code - first_code, int64_t(1)), half);
-          ++counts[(half + (raw < 0 ? -magnitude : magnitude)) * units + u];
-        }
-      }
-    }
-  }
+  if (dtype == 0)
+    histogram_rows(static_cast<const float*>(acts), batch, tokens, units, sb, st, su, counted, batch_keys, every,
+                   half, first_code, counts, threads);
+  else if (dtype == 1)
+    histogram_rows(static_cast<const uint16_t*>(acts), batch, tokens, units, sb, st, su, counted, batch_keys,
+                   every, half, first_code, counts, threads);
+  else
+    histogram_rows(static_cast<const _Float16*>(acts), batch, tokens, units, sb, st, su, counted, batch_keys,
+                   every, half, first_code, counts, threads);
 }
 
 // Per-context extremes and per-unit sums of dense units (reductions.reduce_eager's results): for each context,

@@ -53,7 +53,7 @@ def library() -> ctypes.CDLL | None:
     """The built library, or None (with one line on stderr when a build was tried and failed)."""
     if os.environ.get("FEATUREATLAS_NATIVE", "").strip().lower() in ("0", "off", "false", "no"):
         return None
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    compiler = find_compiler()
     if compiler is None:
         print("featureatlas: no C++ compiler found (g++, c++ or $CXX); updating neurons and residual dimensions "
               "with tensor operations instead (slower on CPU)", file=sys.stderr)
@@ -77,6 +77,11 @@ def library() -> ctypes.CDLL | None:
     lib.reservoir_update.argtypes = rows + [_PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR,
                                             _PTR, _PTR, _PTR, _PTR, ctypes.c_int]
     return lib
+
+
+def find_compiler() -> str | None:
+    """$CXX, or the first of g++, c++ and clang++ on the PATH."""
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 
 def _build(compiler: str) -> Path:
