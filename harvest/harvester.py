@@ -22,8 +22,6 @@ from featureatlas.harvest.sources import UnitSource
 from featureatlas.harvest.statistics import Statistics
 from featureatlas.harvest.topk import TopK
 
-PENDING_BYTES = 512 * 2**20  # dense activations held for the end of a batch's forward pass (see _consume)
-
 
 class _StopForward(Exception):
     """Raised after the last hooked block: later layers and the LM head are never computed."""
@@ -138,8 +136,6 @@ class Harvester:
         self.accumulators = [Accumulators(s, settings, context_length, self.device, _activation_dtype(s, model))
                              for s in sources]
         self._view: BatchView | None = None
-        self._pending: list[tuple[int, torch.Tensor]] = []
-        self._pending_bytes = 0
         self.graphs = GraphedUpdates(self.device) if settings.cuda_graphs and settings.fixed_shapes else None
         self.reader = Reader(model, sources, self._consume, nonzeros=True)
 
@@ -159,35 +155,21 @@ class Harvester:
     def step(self, batch: Batch) -> None:
         self._view = BatchView.of(batch, self.first_counted, self.settings.seed, self.device)
         self.reader.run(batch)
-        with torch.inference_mode():  # as in the hooks: no autograd bookkeeping, the same compiled graphs
-            self._update_pending()
 
     def referenced_context_ids(self) -> set[int]:
         return set(torch.cat([acc.referenced_context_ids() for acc in self.accumulators]).tolist())
 
     def _consume(self, index: int, acts: torch.Tensor, nonzeros: torch.Tensor | None) -> None:
-        """Dense units on CPU wait for the end of the forward pass (up to PENDING_BYTES of activations): the same
-        updates run about a third faster there than between the layers' matrix products. The tensors are the
-        model's own, kept by reference: no family in the architecture table modifies them in place later."""
+        """Each source's update runs in its hook, while the layer's activations are fresh in cache. Holding a batch's
+        dense activations for the end of the forward pass instead, as this once did, was 3% slower in bfloat16 with
+        the native loops and as fast in float32, for up to 512 MiB more memory (only the tensor code gained, 3%)."""
         accumulators = self.accumulators[index]
         if self.graphs is not None and not self.sources[index].sparse:
             accumulators.statistics.count(self._view)
             self.graphs.update(index, acts, self._view, list(accumulators.parts().values()),
                                accumulators.update_dense)
             return
-        if self.settings.fixed_shapes or self.sources[index].sparse:
-            accumulators.update(acts, self._view, nonzeros)
-            return
-        self._pending.append((index, acts))
-        self._pending_bytes += acts.numel() * acts.element_size()
-        if self._pending_bytes > PENDING_BYTES:
-            self._update_pending()
-
-    def _update_pending(self) -> None:
-        for index, acts in self._pending:
-            self.accumulators[index].update(acts, self._view)
-        self._pending.clear()
-        self._pending_bytes = 0
+        accumulators.update(acts, self._view, nonzeros)
 
 
 class Reader:
