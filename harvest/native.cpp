@@ -65,7 +65,16 @@ float to_float<uint16_t>(uint16_t v) {  // bfloat16
   return f;
 }
 
-template <typename T, bool Largest>
+// Calls f with p as a pointer to dtype's elements (float, bfloat16's bits as uint16_t, or _Float16): the one place
+// where a loop templated on the element type is picked.
+template <typename F>
+auto by_dtype(const void* p, int dtype, F f) {
+  if (dtype == 0) return f(static_cast<const float*>(p));
+  if (dtype == 1) return f(static_cast<const uint16_t*>(p));
+  return f(static_cast<const _Float16*>(p));
+}
+
+template <bool Largest, typename T>
 int64_t extreme_in(const T* row, const uint8_t* row_counted, int64_t first, int64_t tokens) {
   int64_t position = -1;
   float best = 0;
@@ -85,16 +94,9 @@ int64_t extreme_in(const T* row, const uint8_t* row_counted, int64_t first, int6
 int64_t extreme_position(const Acts& a, const uint8_t* counted, int64_t first, int64_t b, const char* out,
                          bool largest) {
   const uint8_t* c = counted + b * a.tokens;
-  int64_t position;
-  if (a.dtype == 0)
-    position = largest ? extreme_in<float, true>(reinterpret_cast<const float*>(out), c, first, a.tokens)
-                       : extreme_in<float, false>(reinterpret_cast<const float*>(out), c, first, a.tokens);
-  else if (a.dtype == 1)
-    position = largest ? extreme_in<uint16_t, true>(reinterpret_cast<const uint16_t*>(out), c, first, a.tokens)
-                       : extreme_in<uint16_t, false>(reinterpret_cast<const uint16_t*>(out), c, first, a.tokens);
-  else
-    position = largest ? extreme_in<_Float16, true>(reinterpret_cast<const _Float16*>(out), c, first, a.tokens)
-                       : extreme_in<_Float16, false>(reinterpret_cast<const _Float16*>(out), c, first, a.tokens);
+  const int64_t position = by_dtype(out, a.dtype, [&](auto row) {
+    return largest ? extreme_in<true>(row, c, first, a.tokens) : extreme_in<false>(row, c, first, a.tokens);
+  });
   return position < 0 ? first : position;
 }
 
@@ -467,15 +469,10 @@ void reservoir_update(const void* acts, int dtype, int64_t item, int64_t batch, 
 void histogram_update(const void* acts, int dtype, int64_t /*item*/, int64_t batch, int64_t tokens, int64_t units,
                       int64_t sb, int64_t st, int64_t su, const uint8_t* counted, const int64_t* batch_keys,
                       int64_t every, int64_t half, int64_t first_code, int64_t* counts, int threads) {
-  if (dtype == 0)
-    histogram_rows(static_cast<const float*>(acts), batch, tokens, units, sb, st, su, counted, batch_keys, every,
-                   half, first_code, counts, threads);
-  else if (dtype == 1)
-    histogram_rows(static_cast<const uint16_t*>(acts), batch, tokens, units, sb, st, su, counted, batch_keys,
-                   every, half, first_code, counts, threads);
-  else
-    histogram_rows(static_cast<const _Float16*>(acts), batch, tokens, units, sb, st, su, counted, batch_keys,
-                   every, half, first_code, counts, threads);
+  by_dtype(acts, dtype, [&](auto data) {
+    histogram_rows(data, batch, tokens, units, sb, st, su, counted, batch_keys, every, half, first_code, counts,
+                   threads);
+  });
 }
 
 // Per-context extremes and per-unit sums of dense units (reductions.reduce_eager's results): for each context,
@@ -494,15 +491,10 @@ void reduce(const void* acts, int dtype, int64_t batch, int64_t tokens, int64_t 
     double* my_sum = sums.data() + size_t(me) * units * 2;
     double* my_squares = my_sum + units;
     int64_t* my_fires = fires.data() + size_t(me) * units;
-    if (dtype == 0)
-      reduce_rows(static_cast<const float*>(acts), b0, b1, tokens, units, sb, st, counted, context_max,
-                  context_min, my_sum, my_squares, my_fires);
-    else if (dtype == 1)
-      reduce_rows(static_cast<const uint16_t*>(acts), b0, b1, tokens, units, sb, st, counted, context_max,
-                  context_min, my_sum, my_squares, my_fires);
-    else
-      reduce_rows(static_cast<const _Float16*>(acts), b0, b1, tokens, units, sb, st, counted, context_max,
-                  context_min, my_sum, my_squares, my_fires);
+    by_dtype(acts, dtype, [&](auto data) {
+      reduce_rows(data, b0, b1, tokens, units, sb, st, counted, context_max, context_min, my_sum, my_squares,
+                  my_fires);
+    });
   }
   for (int me = 0; me < threads; ++me)
     for (int64_t u = 0; u < units; ++u) {
