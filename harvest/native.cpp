@@ -23,25 +23,6 @@ struct Acts {
   const char* data;
   int dtype;
   int64_t item, batch, tokens, units, sb, st, su;
-
-  float load(const char* p) const {
-    if (dtype == 0) {
-      float v;
-      std::memcpy(&v, p, 4);
-      return v;
-    }
-    uint16_t h;
-    std::memcpy(&h, p, 2);
-    if (dtype == 1) {
-      uint32_t bits = uint32_t(h) << 16;  // a bfloat16 is the top half of a float32
-      float v;
-      std::memcpy(&v, &bits, 4);
-      return v;
-    }
-    _Float16 f;
-    std::memcpy(&f, &h, 2);
-    return float(f);
-  }
 };
 
 // One element of 4 or 2 bytes: fixed-size copies compile to a move, where memcpy(item) is a library call.
@@ -515,7 +496,7 @@ int64_t sparse_index(const void* nonzero_values, int dtype, int64_t item, int64_
                      int64_t units, const int64_t* nonzeros, int64_t nnz, const uint8_t* counted,
                      int64_t* pairs, int64_t* starts, int64_t* positions, void* bits, float* scores,
                      int64_t* counted_units, void* counted_values, int64_t* n_counted) {
-  const Acts a{static_cast<const char*>(nonzero_values), dtype, item, batch, tokens, units, 0, 0, 0};
+  const char* in = static_cast<const char*>(nonzero_values);
   char* out = static_cast<char*>(bits);
   char* values = static_cast<char*>(counted_values);
   std::vector<int64_t> count(units), next(units);
@@ -543,24 +524,26 @@ int64_t sparse_index(const void* nonzero_values, int dtype, int64_t item, int64_
     for (int64_t i = j; i < end; ++i) {  // stable: each pair's positions stay ascending
       const int64_t u = unit_of[i - j], t = position_of[i - j], to = next[u]++;
       positions[to] = t;
-      copy_item(out + to * item, a.data + i * item, item);
+      copy_item(out + to * item, in + i * item, item);
       if (counted[b * tokens + t]) {
         counted_units[m] = u;
         copy_item(values + m++ * item, out + to * item, item);
       }
     }
-    for (int64_t p = first_pair; p < n_pairs; ++p) {
-      const int64_t u = pairs[p] - b * units, stop = p + 1 < n_pairs ? starts[p + 1] : end;
-      float best = -std::numeric_limits<float>::infinity();
-      bool nan = false;
-      for (int64_t i = starts[p]; i < stop; ++i) {
-        if (!counted[b * tokens + positions[i]]) continue;
-        const float v = a.load(out + i * item);
-        nan |= std::isnan(v);
-        best = std::max(best, v);
+    by_dtype(out, dtype, [&](auto typed) {
+      for (int64_t p = first_pair; p < n_pairs; ++p) {
+        const int64_t u = pairs[p] - b * units, stop = p + 1 < n_pairs ? starts[p + 1] : end;
+        float best = -std::numeric_limits<float>::infinity();
+        bool nan = false;
+        for (int64_t i = starts[p]; i < stop; ++i) {
+          if (!counted[b * tokens + positions[i]]) continue;
+          const float v = to_float(typed[i]);
+          nan |= std::isnan(v);
+          best = std::max(best, v);
+        }
+        if (best > 0 && !nan) scores[u * batch + b] = best;
       }
-      if (best > 0 && !nan) scores[u * batch + b] = best;
-    }
+    });
     j = end;
   }
   starts[n_pairs] = nnz;
