@@ -6,7 +6,7 @@ loaded — p50 and p95 over repeated requests, through the live server's own han
 For each layer it sends `--requests` POSTs of a 64-token text to a `featureatlas serve` server on a loopback
 port (one MLP neuron of that layer each time; the forward pass stops at that layer), and prints the p50 and p95
 of the request times, then the same for `--top 10`. The model load is timed separately (it is paid once per
-server start; see README "Model cache").
+server start; see docs/embedded-model.md, "Model cache").
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from typing import Any
 import duckdb
 from tqdm import tqdm
 
-from featureatlas.atomic import replace_folder
+from featureatlas.atomic import remove_stale_temps, replace_folder
 from featureatlas.build.output import staging_dir
 from featureatlas.build.slugs import unique_slugs
 from featureatlas.build.tokens import visible
@@ -270,6 +270,7 @@ def _write_files(files: Files) -> tuple[int, int]:
 
 def check_target(out_dir: Path, overwrite: bool) -> None:
     """Refuse, before any work, an output we must not replace or cannot write."""
+    remove_stale_temps(out_dir)  # first: an earlier run's crash may have left the previous folder aside
     if out_dir.is_symlink():
         raise UsageError(f"{out_dir}: is a symbolic link; give the real folder or choose another --out")
     if out_dir.exists():

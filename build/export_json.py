@@ -2,8 +2,9 @@
 
 Layout: `<model-slug>/<source-slug>/<layer>/<unit>.json` (the site's folder names) and `index.json` at the top.
 Each unit file is rendered whole by one DuckDB query per chunk of units (UNIT_SQL): floats in their shortest
-exact form, strings through DuckDB's JSON writer, so what is stored comes back exactly. README.md, "Exports",
-documents the shape; FORMAT and VERSION name it, and VERSION changes whenever a reader would need to know.
+exact form, strings through DuckDB's JSON writer, so what is stored comes back exactly.
+docs/exports-and-annotations.md documents the shape; FORMAT and VERSION name it, and VERSION changes whenever a
+reader would need to know.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ Per (model, source, layer), `<model id>/<layer>-<set>/` holds one-line `release.
 `sourceset.jsonl` and `source.jsonl`, and per batch of units `features/batch-N.jsonl.gz` (one row per unit),
 `activations/batch-N.jsonl.gz` (one row per example) and, where the store has explanations,
 `explanations/batch-N.jsonl.gz`. Field names are those of SAEDashboard's current exporter and Neuronpedia's
-database. What we cannot fill from a store is written empty or null, never made up; README.md, "Exports", lists
-each such field and how our data maps onto theirs (histogram bars, quantile intervals, the BOS token).
+database. What we cannot fill from a store is written empty or null, never made up;
+docs/exports-and-annotations.md lists each such field and how our data maps onto theirs (histogram bars,
+quantile intervals, the BOS token).
 """
 
 from __future__ import annotations

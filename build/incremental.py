@@ -17,12 +17,14 @@ from pathlib import Path
 
 import duckdb
 
+from featureatlas.build.output import SiteError
 from featureatlas.build.reader import Catalog, _has_view
 from featureatlas.build.shards import Postings
 from featureatlas.build.templates import templates_dir
 
 STATE_FILE = ".featureatlas-build.json.gz"
 STATE_VERSION = 1
+MAX_STATE_BYTES = 1 << 30  # decompressed: a site's state is untrusted, and gzip packs 1,000:1 or more
 
 
 def generator_fingerprint(full_paths: bool) -> str:
@@ -66,13 +68,20 @@ class BuildState:
 
     @classmethod
     def read(cls, site: Path) -> BuildState | None:
+        path = site / STATE_FILE
         try:
-            data = json.loads(gzip.decompress((site / STATE_FILE).read_bytes()))
-        except (OSError, ValueError, EOFError):
+            if path.is_symlink():
+                return None
+            with gzip.open(path, "rb") as fh:
+                raw = fh.read(MAX_STATE_BYTES + 1)
+            if len(raw) > MAX_STATE_BYTES:
+                return None  # then every layer is rendered afresh
+            data = json.loads(raw)
+            if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+                return None
+            return cls(str(data["generator"]), {tuple(layer["key"]): layer for layer in data["layers"]})
+        except (OSError, ValueError, EOFError, KeyError, TypeError):
             return None
-        if data.get("version") != STATE_VERSION:
-            return None
-        return cls(data["generator"], {tuple(layer["key"]): layer for layer in data["layers"]})
 
     def add(self, key: tuple, folder: str, fingerprint: str, postings: Postings) -> None:
         entry = self.layers.setdefault(key, {"key": list(key), "folder": folder, "fingerprint": fingerprint,
@@ -89,17 +98,25 @@ class BuildState:
         return len(data)
 
 
-def link_tree(source: Path, target: Path) -> tuple[int, int]:
-    """Hard-link (or copy, across filesystems) every file of a finished layer folder into the new site; returns
-    (files, bytes). The old site stays untouched until the new one replaces it."""
+def link_tree(source: Path, target: Path, site: Path) -> tuple[int, int]:
+    """Hard-link (or copy, across filesystems) every file of a finished layer folder of `site` into the new site;
+    returns (files, bytes). The old site stays untouched until the new one replaces it. A site is untrusted: a
+    link anywhere in the folder (which could lead to a user's files) stops the build instead of being followed."""
+    root = site.resolve()
+    if source.is_symlink() or not source.resolve().is_relative_to(root):
+        raise SiteError(f"{source}: leads out of the site {site}; build without --incremental")
     count = size = 0
-    for folder, _, files in os.walk(source):
+    for folder, dirs, files in os.walk(source):
+        for name in dirs + files:
+            if (Path(folder) / name).is_symlink():
+                raise SiteError(f"{Path(folder) / name}: is a symbolic link; an earlier build writes none, so "
+                                "build without --incremental")
         destination = target / Path(folder).relative_to(source)
         destination.mkdir(parents=True, exist_ok=True)
         for name in files:
             src, dst = Path(folder) / name, destination / name
             try:
-                os.link(src, dst)
+                os.link(src, dst, follow_symlinks=False)
             except OSError:
                 dst.write_bytes(src.read_bytes())
             count, size = count + 1, size + dst.stat().st_size

@@ -37,6 +37,10 @@ def _snippet(tokens: list[str] | None, position: int | None, start: int, length:
     return snippet_html(tokens, index, start > 0, cut_after)
 
 
+def _number(value: object) -> float | None:
+    return None if value is None else float(value)  # type: ignore[arg-type]
+
+
 def _largest_magnitude(top: float | None, bottom: float | None) -> float | None:
     values = [abs(v) for v in (top, bottom) if v is not None and not math.isnan(v)]
     return max(values) if values else None
@@ -50,6 +54,8 @@ def _rows(con: duckdb.DuckDBPyConnection, info: LayerInfo, bos_token: str | None
     for unit, top, bottom, frequency, position, start, length, tokens in zip(
             table["unit"], table["max_activation"], table["min_activation"], table["frequency"],
             table["max_position"], table["snippet_start"], table["context_length"], table["snippet"], strict=True):
+        # Typed here, whatever SQL returned: these go into the HTML and a URL as they are.
+        unit, top, bottom, frequency = int(unit), _number(top), _number(bottom), _number(frequency)
         signed = (f"<td>{format_activation(bottom)}</td><td>{format_activation(_largest_magnitude(top, bottom))}</td>"
                   if info.signed else "")
         explained = (f"<td>{escape(visible(explanations[unit]))}</td>" if unit in explanations else "<td></td>"

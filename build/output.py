@@ -24,6 +24,7 @@ def is_site(path: Path) -> bool:
 
 def check_target(out_dir: Path) -> None:
     """Refuse, before any work, an output folder we must not replace or cannot write."""
+    remove_stale_temps(out_dir)  # first: an earlier run's crash may have left the previous folder aside
     if out_dir.is_symlink():
         raise SiteError(f"{out_dir}: is a symbolic link; give the real folder or choose another output folder")
     if out_dir.exists():

@@ -10,6 +10,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from featureatlas.store.schema import HISTOGRAM_HALF, StoreError
+
 EXAMPLE_KINDS = ("top", "bottom", "quantile", "random")  # page order; the codes below index this tuple
 
 
@@ -210,6 +212,10 @@ def read_catalog(con: duckdb.DuckDBPyConnection) -> Catalog:
         FROM sources s FULL OUTER JOIN u USING (model, source, layer)
         ORDER BY model, source, layer""", []).to_pylist()
     layers = [LayerInfo(LayerKey(row.pop("model"), row.pop("source"), int(row.pop("layer"))), **row) for row in rows]
+    for info in layers:  # units are numbered 0..n-1; pages and shards are planned over that range
+        if info.max_unit >= info.n_units:
+            raise StoreError(f"store: {info.key.source} layer {info.key.layer} numbers its {info.n_units:,} units up "
+                             f"to {info.max_unit:,}; the store is damaged or not written by featureatlas harvest")
     return Catalog(runs=runs, layers=layers)
 
 
@@ -294,7 +300,12 @@ def _read_contexts(con: duckdb.DuckDBPyConnection, examples: Examples) -> Contex
 def _read_histograms(con: duckdb.DuckDBPyConnection, params: list[Any]) -> Histograms:
     t = _table(con, f"SELECT unit, bin, count FROM histograms WHERE {_IN_CHUNK} AND count > 0 ORDER BY unit, bin",
                params)
-    return Histograms(unit=_np(t, "unit", np.int64), bin=_np(t, "bin", np.int64), count=_np(t, "count", np.int64))
+    bins = _np(t, "bin", np.int64)
+    if bins.size and np.abs(bins).max() > HISTOGRAM_HALF:  # a page's histogram is sized by its range of bins
+        raise StoreError(f"store: histogram bin {int(bins[np.abs(bins).argmax()])} of {params[1]} layer {params[2]} "
+                         f"is outside -{HISTOGRAM_HALF}..{HISTOGRAM_HALF}; the store is damaged or not written by "
+                         "featureatlas harvest")
+    return Histograms(unit=_np(t, "unit", np.int64), bin=bins, count=_np(t, "count", np.int64))
 
 
 def _read_logits(con: duckdb.DuckDBPyConnection, params: list[Any]) -> Logits:

@@ -123,7 +123,7 @@ def build_site(store_path: Path, out_dir: Path, workers: int | None = None, prog
                 assert previous is not None
                 state.layers[key] = previous.layers[key]
                 index.add(i, previous.postings(key))
-                linked_files, linked_bytes = link_tree(out_dir / layer["path"], staging / layer["path"])
+                linked_files, linked_bytes = link_tree(out_dir / layer["path"], staging / layer["path"], out_dir)
                 files, size = files + linked_files, size + linked_bytes
             else:
                 state.add(key, layer["path"], fingerprints[key], Postings())

@@ -52,8 +52,7 @@ class Worker:
     """Holds what is worth keeping between jobs: the connection, the templates, the last layer's statistics."""
 
     def __init__(self, store_path: str, site_dir: str, bos_tokens: dict[str, str | None], full_paths: bool = False):
-        self.con = open_store(store_path)
-        self.con.execute("SET threads TO 1")  # the processes are the parallelism
+        self.con = open_store(store_path, threads=1)  # the processes are the parallelism
         self.env = make_environment(full_paths)
         self.site_dir = Path(site_dir)
         self.bos_tokens = bos_tokens

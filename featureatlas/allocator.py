@@ -4,7 +4,7 @@ With glibc's defaults a forward pass over a 64 x 64-token batch grows and shrink
 batch (each layer's 25 MB intermediates), and every regrown page is a fresh, zeroed page fault: 8 million faults
 for 60,000 tokens of SmolLM2 in float32. Raising the mmap threshold (tensors up to 1 GiB come from the heap)
 and the trim threshold (up to 1 GiB of free heap stays mapped) removed 98% of them and ran the bare forward 11%
-faster on the 2-core Xeon of the README's timings. The peak memory is the same; it is just not returned early.
+faster on the 2-core Xeon of bench/RESULTS.md's timings. The peak memory is the same; it is just not returned early.
 The mmap threshold was 256 MiB until a 16k-feature dictionary's float32 features for a batch of 4,096 tokens
 (exactly 256 MiB, plus malloc's header) were found just past it: mapped afresh each time, they cost 200,000
 faults a batch, and 1 GiB took its encode from 456 to 331 ms a batch.

@@ -43,7 +43,7 @@ def _harvest_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="auto: bfloat16 on CUDA and on CPUs with AVX-512 BF16, else float32 (default: %(default)s)")
     p.add_argument("--no-model-cache", action="store_true",
                    help="neither read nor write the cache of converted .gguf models and of logit effects "
-                        "(also FEATUREATLAS_NO_MODEL_CACHE=1; README.md, Model cache)")
+                        "(also FEATUREATLAS_NO_MODEL_CACHE=1; docs/embedded-model.md, Model cache)")
     p.add_argument("--bottom-k", type=int, default=None,
                    help="most negative examples kept per signed unit (default: as many as --top-k)")
     p.add_argument("--intervals", type=int, default=12,
@@ -59,7 +59,7 @@ def _harvest_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds the quantile and random samples (default: %(default)s)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="fuse the per-batch steps with torch.compile (seconds to a minute): several times faster on "
-                        "GPUs; on CPUs the native loops (README: Cost and memory) already are, and it then speeds up "
+                        "GPUs; on CPUs the native loops (docs/harvest.md) already are, and it then speeds up "
                         "only dictionary features; auto: for 1M+ tokens or the whole corpus (default: %(default)s)")
     p.add_argument("--cuda-graphs", choices=["on", "off"], default="on",
                    help="on CUDA, replay each layer's updates as a recorded CUDA graph instead of launching "
@@ -95,7 +95,7 @@ def _shard(text: str) -> tuple[int, int]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featureatlas", description=__doc__.splitlines()[0] +
-                                     " See README.md for the store's SQL schema.")
+                                     " See docs/store.md for the store's SQL schema.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("harvest", help="run a model over a corpus and write a store",
                        description="Run a model over a corpus and record, for every MLP neuron, residual dimension and "
@@ -116,7 +116,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="show the corpus, model and dictionary paths in full (default: their last part only, so a "
                         "public site does not reveal the building machine's folders)")
     p = sub.add_parser("serve", help="serve a built site on localhost, with a live probe box given a model",
-                       description="Serve a built site with Python's http.server (a site also works from file://). "
+                       description="Serve a built site with Python's http.server, to this machine's browser and the "
+                                   "site's own pages only (a site also works from file://). "
                                    "With --store (or --model), every unit page gets a box to run your own text "
                                    "through the unit, and to list the units of its layer that fire most on it.")
     p.add_argument("site", type=Path)
@@ -127,7 +128,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="a dictionary folder where it is now (default: the store's recorded paths)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
-    p.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s); one other machines can reach needs "
+                        "--allow-remote")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow a --host other machines can reach: anyone there can read the site and run the model "
+                        "(plain HTTP, no login)")
     p = sub.add_parser("train-sae", help="train a top-k SAE (or transcoder) on a hook of a model and save it",
                        description="Collect a hook's activations over a corpus, train a top-k sparse autoencoder "
                                    "on them and write a folder SAELens loads (and `harvest --sae` reads). With "
@@ -260,12 +266,13 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from featureatlas.build.serve import make_server, serve
-    make_server(args.site, port=0).server_close()  # a folder that is not a site fails before the model loads
+    # a folder that is not a site, or a --host without --allow-remote, fails before the model loads
+    make_server(args.site, port=0, host=args.host, allow_remote=args.allow_remote).server_close()
     prober = None
     if args.store is not None or args.model is not None:
         from featureatlas.harvest.probe import load_prober
         prober = load_prober(args.model, args.sae, store=args.store, device=args.device)
-    serve(args.site, port=args.port, host=args.host, prober=prober)
+    serve(args.site, port=args.port, host=args.host, prober=prober, allow_remote=args.allow_remote)
     return 0
 
 
@@ -370,7 +377,7 @@ examples:
   featureatlas export atlas.duckdb --format neuronpedia --out np --source sae:res15 \\
       --neuronpedia-model-id smollm2-135m-instruct --neuronpedia-set res-topk-4k
 
-README.md, "Exports", says what each file holds and what the Neuronpedia rows approximate or leave empty.
+docs/exports-and-annotations.md says what each file holds and what the Neuronpedia rows approximate or leave empty.
 """
 
 

@@ -5,6 +5,15 @@ arrow/parquet files as a hub dataset's folder holds them), folders and globs of 
 dataset streamed by name. Nothing is ever read whole: text and JSON lines are read in chunks, parquet by row
 group, arrow files batch by batch. A record may carry token ids instead of text (pre-tokenised
 datasets); such documents skip the tokenizer (see contexts.py).
+
+Corpus files are untrusted, so what one document or line may make the reader hold is capped: every document,
+whatever its format, is cut into pieces of at most MAX_DOCUMENT_CHARS characters (or token ids), and a JSON line
+longer than MAX_LINE_BYTES (after decompression: a gzip or zstd bomb without newlines is one such line) stops the
+read with one line instead of being held whole, as does a line of more than MAX_LINE_VALUES JSON values (a
+line of `[],[],...` makes json.loads build 20 times its size in objects). Reading a line holds at most about
+MAX_LINE_BYTES twice and MAX_LINE_VALUES objects: under 500 MB, however hostile the file. Columnar files hold one
+row group's column (parquet) or one record batch (arrow) at a time, as pyarrow reads them; a 100M-character value
+costs about four times its size.
 """
 
 from __future__ import annotations
@@ -30,7 +39,10 @@ import pyarrow.parquet as pq
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".arrow")
 FORMATS = ".txt, .jsonl or .parquet (or .jsonl.gz, .jsonl.zst, .arrow)"
-MAX_DOCUMENT_CHARS = 1_000_000  # longer .txt files are cut at blank lines so tokenising stays bounded
+MAX_DOCUMENT_CHARS = 1_000_000  # longer documents are cut (at blank lines) so that tokenising stays bounded
+MAX_LINE_BYTES = 64 * 2**20  # of one JSON line, decompressed
+MAX_LINE_VALUES = 3_000_000  # JSON values in one line (e.g. token ids): json.loads builds at most ~300 MB of them
+MAX_METADATA_BYTES = 16 * 2**20  # of a saved dataset's state.json or dataset_dict.json
 DEFAULT_TEXT_FIELD = "text"
 TOKEN_FIELDS = ("input_ids", "tokens")  # looked for when records have no text field and none was named
 DEFAULT_SPLIT = "train"  # of a hub dataset or a folder saved from a DatasetDict, when --split is not given
@@ -166,6 +178,9 @@ def _saved_dataset(path: Path, split: str | None) -> list[Path] | None:
     (dataset_dict.json lists its splits, one such folder each); None for any other folder."""
     if (path / "dataset_dict.json").is_file():
         splits = _json_file(path / "dataset_dict.json").get("splits", [])
+        if not isinstance(splits, list) or not all(isinstance(s, str) and _plain_name(s) for s in splits):
+            raise CorpusError(f"{path / 'dataset_dict.json'}: splits is not a list of folder names; the saved "
+                              "DatasetDict is damaged: save it again")
         chosen = split or (splits[0] if len(splits) == 1 else DEFAULT_SPLIT)
         if chosen not in splits:
             raise CorpusError(f"{path}: a saved DatasetDict with splits {', '.join(map(str, splits))}; pick one "
@@ -182,7 +197,13 @@ def _saved_dataset(path: Path, split: str | None) -> list[Path] | None:
                                                               for e in entries):
         raise CorpusError(f"{path / 'state.json'}: no _data_files list; pass a folder written by "
                           "`Dataset.save_to_disk`, or its .arrow files")
-    files = [path / str(e["filename"]) for e in entries]
+    for entry in entries:  # a crafted list could name any file on the machine, to be harvested and published
+        name = entry["filename"]
+        if not isinstance(name, str) or not _plain_name(name) or _format(name) != ".arrow":
+            raise CorpusError(f"{path / 'state.json'}: _data_files names {_shown(name)}, not an .arrow file in "
+                              "the same folder; pass a folder written by `Dataset.save_to_disk`, or its .arrow "
+                              "files")
+    files = [path / e["filename"] for e in entries]
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise CorpusError(f"{missing[0]}: listed in {path / 'state.json'} but missing; the saved dataset is "
@@ -190,11 +211,30 @@ def _saved_dataset(path: Path, split: str | None) -> list[Path] | None:
     return files
 
 
+def _plain_name(name: str) -> bool:
+    """A file or folder name that stays in its folder: no separators, not '.' or '..', nothing invisible."""
+    return bool(name) and name not in (".", "..") and not any(ch in name for ch in "/\\\0") and name.isprintable()
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    """Untrusted text for a one-line message: repr escapes control characters; long text is cut."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def _json_file(file: Path) -> dict:
+    """A saved dataset's metadata: a few kilobytes, so more than MAX_METADATA_BYTES is refused, never read."""
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))  # a few hundred bytes of metadata, not the corpus
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CorpusError(f"{file}: not readable JSON ({err}); the saved dataset is damaged: save it again") from None
+        with open(file, "rb") as fh:
+            raw = fh.read(MAX_METADATA_BYTES + 1)
+        if len(raw) > MAX_METADATA_BYTES:
+            raise CorpusError(f"{file}: more than {MAX_METADATA_BYTES >> 20} MiB, too big for a saved dataset's "
+                              "metadata; the saved dataset is damaged: save it again")
+        data = json.loads(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        reason = "nested too deeply" if isinstance(err, RecursionError) else _first_line(err)
+        raise CorpusError(f"{file}: not readable JSON ({reason}); the saved dataset is damaged: save it "
+                          "again") from None
     if not isinstance(data, dict):
         raise CorpusError(f"{file}: not a JSON object; the saved dataset is damaged: save it again")
     return data
@@ -216,12 +256,45 @@ def _read_txt(file: Path, name: str) -> Iterator[Document]:
                 if buf.strip():
                     yield Document(name if part == 0 else f"{name}#part{part}", buf)
                 return
-            cut = buf.rfind("\n\n", 0, MAX_DOCUMENT_CHARS)
-            end = cut + 2 if cut > 0 else MAX_DOCUMENT_CHARS
+            end = _cut(buf, 0)
             piece, buf = buf[:end], buf[end:]
             if piece.strip():
                 yield Document(f"{name}#part{part}", piece)
             part += 1
+
+
+def _cut(text: str, start: int) -> int:
+    """Where the piece of `text` starting at `start` ends: after the last blank line within MAX_DOCUMENT_CHARS
+    characters, or (when there is none) at MAX_DOCUMENT_CHARS."""
+    cut = text.rfind("\n\n", start, start + MAX_DOCUMENT_CHARS)
+    return cut + 2 if cut > start else start + MAX_DOCUMENT_CHARS
+
+
+def _pieces(name: str, text: str) -> Iterator[Document]:
+    """A record's non-blank text as documents of at most MAX_DOCUMENT_CHARS characters, cut as .txt files are;
+    the pieces of a cut record are named NAME#partN."""
+    if len(text) <= MAX_DOCUMENT_CHARS:
+        if text.strip():
+            yield Document(name, text)
+        return
+    start, part = 0, 0
+    while start < len(text):
+        end = _cut(text, start) if len(text) - start > MAX_DOCUMENT_CHARS else len(text)
+        piece = text[start:end]
+        if piece.strip():
+            yield Document(f"{name}#part{part}", piece)
+        start, part = end, part + 1
+
+
+def _id_pieces(name: str, ids: np.ndarray | list[int]) -> Iterator[Document]:
+    """A record's token ids as documents of at most MAX_DOCUMENT_CHARS ids (named as _pieces names them)."""
+    if len(ids) <= MAX_DOCUMENT_CHARS:
+        if len(ids):
+            yield Document(name, "", ids.tolist() if isinstance(ids, np.ndarray) else ids)
+        return
+    for part, start in enumerate(range(0, len(ids), MAX_DOCUMENT_CHARS)):
+        piece = ids[start:start + MAX_DOCUMENT_CHARS]
+        yield Document(f"{name}#part{part}", "", piece.tolist() if isinstance(piece, np.ndarray) else piece)
 
 
 def _decode(decoder: codecs.IncrementalDecoder, data: bytes, final: bool, file: Path, offset: int) -> str:
@@ -246,8 +319,9 @@ class _Records:
         self.field: str | None = token_field
         self.tokens = token_field is not None
 
-    def document(self, record: Any, where: str, name: str) -> Document | None:
-        """where: the place errors name (file:line, or dataset and row)."""
+    def documents(self, record: Any, where: str, name: str) -> Iterator[Document]:
+        """The record's documents (none when it is empty, several when it is longer than MAX_DOCUMENT_CHARS);
+        where: the place errors name (file:line, or dataset and row)."""
         if not isinstance(record, dict):
             raise CorpusError(f"{where}: not a JSON object (got {_json_type(record)}); each line must be one object")
         if self.field is None:
@@ -258,16 +332,17 @@ class _Records:
                 "name the text field with --text-field (or a field of token ids with --token-field)"))
         value = record[self.field]
         if value is None and self.nulls_are_empty:
-            return None
+            return
         if self.tokens:
             if not isinstance(value, list) or not all(type(i) is int for i in value):
                 raise CorpusError(f"{where}: field {self.field!r} is {_json_type(value)}, not a list of integer "
                                   "token ids; name the token-id field with --token-field")
-            return Document(name, "", value) if value else None
+            yield from _id_pieces(name, value)
+            return
         if not isinstance(value, str):
             raise CorpusError(f"{where}: field {self.field!r} is {_json_type(value)}, not a string; "
                               "name the text field with --text-field (or a field of token ids with --token-field)")
-        return Document(name, value) if value.strip() else None
+        yield from _pieces(name, value)
 
     def _pick(self, record: dict) -> str:
         if self.text_field in record or self.text_field != DEFAULT_TEXT_FIELD:
@@ -293,28 +368,41 @@ def _json_type(value: Any) -> str:
 
 
 def _read_jsonl(file: Path, name: str, records: _Records) -> Iterator[Document]:
+    """One line at a time, each read with a limit: a line over MAX_LINE_BYTES is refused once that much of it has
+    been read, so neither a huge record nor a decompression bomb without newlines is ever held whole."""
     line_no = 0
     try:
         with _open_lines(file) as lines:
-            for line_no, raw in enumerate(lines, start=1):
+            while raw := lines.readline(MAX_LINE_BYTES + 1):
+                line_no += 1
+                if len(raw) > MAX_LINE_BYTES:
+                    raise CorpusError(f"{file}:{line_no}: a line of more than {MAX_LINE_BYTES >> 20} MiB; keep "
+                                      "each record under that: split long texts into several records, or save them "
+                                      "as .txt files")
+                if len(raw) > _CHUNK and _values(raw) > MAX_LINE_VALUES:
+                    raise CorpusError(f"{file}:{line_no}: a line of more than {MAX_LINE_VALUES:,} JSON values; "
+                                      "keep each record under that: split long token-id lists into several records")
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
                     raise CorpusError(f"{file}:{line_no}: not UTF-8 (byte {raw[err.start]:#04x} at column "
                                       f"{err.start + 1}); write the file as UTF-8, e.g. with "
                                       "`iconv -f latin1 -t utf-8`") from None
+                del raw  # the decoded line is all that is needed: hold one copy, not two
                 if line_no == 1:
                     line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise CorpusError(f"{file}:{line_no}: not a JSON object ({err.msg}); "
-                                      "each line must be one object") from None
-                document = records.document(record, f"{file}:{line_no}", f"{name}:{line_no}")
-                if document is not None:
-                    yield document
+                except ValueError as err:  # JSONDecodeError, or an integer of more digits than Python converts
+                    raise CorpusError(f"{file}:{line_no}: not a JSON object ({getattr(err, 'msg', _first_line(err))}"
+                                      "); each line must be one object") from None
+                except RecursionError:
+                    raise CorpusError(f"{file}:{line_no}: not a JSON object (nested too deeply); each line must be "
+                                      "one object") from None
+                del line
+                yield from records.documents(record, f"{file}:{line_no}", f"{name}:{line_no}")
     except EOFError:
         raise CorpusError(f"{file}: truncated after line {line_no} (the compressed data ends early); the file is "
                           "incomplete: copy or compress it again") from None
@@ -324,6 +412,12 @@ def _read_jsonl(file: Path, name: str, records: _Records) -> Iterator[Document]:
     except _zstd_errors() as err:
         raise CorpusError(f"{file}: not valid zstd data after line {line_no} ({_first_line(err)}); "
                           "check the file, e.g. with `zstd -t`") from None
+
+
+def _values(raw: bytes) -> int:
+    """At least the number of values JSON text holds (each one but the first of a list or object follows a comma,
+    each list or object opens with a bracket), counted in C at memory speed."""
+    return raw.count(b",") + raw.count(b"[") + raw.count(b"{")
 
 
 def _open_lines(file: Path) -> IO[bytes]:
@@ -455,15 +549,14 @@ def _read_columns(file: Path, name: str, schema: pa.Schema, batches: Callable[[s
                 piece = values.slice(start, _ROWS)
                 if tokens:
                     for ids in _id_lists(piece, file, column, row_no):
-                        if ids:
-                            yield Document(f"{name}#row{row_no}", "", ids)
+                        yield from _id_pieces(f"{name}#row{row_no}", ids)
                         row_no += 1
                 else:
                     for text in piece.to_pylist():
-                        if text is not None and text.strip():
-                            yield Document(f"{name}#row{row_no}", text)
+                        if text is not None:
+                            yield from _pieces(f"{name}#row{row_no}", text)
                         row_no += 1
-    except (pa.ArrowException, OSError) as err:
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as err:
         raise CorpusError(f"{file}: unreadable after row {row_no} ({_first_line(err)}); the file is damaged or "
                           "incomplete: copy or write it again") from None
 
@@ -503,8 +596,9 @@ def _is_id_list(kind: pa.DataType) -> bool:
             and pa.types.is_integer(kind.value_type))
 
 
-def _id_lists(values: pa.Array, file: Path, column: str, first_row: int) -> Iterator[list[int]]:
-    """Each row's ids as a Python list, through numpy (much faster than to_pylist); a null row is empty."""
+def _id_lists(values: pa.Array, file: Path, column: str, first_row: int) -> Iterator[np.ndarray]:
+    """Each row's ids as a numpy array (made Python lists piece by piece: much faster than to_pylist, and a huge
+    row is never one huge list); a null row is empty."""
     lengths = pc.list_value_length(values).fill_null(0).to_numpy(zero_copy_only=False)
     flat = values.flatten()
     if flat.null_count:
@@ -513,7 +607,7 @@ def _id_lists(values: pa.Array, file: Path, column: str, first_row: int) -> Iter
     ids = flat.to_numpy(zero_copy_only=False)
     ends = np.cumsum(lengths)
     for start, end in zip((ends - lengths).tolist(), ends.tolist(), strict=True):
-        yield ids[start:end].tolist()
+        yield ids[start:end]
 
 
 def _first_line(err: BaseException) -> str:
@@ -562,7 +656,5 @@ def _read_hub(spec: str, split: str, text_field: str, token_field: str | None) -
         except Exception as err:
             raise CorpusError(f"{spec}: streaming split {split!r} failed at row {row_no} ({_first_line(err)}); "
                               "check the network and run again") from None
-        document = records.document(row, f"{spec} ({split} row {row_no})", f"{split}#row{row_no}")
-        if document is not None:
-            yield document
+        yield from records.documents(row, f"{spec} ({split} row {row_no})", f"{split}#row{row_no}")
         row_no += 1

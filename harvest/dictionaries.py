@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,10 @@ SAELENS_ARCHITECTURES = {
     "jumprelu_skip_transcoder": ("jumprelu", ("b_enc", "threshold", "W_skip"), True),
 }
 TRAINING_ONLY = ("batchtopk", "matryoshka_batchtopk")  # SAELens saves their inference models as jumprelu
+MAX_CONFIG_BYTES = 16 * 2**20  # of cfg.json and the other JSON files of a folder; real ones are a few kilobytes
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, 60, 60, 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 3
 
 
 class DictionaryError(Exception):
@@ -194,7 +199,7 @@ def load_dictionaries(path: str | Path) -> list[Dictionary]:
     if (path / "cfg.json").is_file():
         return [_load_folder(path)]
     if path.is_dir():
-        natural = lambda p: [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", p.name)]  # noqa: E731
+        natural = lambda p: [int(s) if s.isdecimal() else s for s in re.split(r"(\d+)", p.name)]  # noqa: E731
         folders = sorted((p for p in path.iterdir() if (p / "cfg.json").is_file()), key=natural)
         if folders:
             return [_load_folder(p) for p in folders]
@@ -213,19 +218,32 @@ def _load_folder(folder: Path) -> Dictionary:
 
 
 def _read_json(file: Path) -> dict[str, Any]:
+    """A config file: a few kilobytes, so one over MAX_CONFIG_BYTES is refused unread (it is no config)."""
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _error(file, f"not readable JSON ({e}); fix or re-save the file") from e
+        with open(file, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise _error(file, f"more than {MAX_CONFIG_BYTES >> 20} MiB, too big for a config; check the file")
+        data = json.loads(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: bad JSON, or too many digits
+        raise _error(file, f"not readable JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__}); fix or "
+                           "re-save the file") from None
+    except RecursionError:
+        raise _error(file, "not readable JSON (nested too deeply); fix or re-save the file") from None
     if not isinstance(data, dict):
         raise _error(file, "not a JSON object; a dictionary config is one")
     return data
 
 
+def _shown(value: object) -> str:
+    """A config value quoted in a message: a repr cut short, however big or deeply nested the value is."""
+    return _REPR.repr(value)
+
+
 def _int(file: Path, cfg: dict, key: str, default: Any = None, name: str | None = None) -> int:
     value = cfg.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise _error(file, f"{name or key} is {value!r}, not a positive integer; set it in the file")
+        raise _error(file, f"{name or key} is {_shown(value)}, not a positive integer; set it in the file")
     return value
 
 
@@ -268,7 +286,7 @@ def _is_saelens_6(cfg: dict) -> bool:
     """As SAELens decides: a config without sae_lens_version, or one before 6.0, is a flat pre-6 config."""
     meta = cfg.get("metadata")
     version = cfg.get("sae_lens_version") or (meta.get("sae_lens_version") if isinstance(meta, dict) else None)
-    major = re.match(r"\d+", str(version or ""))
+    major = re.match(r"\d{1,9}", str(version or ""))
     return major is not None and int(major.group()) >= 6
 
 
@@ -284,27 +302,27 @@ def _load_saelens(folder: Path, cfg: dict) -> Dictionary:
 
     arch = c.get("architecture")
     if arch in TRAINING_ONLY:
-        raise _error(file, f"architecture {arch!r} is a SAELens training checkpoint; export the inference model "
+        raise _error(file, f"architecture {_shown(arch)} is a SAELens training checkpoint; export the inference model "
                            "(save_inference_model saves it as jumprelu) and load that")
     if not isinstance(arch, str) or arch not in SAELENS_ARCHITECTURES:
-        raise _error(file, f"architecture {arch!r} is not supported (supported: {', '.join(SAELENS_ARCHITECTURES)}); "
-                           "use a dictionary of one of these")
+        raise _error(file, f"architecture {_shown(arch)} is not supported (supported: "
+                           f"{', '.join(SAELENS_ARCHITECTURES)}); use a dictionary of one of these")
     activation, extra_tensors, transcoder = SAELENS_ARCHITECTURES[arch]
     d_in, d_sae = _int(file, c, "d_in"), _int(file, c, "d_sae")
     d_out = _int(file, c, "d_out") if transcoder else d_in
     dtype_name = c.get("dtype", "float32")
     if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
-        raise _error(file, f"dtype {dtype_name!r} is unknown (known: {', '.join(DTYPES)}); set one of these")
+        raise _error(file, f"dtype {_shown(dtype_name)} is unknown (known: {', '.join(DTYPES)}); set one of these")
     apply_b_dec = c.get("apply_b_dec_to_input", True)
     if not isinstance(apply_b_dec, bool):
-        raise _error(file, f"apply_b_dec_to_input is {apply_b_dec!r}, not true or false; set one")
+        raise _error(file, f"apply_b_dec_to_input is {_shown(apply_b_dec)}, not true or false; set one")
     if transcoder and apply_b_dec:
         raise _error(file, "apply_b_dec_to_input is true, which SAELens refuses for transcoders (b_dec is in the "
                            "output space); set it to false")
     normalize = c.get("normalize_activations", "none")
     if normalize not in ("none", "constant_norm_rescale", "layer_norm", "expected_average_only_in",
                          "covariance_whitening"):
-        raise _error(file, f"normalize_activations {normalize!r} is unknown (known: none, constant_norm_rescale, "
+        raise _error(file, f"normalize_activations {_shown(normalize)} is unknown (known: none, constant_norm_rescale, "
                            "layer_norm, expected_average_only_in, covariance_whitening); set one of these")
     _check_scaler(folder, normalize)
     k = None
@@ -315,15 +333,15 @@ def _load_saelens(folder: Path, cfg: dict) -> Dictionary:
 
     hook_name = meta.get("hook_name")
     if not isinstance(hook_name, str) or not hook_name:
-        raise _error(file, f"{mp}hook_name is {hook_name!r}: a dictionary must say where it reads; set it")
+        raise _error(file, f"{mp}hook_name is {_shown(hook_name)}: a dictionary must say where it reads; set it")
     for key in ("hook_head_index", "hook_head_index_out"):
         if meta.get(key) is not None:
-            raise _error(file, f"{mp}{key} is {meta[key]!r}: dictionaries of a single attention head are not "
+            raise _error(file, f"{mp}{key} is {_shown(meta[key])}: dictionaries of a single attention head are not "
                                "supported; use one trained on the whole hook (hook_head_index null)")
     reshape = c.get("reshape_activations", "none")
     if reshape not in ("none", "hook_z") or (reshape == "hook_z" and not hook_name.endswith("_z")):
-        raise _error(file, f"reshape_activations {reshape!r} with {mp}hook_name {hook_name!r}: only 'none', or "
-                           "'hook_z' on a hook_z hook, is supported (as SAELens)")
+        raise _error(file, f"reshape_activations {_shown(reshape)} with {mp}hook_name {_shown(hook_name)}: only "
+                           "'none', or 'hook_z' on a hook_z hook, is supported (as SAELens)")
     kwargs = meta.get("model_from_pretrained_kwargs") or {}
     for key in TL_PROCESSING:
         if isinstance(kwargs, dict) and kwargs.get(key):
@@ -332,11 +350,11 @@ def _load_saelens(folder: Path, cfg: dict) -> Dictionary:
                                "use one trained without that processing")
     model_class = meta.get("model_class_name") or "HookedTransformer"
     if model_class not in ("HookedTransformer", "AutoModelForCausalLM"):
-        raise _error(file, f"{mp}model_class_name {model_class!r} is not supported (HookedTransformer or "
+        raise _error(file, f"{mp}model_class_name {_shown(model_class)} is not supported (HookedTransformer or "
                            "AutoModelForCausalLM): its hook names do not map onto a transformers model")
     hook_out = meta.get("hook_name_out") if transcoder else None
     if transcoder and (not isinstance(hook_out, str) or not hook_out):
-        raise _error(file, f"{mp}hook_name_out is {hook_out!r}: a transcoder must say where its decoder writes; "
+        raise _error(file, f"{mp}hook_name_out is {_shown(hook_out)}: a transcoder must say where its decoder writes; "
                            "set it")
     _check_orientation(file, "d_sae", d_in, d_sae, d_out)
 
@@ -367,13 +385,13 @@ def _pre6(file: Path, cfg: dict) -> dict:
     arch = cfg.get("architecture", "standard")
     if activation == "topk":
         if arch not in ("standard", "topk"):
-            raise _error(file, f"{key} 'topk' with architecture {arch!r}: not a combination SAELens defines")
+            raise _error(file, f"{key} 'topk' with architecture {_shown(arch)}: not a combination SAELens defines")
         kwargs = cfg.get("activation_fn_kwargs")
         c["k"] = _int(file, kwargs if isinstance(kwargs, dict) else {}, "k", name="activation_fn_kwargs.k")
         c["architecture"] = "topk"
     elif activation != "relu" or arch == "topk":
-        raise _error(file, f"{key} {activation!r} with architecture {arch!r} is not supported (relu, or topk with "
-                           "activation_fn_kwargs.k); SAELens would silently run it as ReLU")
+        raise _error(file, f"{key} {_shown(activation)} with architecture {_shown(arch)} is not supported (relu, or "
+                           "topk with activation_fn_kwargs.k); SAELens would silently run it as ReLU")
     if cfg.get("finetuning_scaling_factor"):
         raise _error(file, "finetuning_scaling_factor is true: this SAE scales its features by a fine-tuned "
                            "factor that SAELens 6 no longer applies; fold it into W_dec and set it to false")
@@ -394,14 +412,14 @@ def _check_scaler(folder: Path, normalize: str) -> None:
     if scaler.is_file():
         state = _read_json(scaler)
         if state.get("scaling_factor") is not None:
-            raise _error(scaler, f"scaling_factor is {state['scaling_factor']!r}: a mid-run checkpoint whose input "
-                                 "scaling is not folded into the weights; use the final model, or fold it "
+            raise _error(scaler, f"scaling_factor is {_shown(state['scaling_factor'])}: a mid-run checkpoint whose "
+                                 "input scaling is not folded into the weights; use the final model, or fold it "
                                  "(SAE.fold_activation_norm_scaling_factor) and save again")
         if state.get("has_whitening", True) and (folder / "activation_whitening.safetensors").is_file():
             raise _error(scaler, "has_whitening is true: a mid-run checkpoint whose whitening is not folded into "
                                  "the weights; use the final model, or fold it (SAE.fold_activation_whitening)")
     elif normalize in ("expected_average_only_in", "covariance_whitening"):
-        raise _error(folder / "cfg.json", f"normalize_activations is {normalize!r}, which SAELens rewrites to "
+        raise _error(folder / "cfg.json", f"normalize_activations is {_shown(normalize)}, which SAELens rewrites to "
                                           "'none' once it folds the factor into the weights, so this one is not "
                                           "folded; fold it and save again (or set 'none' if you know it is folded)")
 
@@ -421,7 +439,7 @@ def _load_sparsify(folder: Path, cfg: dict) -> Dictionary:
                            "supported; use an unsigned one")
     activation = cfg.get("activation", "topk")
     if activation not in ("topk", "groupmax"):
-        raise _error(file, f"activation {activation!r} is unknown (known: topk, groupmax); set one of these")
+        raise _error(file, f"activation {_shown(activation)} is unknown (known: topk, groupmax); set one of these")
     transcode, skip = bool(cfg.get("transcode", False)), bool(cfg.get("skip_connection", False))
     d_in, k = _int(file, cfg, "d_in"), _int(file, cfg, "k", 32)
     if cfg.get("num_latents"):  # 0 (the default) means d_in * expansion_factor

@@ -34,7 +34,7 @@ class Settings:
     intervals: int = 12           # quantile intervals (even: see reservoir.py)
     per_interval: int = 2         # quantile examples per interval
     random: int = 4               # random examples where the unit fires
-    histogram_every: int = 32     # dense units: the histogram counts one context in this many (cost: see README)
+    histogram_every: int = 32     # dense units: the histogram counts one context in this many (cost: docs/harvest.md)
     seed: int = 0
     compile: bool = False         # fuse the per-batch steps with torch.compile (reductions.py)
     fixed_shapes: bool = False    # dense units' lists in data-independent shapes: no host syncs (for CUDA)

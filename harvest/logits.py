@@ -10,13 +10,13 @@ residual's scale), so it says which tokens the direction points at, not what the
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from featureatlas.atomic import temp_path_beside
+from featureatlas.atomic import durable_replace, temp_path_beside
 from featureatlas.cachedir import cache_root
 from featureatlas.harvest.architectures import Architecture, architecture_of, get_submodule, input_to_output_matrix
 from featureatlas.harvest.hooks import Hook, norm_gain
@@ -109,10 +109,10 @@ class LogitEffects:
             self._readout_hash = _digest(self.readout)
         key = hashlib.sha256(_CACHE_VERSION + self._readout_hash + _digest(directions)
                              + f"{self.n} {basis}".encode())
-        return cache_root() / "logits" / f"{key.hexdigest()[:32]}.pt"
+        return cache_root() / "logits" / f"{key.hexdigest()[:32]}.safetensors"
 
 
-_CACHE_VERSION = b"logit-effects-1"  # bump when what is computed from the same inputs changes
+_CACHE_VERSION = b"logit-effects-2"  # bump when what is computed from the same inputs changes
 
 
 def _digest(tensor: torch.Tensor) -> bytes:
@@ -123,13 +123,13 @@ def _digest(tensor: torch.Tensor) -> bytes:
 def _read(path: Path, n_units: int, n: int) -> Effects | None:
     """A cached entry, or None if it is unreadable or not of the expected shapes (then it is computed again)."""
     try:
-        found = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = load_file(path, device="cpu")  # safetensors: tensors only, never code
+        found = tuple(tensors[str(i)] for i in range(4))
     except Exception:  # a damaged file of any kind: recompute and overwrite it
         return None
-    if not (isinstance(found, (tuple, list)) and len(found) == 4
-            and all(isinstance(t, torch.Tensor) and tuple(t.shape) == (n_units, n) for t in found)):
+    if not all(tuple(t.shape) == (n_units, n) for t in found):
         return None
-    return tuple(found)  # type: ignore[return-value]
+    return found  # type: ignore[return-value]
 
 
 def _write(path: Path, effects: Effects) -> None:
@@ -137,8 +137,8 @@ def _write(path: Path, effects: Effects) -> None:
     temp = temp_path_beside(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(tuple(t.cpu() for t in effects), temp)
-        os.replace(temp, path)
+        save_file({str(i): t.cpu().contiguous() for i, t in enumerate(effects)}, temp)
+        durable_replace(temp, path)
     except OSError:
         temp.unlink(missing_ok=True)  # a full disk mid-write leaves no partial file behind
 

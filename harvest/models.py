@@ -108,6 +108,25 @@ def load_model(ref: ModelRef, device: torch.device, dtype: torch.dtype
     return model.to(device).eval(), tokenizer
 
 
+def max_positions(model: PreTrainedModel) -> int | None:
+    """The most tokens the model reads in one sequence (its position table or trained length); None if unknown."""
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_length(model: PreTrainedModel, n_tokens: int, what: str, fix: str) -> None:
+    """Refuse a sequence longer than the model's positions (beyond them GPT-2 indexes out of its table, and on
+    CUDA a device assert poisons the whole process), before any forward pass."""
+    limit = max_positions(model)
+    if limit is not None and n_tokens > limit:
+        raise ModelLoadError(f"{what} is {n_tokens:,} tokens, but {model.config.model_type} reads at most "
+                             f"{limit:,}; {fix}")
+
+
 def _load_from_source(ref: ModelRef, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     kwargs = _gguf_kwargs(ref.gguf_file) if ref.gguf_file else {}
     try:

@@ -20,6 +20,7 @@ from featureatlas.errors import UsageError
 from featureatlas.harvest.architectures import blocks_of
 from featureatlas.harvest.contexts import Context, display_tokens, make_batch
 from featureatlas.harvest.harvester import Reader
+from featureatlas.harvest.models import ModelLoadError, check_length
 from featureatlas.harvest.sources import UnitSource, mlp_sources, resid_sources
 from featureatlas.store.addresses import AddressError, SourceLayer, describe_sources, format_address, parse_address
 
@@ -147,7 +148,12 @@ class Prober:
         ids = self.tokenizer(check_text(text), add_special_tokens=False)["input_ids"]
         if len(ids) > MAX_TOKENS:
             raise UsageError(f"the text is {len(ids):,} tokens; probe takes at most {MAX_TOKENS:,}")
-        return ([self.tokenizer.bos_token_id] if self.has_bos else []) + list(ids)
+        ids = ([self.tokenizer.bos_token_id] if self.has_bos else []) + list(ids)
+        try:
+            check_length(self.model, len(ids), "the text", "probe a shorter text")
+        except ModelLoadError as err:
+            raise UsageError(str(err)) from None
+        return ids
 
     def activations(self, token_ids: list[int], keys: list[tuple[str, int]]) -> dict[tuple[str, int], np.ndarray]:
         """float32 [tokens, units] per (source, layer), read by harvest's Reader: up to the deepest layer only."""

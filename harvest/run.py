@@ -21,12 +21,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from featureatlas.errors import UsageError
 from featureatlas.harvest.architectures import blocks_of
-from featureatlas.harvest.checkpoint import Checkpointer, checkpoint_path, shaping_options
+from featureatlas.harvest.checkpoint import Checkpointer, checkpoint_path, run_inputs, shaping_options
 from featureatlas.harvest.contexts import Context, DocumentInfo, display_tokens, iter_batches, iter_contexts
 from featureatlas.harvest.corpus import CorpusError, check_corpus, iter_documents
 from featureatlas.harvest.harvester import Harvester, Settings, check_widths
 from featureatlas.harvest.logits import LogitEffects
-from featureatlas.harvest.models import ModelRef, load_model, pick_device, pick_dtype, resolve_model
+from featureatlas.harvest.models import ModelRef, check_length, load_model, pick_device, pick_dtype, resolve_model
 from featureatlas.harvest.prefetch import prefetched
 from featureatlas.harvest.sources import UnitSource, dictionary_sources, mlp_sources, parse_layers, resid_sources
 from featureatlas.harvest.write import ContextLengths, write_logits, write_source, write_vocabulary
@@ -153,6 +153,7 @@ def harvest(config: HarvestConfig, loaded: tuple[PreTrainedModel, PreTrainedToke
     else:
         model, tokenizer, ref = loaded
         device = next(model.parameters()).device
+    check_length(model, config.context_length, "context_length", "choose a shorter context length")
     sources = build_sources(model, config, device)
     has_bos = tokenizer.bos_token_id is not None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -163,7 +164,8 @@ def harvest(config: HarvestConfig, loaded: tuple[PreTrainedModel, PreTrainedToke
                         fixed_shapes=device.type == "cuda" if config.fixed_shapes is None else config.fixed_shapes,
                         cuda_graphs=config.cuda_graphs, native=config.native)
 
-    checkpoints = Checkpointer(Path(config.out), config.checkpoint_every)
+    inputs = _inputs(config, ref, model, sources) if config.resume or config.checkpoint_every is not None else {}
+    checkpoints = Checkpointer(Path(config.out), config.checkpoint_every, inputs)
     with StoreWriter(config.out) as store, \
             Harvester(model, sources, settings, config.context_length, int(has_bos)) as harvester:
         documents: deque[DocumentInfo] = deque()  # appended to by the thread making batches (prefetch.py)
@@ -232,6 +234,15 @@ def harvest(config: HarvestConfig, loaded: tuple[PreTrainedModel, PreTrainedToke
         n_units = sum(s.n_units for s in harvester.sources)
     checkpoints.remove()  # the store is in place: nothing is left to resume
     return HarvestSummary(Path(config.out), n_units, n_tokens, n_contexts, seconds, n_tokens / seconds)
+
+
+def _inputs(config: HarvestConfig, ref: ModelRef, model: PreTrainedModel, sources: list[UnitSource]
+            ) -> dict[str, dict]:
+    """Fingerprints of the corpus, model and dictionary files, which a resume must find unchanged."""
+    local = ref.gguf_file is not None or Path(ref.location).is_dir()
+    revision = None if local else getattr(model.config, "_commit_hash", None)
+    return run_inputs(config.corpus, config.split, ref.location, ref.gguf_file, revision,
+                      [s.dictionary.path for s in sources if s.dictionary is not None])
 
 
 def _compile(choice: str, device: torch.device, tokens: int | None) -> bool:

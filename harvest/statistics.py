@@ -14,8 +14,9 @@ import torch
 from featureatlas.harvest import native
 from featureatlas.harvest.batchview import BatchView
 from featureatlas.harvest.reductions import compiled_once
+from featureatlas.store.schema import HISTOGRAM_HALF
 
-HALF = 130                 # bins each side of zero; column HALF + b of the counts holds bin b
+HALF = HISTOGRAM_HALF      # bins each side of zero; column HALF + b of the counts holds bin b
 N_BINS = 2 * HALF + 1
 _SHIFT_TO_CODE = 21        # float32 bits >> 21 = sign, 8 exponent bits, 2 mantissa bits
 _FIRST_CODE = 442          # code of 2^-16 is 444, which is bin 2

@@ -14,12 +14,14 @@ more than one of them. Anything that does not name exactly one unit raises Addre
 from __future__ import annotations
 
 import re
+import reprlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import duckdb
 
 MODEL_SEPARATOR = "::"
+_MAX_DIGITS = 18  # of a layer or unit number: more is past anything a store holds (they are 32-bit)
 _SEP = r"(?:\s*/\s*|\s+)"
 _PLACE = re.compile(rf"(?:(?P<layer>\d+){_SEP})?(?P<unit>\d+)"
                     rf"|[Ll](?P<l_layer>\d+)(?:{_SEP})?[Nn](?P<n_unit>\d+)", re.ASCII)
@@ -57,7 +59,7 @@ def parse_address(text: str, sources: Iterable[Sequence | SourceLayer], *,
     (model, source, layer[, n_units]) tuple; `default_source` is used when the address names no source."""
     table = _table(sources)
     if not isinstance(text, str):
-        raise AddressError(f"unit address {text!r} is not text; write one such as mlp/12/345")
+        raise AddressError(f"unit address {reprlib.repr(text)} is not text; write one such as mlp/12/345")
     label = _quote(text)
     rest = text.strip()
     if not rest:
@@ -84,12 +86,12 @@ def parse_address(text: str, sources: Iterable[Sequence | SourceLayer], *,
         raise AddressError(f"unit address {label} cannot be read; write SOURCE/LAYER/UNIT (e.g. mlp/12/345), "
                            "L12N345 for an MLP neuron, or SOURCE/UNIT for a source with one layer")
     if place["n_unit"] is not None:
-        layer, unit = int(place["l_layer"]), int(place["n_unit"])
+        layer, unit = _number(place["l_layer"], label), _number(place["n_unit"], label)
         if source is None:
             source = "mlp"  # L12N345 is Neuroscope's name for an MLP neuron
     else:
-        layer = None if place["layer"] is None else int(place["layer"])
-        unit = int(place["unit"])
+        layer = None if place["layer"] is None else _number(place["layer"], label)
+        unit = _number(place["unit"], label)
     if source is None and layer is None and default_source is None:
         raise AddressError(f"unit address {label} names no source; write SOURCE/UNIT or SOURCE/LAYER/UNIT "
                            f"(the store has {describe_sources(table)})")
@@ -161,6 +163,16 @@ def describe_sources(sources: Iterable[Sequence | SourceLayer]) -> str:
         name = f"{_quote(model)}{MODEL_SEPARATOR}{source}" if several else source
         parts.append(f"{name} (layer{'s' if len(layers) > 1 else ''} {_ranges(layers)})")
     return ", ".join(parts) if parts else "no sources"
+
+
+def _number(digits: str, label: str) -> int:
+    """A layer or unit number of an address; one with more digits than any store's numbers names nothing (and
+    Python refuses to convert more than 4,300 digits)."""
+    significant = digits.lstrip("0")
+    if len(significant) > _MAX_DIGITS:
+        raise UnknownUnitError(f"unit address {label}: the number {_quote(significant, 20)} is larger than any "
+                               "layer or unit of a store")
+    return int(significant or "0")
 
 
 def _table(sources: Iterable[Sequence | SourceLayer]) -> list[SourceLayer]:

@@ -1,21 +1,26 @@
 """`featureatlas annotate`: load explanations of units into a store's `explanations`, all or nothing, without
 duplicates. Inputs: our own .csv/.tsv and .jsonl/.json rows, the per-latent files EleutherAI's delphi writes, and
 Neuronpedia's explanation exports. Everything read is untrusted: a bad row stops the load with one line naming the
-file, the line (or row) and what to do; the text itself is stored verbatim, for the site to escape."""
+file, the line (or row) and what to do; the text itself is stored verbatim, for the site to escape. Files are
+streamed (gzip decompressed as read): .jsonl and .csv a line at a time, each line (or CSV row) capped in bytes and
+in values; what must be parsed whole (.json, delphi's files) only up to MAX_DOCUMENT_BYTES and MAX_DOCUMENT_VALUES.
+So a huge line or a decompression bomb stops with one line, and parsing any one line or document holds at
+most about 500 MB."""
 
 from __future__ import annotations
 
 import csv
 import gzip
-import io
 import json
 import math
 import re
+import reprlib
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import IO
 
 import duckdb
 import pyarrow as pa
@@ -33,6 +38,7 @@ from featureatlas.store.schema import StoreError, ensure_explanations, open_stor
 
 MAX_TEXT = 20_000  # characters of one explanation; more is not an explanation but a pasted document
 MAX_NAME = 200  # characters of an author or score kind
+MAX_INT = 2**31 - 1  # the largest layer or unit number a store can hold
 TEXT_KEYS = ("text", "explanation", "description")
 UNIT_KEYS = ("unit", "index", "feature", "latent")
 SCORE_KIND_KEYS = ("score_kind", "method")
@@ -43,6 +49,14 @@ DELPHI_PLACEHOLDER = "Explanation could not be parsed."
 DELPHI_SCORERS = ("detection", "fuzz")  # preferred, in order, when a latent was scored several ways
 NEURONPEDIA_LAYER = re.compile(r"(?P<layer>\d+)(?:-(?P<set>.+))?")
 ROW_FILES = re.compile(r".*\.(?:jsonl|ndjson|json|csv|tsv)(?:\.gz)?", re.IGNORECASE)
+# Explanation files are untrusted: what one of them can make annotate hold is capped (sizes after decompression).
+MAX_LINE_BYTES = 16 * 2**20  # of a line of .jsonl or .csv (or a CSV row spanning lines); read a line at a time
+MAX_LINE_VALUES = 1_000_000  # JSON values or CSV fields in a line (or row): what parsing one builds stays ~100 MB
+MAX_DOCUMENT_BYTES = 64 * 2**20  # of what is parsed whole: a .json file, a delphi file
+MAX_DOCUMENT_VALUES = 3_000_000  # JSON values in what is parsed whole: json.loads builds at most ~300 MB
+_REPR = reprlib.Repr()  # for values quoted in messages: cut short however big or deeply nested
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, 40, 40, 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 3
 
 
 class AnnotationError(ValueError):
@@ -177,7 +191,7 @@ def read_explanations(path: Path, summary: AnnotateSummary | None = None) -> Ite
 def _write(con: duckdb.DuckDBPyConnection, rows: list[tuple], summary: AnnotateSummary, replace: bool) -> None:
     """All rows in one transaction, less those already stored; nothing changes if anything fails."""
     columns = list(zip(*rows, strict=True)) if rows else [[]] * 8
-    incoming = pa.table({  # noqa: F841 - read by DuckDB's replacement scan below
+    incoming = pa.table({
         "model": pa.array(columns[0], pa.string()), "source": pa.array(columns[1], pa.string()),
         "layer": pa.array(columns[2], pa.int32()), "unit": pa.array(columns[3], pa.int32()),
         "text": pa.array(columns[4], pa.string()), "score": pa.array(columns[5], pa.float64()),
@@ -185,6 +199,7 @@ def _write(con: duckdb.DuckDBPyConnection, rows: list[tuple], summary: AnnotateS
     fresh = ("SELECT * FROM incoming i WHERE NOT EXISTS (SELECT 1 FROM t_explanations e WHERE e.model = i.model "
              "AND e.source = i.source AND e.layer = i.layer AND e.unit = i.unit AND e.text = i.text "
              "AND e.author IS NOT DISTINCT FROM i.author)")
+    con.register("incoming", incoming)  # registered: replacement scans are off with external access
     try:
         con.execute("BEGIN TRANSACTION")
         try:
@@ -326,17 +341,17 @@ class _Context:
             if not candidates:
                 kind = "delphi module" if record.foreign_kind == "delphi" else "Neuronpedia source"
                 raise UnknownUnitError(
-                    f"{kind} {record.foreign!r} matches no source of the store (it has "
+                    f"{kind} {_shown(record.foreign)} matches no source of the store (it has "
                     f"{describe_sources(self.table)}); say which with --source SOURCE or "
-                    f"--source {record.foreign}=SOURCE")
+                    f"--source {_brief(record.foreign)}=SOURCE")
             if len({(s.model, s.source) for s in candidates}) == 1:
                 model, source = candidates[0].model, candidates[0].source
                 if layer is None or len(candidates) == 1:
                     layer = candidates[0].layer
             else:
-                raise AddressError(f"{record.foreign!r} matches several sources of the store: "
+                raise AddressError(f"{_shown(record.foreign)} matches several sources of the store: "
                                    f"{describe_sources([(s.model, s.source, s.layer) for s in candidates])}; say "
-                                   f"which with --source {record.foreign}=SOURCE (or --model)")
+                                   f"which with --source {_brief(record.foreign)}=SOURCE (or --model)")
         return resolve_unit(self.table, model=model, source=source, layer=layer, unit=record.unit)
 
     @staticmethod
@@ -377,30 +392,130 @@ def _read_file(path: Path, summary: AnnotateSummary | None) -> Iterator[Record]:
         yield from _delphi_records(path.parent, [(m["module"], int(m["latent"]), path)
                                                  for m in [DELPHI_FILE.fullmatch(path.name)]], summary)
         return
-    text = _read_text(path)
     base = name[:-3] if name.endswith(".gz") else name
     suffix = base.rsplit(".", 1)[-1] if "." in base else ""
-    if suffix in ("csv", "tsv"):
-        yield from _csv_records(path, text, "\t" if suffix == "tsv" else ",")
-    elif suffix in ("jsonl", "ndjson"):
-        yield from _jsonl_records(path, text)
-    elif suffix == "json" or text.lstrip()[:1] in ("[", "{"):
-        yield from _json_records(path, text)
-    else:
-        yield from _csv_records(path, text, "\t" if "\t" in text.split("\n", 1)[0] else ",")
+    if suffix == "json" or suffix not in ("csv", "tsv", "jsonl", "ndjson") and _starts_json(path):
+        yield from _json_records(path)
+        return
+    with _Lines(path) as lines:
+        if suffix in ("jsonl", "ndjson"):
+            yield from _jsonl_records(path, lines)
+        else:
+            delimiter = "\t" if suffix == "tsv" or suffix != "csv" and "\t" in lines.first() else ","
+            yield from _csv_records(path, lines, delimiter)
 
 
-def _read_text(path: Path) -> str:
+def _starts_json(path: Path) -> bool:
+    """Whether the text starts (after a byte-order mark and white space) with [ or {; read a chunk at a time."""
+    with _open_bytes(path) as file:
+        start = True
+        while chunk := _guarded_read(path, lambda: file.read(1 << 16)):
+            if start:
+                chunk, start = chunk.removeprefix(b"\xef\xbb\xbf"), False
+            chunk = chunk.lstrip(b" \t\r\n")
+            if chunk:
+                return chunk[:1] in (b"[", b"{")
+    return False
+
+
+class _TooLong(AnnotationError):
+    """A line or CSV row over MAX_LINE_BYTES or MAX_LINE_VALUES."""
+
+
+class _Lines:
+    """A file's text, decompressed as it is read (.gz), one line at a time: never more than MAX_LINE_BYTES of a
+    line, or of a CSV row spanning lines, is held, so a huge line or a decompression bomb stops with one line.
+    Bad UTF-8 and damaged gzip data stop with one line naming the file and the place."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.number, self.offset, self.row_bytes, self.row_values = path, 0, 0, 0, 0
+        self.rows_span_lines = False  # CSV: a quoted field may hold newlines, so a row's lines count together
+        self.blank_ahead, self.line_ahead = 0, None  # what first() read, to be read again
+        self.file = _open_bytes(path)
+
+    def __enter__(self) -> _Lines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        if self.blank_ahead:
+            self.blank_ahead -= 1
+            return "\n"
+        if self.line_ahead is not None:
+            line, self.line_ahead = self.line_ahead, None
+            return line
+        raw = _guarded_read(self.path, lambda: self.file.readline(MAX_LINE_BYTES + 1))
+        if not raw:
+            raise StopIteration
+        self.number += 1
+        values = raw.count(b",") + raw.count(b"\t") + raw.count(b"[") + raw.count(b"{")  # >= fields or values
+        if not self.rows_span_lines:
+            self.row_bytes = self.row_values = 0
+        self.row_bytes, self.row_values = self.row_bytes + len(raw), self.row_values + values
+        if len(raw) > MAX_LINE_BYTES or self.row_bytes > MAX_LINE_BYTES:
+            raise _TooLong(f"{self.path}:{self.number}: a {'line' if len(raw) > MAX_LINE_BYTES else 'row'} of more "
+                           f"than {MAX_LINE_BYTES >> 20} MiB; one row holds one explanation (at most {MAX_TEXT:,} "
+                           "characters): check the file, or split the row")
+        if self.row_values > MAX_LINE_VALUES:
+            raise _TooLong(f"{self.path}:{self.number}: a row of more than {MAX_LINE_VALUES:,} fields or JSON "
+                           "values; one row holds one explanation: check the file, or split the row")
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise AnnotationError(f"{self.path}:{self.number}: not UTF-8 (byte 0x{raw[err.start]:02x} at offset "
+                                  f"{self.offset + err.start}); save the file as UTF-8") from None
+        self.offset += len(raw)
+        return line[1:] if self.number == 1 and line.startswith("\ufeff") else line
+
+    def first(self) -> str:
+        """The first line that is not blank ("" when there is none), left to be read again (blank lines before it
+        are counted, not kept: a file of nothing but newlines must not fill memory)."""
+        blank = 0
+        for line in self:
+            if line.strip():
+                self.blank_ahead, self.line_ahead = blank, line
+                return line
+            blank += 1
+        self.blank_ahead = blank
+        return ""
+
+    def row_done(self) -> None:
+        """A CSV row was read whole: the next row's lines count afresh against the caps."""
+        self.row_bytes = self.row_values = 0
+
+
+def _open_bytes(path: Path) -> IO[bytes]:
     try:
-        data = path.read_bytes()
+        return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
     except OSError as err:
         raise AnnotationError(f"{path}: cannot read it ({err.strerror}); check the path and its permissions") from None
-    if path.name.lower().endswith(".gz"):
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as err:
-            raise AnnotationError(f"{path}: not a valid gzip file ({err}); download it again or decompress it "
-                                  "yourself") from None
+
+
+def _guarded_read(path: Path, read: Callable[[], bytes]) -> bytes:
+    """read(), with damaged or truncated gzip data (or a failing disk) said in one line."""
+    try:
+        return read()
+    except (OSError, EOFError, zlib.error) as err:
+        if not path.name.lower().endswith(".gz"):
+            raise AnnotationError(f"{path}: cannot read it ({err}); check the file and its permissions") from None
+        raise AnnotationError(f"{path}: not a valid gzip file ({err}); download it again or decompress it "
+                              "yourself") from None
+
+
+def _read_text(path: Path, limit: int | None = None) -> str | None:
+    """A whole file's text (JSON parsed whole: a .json file, a delphi file), decompressed; None when it is too big
+    to parse whole: more than `limit` bytes (MAX_DOCUMENT_BYTES; the rest is never read) or MAX_DOCUMENT_VALUES
+    values."""
+    limit = MAX_DOCUMENT_BYTES if limit is None else limit
+    with _open_bytes(path) as file:
+        data = _guarded_read(path, lambda: file.read(limit + 1))
+    if len(data) > limit or data.count(b",") + data.count(b"[") + data.count(b"{") > MAX_DOCUMENT_VALUES:
+        return None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -410,12 +525,26 @@ def _read_text(path: Path) -> str:
     return text[1:] if text.startswith("\ufeff") else text
 
 
-def _csv_records(path: Path, text: str, delimiter: str) -> Iterator[Record]:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+def _too_big() -> str:
+    return f"more than {MAX_DOCUMENT_BYTES >> 20} MiB or {MAX_DOCUMENT_VALUES:,} JSON values"
+
+
+def _read_small(path: Path, what: str) -> str:
+    """A file that is parsed whole and is small by nature (a delphi explanation or score file)."""
+    text = _read_text(path)
+    if text is None:
+        raise AnnotationError(f"{path}: {_too_big()}, too big for {what}; check the file, or remove it")
+    return text
+
+
+def _csv_records(path: Path, lines: _Lines, delimiter: str) -> Iterator[Record]:
+    lines.rows_span_lines = True
+    reader = csv.reader(lines, delimiter=delimiter)
     header: list[str] | None = None
     end = 0
     try:
         for row in reader:
+            lines.row_done()
             start, end = end + 1, reader.line_num
             if not any(cell.strip() for cell in row):
                 continue
@@ -423,8 +552,8 @@ def _csv_records(path: Path, text: str, delimiter: str) -> Iterator[Record]:
                 header = [cell.strip().lower() for cell in row]
                 duplicated = sorted({h for h in header if h and header.count(h) > 1})
                 if duplicated:
-                    raise AnnotationError(f"{path}:{start}: column {duplicated[0]!r} appears twice in the header; "
-                                          "rename one")
+                    raise AnnotationError(f"{path}:{start}: column {_shown(duplicated[0])} appears twice in the "
+                                          "header; rename one")
                 if not any(k in header for k in TEXT_KEYS):
                     raise AnnotationError(f"{path}:{start}: the header has no text column; name it one of "
                                           f"{', '.join(TEXT_KEYS)} (the header is the first line)")
@@ -439,8 +568,8 @@ def _csv_records(path: Path, text: str, delimiter: str) -> Iterator[Record]:
         raise AnnotationError(f"{path}: empty; a .csv file needs a header line (e.g. unit,text) and rows")
 
 
-def _jsonl_records(path: Path, text: str) -> Iterator[Record]:
-    for number, line in enumerate(text.splitlines(), start=1):
+def _jsonl_records(path: Path, lines: Iterable[str]) -> Iterator[Record]:
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -448,17 +577,34 @@ def _jsonl_records(path: Path, text: str) -> Iterator[Record]:
         yield from _row_records(where, row)
 
 
-def _json_records(path: Path, text: str) -> Iterator[Record]:
+def _json_records(path: Path) -> Iterator[Record]:
+    """A .json file, parsed whole when it is small enough (_read_text); a bigger one is read a line at a time
+    if it is JSON lines under another name, else refused."""
+    text = _read_text(path)
+    if text is None:
+        with _Lines(path) as lines:
+            try:
+                one_line = isinstance(json.loads(lines.first()), dict)
+            except (_TooLong, ValueError, RecursionError):
+                one_line = False
+            if not one_line:
+                raise AnnotationError(f"{path}: a JSON document of {_too_big()}, too big to parse whole; write it "
+                                      "as JSON lines (.jsonl, one object a line), which are read a line at a time")
+            yield from _jsonl_records(path, lines)
+        return
     try:
         parsed = json.loads(text)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # several objects, one a line: JSON lines under another name
-            yield from _jsonl_records(path, text)
+            yield from _jsonl_records(path, text.split("\n"))
             return
         raise AnnotationError(f"{path}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno}); fix it, or "
                               "give the file the extension of its format (.jsonl, .csv)") from None
+    except ValueError as err:  # an integer of more digits than Python converts
+        raise AnnotationError(f"{path}: not valid JSON ({_first_line(err)}); fix it") from None
     except RecursionError:
         raise AnnotationError(f"{path}: JSON nested too deeply to be explanations; check the file") from None
+    del text
     if isinstance(parsed, dict) and isinstance(parsed.get("explanations"), list) and not _is_neuronpedia(parsed):
         parsed = parsed["explanations"]
     rows = parsed if isinstance(parsed, list) else [parsed]
@@ -471,8 +617,25 @@ def _json_loads(text: str, where: str, fix: str) -> object:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise AnnotationError(f"{where}: not valid JSON ({err.msg}, column {err.colno}); {fix}") from None
+    except ValueError as err:  # an integer of more digits than Python converts
+        raise AnnotationError(f"{where}: not valid JSON ({_first_line(err)}); {fix}") from None
     except RecursionError:
         raise AnnotationError(f"{where}: JSON nested too deeply to be an explanation; {fix}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _shown(value: object) -> str:
+    """Untrusted values for a one-line message: a repr cut short, however big or deeply nested the value is."""
+    return _REPR.repr(value)
+
+
+def _brief(value: object) -> str:
+    """A value as text for a message, at most 60 characters of it."""
+    return (value if isinstance(value, str) else _shown(value))[:60]
 
 
 def _row_records(where: str, row: object) -> Iterator[Record]:
@@ -514,7 +677,7 @@ def _generic_record(where: str, row: dict) -> Record:
         address = unit_value  # `unit` holding a whole address, e.g. mlp/12/345
     if _present(address):
         if not isinstance(address, str):
-            raise AnnotationError(f"{where}: the unit address {address!r} is not text; write one such as "
+            raise AnnotationError(f"{where}: the unit address {_shown(address)} is not text; write one such as "
                                   "mlp/12/345")
         record.address = address
         return record
@@ -527,7 +690,7 @@ def _generic_record(where: str, row: dict) -> Record:
         value = keys.get(name)
         if _present(value):
             if not isinstance(value, str):
-                raise AnnotationError(f"{where}: {name} {value!r} is not text; write e.g. "
+                raise AnnotationError(f"{where}: {name} {_shown(value)} is not text; write e.g. "
                                       f"{'mlp or sae:NAME' if name == 'source' else 'the model name in the store'}")
             setattr(record, name, value.strip())
     return record
@@ -542,12 +705,12 @@ def _neuronpedia_records(where: str, row: dict) -> Iterator[Record]:
         layer_id = str(layer_id)
     match = NEURONPEDIA_LAYER.fullmatch(layer_id.strip()) if isinstance(layer_id, str) else None
     if match is None:
-        raise AnnotationError(f"{where}: Neuronpedia layer {layer_id!r} is not LAYER-SET such as '12-res-jb'; fix "
-                              "the row")
+        raise AnnotationError(f"{where}: Neuronpedia layer {_shown(layer_id)} is not LAYER-SET such as "
+                              "'12-res-jb'; fix the row")
     model_id = keys.get("modelid")
     if model_id is not None and not isinstance(model_id, str):
-        raise AnnotationError(f"{where}: modelId {model_id!r} is not text; fix the row")
-    unit = _int(where, "index", keys.get("index"))
+        raise AnnotationError(f"{where}: modelId {_shown(model_id)} is not text; fix the row")
+    unit, layer = _int(where, "index", keys.get("index")), _int(where, "layer", match["layer"])
     items = keys.get("explanations") if not _present(keys.get("description")) else None
     if items is None:
         items = [row]
@@ -560,7 +723,7 @@ def _neuronpedia_records(where: str, row: dict) -> Iterator[Record]:
                      score=score, score_kind=kind,
                      author=_name(where, "explanationModelName", item_keys.get("explanationmodelname"))
                      or _name(where, "author", item_keys.get("author")),
-                     layer=int(match["layer"]), unit=unit, foreign=layer_id.strip(), foreign_kind="neuronpedia",
+                     layer=layer, unit=unit, foreign=layer_id.strip(), foreign_kind="neuronpedia",
                      foreign_set=match["set"], foreign_model=model_id)
 
 
@@ -590,7 +753,7 @@ def _delphi_records(folder: Path, files: list[tuple[str, int, Path]],
     scorers = _delphi_scorers(run / "scores")
     for module, latent, path in files:
         where = str(path)
-        text = _read_text(path)
+        text = _read_small(path, "a delphi explanation file")
         explanation = _json_loads(text, where, "a delphi explanation file holds one JSON string, e.g. "
                                                '"Words about cats"; fix or remove the file')
         if not isinstance(explanation, str):
@@ -610,8 +773,8 @@ def _delphi_records(folder: Path, files: list[tuple[str, int, Path]],
 def _delphi_config(path: Path) -> dict:
     """run_config.json, when there is a readable one: it only adds the author and the model's name."""
     try:
-        parsed = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        parsed = json.loads(_read_text(path, MAX_LINE_BYTES) or "null")
+    except (AnnotationError, ValueError, RecursionError):
         return {}
     return parsed if isinstance(parsed, dict) else {}
 
@@ -630,8 +793,8 @@ def _delphi_score(scorers: list[Path], module: str, latent: int) -> tuple[float 
         path = scorer / f"{module.replace('/', '--')}_latent{latent}.txt"
         if not path.is_file():
             continue
-        parsed = _json_loads(_read_text(path), str(path), "a delphi score file holds a JSON list of predictions; "
-                                                          "fix or remove it")
+        parsed = _json_loads(_read_small(path, "a delphi score file"), str(path),
+                             "a delphi score file holds a JSON list of predictions; fix or remove it")
         if not isinstance(parsed, list) or not all(isinstance(p, dict) for p in parsed):
             raise AnnotationError(f"{path}: not a delphi score file (a JSON list of objects with `correct`); fix "
                                   "or remove it")
@@ -657,7 +820,7 @@ def _text(where: str, keys: dict[str, object], names: Sequence[str] = TEXT_KEYS)
         raise AnnotationError(f"{where}: no explanation text; give it in a `{names[0]}` field (or "
                               f"{', '.join(names[1:])})")
     if not isinstance(value, str):
-        raise AnnotationError(f"{where}: the explanation {value!r:.60} is not text; quote it")
+        raise AnnotationError(f"{where}: the explanation {_shown(value)} is not text; quote it")
     if len(value) > MAX_TEXT:
         raise AnnotationError(f"{where}: an explanation of {len(value):,} characters (at most {MAX_TEXT:,}); "
                               "shorten it")
@@ -668,7 +831,7 @@ def _name(where: str, what: str, value: object) -> str | None:
     if not _present(value):
         return None
     if not isinstance(value, str) or len(value) > MAX_NAME:
-        raise AnnotationError(f"{where}: {what} {str(value)[:60]!r} is not a name of at most {MAX_NAME} "
+        raise AnnotationError(f"{where}: {what} {_brief(value)!r} is not a name of at most {MAX_NAME} "
                               "characters; fix the row")
     return value.strip()
 
@@ -683,15 +846,17 @@ def _score(where: str, value: object) -> float | None:
     except (ValueError, OverflowError):
         score = math.nan
     if not math.isfinite(score):
-        raise AnnotationError(f"{where}: score {str(value)[:60]!r} is not a finite number; fix it or leave it "
+        raise AnnotationError(f"{where}: score {_brief(value)!r} is not a finite number; fix it or leave it "
                               "empty")
     return score
 
 
 def _int(where: str, what: str, value: object) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    """A unit or layer number: stores hold them as 32-bit integers, so a bigger one names nothing."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_INT:
         return value
-    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
-        return int(value.strip())
-    raise AnnotationError(f"{where}: {what} {str(value)[:60]!r} is not a unit or layer number (0, 1, 2 ...); fix "
+    text = value.strip() if isinstance(value, str) else ""
+    if text.isascii() and text.isdigit() and len(text.lstrip("0")) <= len(str(MAX_INT)) and int(text) <= MAX_INT:
+        return int(text)
+    raise AnnotationError(f"{where}: {what} {_brief(value)!r} is not a unit or layer number (0, 1, 2 ...); fix "
                           "the row")

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from featureatlas.harvest.batchview import sampling_keys
-from featureatlas.store.schema import StoreError, open_store
+from featureatlas.store.schema import StoreError, check_catalog, open_store
 from featureatlas.store.writer import StoreWriter
 
 # Options that may differ between the shards of one run; everything else must match.
@@ -71,10 +71,11 @@ def merge_stores(inputs: list[Path], out: Path, overwrite: bool = False) -> dict
         raise StoreError(f"{out}: a store is already there; pass --overwrite to replace it, or choose another --out")
     parts = [_read_part(Path(path), i) for i, path in enumerate(inputs)]
     families = _families(parts)
-    with StoreWriter(out) as store:
+    with StoreWriter(out, attach=[part.path for part in parts]) as store:
         con = store.con
         for part in parts:
-            con.execute(f"ATTACH '{_sql_string(str(part.path))}' AS {part.alias} (READ_ONLY)")
+            con.execute(f"ATTACH '{_sql_string(str(part.path.resolve()))}' AS {part.alias} (READ_ONLY)")
+            check_catalog(con, part.path, database=part.alias)  # the file read now, not only the one opened before
         _assign_offsets(con, families)
         for run_id, family in enumerate(families, start=1):
             _merge_family(con, family, run_id)

@@ -98,7 +98,7 @@ CREATE TABLE t_logits (
     polarity VARCHAR NOT NULL,         -- 'top' (promoted) | 'bottom' (suppressed)
     rank INTEGER NOT NULL,
     token_id INTEGER NOT NULL,
-    effect FLOAT NOT NULL              -- logit of the token for the unit's output direction, see README
+    effect FLOAT NOT NULL              -- logit of the token for the unit's output direction, see docs/harvest.md
 );
 
 CREATE TABLE t_vocabulary (

@@ -13,8 +13,9 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from featureatlas.atomic import remove_stale_temps, temp_path_beside
+from featureatlas.atomic import durable_replace, remove_stale_temps, temp_path_beside
 from featureatlas.store import encoding
+from featureatlas.store.connect import safe_connect
 from featureatlas.store.schema import StoreError, create_schema
 
 
@@ -27,6 +28,13 @@ def check_writable_target(path: Path) -> None:
         raise StoreError(f"{path}: folder {parent} does not exist; create it or choose another --out")
     if not os.access(parent, os.W_OK):
         raise StoreError(f"{path}: folder {parent} is not writable; choose another --out")
+    probe = temp_path_beside(path, "probe")  # os.access trusts permission bits; /proc, read-only mounts lie
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(probe)
+    except OSError as err:
+        raise StoreError(f"{path}: cannot create files in folder {parent} ({err.strerror}); choose another "
+                         "--out") from None
 
 
 class StoreWriter:
@@ -35,22 +43,24 @@ class StoreWriter:
     Statements run on one writer thread, in the order given: DuckDB appends a batch of examples (its codes, some
     300 million int16 values for a harvest of 80,000 units, one at a time with their statistics) while the
     caller encodes the next batch, instead of after it. At most QUEUED statements wait, so memory stays at a few
-    batches. DuckDB gets one core fewer than the machine meanwhile (on 2 cores its second thread only slowed the
-    caller's encoding: 20% longer in all), and every core again for the caller's own statements (`con`, which
-    waits for every queued one) and the final checkpoint. A statement's error is raised by a later call."""
+    batches. DuckDB gets one core fewer than the machine (a second thread on 2 cores only slows the caller's
+    encoding); its configuration is locked (store/connect.py), so that holds to the end. A statement's error is
+    raised by a later call."""
 
     QUEUED = 2
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, attach: list[Path] | None = None):
+        """attach: stores the caller will ATTACH (merge's inputs), the only other files the connection may read;
+        then DuckDB keeps every core, for the caller's own statements."""
         self.path = Path(path)
         check_writable_target(self.path)
         remove_stale_temps(self.path)
         self.temp_path = temp_path_beside(self.path)
         self.temp_path.unlink(missing_ok=True)
-        self._con = duckdb.connect(str(self.temp_path))
+        threads = None if attach else max(1, (os.cpu_count() or 1) - 1)
+        self._con = safe_connect(self.temp_path, threads=threads, readable=attach or ())
         create_schema(self._con)
         self._con.execute("BEGIN TRANSACTION")  # one transaction: no commit (and WAL sync) per insert
-        self._con.execute(f"SET threads = {max(1, (os.cpu_count() or 1) - 1)}")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="featureatlas-store")
         self._queued: deque[Future] = deque()
 
@@ -59,7 +69,6 @@ class StoreWriter:
         """The connection, once every queued statement has run: for reads, or statements of the caller's own,
         each run to completion before the next add_... call queues more."""
         self.wait()
-        self._con.execute("RESET threads")
         return self._con
 
     def wait(self) -> None:
@@ -84,11 +93,10 @@ class StoreWriter:
             self.abort()
             raise
         self._writer.shutdown()
-        self._con.execute("RESET threads")
         self._con.execute("COMMIT")
         self._con.execute("CHECKPOINT")
         self._con.close()
-        os.replace(self.temp_path, self.path)
+        durable_replace(self.temp_path, self.path)
 
     def abort(self) -> None:
         self._writer.shutdown(cancel_futures=True)  # a statement already running finishes first
@@ -104,8 +112,15 @@ class StoreWriter:
             self._queued.popleft().result()
 
     def _run(self, sql: str, parameters: list | None, data: pa.Table | None) -> None:
-        batch = data  # noqa: F841 - read by DuckDB's replacement scan (a statement naming `batch`)
-        self._con.execute(sql, parameters)
+        if data is None:
+            self._con.execute(sql, parameters)
+            return
+        self._con.complete()  # a read of the caller's left unfinished would block the registration
+        self._con.register("batch", data)  # registered: replacement scans are off with external access
+        try:
+            self._con.execute(sql, parameters)
+        finally:
+            self._con.unregister("batch")
 
     def _insert(self, table: str, columns: dict[str, pa.Array | np.ndarray | list],
                 constants: dict[str, object] | None = None) -> None:

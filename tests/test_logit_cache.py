@@ -33,7 +33,7 @@ def run(model: Path, corpus: Path, out: Path) -> list:
 def test_a_second_harvest_reads_the_effects_back(tmp_path: Path, cache: Path, monkeypatch) -> None:
     model, corpus = save_tiny_model("llama", tmp_path / "model"), write_corpus(tmp_path / "corpus")
     first = run(model, corpus, tmp_path / "a.duckdb")
-    entries = sorted(cache.glob("*.pt"))
+    entries = sorted(cache.glob("*.safetensors"))
     assert len(entries) == LAYERS + 1  # each layer's neurons; every layer's residual dimensions share one
     assert first and not list(cache.glob(".*"))  # no temporary file left
 
@@ -52,7 +52,7 @@ def test_a_second_harvest_reads_the_effects_back(tmp_path: Path, cache: Path, mo
 
     other = save_tiny_model("llama", tmp_path / "other", seed=5)
     assert run(other, corpus, tmp_path / "e.duckdb") != first
-    assert len(list(cache.glob("*.pt"))) == 2 * (LAYERS + 1)
+    assert len(list(cache.glob("*.safetensors"))) == 2 * (LAYERS + 1)
 
 
 def test_the_cache_switch_turns_it_off(tmp_path: Path, cache: Path) -> None:

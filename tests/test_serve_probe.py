@@ -1,6 +1,6 @@
 """The live probe box: `featureatlas serve SITE --store STORE` answers the unit pages' "try your own text" box
 over real HTTP on a loopback port; its answers equal a direct forward pass; bad requests get a clear JSON error;
-nothing outside the site is served; in a browser, typed text comes back highlighted."""
+nothing outside the site (or hidden in it) is served; in a browser, typed text comes back highlighted."""
 
 from __future__ import annotations
 
@@ -91,12 +91,12 @@ def test_nothing_outside_the_site_is_served(served) -> None:
     base, _, site = served
     secret = site.parent / "secret.txt"
     secret.write_text("private")
-    for path in ("../secret.txt", "..%2Fsecret.txt", "%2e%2e/secret.txt", "static/../../secret.txt"):
-        try:
-            with urllib.request.urlopen(base + path, timeout=10) as response:
-                assert b"private" not in response.read(), path
-        except urllib.error.HTTPError as err:
-            assert err.code == 404, path
+    (site / "linked.txt").symlink_to(secret)
+    for path in ("../secret.txt", "..%2Fsecret.txt", "%2e%2e/secret.txt", "static/../../secret.txt", "linked.txt",
+                 ".featureatlas-site", "static/"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(base + path, timeout=10)
+        assert refused.value.code == 404 and b"private" not in refused.value.read(), path
 
 
 def test_typing_into_the_box_highlights_the_text(served) -> None:
