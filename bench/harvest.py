@@ -20,10 +20,10 @@ import torch
 
 from featureatlas.allocator import keep_freed_memory
 from featureatlas.harvest.contexts import iter_batches, iter_contexts
-from featureatlas.harvest.corpus import embedded_corpus, iter_documents
 from featureatlas.harvest.harvester import Harvester, Settings
-from featureatlas.harvest.models import load_model, pick_device, pick_dtype, resolve_model
 from featureatlas.harvest.run import HarvestConfig, build_sources
+from featureatlas.load.corpus import embedded_corpus, iter_documents
+from featureatlas.load.models import load_model, pick_device, pick_dtype, resolve_model
 
 
 def main() -> None:

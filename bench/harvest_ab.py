@@ -27,8 +27,8 @@ from featureatlas.allocator import keep_freed_memory
 from featureatlas.harvest import harvester as current_harvester
 from featureatlas.harvest import run as current_run
 from featureatlas.harvest.contexts import iter_batches, iter_contexts
-from featureatlas.harvest.corpus import embedded_corpus, iter_documents
-from featureatlas.harvest.models import load_model, pick_device, pick_dtype, resolve_model
+from featureatlas.load.corpus import embedded_corpus, iter_documents
+from featureatlas.load.models import load_model, pick_device, pick_dtype, resolve_model
 
 REPO = Path(__file__).resolve().parent.parent
 ALIAS = "featureatlas_base"

@@ -274,7 +274,7 @@ def _progress_seconds(stderr: str) -> dict[str, int]:
 
 def _embedded_corpus() -> str:
     """Asked of a child interpreter, so this process never imports torch (its RSS is every child's floor)."""
-    return subprocess.run([sys.executable, "-c", "from featureatlas.harvest.corpus import embedded_corpus; "
+    return subprocess.run([sys.executable, "-c", "from featureatlas.load.corpus import embedded_corpus; "
                            "print(embedded_corpus())"], check=True, capture_output=True, text=True).stdout.strip()
 
 

@@ -50,8 +50,8 @@ def bare(argv: list[str]) -> dict:
 
     from featureatlas.allocator import keep_freed_memory
     from featureatlas.harvest.contexts import iter_batches, iter_contexts
-    from featureatlas.harvest.corpus import iter_documents
-    from featureatlas.harvest.models import load_model, pick_device, pick_dtype, resolve_model
+    from featureatlas.load.corpus import iter_documents
+    from featureatlas.load.models import load_model, pick_device, pick_dtype, resolve_model
     keep_freed_memory()  # as the featureatlas command does, so that the ratio compares like with like
 
     t0 = time.perf_counter()

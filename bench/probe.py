@@ -21,9 +21,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from featureatlas.build.serve import make_server
-from featureatlas.harvest.corpus import embedded_corpus
 from featureatlas.harvest.probe import load_prober
+from featureatlas.load.corpus import embedded_corpus
+from featureatlas.serve.server import make_server
 
 
 def _text(tokenizer: object, n_tokens: int) -> str:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import duckdb
 
-from featureatlas.build.output import SiteError
 from featureatlas.build.reader import Catalog, _has_view
 from featureatlas.build.shards import Postings
 from featureatlas.build.templates import templates_dir
+from featureatlas.errors import SiteError
 
 STATE_FILE = ".featureatlas-build.json.gz"
 STATE_VERSION = 1

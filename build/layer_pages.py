@@ -14,7 +14,7 @@ from markupsafe import Markup, escape
 from featureatlas.build.numbers import format_activation, format_percent
 from featureatlas.build.reader import LayerInfo, noun, read_layer_explanations, read_snippets
 from featureatlas.build.shards import SHARD_UNITS
-from featureatlas.build.tokens import token_text, visible
+from featureatlas.text import token_text, visible
 
 SNIPPET_BEFORE = 8
 SNIPPET_AFTER = 3

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from featureatlas.atomic import remove_stale_temps, replace_folder, temp_path_beside
+from featureatlas.atomic import remove_stale_temps, replace_folder
+from featureatlas.errors import SiteError
 
 MARKER = ".featureatlas-site"
 
-
-class SiteError(Exception):
-    """A site that cannot be written; the message names the path and what to do."""
 
 
 def is_site(path: Path) -> bool:
@@ -41,20 +38,6 @@ def check_target(out_dir: Path) -> None:
                         "choose another output folder") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise SiteError(f"{out_dir}: folder {parent} is not writable; choose another output folder")
-
-
-def staging_dir(out_dir: Path) -> Path:
-    """Create the temporary folder the site is built in (hidden, beside out_dir, same filesystem)."""
-    remove_stale_temps(out_dir)
-    staging = temp_path_beside(out_dir)
-    if staging.exists():
-        shutil.rmtree(staging)
-    try:
-        staging.mkdir()
-    except OSError as err:
-        raise SiteError(f"{out_dir}: cannot write in {out_dir.parent} ({err.strerror}); "
-                        "choose another output folder") from None
-    return staging
 
 
 def write_marker(site_dir: Path, store_path: Path) -> None:

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from featureatlas.build.reader import Catalog, LayerInfo, noun
 from featureatlas.build.shards import SHARD_UNITS
-from featureatlas.build.slugs import unique_slugs
 from featureatlas.build.worker import Job
+from featureatlas.slugs import unique_slugs
 
 
 @dataclass

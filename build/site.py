@@ -17,10 +17,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from featureatlas.atomic import staging_dir
 from featureatlas.build import worker
 from featureatlas.build.incremental import BuildState, generator_fingerprint, layer_fingerprints, link_tree
 from featureatlas.build.index_page import write_index
-from featureatlas.build.output import SiteError, check_target, is_site, publish, staging_dir, write_marker
+from featureatlas.build.output import SiteError, check_target, is_site, publish, write_marker
 from featureatlas.build.plan import plan_site
 from featureatlas.build.reader import read_catalog
 from featureatlas.build.search_index import SearchIndex

@@ -9,7 +9,7 @@ from pathlib import Path
 import jinja2
 from markupsafe import Markup
 
-from featureatlas.build.tokens import visible
+from featureatlas.text import visible
 
 STATIC_FILES = ("style.css", "site.js")
 

@@ -16,6 +16,8 @@ import shutil
 import stat
 from pathlib import Path
 
+from featureatlas.errors import SiteError
+
 
 def temp_path_beside(target: Path, kind: str = "partial") -> Path:
     return target.with_name(f".{target.name}.{os.getpid()}.{kind}")
@@ -125,3 +127,17 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def staging_dir(out_dir: Path) -> Path:
+    """Create the temporary folder a site or export is written in (hidden, beside out_dir, same filesystem)."""
+    remove_stale_temps(out_dir)
+    staging = temp_path_beside(out_dir)
+    if staging.exists():
+        shutil.rmtree(staging)
+    try:
+        staging.mkdir()
+    except OSError as err:
+        raise SiteError(f"{out_dir}: cannot write in {out_dir.parent} ({err.strerror}); "
+                        "choose another output folder") from None
+    return staging

@@ -205,12 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from featureatlas.allocator import keep_freed_memory
     keep_freed_memory()
-    from featureatlas.errors import user_errors
-    from featureatlas.harvest.models import model_cache_disabled  # already imported by user_errors()
+    from featureatlas.errors import FeatureAtlasError
+    from featureatlas.load.models import model_cache_disabled
     try:
         with model_cache_disabled(getattr(args, "no_model_cache", False)):  # for every command that loads a model
             return COMMANDS[args.command](args)
-    except user_errors() as err:
+    except FeatureAtlasError as err:
         print(f"featureatlas {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -265,7 +265,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from featureatlas.build.serve import make_server, serve
+    from featureatlas.serve.server import make_server, serve
     # a folder that is not a site, or a --host without --allow-remote, fails before the model loads
     make_server(args.site, port=0, host=args.host, allow_remote=args.allow_remote).server_close()
     prober = None
@@ -279,7 +279,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _train(model, tokenizer, ref, hook: str, corpus: Path, out: Path, features: int, k: int, tokens: int,
            steps: int | None, context_length: int, seed: int, text_field: str = "text", overwrite: bool = False,
            transcode: bool = False):
-    from featureatlas.harvest.train_command import TrainSaeConfig, train_sae
+    from featureatlas.harvest.train import TrainSaeConfig, train_sae
     result, folder = train_sae(model, tokenizer, ref, TrainSaeConfig(
         hook=hook, corpus=corpus, out=out, features=features, k=k, tokens=tokens, steps=steps,
         context_length=context_length, seed=seed, text_field=text_field, overwrite=overwrite, transcode=transcode))
@@ -291,7 +291,7 @@ def _train(model, tokenizer, ref, hook: str, corpus: Path, out: Path, features: 
 
 
 def cmd_train_sae(args: argparse.Namespace) -> int:
-    from featureatlas.harvest.models import load_model, pick_device, pick_dtype, resolve_model
+    from featureatlas.load.models import load_model, pick_device, pick_dtype, resolve_model
     device = pick_device(args.device)
     ref = resolve_model(args.model)
     model, tokenizer = load_model(ref, device, pick_dtype(args.dtype, device))
@@ -363,7 +363,7 @@ def _annotate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
-    from featureatlas.store.annotate import annotate
+    from featureatlas.annotate.explanations import annotate
     summary = annotate(args.store, args.explanations, author=args.author, sources=args.source, model=args.model,
                        replace=args.replace, skip_unknown=args.skip_unknown)
     print(summary.line())
@@ -415,7 +415,7 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from featureatlas.build.export import export_store
+    from featureatlas.export.common import export_store
     summary = export_store(args.store, args.out, args.format, sources=args.source, layers=args.layers,
                            overwrite=args.overwrite, workers=args.workers, batch_size=args.batch_size,
                            model_id=args.neuronpedia_model_id, set_name=args.neuronpedia_set,
@@ -426,9 +426,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from featureatlas.harvest.architectures import architecture_of
-    from featureatlas.harvest.corpus import embedded_corpus
-    from featureatlas.harvest.models import EMBEDDED_MODEL, load_model, pick_device, pick_dtype, resolve_model
+    from featureatlas.load.architectures import architecture_of
+    from featureatlas.load.corpus import embedded_corpus
+    from featureatlas.load.models import EMBEDDED_MODEL, load_model, pick_device, pick_dtype, resolve_model
     args.out.mkdir(parents=True, exist_ok=True)
     store = args.out / "store.duckdb"
     device = pick_device(args.device)
@@ -523,7 +523,7 @@ def _probe_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from featureatlas.harvest.probe_command import ProbeArgs, probe_command
+    from featureatlas.commands.probe import ProbeArgs, probe_command
     return probe_command(ProbeArgs(text=args.text, unit=args.unit, top=args.top, source=args.source,
                                    layer=args.layer, model=args.model, store=args.store, saes=args.sae,
                                    site=args.site, plain=args.plain, device=args.device, dtype=args.dtype))

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from featureatlas.build.tokens import token_html, visible
 from featureatlas.errors import UsageError
 from featureatlas.harvest.probe import TopUnit, UnitProbe
 from featureatlas.store.addresses import AddressError, format_address, parse_address, store_sources
 from featureatlas.store.schema import open_store
+from featureatlas.text import token_html, visible
 
 BUCKETS = 9
 SHOWN_EXAMPLES = 5  # top examples drawn in a unit's inline view

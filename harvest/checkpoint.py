@@ -78,7 +78,7 @@ def run_inputs(corpus: Path | str, split: str | None, model_location: str, gguf_
 
     model_location and gguf_file are a ModelRef's; revision is the hub commit the model was loaded at (None for
     local files)."""
-    from featureatlas.harvest.corpus import corpus_files, hub_dataset
+    from featureatlas.load.corpus import corpus_files, hub_dataset
 
     hub = hub_dataset(corpus)
     corpus_part = ({"hub dataset": hub} if hub is not None

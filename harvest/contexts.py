@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from featureatlas.harvest.corpus import CorpusError, Document
+from featureatlas.load.corpus import CorpusError, Document
 
 _DECODE_WINDOW = 4  # tokens of left context used to decode one token's display string (a UTF-8 char <= 4 bytes)
 _INCOMPLETE = "\ufffd"  # what decoders make of the bytes of a character whose last byte is yet to come

@@ -11,7 +11,6 @@ import torch
 from featureatlas.errors import UsageError
 from featureatlas.harvest import native
 from featureatlas.harvest.activation_rows import DenseRows, SparseRows
-from featureatlas.harvest.architectures import blocks_of
 from featureatlas.harvest.batchview import BatchView
 from featureatlas.harvest.contexts import Batch
 from featureatlas.harvest.graphs import GraphedUpdates
@@ -21,6 +20,7 @@ from featureatlas.harvest.reservoir import Reservoir
 from featureatlas.harvest.sources import UnitSource
 from featureatlas.harvest.statistics import Statistics
 from featureatlas.harvest.topk import TopK
+from featureatlas.load.architectures import blocks_of
 
 
 class _StopForward(Exception):

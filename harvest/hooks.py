@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from featureatlas.errors import UsageError
-from featureatlas.harvest.architectures import Architecture, UnsupportedModelError, architecture_of, get_submodule
+from featureatlas.load.architectures import Architecture, UnsupportedModelError, architecture_of, get_submodule
 
 _TL_NAME = re.compile(r"blocks\.(\d+)\.(.+)")
 

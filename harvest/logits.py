@@ -18,10 +18,10 @@ from safetensors.torch import load_file, save_file
 
 from featureatlas.atomic import durable_replace, temp_path_beside
 from featureatlas.cachedir import cache_root
-from featureatlas.harvest.architectures import Architecture, architecture_of, get_submodule, input_to_output_matrix
 from featureatlas.harvest.hooks import Hook, norm_gain
-from featureatlas.harvest.models import model_cache_enabled
 from featureatlas.harvest.sources import UnitSource
+from featureatlas.load.architectures import Architecture, architecture_of, get_submodule, input_to_output_matrix
+from featureatlas.load.models import model_cache_enabled
 
 _CHUNK = 1024  # units per matmul against the whole vocabulary
 _BLOCK = 64    # vocabulary entries per block in extremes()

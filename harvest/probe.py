@@ -17,11 +17,11 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from featureatlas.errors import UsageError
-from featureatlas.harvest.architectures import blocks_of
 from featureatlas.harvest.contexts import Context, display_tokens, make_batch
 from featureatlas.harvest.harvester import Reader
-from featureatlas.harvest.models import ModelLoadError, check_length
 from featureatlas.harvest.sources import UnitSource, mlp_sources, resid_sources
+from featureatlas.load.architectures import blocks_of
+from featureatlas.load.models import ModelLoadError, check_length
 from featureatlas.store.addresses import AddressError, SourceLayer, describe_sources, format_address, parse_address
 
 MAX_CHARS = 20_000   # checked before tokenising, so a huge paste costs nothing
@@ -212,7 +212,7 @@ def load_prober(model: str | None = None, saes: list[str] | None = None, *, stor
     """From a store: its run's model (or `model`, where it is now), dictionaries (or `saes`), dtype and device,
     the sources rebuilt and checked as verify rebuilds them. Without: `model` with every MLP layer, every residual
     layer and each `saes` dictionary, in `dtype` (neurons and residual dimensions need no check forward pass)."""
-    from featureatlas.harvest.models import load_model, pick_device, pick_dtype, resolve_model
+    from featureatlas.load.models import load_model, pick_device, pick_dtype, resolve_model
 
     if store is None:
         if model is None:
@@ -236,7 +236,7 @@ def load_prober(model: str | None = None, saes: list[str] | None = None, *, stor
 
 def _from_store(store: Path, model: str | None, saes: list[str], device: str, model_name: str | None) -> Prober:
     from featureatlas.harvest import verify as v
-    from featureatlas.harvest.models import ModelLoadError, load_model, resolve_model
+    from featureatlas.load.models import ModelLoadError, load_model, resolve_model
     from featureatlas.store.schema import open_store
 
     con = open_store(store)

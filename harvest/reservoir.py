@@ -1,6 +1,6 @@
 """Uniform random samples of contexts per unit, by interval of the context's max: quantile and random examples.
 
-Each context has a seeded random key (batchview.sampling_keys); a bin's sample is the n contexts with the
+Each context has a seeded random key (store/sampling.py); a bin's sample is the n contexts with the
 smallest keys among those whose max falls in it, which is a uniform sample without replacement that does not
 depend on the order contexts arrive in. Intervals split [0, W) into `n_bins` equal parts, where W is the
 smallest power of two above the unit's max so far; when the max outgrows W, W doubles and bins merge in pairs

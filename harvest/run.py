@@ -20,20 +20,20 @@ import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from featureatlas.errors import UsageError
-from featureatlas.harvest.architectures import blocks_of
 from featureatlas.harvest.checkpoint import Checkpointer, checkpoint_path, run_inputs, shaping_options
 from featureatlas.harvest.contexts import Context, DocumentInfo, display_tokens, iter_batches, iter_contexts
-from featureatlas.harvest.corpus import CorpusError, check_corpus, iter_documents
 from featureatlas.harvest.harvester import Harvester, Settings, check_widths
 from featureatlas.harvest.logits import LogitEffects
-from featureatlas.harvest.models import ModelRef, check_length, load_model, pick_device, pick_dtype, resolve_model
 from featureatlas.harvest.prefetch import prefetched
 from featureatlas.harvest.sources import UnitSource, dictionary_sources, mlp_sources, parse_layers, resid_sources
 from featureatlas.harvest.write import ContextLengths, write_logits, write_source, write_vocabulary
+from featureatlas.load.architectures import blocks_of
+from featureatlas.load.corpus import CorpusError, check_corpus, iter_documents
+from featureatlas.load.models import ModelRef, check_length, load_model, pick_device, pick_dtype, resolve_model
 from featureatlas.store.writer import StoreWriter, check_writable_target
 
 if TYPE_CHECKING:
-    from featureatlas.harvest.dictionaries import Dictionary
+    from featureatlas.load.dictionaries import Dictionary
 
 _PRUNE_EVERY = 64  # batches between drops of contexts that no unit keeps any more
 
@@ -121,7 +121,7 @@ def build_sources(model: torch.nn.Module, config: HarvestConfig, device: torch.d
                                  model.config.hidden_size)
     named: list[tuple[str, Dictionary]] = []
     if config.saes:
-        from featureatlas.harvest.dictionaries import load_dictionaries  # only a harvest with --sae needs it
+        from featureatlas.load.dictionaries import load_dictionaries  # only a harvest with --sae needs it
     for spec in config.saes:
         name, _, path = spec.rpartition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
         if not path.strip():

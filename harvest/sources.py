@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from featureatlas.errors import UsageError
-from featureatlas.harvest.architectures import architecture_of, neurons_of
 from featureatlas.harvest.hooks import Hook, resolve_hook
+from featureatlas.load.architectures import architecture_of, neurons_of
 
 if TYPE_CHECKING:
-    from featureatlas.harvest.dictionaries import Dictionary
+    from featureatlas.load.dictionaries import Dictionary
 
 
 @dataclass

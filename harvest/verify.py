@@ -50,9 +50,9 @@ import tqdm
 from featureatlas.errors import UsageError
 from featureatlas.harvest.contexts import Context, make_batch
 from featureatlas.harvest.harvester import Reader
-from featureatlas.harvest.models import ModelLoadError, load_model, pick_device, pick_dtype, resolve_model
 from featureatlas.harvest.run import HarvestConfig, build_sources
 from featureatlas.harvest.sources import UnitSource
+from featureatlas.load.models import ModelLoadError, load_model, pick_device, pick_dtype, resolve_model
 from featureatlas.store.encoding import round_trip, rounding_bound
 from featureatlas.store.schema import open_store
 

@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from featureatlas.store.schema import open_store
-
-# Controls (escape sequences could move the cursor, retitle or "paste" into the terminal) and bidi overrides.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069]")
-
-
-def terminal_text(value: object) -> str:
-    """A store's value as text safe to print: every control or direction override as a visible \\x or \\u
-    escape."""
-    return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(value))
+from featureatlas.text import terminal_text
 
 
 def describe(path: Path) -> str:

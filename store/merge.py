@@ -25,7 +25,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from featureatlas.harvest.batchview import sampling_keys
+from featureatlas.store.sampling import sampling_keys
 from featureatlas.store.schema import StoreError, check_catalog, open_store
 from featureatlas.store.writer import StoreWriter
 

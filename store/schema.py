@@ -7,6 +7,7 @@ from pathlib import Path
 
 import duckdb
 
+from featureatlas.errors import StoreError
 from featureatlas.store.connect import safe_connect
 
 # 3: per-token activations stored as 16-bit codes (store/encoding.py) behind the unchanged `examples` view.
@@ -17,9 +18,6 @@ HISTOGRAM_HALF = 130  # histogram bins each side of zero: a stored bin outside -
 # version-3 store has them from the start, so for those ensure_explanations changes nothing.
 EXPLANATIONS_SQL = SCHEMA_SQL[SCHEMA_SQL.index("-- Explanations:"):SCHEMA_SQL.index("-- End of explanations.")]
 
-
-class StoreError(Exception):
-    """A store that cannot be used; the message says which file and what to do."""
 
 
 def create_schema(con: duckdb.DuckDBPyConnection) -> None:

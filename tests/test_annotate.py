@@ -13,10 +13,10 @@ import duckdb
 import pytest
 from conftest import make_store
 
-import featureatlas.store.annotate as annotate_module
+import featureatlas.annotate.explanations as annotate_module
+from featureatlas.annotate.explanations import AnnotationError, annotate
 from featureatlas.cli import main
 from featureatlas.store.addresses import AddressError, UnknownUnitError, parse_address, store_sources
-from featureatlas.store.annotate import AnnotationError, annotate
 from featureatlas.store.schema import SCHEMA_VERSION, StoreError, ensure_explanations, open_store
 
 M = "m"  # make_store's stores here: mlp and resid on layers 0-1 (50 units each), sae:res on layer 1 (100 units)

@@ -415,7 +415,7 @@ def test_served_over_http_like_a_static_host(page: object, site_dir: Path) -> No
     """The same site from `featureatlas serve` (CSP as a header too): index, layer, unit, search, no problem."""
     import threading
 
-    from featureatlas.build.serve import make_server
+    from featureatlas.serve.server import make_server
 
     server = make_server(site_dir, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -454,8 +454,8 @@ def test_without_javascript_the_layer_pages_still_list_units(browser: object, si
 
 def test_hostile_explanations_render_as_text(page: object, tmp_path: Path, store_path: Path) -> None:
     """An explanation full of markup is shown as text on its unit page, its layer page and in search results."""
+    from featureatlas.annotate.explanations import annotate
     from featureatlas.build.site import build_site
-    from featureatlas.store.annotate import annotate
 
     store = tmp_path / "store.duckdb"
     store.write_bytes(store_path.read_bytes())

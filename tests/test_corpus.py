@@ -9,7 +9,7 @@ import duckdb
 import pytest
 
 from featureatlas.harvest.contexts import display_tokens, iter_batches, iter_contexts
-from featureatlas.harvest.corpus import CorpusError, Document, iter_documents
+from featureatlas.load.corpus import CorpusError, Document, iter_documents
 
 from tiny_models import tiny_tokenizer
 
@@ -73,7 +73,7 @@ def test_display_tokens_read_back_as_the_text() -> None:
 
 
 def test_long_txt_files_are_cut_at_blank_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from featureatlas.harvest import corpus
+    from featureatlas.load import corpus
     monkeypatch.setattr(corpus, "MAX_DOCUMENT_CHARS", 30)
     text = "first paragraph here\n\nsecond one, a bit longer\n\nthird\n"
     (tmp_path / "long.txt").write_text(text)

@@ -21,9 +21,9 @@ import pytest
 import zstandard
 
 from featureatlas.cli import main
-from featureatlas.harvest import corpus
 from featureatlas.harvest.contexts import iter_contexts
-from featureatlas.harvest.corpus import CorpusError, Document, check_corpus, iter_documents
+from featureatlas.load import corpus
+from featureatlas.load.corpus import CorpusError, Document, check_corpus, iter_documents
 
 from tiny_models import save_tiny_model, tiny_tokenizer, write_corpus
 

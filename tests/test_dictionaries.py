@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from sae_lens import SAE, TrainingSAE
 from safetensors.torch import load_file, save_file
 
-from featureatlas.harvest.dictionaries import Dictionary, DictionaryError, load_dictionaries
+from featureatlas.load.dictionaries import Dictionary, DictionaryError, load_dictionaries
 
 D_IN, D_SAE, D_OUT = 16, 48, 20
 HOOK, HOOK_OUT = "blocks.3.hook_resid_mid", "blocks.3.hook_mlp_out"

@@ -10,7 +10,7 @@ import pytest
 
 from featureatlas.build.shards import read_js
 from featureatlas.cli import main
-from featureatlas.harvest.corpus import embedded_corpus
+from featureatlas.load.corpus import embedded_corpus
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,12 @@ from conftest import (
     make_store,
 )
 
-from featureatlas.build import export_json
-from featureatlas.build.export import MARKER, export_store, parse_layer_spec
-from featureatlas.build.export_neuronpedia import neuronpedia_id
-from featureatlas.build.slugs import unique_slugs
 from featureatlas.cli import main
 from featureatlas.errors import UsageError
+from featureatlas.export import json_files as export_json
+from featureatlas.export.common import MARKER, export_store, parse_layer_spec
+from featureatlas.export.neuronpedia import neuronpedia_id
+from featureatlas.slugs import unique_slugs
 from featureatlas.store.schema import StoreError
 
 HOSTILE_EXPLANATION = '<script>alert("x")</script>\u202e\n\t"quoted" \\ back\x00slash'

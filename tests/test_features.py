@@ -15,12 +15,12 @@ import pytest
 import torch
 import transformers
 
-from featureatlas.harvest.architectures import architecture_of, blocks_of, get_submodule
-from featureatlas.harvest.batchview import sampling_keys
 from featureatlas.harvest.logits import extremes
 from featureatlas.harvest.reductions import reduce_eager, reducer
 from featureatlas.harvest.run import HarvestConfig, harvest
+from featureatlas.load.architectures import architecture_of, blocks_of, get_submodule
 from featureatlas.store.encoding import rounding_bound
+from featureatlas.store.sampling import sampling_keys
 
 from tiny_models import save_tiny_model, write_corpus
 
@@ -306,7 +306,7 @@ def test_sparse_features_every_accumulator_from_the_non_zeros_alone(tmp_path: Pa
     """A top-k SAE with dead and rare features, batches with padding: statistics, histograms, top, quantile and
     random examples and their per-token activations (BOS included) all equal brute force on each context alone;
     a feature's examples are only contexts where it fires."""
-    from featureatlas.harvest.dictionaries import load_dictionaries
+    from featureatlas.load.dictionaries import load_dictionaries
 
     from tiny_models import saelens_sae
 

@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from featureatlas.harvest.corpus import CorpusError, iter_documents
-from featureatlas.harvest.dictionaries import DictionaryError, load_dictionaries
+from featureatlas.annotate.explanations import AnnotationError, StoreSource, _Context, read_explanations
+from featureatlas.load.corpus import CorpusError, iter_documents
+from featureatlas.load.dictionaries import DictionaryError, load_dictionaries
 from featureatlas.store.addresses import AddressError, format_address, parse_address
-from featureatlas.store.annotate import AnnotationError, StoreSource, _Context, read_explanations
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MAX_MESSAGE = 1000  # characters: a message quotes values cut short, never a whole hostile value

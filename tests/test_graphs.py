@@ -9,9 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from featureatlas.harvest.batchview import BatchView, sampling_keys
+from featureatlas.harvest.batchview import BatchView
 from featureatlas.harvest.graphs import GraphedUpdates
 from featureatlas.harvest.harvester import Accumulators, Settings
+from featureatlas.store.sampling import sampling_keys
 
 BATCH, TOKENS, UNITS = 6, 16, 24
 

@@ -10,8 +10,8 @@ import duckdb
 import pytest
 
 from featureatlas.harvest import logits
-from featureatlas.harvest.models import model_cache_disabled
 from featureatlas.harvest.run import HarvestConfig, harvest
+from featureatlas.load.models import model_cache_disabled
 
 from tiny_models import LAYERS, save_tiny_model, write_corpus
 

@@ -17,8 +17,8 @@ import torch
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from featureatlas.cli import COMMANDS, main
-from featureatlas.harvest import models
-from featureatlas.harvest.models import (
+from featureatlas.load import models
+from featureatlas.load.models import (
     ModelRef,
     load_model,
     model_cache_dir,

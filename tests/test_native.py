@@ -15,12 +15,13 @@ import torch
 
 from featureatlas.harvest import native, reductions
 from featureatlas.harvest.activation_rows import DenseRows
-from featureatlas.harvest.batchview import BatchView, sampling_keys
+from featureatlas.harvest.batchview import BatchView
 from featureatlas.harvest.harvester import Accumulators, Settings
 from featureatlas.harvest.reductions import reduce_eager
 from featureatlas.harvest.reservoir import Reservoir
 from featureatlas.harvest.statistics import Statistics
 from featureatlas.harvest.topk import TopK
+from featureatlas.store.sampling import sampling_keys
 
 # Skipped only where there is no compiler: where there is one, a native.cpp that does not build fails them.
 pytestmark = pytest.mark.skipif(native.find_compiler() is None, reason="no C++ compiler to build harvest/native.cpp")

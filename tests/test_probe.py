@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from featureatlas.cli import main
+from featureatlas.commands.probe import ProbeArgs, probe_command
 from featureatlas.harvest.probe import MAX_CHARS, load_prober
-from featureatlas.harvest.probe_command import ProbeArgs, probe_command
 from featureatlas.notebook import highlight, open_atlas
 
 from tiny_models import harvest_small_store

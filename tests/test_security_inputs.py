@@ -21,10 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from featureatlas.harvest import corpus
-from featureatlas.harvest.corpus import CorpusError, Document, iter_documents
-from featureatlas.store import annotate
-from featureatlas.store.annotate import AnnotationError, read_explanations
+from featureatlas.annotate import explanations as annotate
+from featureatlas.annotate.explanations import AnnotationError, read_explanations
+from featureatlas.load import corpus
+from featureatlas.load.corpus import CorpusError, Document, iter_documents
 
 BOUND_MB = 600  # the most any one hostile file may make a reader grow, as docs/security.md states
 GiB = 2**30
@@ -34,9 +34,9 @@ import json, resource, sys
 from pathlib import Path
 kind, path = sys.argv[1], Path(sys.argv[2])
 if kind == "corpus":
-    from featureatlas.harvest.corpus import CorpusError as Refused, iter_documents as read
+    from featureatlas.load.corpus import CorpusError as Refused, iter_documents as read
 else:
-    from featureatlas.store.annotate import AnnotationError as Refused, read_explanations as read
+    from featureatlas.annotate.explanations import AnnotationError as Refused, read_explanations as read
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 out = {"items": 0, "longest": 0, "chars": 0, "error": None}
 try:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from featureatlas.build.serve import probe
 from featureatlas.cli import main
 from featureatlas.harvest.probe import load_prober
+from featureatlas.serve.server import probe
 
 from tiny_models import save_tiny_model, write_corpus
 

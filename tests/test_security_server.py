@@ -17,7 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from featureatlas.build.serve import (
+from featureatlas.cli import main
+from featureatlas.errors import UsageError
+from featureatlas.harvest.probe import load_prober
+from featureatlas.serve.server import (
     CSP,
     LOOPBACK_NAMES,
     MAX_BODY,
@@ -26,9 +29,6 @@ from featureatlas.build.serve import (
     _Hosts,
     make_server,
 )
-from featureatlas.cli import main
-from featureatlas.errors import UsageError
-from featureatlas.harvest.probe import load_prober
 
 from tiny_models import save_tiny_model
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 import transformers
 
-from featureatlas.build.serve import MAX_BODY, make_server
 from featureatlas.build.site import build_site
 from featureatlas.cli import main
 from featureatlas.harvest.probe import load_prober
+from featureatlas.serve.server import MAX_BODY, make_server
 
 from tiny_models import save_tiny_model, write_corpus
 

@@ -27,13 +27,13 @@ from featureatlas.build.numbers import (
 )
 from featureatlas.build.output import MARKER, SiteError
 from featureatlas.build.search_index import fnv1a
-from featureatlas.build.serve import make_server
 from featureatlas.build.shards import SHARD_UNITS, context_token_indices, numbers, read_js
 from featureatlas.build.site import build_site
-from featureatlas.build.slugs import slugify, unique_slugs
-from featureatlas.build.tokens import token_text
 from featureatlas.build.worker import WINDOWS
+from featureatlas.serve.server import make_server
+from featureatlas.slugs import slugify, unique_slugs
 from featureatlas.store.schema import StoreError, create_schema, open_store
+from featureatlas.text import token_text
 
 CSP = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'"
 # Raw characters that must never reach a page: controls (other than newline) and direction overrides.
@@ -649,7 +649,7 @@ def site_files(site: Path) -> dict[str, bytes]:
 def test_explanations_are_shown_searched_and_rebuilt_incrementally(tmp_path: Path, store_path: Path) -> None:
     """annotate, then build --incremental: only the annotated layer is rendered again, and the result equals a
     full build; the explanation is in the unit's data, its layer page's table and the search index."""
-    from featureatlas.store.annotate import annotate
+    from featureatlas.annotate.explanations import annotate
 
     store = tmp_path / "store.duckdb"
     store.write_bytes(store_path.read_bytes())

@@ -154,7 +154,7 @@ def test_a_transcoder_learns_a_sparse_map_and_its_sparsify_folder_encodes_the_sa
     """Targets that are another sparse code's image (a module's output as a sparse function of its input): the
     transcoder predicts them, not its input; the folder is sparsify's layout, which the harvest's loader reads
     as a transcoder of the module with the very encode that was trained (no b_dec subtracted)."""
-    from featureatlas.harvest.dictionaries import load_dictionaries
+    from featureatlas.load.dictionaries import load_dictionaries
 
     gen = torch.Generator().manual_seed(1)
     n, d, n_true = 20_000, 32, 64

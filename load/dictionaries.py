@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from featureatlas.errors import DictionaryError
+
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 DTYPES = {name: getattr(torch, name) for name in ("float32", "float64", "float16", "bfloat16")}
@@ -56,10 +58,6 @@ MAX_CONFIG_BYTES = 16 * 2**20  # of cfg.json and the other JSON files of a folde
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, 60, 60, 40
 _REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 3
-
-
-class DictionaryError(Exception):
-    """A dictionary folder we cannot reproduce exactly. Message: one line naming the file, the field, and what to do."""
 
 
 def _error(file: Path, message: str) -> DictionaryError:

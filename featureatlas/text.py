@@ -72,3 +72,12 @@ def visible(text: str) -> str:
     """Any untrusted one-line string (model, document name) with hidden characters as glyphs; not escaped."""
     return _HIDDEN_CHAR.sub(lambda m: _glyph(m.group()), text) if _HIDDEN_CHAR.search(text) else text
 
+
+# Controls (escape sequences could move the cursor, retitle or "paste" into the terminal) and bidi overrides.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def terminal_text(value: object) -> str:
+    """A store's value as text safe to print: every control or direction override as a visible \\x or \\u
+    escape."""
+    return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(value))

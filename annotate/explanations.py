@@ -25,6 +25,7 @@ from typing import IO
 import duckdb
 import pyarrow as pa
 
+from featureatlas.errors import AnnotationError
 from featureatlas.store.addresses import (
     MODEL_SEPARATOR,
     AddressError,
@@ -57,10 +58,6 @@ MAX_DOCUMENT_VALUES = 3_000_000  # JSON values in what is parsed whole: json.loa
 _REPR = reprlib.Repr()  # for values quoted in messages: cut short however big or deeply nested
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, 40, 40, 40
 _REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 3
-
-
-class AnnotationError(ValueError):
-    """Explanations that cannot be loaded; the one-line message names the file, the line and what to do."""
 
 
 @dataclass

@@ -17,11 +17,11 @@ from typing import TextIO
 import numpy as np
 from transformers.utils import logging as hf_logging
 
-from featureatlas.build.slugs import unique_slugs
-from featureatlas.build.tokens import visible
 from featureatlas.errors import UsageError
 from featureatlas.harvest.probe import MAX_CHARS, TopUnit, UnitProbe, check_text, load_prober, pick_source
+from featureatlas.slugs import unique_slugs
 from featureatlas.store.addresses import AddressError, parse_address, store_sources
+from featureatlas.text import visible
 
 BUCKETS = 9  # as site.js: a value's shade is round(value / scale * 9), clamped to -9..9
 _RESET = "\x1b[0m"

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from featureatlas.errors import UnsupportedModelError
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -67,9 +69,6 @@ ARCHITECTURES: dict[str, Architecture] = {
     "granite": _llama_like(),
 }
 
-
-class UnsupportedModelError(Exception):
-    pass
 
 
 def architecture_of(model_type: str) -> Architecture:

@@ -11,11 +11,8 @@ import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from featureatlas.errors import UsageError
-from featureatlas.harvest.architectures import blocks_of
 from featureatlas.harvest.contexts import iter_batches, iter_contexts
-from featureatlas.harvest.corpus import iter_documents
 from featureatlas.harvest.hooks import Hook, read_hook, resolve_hook
-from featureatlas.harvest.models import ModelRef
 from featureatlas.harvest.train_sae import (
     TrainConfig,
     TrainResult,
@@ -23,6 +20,9 @@ from featureatlas.harvest.train_sae import (
     save_sparsify_folder,
     train_topk_sae,
 )
+from featureatlas.load.architectures import blocks_of
+from featureatlas.load.corpus import iter_documents
+from featureatlas.load.models import ModelRef
 
 
 @dataclass

@@ -26,12 +26,11 @@ from typing import Any
 import duckdb
 from tqdm import tqdm
 
-from featureatlas.atomic import remove_stale_temps, replace_folder
-from featureatlas.build.output import staging_dir
-from featureatlas.build.slugs import unique_slugs
-from featureatlas.build.tokens import visible
+from featureatlas.atomic import remove_stale_temps, replace_folder, staging_dir
 from featureatlas.errors import UsageError
+from featureatlas.slugs import unique_slugs
 from featureatlas.store.schema import StoreError, open_store
+from featureatlas.text import visible
 
 FORMATS = ("json", "neuronpedia")
 NEURONPEDIA_OPTIONS = {"model_id": "--neuronpedia-model-id", "set_name": "--neuronpedia-set",
@@ -365,14 +364,14 @@ def export_store(store_path: Path, out_dir: Path, fmt: str = "json", sources: li
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if fmt == "json":
-        from featureatlas.build.export_json import write_json as write
+        from featureatlas.export.json_files import write_json as write
         unexpected = [name for name, value in options.items() if value is not None]
         if unexpected:
             raise UsageError(f"{NEURONPEDIA_OPTIONS.get(unexpected[0], unexpected[0])} applies to "
                              "--format neuronpedia only")
     else:
-        from featureatlas.build.export_neuronpedia import check_options
-        from featureatlas.build.export_neuronpedia import write_neuronpedia as write
+        from featureatlas.export.neuronpedia import check_options
+        from featureatlas.export.neuronpedia import write_neuronpedia as write
     if workers is not None and workers < 1:
         raise UsageError(f"--workers {workers}: give at least 1")
     workers = workers or min(os.cpu_count() or 1, MAX_WORKERS)
