@@ -450,7 +450,7 @@ def make_tiny(root: Path) -> dict:
     import torch
     import transformers
     sys.path.insert(0, str(REPO / "tests"))
-    from tiny_models import tiny_tokenizer  # noqa: I001 - the tests' own tokenizer, made offline
+    from helpers.tiny_models import tiny_tokenizer  # noqa: I001 - the tests' own tokenizer, made offline
 
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = tiny_tokenizer()

@@ -27,10 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "tests") not in sys.path:  # the generator lives with the tests, which use it too
     sys.path.insert(0, str(ROOT / "tests"))
 
-from synthetic_store import LargeStoreSummary, make_large_store  # noqa: E402
-
 from featureatlas.build.site import build_site  # noqa: E402
 from featureatlas.store.schema import open_store  # noqa: E402
+
+from helpers.synthetic_store import LargeStoreSummary, make_large_store  # noqa: E402
 
 GB = 1_000_000_000  # hosts state "1 GB"; the decimal reading is the stricter one
 MIB = 1 << 20

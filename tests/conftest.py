@@ -1,38 +1,12 @@
-"""Fixtures for the site tests; the synthetic stores themselves are made in synthetic_store.py (shared with
-bench/site.py), whose names are re-exported here for the tests that import them from conftest."""
+"""Fixtures shared by the site tests: one synthetic store (helpers/synthetic_store.py) and the site built from it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from synthetic_store import (
-    BOS,
-    CONTEXTS_SEEN,
-    DEAD_FEATURE,
-    DOC_NAMES,
-    FEW_EXAMPLES,
-    LOGIT_VOCAB,
-    MISSING_TOKEN_ID,
-    MODEL,
-    N_LOGITS,
-    NASTY_TOKENS,
-    NEVER_SEEN,
-    ONLY_NEGATIVE,
-    PLAIN_TOKENS,
-    RESID_OUTLIER,
-    SAE_CONFIG,
-    SAE_PATH,
-    SAMPLES,
-    SourceSpec,
-    histogram_bin,
-    make_store,
-    source_specs,
-)
 
-__all__ = ["BOS", "CONTEXTS_SEEN", "DEAD_FEATURE", "DOC_NAMES", "FEW_EXAMPLES", "LOGIT_VOCAB", "MISSING_TOKEN_ID",
-           "MODEL", "N_LOGITS", "NASTY_TOKENS", "NEVER_SEEN", "ONLY_NEGATIVE", "PLAIN_TOKENS", "RESID_OUTLIER",
-           "SAE_CONFIG", "SAE_PATH", "SAMPLES", "SourceSpec", "histogram_bin", "make_store", "source_specs"]
+from helpers.synthetic_store import make_store
 
 
 @pytest.fixture(scope="session")

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from conftest import make_store
 
 import featureatlas.annotate.explanations as annotate_module
 from featureatlas.annotate.explanations import AnnotationError, annotate
 from featureatlas.cli import main
 from featureatlas.store.addresses import AddressError, UnknownUnitError, parse_address, store_sources
 from featureatlas.store.schema import SCHEMA_VERSION, StoreError, ensure_explanations, open_store
+
+from helpers.synthetic_store import make_store
 
 M = "m"  # make_store's stores here: mlp and resid on layers 0-1 (50 units each), sae:res on layer 1 (100 units)
 HOSTILE = ["<script>alert(1)</script>", "a\x00b", "\u202eevil", "\u2066x\u2069 and \u200b", "two\nlines\r\n",

@@ -11,9 +11,10 @@ from types import ModuleType
 
 import numpy as np
 import pytest
-from synthetic_store import HOSTILE_TOKENS, LargeStoreSummary, large_source_specs, make_large_store
 
 from featureatlas.store.schema import open_store
+
+from helpers.synthetic_store import HOSTILE_TOKENS, LargeStoreSummary, large_source_specs, make_large_store
 
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = 300

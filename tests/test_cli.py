@@ -13,7 +13,7 @@ import transformers
 from featureatlas.cli import main
 from featureatlas.store.schema import SCHEMA_VERSION
 
-from tiny_models import saelens_sae, save_tiny_model, tiny_tokenizer, write_corpus
+from helpers.tiny_models import saelens_sae, save_tiny_model, tiny_tokenizer, write_corpus
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from featureatlas.harvest.contexts import display_tokens, iter_batches, iter_contexts
 from featureatlas.load.corpus import CorpusError, Document, iter_documents
 
-from tiny_models import tiny_tokenizer
+from helpers.tiny_models import tiny_tokenizer
 
 
 def test_txt_jsonl_and_parquet_in_path_order(tmp_path: Path) -> None:

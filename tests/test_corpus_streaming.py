@@ -25,7 +25,7 @@ from featureatlas.harvest.contexts import iter_contexts
 from featureatlas.load import corpus
 from featureatlas.load.corpus import CorpusError, Document, check_corpus, iter_documents
 
-from tiny_models import save_tiny_model, tiny_tokenizer, write_corpus
+from helpers.tiny_models import save_tiny_model, tiny_tokenizer, write_corpus
 
 TEXTS = ["first document", "", "  ", "second — café ü", "third\nwith two lines", None]
 

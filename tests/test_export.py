@@ -13,7 +13,16 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pytest
-from conftest import (
+
+from featureatlas.cli import main
+from featureatlas.errors import UsageError
+from featureatlas.export import json_files as export_json
+from featureatlas.export.common import MARKER, export_store, parse_layer_spec
+from featureatlas.export.neuronpedia import neuronpedia_id
+from featureatlas.slugs import unique_slugs
+from featureatlas.store.schema import StoreError
+
+from helpers.synthetic_store import (
     BOS,
     DEAD_FEATURE,
     DOC_NAMES,
@@ -26,14 +35,6 @@ from conftest import (
     RESID_OUTLIER,
     make_store,
 )
-
-from featureatlas.cli import main
-from featureatlas.errors import UsageError
-from featureatlas.export import json_files as export_json
-from featureatlas.export.common import MARKER, export_store, parse_layer_spec
-from featureatlas.export.neuronpedia import neuronpedia_id
-from featureatlas.slugs import unique_slugs
-from featureatlas.store.schema import StoreError
 
 HOSTILE_EXPLANATION = '<script>alert("x")</script>\u202e\n\t"quoted" \\ back\x00slash'
 # (source, layer, unit, text, score, author): mlp layer 1 unit 0 has two, sae feature 2 one, the rest none

@@ -22,7 +22,7 @@ from featureatlas.load.architectures import architecture_of, blocks_of, get_subm
 from featureatlas.store.encoding import rounding_bound
 from featureatlas.store.sampling import sampling_keys
 
-from tiny_models import save_tiny_model, write_corpus
+from helpers.tiny_models import save_tiny_model, write_corpus
 
 CONTEXT_LENGTH, K, INTERVALS, PER_INTERVAL, RANDOM, SEED = 16, 4, 4, 2, 3, 7
 
@@ -308,7 +308,7 @@ def test_sparse_features_every_accumulator_from_the_non_zeros_alone(tmp_path: Pa
     a feature's examples are only contexts where it fires."""
     from featureatlas.load.dictionaries import load_dictionaries
 
-    from tiny_models import saelens_sae
+    from helpers.tiny_models import saelens_sae
 
     model_dir = save_tiny_model("llama", tmp_path / "model")
     corpus = write_corpus(tmp_path / "corpus")

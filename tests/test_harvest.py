@@ -14,7 +14,7 @@ from featureatlas.harvest.run import HarvestConfig, harvest
 from featureatlas.load.architectures import ARCHITECTURES, blocks_of, mlp_out_of, neurons_of
 from featureatlas.store.encoding import rounding_bound
 
-from tiny_models import MODEL_TYPES, save_tiny_model, write_corpus
+from helpers.tiny_models import MODEL_TYPES, save_tiny_model, write_corpus
 
 CONTEXT_LENGTH, TOP_K = 16, 5
 

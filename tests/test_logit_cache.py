@@ -13,7 +13,7 @@ from featureatlas.harvest import logits
 from featureatlas.harvest.run import HarvestConfig, harvest
 from featureatlas.load.models import model_cache_disabled
 
-from tiny_models import LAYERS, save_tiny_model, write_corpus
+from helpers.tiny_models import LAYERS, save_tiny_model, write_corpus
 
 
 @pytest.fixture

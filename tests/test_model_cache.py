@@ -28,7 +28,7 @@ from featureatlas.load.models import (
     resolve_model,
 )
 
-from tiny_models import write_corpus
+from helpers.tiny_models import write_corpus
 
 CPU = torch.device("cpu")
 TEXT = "the cat in the hat, <|im_start|> To be or not to be"
@@ -275,7 +275,7 @@ def test_environment_variable_skips_the_cache(tiny_gguf: Path, tmp_path: Path, c
 def test_only_local_gguf_files_are_cached(tmp_path: Path, monkeypatch) -> None:
     """A folder saved with save_pretrained already loads fast: it is loaded as is, never copied."""
     monkeypatch.setattr(models, "_load_gguf_cached", lambda *a: pytest.fail("a folder went through the cache"))
-    from tiny_models import save_tiny_model
+    from helpers.tiny_models import save_tiny_model
     model, _ = load_model(resolve_model(str(save_tiny_model("llama", tmp_path / "model"))), CPU, torch.float32)
     assert model.config.model_type == "llama" and not (tmp_path / "cache").exists()
 

@@ -16,7 +16,7 @@ from featureatlas.commands.probe import ProbeArgs, probe_command
 from featureatlas.harvest.probe import MAX_CHARS, load_prober
 from featureatlas.notebook import highlight, open_atlas
 
-from tiny_models import harvest_small_store
+from helpers.tiny_models import harvest_small_store
 
 HOSTILE = '<script>alert("x")</script>\u202e\x1b[31m'
 

@@ -14,7 +14,7 @@ import pytest
 
 from featureatlas.cli import main
 
-from tiny_models import save_tiny_model, write_corpus
+from helpers.tiny_models import save_tiny_model, write_corpus
 
 TIMING = {"started_at", "finished_at", "tokens_per_second"}  # when and how fast: the only columns that may differ
 

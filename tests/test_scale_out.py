@@ -16,7 +16,7 @@ import pytest
 from featureatlas.build.site import build_site
 from featureatlas.cli import main
 
-from tiny_models import save_tiny_model, write_corpus
+from helpers.tiny_models import save_tiny_model, write_corpus
 
 TIMING = {"started_at", "finished_at", "tokens_per_second"}
 # Each batch's sums are float32; shards group contexts into other batches, so the totals agree to float32

@@ -24,7 +24,7 @@ from featureatlas.errors import UsageError
 from featureatlas.harvest import run as run_module
 from featureatlas.harvest.checkpoint import FORMAT, VERSION, Checkpointer
 
-from tiny_models import saelens_sae, save_tiny_model, write_corpus
+from helpers.tiny_models import saelens_sae, save_tiny_model, write_corpus
 
 
 class _CreatesFile:

@@ -11,7 +11,7 @@ from featureatlas.cli import main
 from featureatlas.harvest.probe import load_prober
 from featureatlas.serve.server import probe
 
-from tiny_models import save_tiny_model, write_corpus
+from helpers.tiny_models import save_tiny_model, write_corpus
 
 POSITIONS = 128  # tiny_models' configs
 

@@ -30,7 +30,7 @@ from featureatlas.serve.server import (
     make_server,
 )
 
-from tiny_models import save_tiny_model
+from helpers.tiny_models import save_tiny_model
 
 SECRET = "top-secret-outside-the-site"
 PROBE = {"text": "The quick brown fox", "source": "mlp", "layer": 0, "unit": 3}

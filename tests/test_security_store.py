@@ -8,11 +8,12 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from conftest import make_store
 
 from featureatlas.cli import main
 from featureatlas.store.connect import safe_connect
 from featureatlas.store.schema import StoreError, open_store
+
+from helpers.synthetic_store import make_store
 
 SECRET = "featureatlas-test-secret-7f3a"
 

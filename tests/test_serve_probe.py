@@ -20,7 +20,7 @@ from featureatlas.cli import main
 from featureatlas.harvest.probe import load_prober
 from featureatlas.serve.server import MAX_BODY, make_server
 
-from tiny_models import save_tiny_model, write_corpus
+from helpers.tiny_models import save_tiny_model, write_corpus
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pytest
-from conftest import BOS, MODEL, PLAIN_TOKENS, SAE_CONFIG, histogram_bin, make_store
 
 from featureatlas.build import worker
 from featureatlas.build.numbers import (
@@ -34,6 +33,8 @@ from featureatlas.serve.server import make_server
 from featureatlas.slugs import slugify, unique_slugs
 from featureatlas.store.schema import StoreError, create_schema, open_store
 from featureatlas.text import token_text
+
+from helpers.synthetic_store import BOS, MODEL, PLAIN_TOKENS, SAE_CONFIG, histogram_bin, make_store
 
 CSP = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'"
 # Raw characters that must never reach a page: controls (other than newline) and direction overrides.

@@ -14,7 +14,7 @@ from featureatlas.cli import main
 from featureatlas.harvest.verify import default_rtol, sample_examples
 from featureatlas.store.encoding import ROUNDING, rounding_bound
 
-from tiny_models import harvest_small_store
+from helpers.tiny_models import harvest_small_store
 
 ALL = "100000"  # --sample larger than the store: every example is checked
 

@@ -1,0 +1,2 @@
+"""Helpers the tests share: tiny real models and corpora (tiny_models), synthetic stores of any size
+(synthetic_store, also used by bench/site.py)."""
