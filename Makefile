@@ -1,4 +1,4 @@
-# Two commands: `make demo` and `make test`. Both set up the virtualenv first.
+# `make demo` and `make test`, and `make check` for the fast tests while working. All set up the virtualenv first.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.featureatlas-installed
 DEMO_OUT ?= demo
 
-.PHONY: setup demo test lint browser clean
+.PHONY: setup demo test check lint browser clean
 
 setup: $(STAMP)
 
@@ -33,8 +33,16 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Two test processes where pytest-xdist is installed, a module's tests kept in one (they share its fixtures).
+XDIST = $(shell $(BIN)/python -c "import xdist" 2>/dev/null && echo "-n 2 --dist loadfile")
+
+# Everything: fast unit tests, tests that load a model or harvest (marker `model`), browser tests (`browser`).
 test: $(STAMP) browser lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
+
+# The fast unit tests only, and the linter.
+check: $(STAMP) lint
+	$(BIN)/python -m pytest -q $(XDIST) -m "not model and not browser"
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache *.egg-info build/lib build/bdist.* dist

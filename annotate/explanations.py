@@ -132,7 +132,8 @@ def annotate(store: str | Path, explanations: str | Path, *, author: str | None 
     `sources`: `SOURCE` (the source of every row that names none) and/or `NAME=SOURCE` (maps a delphi module, a
     Neuronpedia source id or set name, or a source column's value onto a source of the store). `author` replaces
     every row's author. `replace` first deletes what was loaded earlier from a file of the same name. A row
-    identical (model, source, layer, unit, text, author) to one already stored, or to an earlier row, is skipped."""
+    identical (model, source, layer, unit, text, author, score_kind) to one already stored, or to an earlier row,
+    is skipped."""
     store, explanations = Path(store), Path(explanations)
     if not explanations.exists():
         raise AnnotationError(f"{explanations}: no such file or folder; pass a .csv, .jsonl or .json file, a "
@@ -161,7 +162,7 @@ def annotate(store: str | Path, explanations: str | Path, *, author: str | None 
                 continue
             except AddressError as err:
                 raise AnnotationError(f"{record.where}: {err}") from None
-            key = (*unit, record.text, record.author)
+            key = (*unit, record.text, record.author, record.score_kind)
             if key in seen:
                 summary.duplicates += 1
                 continue
@@ -170,6 +171,37 @@ def annotate(store: str | Path, explanations: str | Path, *, author: str | None 
         if summary.read == 0 and summary.placeholders == 0:
             raise AnnotationError(f"{explanations}: holds no explanations; nothing to add")
         _write(con, rows, summary, replace)
+    finally:
+        con.close()
+    return summary
+
+
+def add_records(store: str | Path, records: Iterable[Record], file: str) -> AnnotateSummary:
+    """Add explanations a program made (`featureatlas explain`), each naming its unit by model, source, layer
+    and unit, checked as a file's rows are, in one transaction, skipping rows already stored; `file` is what the
+    `file` column records."""
+    store = Path(store)
+    con = open_store_for_update(store)
+    try:
+        summary = AnnotateSummary(store=store, file=file)
+        context = _Context(_store_sources(con), store)
+        rows, seen = [], set()
+        for record in records:
+            summary.read += 1
+            try:
+                unit = context.locate(record)
+            except AddressError as err:
+                raise AnnotationError(f"{record.where}: {err}") from None
+            text = _text(record.where, {"text": record.text})
+            score = _score(record.where, record.score)
+            kind, author = (_name(record.where, what, getattr(record, what)) for what in ("score_kind", "author"))
+            key = (*unit, text, author, kind)
+            if key in seen:
+                summary.duplicates += 1
+                continue
+            seen.add(key)
+            rows.append((*unit, text, score, kind, author))
+        _write(con, rows, summary, replace=False)
     finally:
         con.close()
     return summary
@@ -195,7 +227,7 @@ def _write(con: duckdb.DuckDBPyConnection, rows: list[tuple], summary: AnnotateS
         "score_kind": pa.array(columns[6], pa.string()), "author": pa.array(columns[7], pa.string())})
     fresh = ("SELECT * FROM incoming i WHERE NOT EXISTS (SELECT 1 FROM t_explanations e WHERE e.model = i.model "
              "AND e.source = i.source AND e.layer = i.layer AND e.unit = i.unit AND e.text = i.text "
-             "AND e.author IS NOT DISTINCT FROM i.author)")
+             "AND e.author IS NOT DISTINCT FROM i.author AND e.score_kind IS NOT DISTINCT FROM i.score_kind)")
     con.register("incoming", incoming)  # registered: replacement scans are off with external access
     try:
         con.execute("BEGIN TRANSACTION")

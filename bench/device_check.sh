@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # The one command for a GPU machine lent for a few minutes (offline, no duckdb/zstandard installed):
 #
-#     bash bench/device_check.sh OUT_DIR [bench/device_check.py options, e.g. --only checks --budget 300]
+#     bash bench/device_check.sh OUT_DIR [bench/device_check.py options, e.g. --only neurons,sae --budget 300]
 #
 # Run from anywhere; it works in the repository root. Stages:
 #   1. install the wheels in .whl/ (duckdb, zstandard; carried beside the working tree) and this package, both
 #      into $SITE_DIR (default /tmp/site), without network or dependencies; PYTHONPATH points there
 #   2. print the GPU (nvidia-smi), torch, transformers, the C compiler
-#   3. python3 bench/device_check.py --out OUT_DIR ...: the CUDA checks and benchmarks (see its docstring)
+#   3. the parity tests: pytest of tests/test_gpu_parity.py and the CUDA cases of tests/test_backends.py
+#      (TESTS=0 skips them), JUnit XML into OUT_DIR/parity.xml
+#   4. python3 bench/device_check.py --out OUT_DIR ...: the benchmarks (see its docstring)
 # Everything is teed to OUT_DIR/device_check.log; device_check.py writes OUT_DIR/device_check.json. A failing stage
 # does not stop the next; the exit status is 0 only when every stage passed.
-# Overrides (for a dry run elsewhere): PYTHON (default python3), WHL_DIR (default .whl), SITE_DIR (default /tmp/site).
+# Overrides (for a dry run elsewhere): PYTHON (default python3), WHL_DIR (default .whl), SITE_DIR (default /tmp/site),
+# TESTS (default 1).
 set -u
 OUT="${1:-/tmp/device_check_out}"
 [ $# -gt 0 ] && shift
@@ -46,8 +49,10 @@ if ! "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-comp
      --target "$SITE" . ; then
   echo "!! pip install of the package failed; linking the source folders into $SITE/featureatlas instead"
   rm -rf "$SITE/featureatlas" && mkdir -p "$SITE/featureatlas"
-  cp featureatlas/*.py "$SITE/featureatlas/"
-  for part in harvest store build site_templates; do ln -s "$PWD/$part" "$SITE/featureatlas/$part"; done
+  for f in featureatlas/*; do ln -s "$PWD/$f" "$SITE/featureatlas/"; done
+  for part in load harvest store build export annotate serve site_templates; do
+    ln -s "$PWD/$part" "$SITE/featureatlas/$part"
+  done
 fi
 "$PY" - <<'EOF' || status=1
 import importlib
@@ -68,6 +73,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,utilization.
 'cuda', torch.version.cuda, 'available', torch.cuda.is_available(), '| transformers', transformers.__version__)" \
   || status=1
 echo "cores $(nproc), cc: $(command -v cc || command -v gcc || echo none), $(df -h /tmp | tail -1 | awk '{print $4}') free in /tmp"
+
+if [ "${TESTS:-1}" != 0 ]; then
+  stage "parity tests: tests/test_gpu_parity.py, the CUDA cases of tests/test_backends.py"
+  "$PY" -m pytest -q -p no:cacheprovider --junitxml "$OUT/parity.xml" tests/test_gpu_parity.py \
+    tests/test_backends.py -k "cuda or parity" || status=1
+fi
 
 stage "bench/device_check.py $*"
 PYTHONUNBUFFERED=1 "$PY" bench/device_check.py --out "$OUT" "$@"

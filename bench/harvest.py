@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from featureatlas.allocator import keep_freed_memory
+from featureatlas.harvest.accumulators import Settings, choose_backend
 from featureatlas.harvest.contexts import iter_batches, iter_contexts
-from featureatlas.harvest.harvester import Harvester, Settings
+from featureatlas.harvest.harvester import Harvester
 from featureatlas.harvest.run import HarvestConfig, build_sources
 from featureatlas.load.corpus import embedded_corpus, iter_documents
 from featureatlas.load.models import load_model, pick_device, pick_dtype, resolve_model
@@ -77,8 +78,8 @@ def main() -> None:
 
     timed(lambda: bare(batches[0]))  # warm-up
     t_bare, t_harvest = [], []
-    settings = Settings(top_k=args.top_k, bottom_k=args.top_k, compile=args.compile == "on",
-                        fixed_shapes=device.type == "cuda", cuda_graphs=args.cuda_graphs == "on")  # as harvest
+    settings = Settings(top_k=args.top_k, bottom_k=args.top_k, compile=args.compile == "on",  # as harvest chooses
+                        backend=choose_backend(device, cuda_graphs=args.cuda_graphs == "on"))
     with Harvester(model, sources, settings, args.context_length, int(has_bos)) as warm_up:
         warm_up.step(batches[0])  # compiles the fused reductions (once per process) before anything is timed
     harvester = Harvester(model, sources, settings, args.context_length, int(has_bos))
@@ -92,7 +93,7 @@ def main() -> None:
     n_units = sum(s.n_units for s in harvester.sources)
     print(f"{device} {model.dtype}: {len(batches)} batches of {args.batch_size}x{args.context_length} tokens, "
           f"{n_units:,} units ({', '.join(sorted({s.name for s in sources}))}), top-{args.top_k}, "
-          f"compile {args.compile}")
+          f"compile {args.compile}, backend {settings.backend.value}")
     half = len(batches) // 2
     for label, part in (("all batches", slice(None)), (f"last {len(batches) - half}", slice(half, None))):
         bare_rate = tokens * len(t_bare[part]) / sum(t_bare[part])

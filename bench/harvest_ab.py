@@ -6,12 +6,14 @@
 A change to the accumulators moves the ratio by less than this machine's speed drifts between two runs, so the
 two codes are timed side by side: per batch, the bare backbone forward, then each harvester's step, in turns
 that alternate. The revision is exported with `git archive` and imported under another package name. It prints
-each side's tokens/s and its ratio to the bare forward (which here does not include a dictionary's encode).
+each side's tokens/s and its ratio to the bare forward (which here does not include a dictionary's encode), and
+the median over batches of the two steps' time ratio, which drift in the machine's speed barely moves.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import re
 import shutil
@@ -32,6 +34,7 @@ from featureatlas.load.models import load_model, pick_device, pick_dtype, resolv
 
 REPO = Path(__file__).resolve().parent.parent
 ALIAS = "featureatlas_base"
+PARTS = ("load", "harvest", "store", "build", "export", "annotate", "serve", "site_templates")  # package-dir folders
 
 
 def import_revision(revision: str, folder: Path) -> tuple:
@@ -42,13 +45,24 @@ def import_revision(revision: str, folder: Path) -> tuple:
     subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
     package = folder / ALIAS
     shutil.copytree(source / "featureatlas", package)
-    for part in ("harvest", "store", "build"):
-        shutil.copytree(source / part, package / part)
+    for part in PARTS:
+        if (source / part).is_dir():  # older revisions have fewer
+            shutil.copytree(source / part, package / part)
     for path in package.rglob("*.py"):
         text = re.sub(r"\bfeatureatlas\b(?=[. ])", ALIAS, path.read_text())
         path.write_text(text)
     sys.path.insert(0, str(folder))
     return importlib.import_module(f"{ALIAS}.harvest.harvester"), importlib.import_module(f"{ALIAS}.harvest.run")
+
+
+def settings_of(harvester: object, device: torch.device) -> object:
+    """The harvest's settings with compile on, as each revision spells them: a backend chosen for the device, or
+    (revisions before backends) the fixed_shapes flag."""
+    settings = harvester.Settings
+    if "backend" in {f.name for f in dataclasses.fields(settings)}:
+        choose_backend = importlib.import_module(settings.__module__).choose_backend
+        return settings(compile=True, backend=choose_backend(device))
+    return settings(compile=True, fixed_shapes=device.type == "cuda")
 
 
 def main() -> None:
@@ -79,7 +93,7 @@ def main() -> None:
         for name, harvester, run in ((args.against, base_harvester, base_run),
                                      ("working tree", current_harvester, current_run)):
             sources = run.build_sources(model, run.HarvestConfig(**options), device)
-            settings = harvester.Settings(compile=True, fixed_shapes=device.type == "cuda")
+            settings = settings_of(harvester, device)
             with harvester.Harvester(model, sources, settings, args.context_length, int(has_bos)) as warm_up:
                 warm_up.step(batches[0])  # compiles before anything is timed
             harvesters[name] = harvester.Harvester(model, sources, settings, args.context_length, int(has_bos))
@@ -108,6 +122,10 @@ def main() -> None:
         rates = {name: tokens * len(s[part]) / sum(s[part]) for name, s in seconds.items()}
         print(f"{label:>12}: bare {rates['bare']:6.0f} tok/s | " + " | ".join(
             f"{name} {rates[name]:6.0f} tok/s ({rates[name] / rates['bare']:.3f})" for name in harvesters))
+    base, current = (seconds[name] for name in harvesters)
+    paired = sorted(c / b for b, c in zip(base, current, strict=True))  # each batch's two steps ran back to back
+    print(f"median over batches of the working tree's step time / {args.against}'s: {paired[len(paired) // 2]:.3f} "
+          f"(quartiles {paired[len(paired) // 4]:.3f} to {paired[3 * len(paired) // 4]:.3f})")
 
 
 if __name__ == "__main__":

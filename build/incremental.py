@@ -17,7 +17,7 @@ from pathlib import Path
 
 import duckdb
 
-from featureatlas.build.reader import Catalog, _has_view
+from featureatlas.build.reader import Catalog, has_view
 from featureatlas.build.shards import Postings
 from featureatlas.build.templates import templates_dir
 from featureatlas.errors import SiteError
@@ -44,7 +44,7 @@ def layer_fingerprints(con: duckdb.DuckDBPyConnection, catalog: Catalog, pages: 
     for run in catalog.runs:
         runs.setdefault(run["model"], []).append([run.get("run_id"), str(run.get("finished_at")), run.get("n_tokens")])
     explained: dict[tuple, list] = {}
-    if _has_view(con, "explanations"):
+    if has_view(con, "explanations"):
         rows = con.execute("""SELECT model, source, layer, count(*), sum(hash(unit, text, score, author) % 1000000007)
                               FROM explanations GROUP BY ALL""").fetchall()
         explained = {(m, s, layer): [n, int(h)] for m, s, layer, n, h in rows}

@@ -1,5 +1,5 @@
 """Layer pages: every unit of a layer in one light table with a plain-text snippet of its top example (readable
-without JavaScript), and the layer's unit page, which site.js fills from the data shards."""
+without JavaScript), and the layer's unit page, which unit.js fills from the data shards."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""How activations are written: readable on the page, compact in the data attribute site.js reads."""
+"""How activations are written: readable on the page, compact in the data attribute tokens.js reads."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def format_percent(fraction: float | None) -> str:
 
 
 # An example's activations as text (build/shards.py): each rounded to three significant digits, as exactly three
-# characters, with no separators (site.js decodes it the same way; so does `decode_activations`).
+# characters, with no separators (tokens.js decodes it the same way; so does `decode_activations`).
 #
 # A value rounded to three significant digits is m * 10**e with m an integer in -999..999 (|m| >= 100 unless
 # the value is 0). Its code is (e + 50) * 2000 + (m + 1000), which for every float32 (e within -47..36) is below

@@ -153,6 +153,7 @@ class Explanations:
     text: list[str]
     score: np.ndarray  # NaN when none was given
     author: list[str | None]
+    score_kind: list[str | None]  # what each score measures
 
 
 @dataclass
@@ -169,18 +170,19 @@ class UnitChunk:
     explanations: Explanations
 
 
-def _table(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any]) -> pa.Table:
+def query(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any]) -> pa.Table:
     rel = con.sql(sql, params=params)
     # duckdb >= 1.4 names it to_arrow_table and deprecates the old name
     fetch = getattr(rel, "to_arrow_table", None) or rel.fetch_arrow_table
     return fetch()
 
 
-def _np(table: pa.Table, name: str, dtype: Any = None) -> np.ndarray:
-    column = table.column(name).combine_chunks()
-    if dtype is not None and pa.types.is_floating(column.type):
-        return column.to_numpy(zero_copy_only=False).astype(dtype)  # NULL -> NaN
-    array = column.to_numpy(zero_copy_only=False)
+def column(table: pa.Table, name: str, dtype: Any = None) -> np.ndarray:
+    """One column of a query's result as a numpy array (floating NULLs as NaN)."""
+    values = table.column(name).combine_chunks()
+    if dtype is not None and pa.types.is_floating(values.type):
+        return values.to_numpy(zero_copy_only=False).astype(dtype)  # NULL -> NaN
+    array = values.to_numpy(zero_copy_only=False)
     return array.astype(dtype) if dtype is not None else array
 
 
@@ -195,12 +197,12 @@ def _flat_list(table: pa.Table, name: str) -> tuple[pa.Array, np.ndarray]:
 
 def read_catalog(con: duckdb.DuckDBPyConnection) -> Catalog:
     """Runs and the layers of every (model, source), with unit counts and the source's description."""
-    runs = _table(con, "SELECT * FROM runs ORDER BY model, started_at, run_id", []).to_pylist()
+    runs = query(con, "SELECT * FROM runs ORDER BY model, started_at, run_id", []).to_pylist()
     for run in runs:
         for key in ("started_at", "finished_at"):
             if isinstance(run.get(key), datetime):
                 run[key] = run[key].strftime("%Y-%m-%d %H:%M")
-    rows = _table(con, """
+    rows = query(con, """
         WITH u AS (SELECT model, source, layer, count(*) AS n_units, count(*) FILTER (frequency > 0) AS n_active,
                           max(unit) AS max_unit
                    FROM units GROUP BY ALL)
@@ -224,13 +226,13 @@ _IN_CHUNK = "model = ? AND source = ? AND layer = ? AND unit BETWEEN ? AND ?"
 
 def read_layer_stats(con: duckdb.DuckDBPyConnection, key: LayerKey) -> UnitStats:
     """Every unit of a layer with its statistics, sorted by unit."""
-    t = _table(con, """SELECT unit, max_activation, min_activation, n_tokens, n_firing, frequency, mean, std
+    t = query(con, """SELECT unit, max_activation, min_activation, n_tokens, n_firing, frequency, mean, std
                        FROM statistics WHERE model = ? AND source = ? AND layer = ? ORDER BY unit""",
                [key.model, key.source, key.layer])
-    return UnitStats(units=_np(t, "unit", np.int64), max=_np(t, "max_activation", np.float64),
-                     min=_np(t, "min_activation", np.float64), n_tokens=_np(t, "n_tokens", np.int64),
-                     n_firing=_np(t, "n_firing", np.int64), frequency=_np(t, "frequency", np.float64),
-                     mean=_np(t, "mean", np.float64), std=_np(t, "std", np.float64))
+    return UnitStats(units=column(t, "unit", np.int64), max=column(t, "max_activation", np.float64),
+                     min=column(t, "min_activation", np.float64), n_tokens=column(t, "n_tokens", np.int64),
+                     n_firing=column(t, "n_firing", np.int64), frequency=column(t, "frequency", np.float64),
+                     mean=column(t, "mean", np.float64), std=column(t, "std", np.float64))
 
 
 def _aligned(tokens: np.ndarray, acts: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -248,7 +250,7 @@ def _aligned(tokens: np.ndarray, acts: np.ndarray, values: np.ndarray) -> np.nda
 def _read_examples(con: duckdb.DuckDBPyConnection, params: list[Any], windows: Windows) -> Examples:
     """Examples with the activations around their max (min) token: windows.top for top examples, windows.other
     for the rest (a window that starts at the first text token takes the BOS too)."""
-    ex = _table(con, f"""
+    ex = query(con, f"""
         WITH e AS (
             SELECT unit, CASE example_kind WHEN 'top' THEN 0 WHEN 'bottom' THEN 1 WHEN 'quantile' THEN 2 ELSE 3
                          END AS kind,
@@ -262,15 +264,15 @@ def _read_examples(con: duckdb.DuckDBPyConnection, params: list[Any], windows: W
                context_length, list_slice(activations, lo + 1, hi) AS activations
         FROM w""", [windows.top[0], windows.other[0], windows.top[1], windows.other[1]] + params)
     values, offsets = _flat_list(ex, "activations")
-    unit, kind, rank = _np(ex, "unit", np.int64), _np(ex, "kind", np.int64), _np(ex, "rank", np.int64)
-    interval_lo, interval_hi = _np(ex, "interval_lo", np.float64), _np(ex, "interval_hi", np.float64)
+    unit, kind, rank = column(ex, "unit", np.int64), column(ex, "kind", np.int64), column(ex, "rank", np.int64)
+    interval_lo, interval_hi = column(ex, "interval_lo", np.float64), column(ex, "interval_hi", np.float64)
     order = np.lexsort((rank, -interval_lo, -interval_hi, kind, unit))  # NaN intervals tie, then rank decides
     return Examples(
         unit=unit[order], kind=kind[order], interval_lo=interval_lo[order], interval_hi=interval_hi[order],
-        rank=rank[order], context_id=_np(ex, "context_id", np.int64)[order],
-        position=_np(ex, "max_position", np.int64)[order], value=_np(ex, "max_activation", np.float64)[order],
-        lo=_np(ex, "lo", np.int64)[order], hi=_np(ex, "hi", np.int64)[order],
-        context_length=_np(ex, "context_length", np.int64)[order],
+        rank=rank[order], context_id=column(ex, "context_id", np.int64)[order],
+        position=column(ex, "max_position", np.int64)[order], value=column(ex, "max_activation", np.float64)[order],
+        lo=column(ex, "lo", np.int64)[order], hi=column(ex, "hi", np.int64)[order],
+        context_length=column(ex, "context_length", np.int64)[order],
         start=offsets[:-1][order], stop=offsets[1:][order],
         activations=values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False))
 
@@ -285,48 +287,50 @@ def _read_contexts(con: duckdb.DuckDBPyConnection, examples: Examples) -> Contex
     windows = pa.table({"context_id": ids, "lo": lo, "hi": hi})
     con.register("featureatlas_windows", windows)
     try:
-        t = _table(con, """
+        t = query(con, """
             SELECT w.context_id, c.start_token, coalesce(d.name, '') AS document, w.lo,
                    list_slice(c.tokens, w.lo + 1, w.hi) AS tokens
             FROM featureatlas_windows w JOIN contexts c USING (context_id)  -- a dangling example is skipped
             LEFT JOIN documents d USING (document_id) ORDER BY w.context_id""", [])
     finally:
         con.unregister("featureatlas_windows")
-    return Contexts(context_id=_np(t, "context_id", np.int64), document=t.column("document").to_pylist(),
-                    start_token=_np(t, "start_token", np.int64), lo=_np(t, "lo", np.int64),
+    return Contexts(context_id=column(t, "context_id", np.int64), document=t.column("document").to_pylist(),
+                    start_token=column(t, "start_token", np.int64), lo=column(t, "lo", np.int64),
                     tokens=t.column("tokens").combine_chunks())
 
 
 def _read_histograms(con: duckdb.DuckDBPyConnection, params: list[Any]) -> Histograms:
-    t = _table(con, f"SELECT unit, bin, count FROM histograms WHERE {_IN_CHUNK} AND count > 0 ORDER BY unit, bin",
+    t = query(con, f"SELECT unit, bin, count FROM histograms WHERE {_IN_CHUNK} AND count > 0 ORDER BY unit, bin",
                params)
-    bins = _np(t, "bin", np.int64)
+    bins = column(t, "bin", np.int64)
     if bins.size and np.abs(bins).max() > HISTOGRAM_HALF:  # a page's histogram is sized by its range of bins
         raise StoreError(f"store: histogram bin {int(bins[np.abs(bins).argmax()])} of {params[1]} layer {params[2]} "
                          f"is outside -{HISTOGRAM_HALF}..{HISTOGRAM_HALF}; the store is damaged or not written by "
                          "featureatlas harvest")
-    return Histograms(unit=_np(t, "unit", np.int64), bin=bins, count=_np(t, "count", np.int64))
+    return Histograms(unit=column(t, "unit", np.int64), bin=bins, count=column(t, "count", np.int64))
 
 
 def _read_logits(con: duckdb.DuckDBPyConnection, params: list[Any]) -> Logits:
-    t = _table(con, f"""SELECT unit, polarity = 'bottom' AS bottom, token_id, token, effect FROM logit_effects
+    t = query(con, f"""SELECT unit, polarity = 'bottom' AS bottom, token_id, token, effect FROM logit_effects
                         WHERE {_IN_CHUNK} AND polarity IN ('top', 'bottom') ORDER BY unit, bottom, rank""", params)
-    return Logits(unit=_np(t, "unit", np.int64), bottom=_np(t, "bottom", bool), token_id=_np(t, "token_id", np.int64),
-                  token=t.column("token").to_pylist(), effect=_np(t, "effect", np.float64))
+    return Logits(unit=column(t, "unit", np.int64), bottom=column(t, "bottom", bool),
+                  token_id=column(t, "token_id", np.int64), token=t.column("token").to_pylist(),
+                  effect=column(t, "effect", np.float64))
 
 
-def _has_view(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+def has_view(con: duckdb.DuckDBPyConnection, name: str) -> bool:
     return bool(con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = ?", [name]).fetchall()[0][0])
 
 
 def _read_explanations(con: duckdb.DuckDBPyConnection, params: list[Any]) -> Explanations:
     """A store annotated with `featureatlas annotate` has an `explanations` view; older ones have none."""
-    if not _has_view(con, "explanations"):
-        return Explanations(unit=np.zeros(0, np.int64), text=[], score=np.zeros(0), author=[])
-    t = _table(con, f"""SELECT unit, text, score, author FROM explanations WHERE {_IN_CHUNK}
-                        ORDER BY unit, score DESC NULLS LAST, text""", params)
-    return Explanations(unit=_np(t, "unit", np.int64), text=t.column("text").to_pylist(),
-                        score=_np(t, "score", np.float64), author=t.column("author").to_pylist())
+    if not has_view(con, "explanations"):
+        return Explanations(unit=np.zeros(0, np.int64), text=[], score=np.zeros(0), author=[], score_kind=[])
+    t = query(con, f"""SELECT unit, text, score, author, score_kind FROM explanations WHERE {_IN_CHUNK}
+                        ORDER BY unit, score DESC NULLS LAST, text, score_kind""", params)
+    return Explanations(unit=column(t, "unit", np.int64), text=t.column("text").to_pylist(),
+                        score=column(t, "score", np.float64), author=t.column("author").to_pylist(),
+                        score_kind=t.column("score_kind").to_pylist())
 
 
 def read_unit_chunk(con: duckdb.DuckDBPyConnection, key: LayerKey, stats: UnitStats, first: int, stop: int,
@@ -343,7 +347,7 @@ def read_unit_chunk(con: duckdb.DuckDBPyConnection, key: LayerKey, stats: UnitSt
 
 def read_layer_explanations(con: duckdb.DuckDBPyConnection, key: LayerKey) -> dict[int, str]:
     """Each explained unit's best explanation (highest score, then first by text): the layer page's column."""
-    if not _has_view(con, "explanations"):
+    if not has_view(con, "explanations"):
         return {}
     rows = con.execute("""SELECT unit, arg_max(text, coalesce(score, -1e308)) FROM explanations
                           WHERE model = ? AND source = ? AND layer = ? GROUP BY unit""",
@@ -353,7 +357,7 @@ def read_layer_explanations(con: duckdb.DuckDBPyConnection, key: LayerKey) -> di
 
 def read_snippets(con: duckdb.DuckDBPyConnection, key: LayerKey, before: int, after: int) -> pa.Table:
     """Per unit: its max, min and frequency, and the tokens around its top example's max token."""
-    return _table(con, """
+    return query(con, """
         SELECT u.unit, u.max_activation, u.min_activation, u.frequency, e.max_position,
                greatest(e.max_position - ?, 0) AS snippet_start, len(c.tokens) AS context_length,
                list_slice(c.tokens, greatest(e.max_position - ?, 0) + 1, e.max_position + 1 + ?) AS snippet

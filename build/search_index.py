@@ -1,7 +1,7 @@
 """The search index: every term (a token units peak on or promote, a word of an explanation) -> the units it
 finds, in files chosen by a hash of the term, so a query loads one small file a term, from `file://` too.
 
-Files (format version 1), all loaded by site.js with `<script>` tags:
+Files (format version 1), all loaded by search.js with `<script>` tags:
   search/manifest.js   {"v": 1, "shards": N, "shard_units": S, "layers": [{"model", "source", "layer", "path",
                         "noun", "n", "max_unit"}, ...]}  (unit addresses need no index: the URL is computable)
   search/t/<h>.js      {term: [[kind, layer index, unit, score], ...]} for the terms with fnv1a(term) % N == h;
@@ -20,7 +20,7 @@ UNITS_PER_TERM_SHARD = 500  # shards grow with units / 500, between 16 and 4,096
 
 
 def fnv1a(term: str) -> int:
-    """32-bit FNV-1a of the term's UTF-8 bytes: the same in site.js, and stable across builds."""
+    """32-bit FNV-1a of the term's UTF-8 bytes: the same in search.js, and stable across builds."""
     h = 0x811C9DC5
     for byte in term.encode("utf-8"):
         h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF

@@ -1,5 +1,5 @@
 """Unit data as shards: one `.js` file per SHARD_UNITS unit numbers of a layer, which the layer's unit page loads
-with a `<script>` tag (the one way to load data that works from `file://` too) and renders with site.js.
+with a `<script>` tag (the one way to load data that works from `file://` too) and renders with unit.js.
 
 A shard stores each context once, however many of its units show it: the distinct token strings (`toks`), then
 the contexts as token indices (fixed-width base64 digits) over the union of the windows shown (`ctx`), then per
@@ -7,13 +7,13 @@ unit its statistics, histogram, logit effects, explanations and examples, each e
 Activations are three characters each, a run of zeros two (numbers.py). A card shard holds what a search result
 shows of a unit: its numbers and a snippet.
 
-Shard layout (format version 1; site.js reads it, tests decode it with `read_js`):
+Shard layout (format version 1; unit.js reads it, tests decode it with `read_js`):
   {"v": 1, "bos": BOS token or null, "toks": [token, ...], "docs": [document name, ...],
    "tw": digits a token index takes, "ctx": [[doc, start_token, lo, context_length, token indices], ...],
    "prev": unit or null, "next": unit or null,
    "units": [{"u": unit, "s": [max, min, n_tokens, n_firing, mean, std], "h": [first bin, [count, ...]],
               "lt": [[tok or null, token_id, effect], ...], "lb": [...],
-              "x": [[text, score or null, author or null], ...],
+              "x": [[text, score or null, author or null, score_kind or null], ...],
               "ex": {"top": [[ctx, lo, position, value, acts], ...], "bottom": [...],
                      "quantile": [[ctx, lo, position, value, acts, interval_lo, interval_hi], ...], "random": [...]}}]}
 """
@@ -58,7 +58,7 @@ def context_token_indices(shard: dict, c: int) -> list[int]:
 
 
 def js_file(key: str, value: Any) -> bytes:
-    """A `.js` file that hands its data to site.js: `FA.put(key, data);`. ASCII JSON, so no charset matters."""
+    """A `.js` file that hands its data to the page scripts: `FA.put(key, data);`. ASCII JSON, so no charset matters."""
     text = json.dumps(value, separators=(",", ":"), allow_nan=False, check_circular=False)
     return f"FA.put({json.dumps(key)},{text});\n".encode()
 
@@ -94,7 +94,7 @@ def numbers(values: np.ndarray) -> list[float | None]:
 
 
 def normalize_term(text: str) -> str:
-    """How tokens and words are looked up: trimmed, lower case (site.js does the same)."""
+    """How tokens and words are looked up: trimmed, lower case (search.js does the same)."""
     return text.strip().lower()
 
 
@@ -200,10 +200,11 @@ def render_shard(chunk: UnitChunk, bos_token: str | None) -> tuple[dict, dict, P
             token = logits.token[k]
             if token is not None and token.strip():
                 add((normalize_term(token), LOGIT, unit, split - l0 - rank))
-        texts = [[expl.text[k], scores[k], expl.author[k]] for k in range(expl_bounds[j], expl_bounds[j + 1])]
+        texts = [[expl.text[k], scores[k], expl.author[k], expl.score_kind[k]]
+                 for k in range(expl_bounds[j], expl_bounds[j + 1])]
         if texts:
             row["x"] = texts
-            for word in {w.lower() for text, _, _ in texts for w in WORD.findall(text)}:
+            for word in {w.lower() for text, *_ in texts for w in WORD.findall(text)}:
                 add((word, WORDS, unit, 1))
         grouped: dict[str, list] = {}
         e0, e1 = ex_bounds[j], ex_bounds[j + 1]

@@ -21,6 +21,7 @@ from featureatlas.atomic import staging_dir
 from featureatlas.build import worker
 from featureatlas.build.incremental import BuildState, generator_fingerprint, layer_fingerprints, link_tree
 from featureatlas.build.index_page import write_index
+from featureatlas.build.map_page import map_links, read_layouts, write_maps
 from featureatlas.build.output import SiteError, check_target, is_site, publish, write_marker
 from featureatlas.build.plan import plan_site
 from featureatlas.build.reader import read_catalog
@@ -93,6 +94,7 @@ def build_site(store_path: Path, out_dir: Path, workers: int | None = None, prog
     try:
         catalog = read_catalog(con)
         plan = plan_site(catalog)
+        mapped = read_layouts(con)
         pages = {_key(plan.layers[job.layer_index]): [job.folder, job.neighbours, job.model_anchor]
                  for job in plan.jobs if job.shard is None}
         fingerprints = layer_fingerprints(con, catalog, pages)
@@ -114,6 +116,7 @@ def build_site(store_path: Path, out_dir: Path, workers: int | None = None, prog
     try:
         static = copy_static(staging)
         env = make_environment(full_paths)
+        env.globals["maps"] = map_links(plan, mapped)  # the index links each layer's map page
         files, size = 2 + len(static), write_index(catalog, plan, env.get_template("index.html"), staging)
         size += sum(path.stat().st_size for path in static)
         size += write_page(env.get_template("search.html"), staging / "search.html")
@@ -143,6 +146,9 @@ def build_site(store_path: Path, out_dir: Path, workers: int | None = None, prog
                 except BrokenProcessPool as err:
                     raise SiteError(f"{out_dir}: a build process died (out of memory?); nothing was written; "
                                     "try again with fewer workers") from err
+        with closing(open_store(store_path)) as con:  # after the layers' folders, reused ones too, are in place
+            map_files, map_bytes = write_maps(con, plan, env, staging)
+        files, size = files + map_files, size + map_bytes
         index_files, index_bytes = index.write(staging, plan.layers, plan.n_units)
         files, size = files + index_files + 1, size + index_bytes + state.write(staging)
         write_marker(staging, store_path if full_paths else Path(store_path.name))

@@ -11,7 +11,7 @@ from markupsafe import Markup
 
 from featureatlas.text import visible
 
-STATIC_FILES = ("style.css", "site.js")
+STATIC_PATTERNS = ("*.css", "*.js")  # as the wheel's package data: every site and every install carry the same files
 
 
 def templates_dir() -> Path:
@@ -59,11 +59,14 @@ def write_page(template: jinja2.Template, path: Path, **context: object) -> int:
     return len(data)
 
 
+def static_files() -> list[Path]:
+    """The stylesheet and the page scripts (site_templates/static/) that the templates link to."""
+    folder = templates_dir() / "static"
+    return sorted(path for pattern in STATIC_PATTERNS for path in folder.glob(pattern))
+
+
 def copy_static(site_dir: Path) -> list[Path]:
-    """Copy the shared stylesheet and script into site_dir/static/."""
+    """Copy the shared stylesheet and scripts into site_dir/static/."""
     target = site_dir / "static"
     target.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for name in STATIC_FILES:
-        copied.append(Path(shutil.copyfile(templates_dir() / "static" / name, target / name)))
-    return copied
+    return [Path(shutil.copyfile(path, target / path.name)) for path in static_files()]

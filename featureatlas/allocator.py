@@ -1,13 +1,10 @@
 """Keep freed memory in the process instead of handing it back to the OS after every layer.
 
-With glibc's defaults a forward pass over a 64 x 64-token batch grows and shrinks the heap by hundreds of MB per
-batch (each layer's 25 MB intermediates), and every regrown page is a fresh, zeroed page fault: 8 million faults
-for 60,000 tokens of SmolLM2 in float32. Raising the mmap threshold (tensors up to 1 GiB come from the heap)
-and the trim threshold (up to 1 GiB of free heap stays mapped) removed 98% of them and ran the bare forward 11%
-faster on the 2-core Xeon of bench/RESULTS.md's timings. The peak memory is the same; it is just not returned early.
-The mmap threshold was 256 MiB until a 16k-feature dictionary's float32 features for a batch of 4,096 tokens
-(exactly 256 MiB, plus malloc's header) were found just past it: mapped afresh each time, they cost 200,000
-faults a batch, and 1 GiB took its encode from 456 to 331 ms a batch.
+With glibc's defaults a forward pass grows and shrinks the heap by every layer's intermediates each batch, and
+every regrown page is a fresh, zeroed page fault. Raising the mmap threshold to 1 GiB (so that tensors up to that
+size, such as a large dictionary's features for a whole batch, come from the heap) and the trim threshold to
+1 GiB (so that as much free heap stays mapped) removes nearly all of those faults. The peak memory is the same;
+it is just not returned early. What it saves: bench/RESULTS.md, "CPU components".
 """
 
 from __future__ import annotations

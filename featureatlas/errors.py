@@ -1,14 +1,34 @@
 """The errors a user can act on: the CLI prints their one-line message and exits non-zero, without a traceback.
 
-Each names the file or setting and what to do. Library code raises them in terms of settings (`context_length`);
-the command line names its flags (`--context-length`) where it maps them.
+Each names the file or setting and what to do. Library code names a setting with `setting_name("context_length")`:
+the message reads `context_length`, and the command line, which knows its flags, prints `--context-length` there.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
+_MARK = "\x1f"  # around a setting's name in a message; no path or command-line argument holds it in practice
+_MARKED = re.compile(f"{_MARK}(\\w+){_MARK}")
+
+
+def setting_name(name: str) -> str:
+    """`name` (a settings field, e.g. context_length) marked in an error message, for the CLI to name its flag."""
+    return f"{_MARK}{name}{_MARK}"
+
 
 class FeatureAtlasError(Exception):
     """Any error whose message alone tells the user what to do."""
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        marked = str(message)
+        super().__init__(marked.replace(_MARK, ""), *args)
+        self.marked = marked
+
+    def naming(self, flag: Callable[[str], str | None]) -> str:
+        """The message with each setting it names as `flag(name)` says (kept as the name where that is None)."""
+        return _MARKED.sub(lambda m: flag(m[1]) or m[1], getattr(self, "marked", str(self)))
 
 
 class UsageError(FeatureAtlasError, ValueError):

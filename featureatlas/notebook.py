@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from featureatlas.errors import UsageError
-from featureatlas.harvest.probe import TopUnit, UnitProbe
+from featureatlas.harvest.probe import Prober, TopUnit, UnitProbe, load_prober
 from featureatlas.store.addresses import AddressError, format_address, parse_address, store_sources
 from featureatlas.store.schema import open_store
 from featureatlas.text import token_html, visible
@@ -182,7 +182,7 @@ class Atlas:
         self.store = Path(store)
         open_store(self.store).close()  # refuses a missing file or another schema at once
         self._model, self._saes, self._device = model, list(saes or []), device
-        self._probers: dict[str, Any] = {}
+        self._probers: dict[str, Prober] = {}
 
     def _query(self, sql: str, params: list, optional: bool = False) -> pa.Table | None:
         con = open_store(self.store)  # short-lived: a notebook must not hold the file's lock between cells
@@ -209,8 +209,15 @@ class Atlas:
             raise UsageError(str(err)) from None
 
     def bos_excluded(self, model: str) -> bool:
-        rows = self._query("SELECT bos_excluded FROM runs WHERE model = ? ORDER BY run_id DESC LIMIT 1", [model])
-        return bool(rows.num_rows and rows.column(0)[0].as_py())
+        """Whether the model's (latest) run starts each context with a BOS that never counts as the max."""
+        from featureatlas.harvest.reopen import read_runs
+
+        con = open_store(self.store)
+        try:
+            runs = [run for run in read_runs(con) if run.model == model]
+        finally:
+            con.close()
+        return bool(runs and runs[-1].bos_excluded)
 
     def unit(self, address: str) -> Unit:
         """The unit an address names (mlp/12/345, L12N345, sae:res15/123, ...)."""
@@ -220,9 +227,8 @@ class Atlas:
         stats = {k: v for k, v in (rows[0] if rows else {}).items() if k not in ("model", "source", "layer", "unit")}
         return Unit(self, model, source, layer, unit, stats)
 
-    def prober(self, model: str | None = None) -> Any:
-        """The model (and dictionaries) of the store's run, loaded on first use and kept."""
-        from featureatlas.harvest.probe import load_prober
+    def prober(self, model: str | None = None) -> Prober:
+        """The model (and dictionaries) of the store's run, reopened on first use and kept."""
         key = model or ""
         if key not in self._probers:
             self._probers[key] = load_prober(self._model, self._saes, store=self.store, device=self._device,

@@ -1,8 +1,8 @@
 """Untrusted token strings as safe, visible HTML: whitespace shown, controls and direction overrides defused.
 
 Everything invisible or layout-changing is drawn inside `<i>`: whitespace as a symbol (newline \u23ce, space
-\u00b7, tab \u21e5), anything else as an escape (`\\x00`, `\\u202e`). site.js decodes `<i>` contents back to the
-raw token for the tooltip, so the markup needs no extra attribute per token.
+\u00b7, tab \u21e5), anything else as an escape (`\\x00`, `\\u202e`); the glyph is marked, so it cannot be mistaken
+for the characters it stands for.
 """
 
 from __future__ import annotations

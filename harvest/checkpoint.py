@@ -161,6 +161,8 @@ class Checkpointer:
                         setattr(part, attr, _same_kind(key, current, header["values"][key]))
                     else:
                         raise UsageError(f"{self.path}: holds no {key}; resume with the same model and options")
+                for acc in accumulators:  # what updates index by, the native loops through raw pointers, in range
+                    getattr(acc, "check_state", lambda: None)()
         except UsageError as err:
             raise UsageError(str(err) if str(err).startswith(str(self.path)) else f"{self.path}: {err}") from None
         except Exception as err:  # noqa: BLE001 - safetensors raises its own types; any damage gets the same advice

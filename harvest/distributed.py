@@ -44,7 +44,7 @@ def harvest_distributed(config: HarvestConfig) -> HarvestSummary | None:
             try:
                 validate(replace(config, resume=False) if config.resume else config)
             except UsageError as err:
-                error = str(err)
+                error = err.marked  # keeps the settings it names, for the CLI to name their flags
         error = _first_error(dist, error)
         if error:
             raise UsageError(error)
@@ -56,7 +56,7 @@ def harvest_distributed(config: HarvestConfig) -> HarvestSummary | None:
         try:
             summary = harvest(shard_config)
         except Exception as err:  # noqa: BLE001 - reported by every rank, raised below
-            error = f"rank {rank}: {err}"
+            error = f"rank {rank}: {getattr(err, 'marked', err)}"
         error = _first_error(dist, error)
         if error:
             raise UsageError(error)

@@ -1,8 +1,8 @@
 """CUDA graphs for the dense units' fixed-shape updates: recorded once per source and batch shape, then replayed.
 
 On a GPU the fixed-shape updates never wait for the device, yet launching their hundred-odd small kernels a layer
-from Python took longer than the forward pass itself (an H200: about 60 ms a batch of 64 x 64 tokens for 30
-layers of neurons, against a 16-18 ms forward). A replayed graph launches them all at once. What a graph needs:
+from Python can take longer than the forward pass itself (bench/RESULTS.md, "GPU"); a replayed graph launches them
+all at once. It is the GRAPHS backend (accumulators.py). What a graph needs:
 - Fixed addresses. The hook copies each source's activations into a buffer (one per shape, shared by every
   source of that shape: the copies and replays run in order on one stream), each batch's counted mask, context
   ids and sampling keys go into buffers shared by every source, and the accumulators' state is updated in place

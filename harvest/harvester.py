@@ -4,123 +4,20 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from featureatlas.errors import UsageError
-from featureatlas.harvest import native
-from featureatlas.harvest.activation_rows import DenseRows, SparseRows
+from featureatlas.harvest.accumulators import Settings, make_accumulators
 from featureatlas.harvest.batchview import BatchView
 from featureatlas.harvest.contexts import Batch
-from featureatlas.harvest.graphs import GraphedUpdates
 from featureatlas.harvest.hooks import read_hook
-from featureatlas.harvest.reductions import firing, reducer
-from featureatlas.harvest.reservoir import Reservoir
 from featureatlas.harvest.sources import UnitSource
-from featureatlas.harvest.statistics import Statistics
-from featureatlas.harvest.topk import TopK
 from featureatlas.load.architectures import blocks_of
 
 
 class _StopForward(Exception):
     """Raised after the last hooked block: later layers and the LM head are never computed."""
-
-
-@dataclass(frozen=True)
-class Settings:
-    top_k: int = 20
-    bottom_k: int = 20            # for signed units
-    intervals: int = 12           # quantile intervals (even: see reservoir.py)
-    per_interval: int = 2         # quantile examples per interval
-    random: int = 4               # random examples where the unit fires
-    histogram_every: int = 32     # dense units: the histogram counts one context in this many (cost: docs/harvest.md)
-    seed: int = 0
-    compile: bool = False         # fuse the per-batch steps with torch.compile (reductions.py)
-    fixed_shapes: bool = False    # dense units' lists in data-independent shapes: no host syncs (for CUDA)
-    cuda_graphs: bool = False     # with fixed shapes on CUDA: dense units' updates replayed as CUDA graphs
-    native: bool = True           # on CPU: dense units updated by compiled loops (native.py), where they build
-
-
-class Accumulators:
-    """Everything kept about one source's units; each part updates from the same activations."""
-
-    def __init__(self, source: UnitSource, settings: Settings, context_length: int, device: torch.device,
-                 dtype: torch.dtype):
-        n, fixed = source.n_units, settings.fixed_shapes and not source.sparse
-        form = (fixed, settings.compile)  # fixed shapes compile into a few kernels a step
-        natively = settings.native and not fixed and native.available(device)
-        loop = natively and not source.sparse
-        self.native_pairs = natively and source.sparse  # sparse units' lists merge in native.py's loops too
-        self.top = TopK(n, settings.top_k, context_length, device, dtype, *form, native=loop)
-        self.bottom = TopK(n, settings.bottom_k, context_length, device, dtype, *form, native=loop) \
-            if source.signed and settings.bottom_k else None
-        self.statistics = Statistics(n, device, source.sparse, settings.histogram_every, *form, native=loop)
-        self.quantiles = Reservoir(n, settings.intervals, settings.per_interval, context_length, device, dtype,
-                                   *form, native=loop) if settings.per_interval and settings.intervals else None
-        self.random = Reservoir(n, 1, settings.random, context_length, device, dtype, *form, native=loop) \
-            if settings.random else None
-        self.sparse = source.sparse
-        self.reduce = reducer(settings.compile, loop)
-        self._table: torch.Tensor | None = None
-
-    def update(self, acts: torch.Tensor, view: BatchView, nonzeros: torch.Tensor | None = None) -> None:
-        """Dense units: each context's max and min (and the statistics' sums) come from one reduction shared by
-        all. Sparse units (nonzeros: the flat indices of acts' non-zeros): everything comes from the non-zeros.
-        Either way, per-token activations are gathered only for contexts that enter a list."""
-        self.statistics.count(view)
-        if self.sparse:
-            self._update_sparse(acts, view, nonzeros)
-        else:
-            self.update_dense(acts, view)
-
-    def _update_sparse(self, acts: torch.Tensor, view: BatchView, nonzeros: torch.Tensor | None) -> None:
-        reservoirs = [r for r in (self.quantiles, self.random) if r is not None]
-        acts = acts.contiguous()
-        if nonzeros is None:
-            nonzeros = acts.view(-1).nonzero().squeeze(1)
-        if self.native_pairs and native.reads(acts, self.top.slot_activations):
-            index = native.sparse_index(acts, nonzeros, view.counted)
-            self.statistics.update_sparse(view, index.counted_units, index.counted_values)
-            native.topk_update(self.top, acts, index.scores, view, True, index)
-            for reservoir in reservoirs:
-                native.reservoir_update(reservoir, acts, index.scores, view, index)
-            return
-        rows_of = SparseRows(acts, nonzeros, self._pair_table(acts.shape[0] * acts.shape[2], acts.device))
-        fired = firing(rows_of, view.counted)
-        self.statistics.update_sparse(view, fired.units, fired.values)
-        self.top.update_pairs(rows_of, view, fired.pair_rows, fired.pair_units, fired.pair_max)
-        for reservoir in reservoirs:
-            reservoir.update_pairs(rows_of, view, fired.pair_rows, fired.pair_units, fired.pair_max,
-                                   fired.batch_max)
-
-    def update_dense(self, acts: torch.Tensor, view: BatchView) -> None:
-        """Tensors only, nothing counted in Python (see Statistics.count): what a CUDA graph records."""
-        reservoirs = [r for r in (self.quantiles, self.random) if r is not None]
-        context_max, context_min, *sums = self.reduce(acts, view.counted, view.first_counted, view.padded)
-        rows_of = DenseRows(acts)
-        self.top.update(rows_of, view, context_max)
-        if self.bottom is not None:
-            self.bottom.update(rows_of, view, -context_min, largest=False)
-        self.statistics.update(acts, view, context_max, context_min, sums)
-        for reservoir in reservoirs:
-            reservoir.update(rows_of, view, context_max)
-
-    def _pair_table(self, size: int, device: torch.device) -> torch.Tensor:
-        """SparseRows' scratch, kept between batches (it is left all -1)."""
-        if self._table is None or self._table.numel() < size:
-            self._table = torch.full((size,), -1, dtype=torch.int32, device=device)
-        return self._table
-
-    def referenced_context_ids(self) -> torch.Tensor:
-        parts = [self.top, self.bottom, self.quantiles, self.random]
-        return torch.cat([p.referenced_context_ids() for p in parts if p is not None])
-
-    def parts(self) -> dict[str, TopK | Reservoir | Statistics]:
-        """The parts a checkpoint saves and restores, each through its STATE attributes."""
-        named = {"top": self.top, "bottom": self.bottom, "statistics": self.statistics, "quantiles": self.quantiles,
-                 "random": self.random}
-        return {name: part for name, part in named.items() if part is not None}
 
 
 class Harvester:
@@ -133,10 +30,9 @@ class Harvester:
         self.sources = sources
         self.settings = settings
         self.first_counted = first_counted  # 1 when contexts start with BOS, which never counts
-        self.accumulators = [Accumulators(s, settings, context_length, self.device, _activation_dtype(s, model))
-                             for s in sources]
+        self.accumulators = make_accumulators(sources, settings, context_length, self.device,
+                                              [_activation_dtype(s, model) for s in sources])
         self._view: BatchView | None = None
-        self.graphs = GraphedUpdates(self.device) if settings.cuda_graphs and settings.fixed_shapes else None
         self.reader = Reader(model, sources, self._consume, nonzeros=True)
 
     def attach(self) -> None:
@@ -160,16 +56,8 @@ class Harvester:
         return set(torch.cat([acc.referenced_context_ids() for acc in self.accumulators]).tolist())
 
     def _consume(self, index: int, acts: torch.Tensor, nonzeros: torch.Tensor | None) -> None:
-        """Each source's update runs in its hook, while the layer's activations are fresh in cache. Holding a batch's
-        dense activations for the end of the forward pass instead, as this once did, was 3% slower in bfloat16 with
-        the native loops and as fast in float32, for up to 512 MiB more memory (only the tensor code gained, 3%)."""
-        accumulators = self.accumulators[index]
-        if self.graphs is not None and not self.sources[index].sparse:
-            accumulators.statistics.count(self._view)
-            self.graphs.update(index, acts, self._view, list(accumulators.parts().values()),
-                               accumulators.update_dense)
-            return
-        accumulators.update(acts, self._view, nonzeros)
+        """Each source's update runs in its hook, while the layer's activations are fresh in cache."""
+        self.accumulators[index].update(acts, self._view, nonzeros)
 
 
 class Reader:

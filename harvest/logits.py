@@ -34,6 +34,8 @@ def output_directions(source: UnitSource, backbone: torch.nn.Module, arch: Archi
         return torch.eye(d_model, device=next(backbone.parameters()).device)
     if source.kind == "mlp":
         return _to_residual(None, source.hook, backbone, arch)
+    if source.kind == "attn":
+        return None  # a head writes what it attends to: no one direction, so no logit effects
     assert source.dictionary is not None and source.output_hook is not None
     return _to_residual(source.dictionary.decoder.float(), source.output_hook, backbone, arch)
 

@@ -1,16 +1,16 @@
-"""Dense units' updates on CPU as one compiled loop per list and layer (native.cpp): the reduction, top/bottom-k,
-samples and the statistics' histogram.
+"""The NATIVE backend's loops (accumulators.py), compiled from native.cpp: on CPU, dense units' reduction, top- and
+bottom-k, samples and histogram, one loop per list and layer, and sparse units' list merges from their non-zeros.
 
-The tensor code in topk.py and reservoir.py spends some forty small operations per list and layer, each a few
-microseconds of dispatch on a few hundred candidates: with every layer's neurons and residual dimensions that is
-most of a batch's update time on a CPU. The loop walks each unit's batch column once, then copies the contexts
-that stay, context by context (each context's block is read once, while in cache, for all its units). The
-histogram's loop counts each sampled token straight into its column, where the tensor code builds a column index
-per token, then scatters. The reduction streams each thread's contexts row by row, needing no torch.compile.
-It is built with the system's C++ compiler at first use (about a second, plain C ABI, no torch headers) into the
-featureatlas cache, keyed by its source, the compiler and the CPU, and called through ctypes. Where none builds
-(no compiler), or for dtypes it does not read, the tensor code runs instead, as it always does on GPUs. Both give
-the same results; the tests check it. FEATUREATLAS_NATIVE=0 turns it off.
+The tensor code in topk.py and reservoir.py spends some forty small operations per list and layer, each paying
+dispatch on a few hundred candidates: with every layer's neurons and residual dimensions that is most of a
+batch's update time on a CPU. The loop walks each unit's batch column once, then copies the contexts that stay,
+context by context (each context's block is read once, while in cache, for all its units). The histogram's loop
+counts each sampled token straight into its column, where the tensor code builds a column index per token, then
+scatters. The reduction streams each thread's contexts row by row, needing no torch.compile.
+It is built with the system's C++ compiler at first use (plain C ABI, no torch headers) into the featureatlas
+cache, keyed by its source, the compiler and the CPU, and called through ctypes. Where none builds (no compiler),
+or for dtypes it does not read, the tensor code runs instead, as it always does on GPUs. Both give the same
+results (tests/test_backends.py). FEATUREATLAS_NATIVE=0 turns it off.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import torch
 
 from featureatlas.atomic import temp_path_beside
 from featureatlas.cachedir import cache_root
+from featureatlas.harvest.statistics import FIRST_CODE, HALF
 
 if TYPE_CHECKING:
     from featureatlas.harvest.batchview import BatchView
@@ -86,8 +87,8 @@ def find_compiler() -> str | None:
 
 def _build(compiler: str) -> Path:
     """cache/native/updates-<hash>.so, compiled once for this CPU; the hash covers the source, the compiler, its
-    flags and the CPU's instruction sets. Built for the CPU it runs on (-march=native: AVX2 or AVX-512 lanes make
-    the reduction twice as fast as baseline x86-64's SSE2), or for the baseline where the compiler refuses that."""
+    flags and the CPU's instruction sets. Built for the CPU it runs on (-march=native: the reduction's loops use its
+    widest vector lanes), or for the baseline where the compiler refuses that."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     for flags in (_FLAGS + ["-march=native"], _FLAGS):
         key = hashlib.sha256(SOURCE.read_bytes() + "\0".join([compiler, version, *flags, _cpu()]).encode())
@@ -201,12 +202,11 @@ def reservoir_update(samples: Reservoir, acts: torch.Tensor, context_max: torch.
 def histogram_update(statistics: Statistics, acts: torch.Tensor, view: BatchView) -> None:
     """Statistics' histogram for dense units: every token of the contexts whose key is a multiple of
     histogram_every, into counts [N_BINS + 1, units] (the last row takes uncounted positions)."""
-    from featureatlas.harvest.statistics import _FIRST_CODE, HALF  # statistics imports this module
     lib = _loaded()
     _contiguous(statistics, ("counts",))
     counted = view.counted.contiguous()
     lib.histogram_update(*_acts_args(acts), counted.data_ptr(), view.keys.data_ptr(), statistics.histogram_every,
-                         HALF, _FIRST_CODE, statistics.counts.data_ptr(), torch.get_num_threads())
+                         HALF, FIRST_CODE, statistics.counts.data_ptr(), torch.get_num_threads())
 
 
 def _loaded() -> ctypes.CDLL:

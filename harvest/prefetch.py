@@ -1,8 +1,8 @@
 """Batches made on a helper thread while the model runs the previous ones.
 
-Reading the corpus, tokenising (the Rust tokenizer releases the GIL) and padding cost about 7 ms a batch of
-64 x 64 tokens on a 2-core CPU: little beside a CPU forward pass of seconds, but a third of a small model's
-forward on a GPU, which would otherwise wait for them.
+Reading the corpus, tokenising (the Rust tokenizer releases the GIL) and padding cost little beside a forward
+pass on a CPU, but a large share of a small model's forward on a GPU, which would otherwise wait for them
+(bench/RESULTS.md, "CPU components").
 """
 
 from __future__ import annotations

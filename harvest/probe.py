@@ -3,8 +3,8 @@
 A probe must show the numbers the catalogue shows, or a unit's page and a probe of the same words would disagree.
 So the text becomes one context exactly as a harvest makes one (the tokenizer's BOS first when it has one, the
 text's tokens without special tokens; the BOS position never counts as the max), the sources are the harvest's
-own (build_sources; from a store, rebuilt from its runs/sources as `verify` does) and the activations come from
-harvest's own Reader, which also stops the forward pass after the deepest layer asked for.
+own (build_sources; from a store, its run reopened by harvest/reopen.py, as verify reopens it) and the activations
+come from harvest's own Reader, which also stops the forward pass after the deepest layer asked for.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from featureatlas.errors import UsageError
 from featureatlas.harvest.contexts import Context, display_tokens, make_batch
 from featureatlas.harvest.harvester import Reader
 from featureatlas.harvest.sources import UnitSource, mlp_sources, resid_sources
+from featureatlas.harvest.steer import Steered, steer
 from featureatlas.load.architectures import blocks_of
 from featureatlas.load.models import ModelLoadError, check_length
 from featureatlas.store.addresses import AddressError, SourceLayer, describe_sources, format_address, parse_address
@@ -140,6 +141,13 @@ class Prober:
         except AddressError as err:
             raise UsageError(str(err)) from None
 
+    def steer(self, text: str, address: str, value: float, mode: str = "add", max_new_tokens: int = 30,
+              seed: int | None = None) -> Steered:
+        """The text's continuation with the unit pushed (harvest/steer.py), beside the unpushed one."""
+        _, source, layer, unit = self.resolve(address)
+        return steer(self.model, self.tokenizer, self.sources[(source, layer)], unit, self.token_ids(text), text,
+                     value, mode, max_new_tokens, seed)
+
     def resolve_source(self, source: str, layer: int | None) -> tuple[str, int]:
         return pick_source(self.source_layers(), source, layer)
 
@@ -209,62 +217,30 @@ class Prober:
 
 def load_prober(model: str | None = None, saes: list[str] | None = None, *, store: Path | str | None = None,
                 device: str = "auto", dtype: str = "auto", model_name: str | None = None) -> Prober:
-    """From a store: its run's model (or `model`, where it is now), dictionaries (or `saes`), dtype and device,
-    the sources rebuilt and checked as verify rebuilds them. Without: `model` with every MLP layer, every residual
-    layer and each `saes` dictionary, in `dtype` (neurons and residual dimensions need no check forward pass)."""
+    """From a store: its run (of `model_name`, in a store of several models) reopened by harvest/reopen.py, with
+    `model` and `saes` saying where the model and dictionaries are now. Without: `model` with every MLP layer,
+    every residual layer and each `saes` dictionary, in `dtype` (neurons and residual dimensions need no check
+    forward pass)."""
+    if store is not None:
+        from featureatlas.harvest.reopen import reopen_store  # harvest's machinery: loaded only when used
+
+        reopened = reopen_store(store, model_name=model_name, model=model, saes=list(saes or []), device=device)
+        return Prober(reopened.model, reopened.tokenizer, reopened.run.model, reopened.sources, Path(store))
+    if model is None:
+        raise UsageError("pass --model MODEL or --store STORE")
+    from featureatlas.harvest.config import HarvestConfig
+    from featureatlas.harvest.run import build_sources
     from featureatlas.load.models import load_model, pick_device, pick_dtype, resolve_model
 
-    if store is None:
-        if model is None:
-            raise UsageError("pass --model MODEL or --store STORE")
-        from featureatlas.harvest.run import HarvestConfig, build_sources
-        torch_device = pick_device(device)
-        ref = resolve_model(model)
-        loaded, tokenizer = load_model(ref, torch_device, pick_dtype(dtype, torch_device))
-        backbone, model_type = loaded.base_model, loaded.config.model_type
-        every = list(range(len(blocks_of(backbone, model_type))))
-        built = mlp_sources(backbone, model_type, every) + resid_sources(backbone, model_type, every,
-                                                                         loaded.config.hidden_size)
-        if saes:  # harvest's own loading and checks (d_in against the hooked tensor) for the dictionaries
-            config = HarvestConfig(model=model, corpus=Path("."), out=Path("."), layers="none", saes=list(saes),
-                                   device=str(torch_device))
-            built += build_sources(loaded, config, torch_device)
-        sources = {(s.name, s.layer): s for s in built}
-        return Prober(loaded, tokenizer, ref.display_name, sources)
-    return _from_store(Path(store), model, list(saes or []), device, model_name)
-
-
-def _from_store(store: Path, model: str | None, saes: list[str], device: str, model_name: str | None) -> Prober:
-    from featureatlas.harvest import verify as v
-    from featureatlas.load.models import ModelLoadError, load_model, resolve_model
-    from featureatlas.store.schema import open_store
-
-    con = open_store(store)
-    try:
-        runs = [v._Run(*row) for row in con.execute(
-            "SELECT model, model_ref, dtype, device, context_length, batch_size, bos_excluded, n_contexts, "
-            "settings, n_tokens FROM runs ORDER BY run_id").fetchall()]
-        names = sorted({r.model for r in runs})
-        if not runs:
-            raise UsageError(f"{store}: records no harvest run, so no model to probe with")
-        if model_name is None and len(names) > 1:
-            raise UsageError(f"{store}: holds runs of {len(names)} models ({', '.join(names)}); name one in the "
-                             "address (MODEL::mlp/12/345)")
-        name = model_name or names[0]
-        run = next((r for r in runs if r.model == name), None)
-        if run is None:
-            raise UsageError(f"{store}: no run of model {name!r}; it holds {', '.join(names)}")
-        config = v.VerifyConfig(store=store, model=model, saes=saes, device=device, progress=False)
-        specs = v._dictionary_specs(con, name, saes)
-        torch_device = v._device(device, run.device)
-        try:
-            ref = resolve_model(model or run.model_ref)
-        except ModelLoadError as err:
-            if model is not None:
-                raise
-            raise ModelLoadError(f"{err} (the run's recorded model); pass --model to where it is now") from None
-        loaded, tokenizer = load_model(ref, torch_device, v._dtype(run.dtype, torch_device, store))
-        sources = v._rebuild_sources(con, run, loaded, specs, config, torch_device)
-    finally:
-        con.close()
-    return Prober(loaded, tokenizer, name, sources, store)
+    torch_device = pick_device(device)
+    ref = resolve_model(model)
+    loaded, tokenizer = load_model(ref, torch_device, pick_dtype(dtype, torch_device))
+    backbone, model_type = loaded.base_model, loaded.config.model_type
+    every = list(range(len(blocks_of(backbone, model_type))))
+    built = mlp_sources(backbone, model_type, every) + resid_sources(backbone, model_type, every,
+                                                                     loaded.config.hidden_size)
+    if saes:  # harvest's own loading and checks (d_in against the hooked tensor) for the dictionaries
+        config = HarvestConfig(model=model, corpus=Path("."), out=Path("."), layers="none", saes=list(saes),
+                               device=str(torch_device))
+        built += build_sources(loaded, config, torch_device)
+    return Prober(loaded, tokenizer, ref.display_name, {(s.name, s.layer): s for s in built})

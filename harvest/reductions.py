@@ -2,9 +2,9 @@
 
 Dense units: each context's max and min (over counted positions only) feed top-k, bottom-k, the samples and the
 statistics; the per-unit sum, sum of squares and firing count feed the statistics. Eagerly these are several
-passes over the activations; compiled with torch.compile (Inductor) they fuse into one. `--compile` chooses;
-both paths are tested against brute force. Sparse units (dictionary features): the same from their non-zeros
-alone (`firing`).
+passes over the activations; compiled with torch.compile (Inductor) they fuse into one (`--compile` chooses; on
+CPU the native loops reduce in one pass without it, native.py). Sparse units (dictionary features): the same from
+their non-zeros alone (`firing`). Every form is tested against the eager one and against brute force.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from typing import NamedTuple
 
 import torch
 
-from featureatlas.harvest import native
 from featureatlas.harvest.activation_rows import SparseRows
 
 Reduced = tuple[torch.Tensor, ...]
@@ -69,9 +68,9 @@ def firing(nonzeros: SparseRows, counted: torch.Tensor) -> Firing:
 def _reduce_fused(acts: torch.Tensor, counted: torch.Tensor, first: int, padded: bool) -> Reduced:
     """The same reductions written for Inductor to fuse into one pass. Tokens are reduced in chunks of up to 16
     (then across chunks): Inductor's loop walks a 16-unit column down the chunk's token rows, and 16 such
-    streams at a time are what the CPU's prefetchers follow; down all 64 rows at once it ran half as fast.
-    Every position goes through the counted mask (BOS included), so no slice breaks the chunks. Firing is counted
-    in float32, which vectorises without widening to int64 (15% faster for SmolLM2's 1,536 neurons)."""
+    streams at a time are what the CPU's prefetchers follow (bench/RESULTS.md). Every position goes through the
+    counted mask (BOS included), so no slice breaks the chunks. Firing is counted in float32, which vectorises
+    without widening to int64."""
     b, t, u = acts.shape
     chunk = _chunk_of(t)
     x = acts.reshape(b, t // chunk, chunk, u)
@@ -107,7 +106,7 @@ def fused(fn: Callable, fallback: Callable) -> Callable:
                       + "); harvesting without it (slower; pass --compile off to skip trying)", file=sys.stderr)
                 call.fell_back = True
         return fallback(*args)
-    call.fell_back = False  # read by bench/device_check.py
+    call.fell_back = False  # read by tests/test_gpu_parity.py
     return call
 
 
@@ -121,15 +120,6 @@ def compiled_once(fn: Callable, fallback: Callable | None = None) -> Callable:
     return _compiled[fn]
 
 
-def reducer(compiled: bool, native_loop: bool = False) -> Callable[[torch.Tensor, torch.Tensor, int, bool], Reduced]:
-    """native_loop: native.reduce where it reads the activations (on CPU, units innermost); otherwise, or without
-    it, the compiled reducer or the eager one."""
-    fallback = compiled_once(_reduce_fused, reduce_eager) if compiled else reduce_eager
-    if not native_loop:
-        return fallback
-
-    def reduce(acts: torch.Tensor, counted: torch.Tensor, first: int, padded: bool) -> Reduced:
-        if native.reads(acts) and acts.stride(-1) == 1:
-            return native.reduce(acts, counted)
-        return fallback(acts, counted, first, padded)
-    return reduce
+def reducer(compiled: bool) -> Callable[[torch.Tensor, torch.Tensor, int, bool], Reduced]:
+    """The dense reduction: fused by torch.compile (shared by every caller in the process), or eager."""
+    return compiled_once(_reduce_fused, reduce_eager) if compiled else reduce_eager

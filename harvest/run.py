@@ -7,7 +7,7 @@ import platform
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,57 +20,26 @@ import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from featureatlas.errors import UsageError
-from featureatlas.harvest.checkpoint import Checkpointer, checkpoint_path, run_inputs, shaping_options
+from featureatlas.harvest.accumulators import Settings, choose_backend
+from featureatlas.harvest.checkpoint import Checkpointer, run_inputs, shaping_options
+from featureatlas.harvest.config import HarvestConfig, validate
 from featureatlas.harvest.contexts import Context, DocumentInfo, display_tokens, iter_batches, iter_contexts
-from featureatlas.harvest.harvester import Harvester, Settings, check_widths
+from featureatlas.harvest.harvester import Harvester, check_widths
+from featureatlas.harvest.heads import head_sources
 from featureatlas.harvest.logits import LogitEffects
 from featureatlas.harvest.prefetch import prefetched
+from featureatlas.harvest.relations import write_relations
 from featureatlas.harvest.sources import UnitSource, dictionary_sources, mlp_sources, parse_layers, resid_sources
 from featureatlas.harvest.write import ContextLengths, write_logits, write_source, write_vocabulary
 from featureatlas.load.architectures import blocks_of
-from featureatlas.load.corpus import CorpusError, check_corpus, iter_documents
+from featureatlas.load.corpus import CorpusError, iter_documents
 from featureatlas.load.models import ModelRef, check_length, load_model, pick_device, pick_dtype, resolve_model
-from featureatlas.store.writer import StoreWriter, check_writable_target
+from featureatlas.store.writer import StoreWriter
 
 if TYPE_CHECKING:
     from featureatlas.load.dictionaries import Dictionary
 
 _PRUNE_EVERY = 64  # batches between drops of contexts that no unit keeps any more
-
-
-@dataclass
-class HarvestConfig:
-    model: str
-    corpus: Path
-    out: Path
-    tokens: int | None = None
-    context_length: int = 64
-    top_k: int = 20
-    layers: str | None = None            # MLP neurons of these layers ('none': no neurons)
-    resid: str | None = None             # residual-stream dimensions of these layers (None: none)
-    saes: list[str] = field(default_factory=list)  # dictionary folders, each PATH or NAME=PATH
-    batch_size: int = 64
-    device: str = "auto"
-    dtype: str = "auto"
-    text_field: str = "text"
-    token_field: str | None = None       # a column of token ids to use instead of text (None: auto-detected)
-    split: str | None = None             # of a hub dataset or saved DatasetDict (None: train), or files named so
-    bottom_k: int | None = None          # for signed units; None: as many as top_k
-    intervals: int = 12
-    per_interval: int = 2
-    random_examples: int = 4
-    histogram_every: int = 32
-    logits: int = 10
-    seed: int = 0
-    compile: str = "auto"                # fuse the per-batch steps: on | off | auto (1M+ tokens, or the whole corpus)
-    fixed_shapes: bool | None = None     # dense units' lists in fixed shapes, no host syncs (None: on CUDA)
-    cuda_graphs: bool = True             # with fixed shapes on CUDA: dense updates replayed as CUDA graphs
-    native: bool = True                  # on CPU: dense units updated by compiled loops (harvest/native.py)
-    shard: tuple[int, int] | None = None  # (i, n): only contexts whose id is i mod n (merge the n stores after)
-    checkpoint_every: int | None = None  # save the whole state every this many tokens (None: never)
-    resume: bool = False                 # continue from the checkpoint beside `out`
-    overwrite: bool = False              # replace a finished store at `out`
-    progress: bool = True
 
 
 @dataclass
@@ -83,34 +52,6 @@ class HarvestSummary:
     tokens_per_second: float
 
 
-def validate(config: HarvestConfig) -> None:
-    """Everything that can be checked before loading a model, so mistakes cost seconds, not minutes."""
-    for name, minimum in (("context_length", 2), ("top_k", 1), ("batch_size", 1), ("intervals", 0),
-                          ("per_interval", 0), ("random_examples", 0), ("histogram_every", 1), ("logits", 0)):
-        if getattr(config, name) < minimum:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least {minimum}")
-    if config.compile not in ("auto", "on", "off"):
-        raise UsageError("--compile must be auto, on or off")
-    if config.intervals % 2 or config.intervals > 1000:
-        raise UsageError("--intervals must be even (intervals merge in pairs when a unit's range doubles) and at "
-                         "most 1000")
-    if config.tokens is not None and config.tokens < 1:
-        raise UsageError("--tokens must be at least 1")
-    if config.shard is not None and not 0 <= config.shard[0] < config.shard[1]:
-        raise UsageError(f"--shard {config.shard[0]}/{config.shard[1]}: want I/N with 0 <= I < N")
-    if config.checkpoint_every is not None and config.checkpoint_every < 1:
-        raise UsageError("--checkpoint-every must be at least 1 token")
-    check_corpus(config.corpus, config.split)
-    check_writable_target(Path(config.out))
-    out = Path(config.out)
-    if out.exists() and not config.overwrite:
-        finished = " (finished; its checkpoint is stale)" if config.resume else ""
-        raise UsageError(f"{out}: a store is already there{finished}; pass --overwrite to replace it, or choose "
-                         "another --out")
-    if config.resume and not checkpoint_path(out).is_file():
-        raise UsageError(f"{checkpoint_path(out)}: no checkpoint to resume from; run without --resume")
-
-
 def build_sources(model: torch.nn.Module, config: HarvestConfig, device: torch.device) -> list[UnitSource]:
     """Neurons, residual dimensions and dictionary features, in that order; every hook checked against the model."""
     backbone, model_type = model.base_model, model.config.model_type
@@ -119,6 +60,8 @@ def build_sources(model: torch.nn.Module, config: HarvestConfig, device: torch.d
     if config.resid is not None:
         sources += resid_sources(backbone, model_type, parse_layers(config.resid, n_layers, "--resid"),
                                  model.config.hidden_size)
+    if config.heads is not None:
+        sources += head_sources(model, parse_layers(config.heads, n_layers, "--heads"))
     named: list[tuple[str, Dictionary]] = []
     if config.saes:
         from featureatlas.load.dictionaries import load_dictionaries  # only a harvest with --sae needs it
@@ -161,8 +104,7 @@ def harvest(config: HarvestConfig, loaded: tuple[PreTrainedModel, PreTrainedToke
                         intervals=config.intervals, per_interval=config.per_interval, random=config.random_examples,
                         histogram_every=config.histogram_every, seed=config.seed,
                         compile=_compile(config.compile, device, config.tokens),
-                        fixed_shapes=device.type == "cuda" if config.fixed_shapes is None else config.fixed_shapes,
-                        cuda_graphs=config.cuda_graphs, native=config.native)
+                        backend=choose_backend(device, config.fixed_shapes, config.cuda_graphs, config.native))
 
     inputs = _inputs(config, ref, model, sources) if config.resume or config.checkpoint_every is not None else {}
     checkpoints = Checkpointer(Path(config.out), config.checkpoint_every, inputs)
@@ -219,6 +161,7 @@ def harvest(config: HarvestConfig, loaded: tuple[PreTrainedModel, PreTrainedToke
             for source, acc in zip(harvester.sources, harvester.accumulators, strict=True):
                 write_source(store, ref.display_name, source, acc, lengths)
                 token_ids |= write_logits(store, ref.display_name, source, effects[_effect_key(source)].result())
+                write_relations(store, ref.display_name, model, source, config.seed)
                 bar.update(source.n_units)
         write_vocabulary(store, ref.display_name, tokenizer, token_ids)
         mlp_layers = sorted({s.layer for s in sources if s.kind == "mlp"})

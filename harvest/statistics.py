@@ -9,17 +9,17 @@ every token, touching only the non-zero activations.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from featureatlas.harvest import native
 from featureatlas.harvest.batchview import BatchView
-from featureatlas.harvest.reductions import compiled_once
 from featureatlas.store.schema import HISTOGRAM_HALF
 
 HALF = HISTOGRAM_HALF      # bins each side of zero; column HALF + b of the counts holds bin b
 N_BINS = 2 * HALF + 1
 _SHIFT_TO_CODE = 21        # float32 bits >> 21 = sign, 8 exponent bits, 2 mantissa bits
-_FIRST_CODE = 442          # code of 2^-16 is 444, which is bin 2
+FIRST_CODE = 442          # code of 2^-16 is 444, which is bin 2
 
 
 def histogram_columns(x: torch.Tensor) -> torch.Tensor:
@@ -29,7 +29,7 @@ def histogram_columns(x: torch.Tensor) -> torch.Tensor:
     else:
         raw = (x.float().contiguous().view(torch.int32) >> _SHIFT_TO_CODE).to(torch.int64)
     code = raw & 1023  # without the sign; 0 is zero (or a value too small to have a bin of its own)
-    magnitude = torch.where(code == 0, 0, (code - _FIRST_CODE).clamp(1, HALF))
+    magnitude = torch.where(code == 0, 0, (code - FIRST_CODE).clamp(1, HALF))
     return HALF + torch.where(raw < 0, -magnitude, magnitude)
 
 
@@ -39,15 +39,14 @@ def counted_columns(acts: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
     return columns.reshape(-1, acts.shape[-1])
 
 
+Columns = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # counted_columns, plain or compiled
+
+
 class Statistics:
     STATE = ("n_tokens", "n_firing", "sum", "sum_squares", "min", "max", "counts")  # what a checkpoint saves
 
-    def __init__(self, n_units: int, device: torch.device, sparse: bool, histogram_every: int = 1,
-                 fixed_shapes: bool = False, compiled: bool = False, native: bool = False):
+    def __init__(self, n_units: int, device: torch.device, sparse: bool, histogram_every: int = 1):
         self.sparse = sparse
-        self.fixed_shapes = fixed_shapes
-        self.native = native  # dense histograms counted in native.py's loop where it reads the activations
-        self._columns = compiled_once(counted_columns) if compiled else counted_columns
         self.histogram_every = 1 if sparse else histogram_every
         self.n_tokens = 0
         self.n_firing = torch.zeros(n_units, dtype=torch.int64, device=device)
@@ -58,16 +57,31 @@ class Statistics:
         self.counts = torch.zeros(N_BINS + 1, n_units, dtype=torch.int64, device=device)  # last row: not counted
         self._ones = torch.ones(1, 1, dtype=torch.int64, device=device)
 
-    def update(self, acts: torch.Tensor, batch: BatchView, context_max: torch.Tensor, context_min: torch.Tensor,
-               sums: list[torch.Tensor]) -> None:
-        """Dense units. acts [batch, tokens, units]; context_max/min [batch, units] over counted positions only;
-        sums: the counted tokens' sum, sum of squares and firing count per unit (reductions.py). Tensors only
-        (see count)."""
+    def update(self, context_max: torch.Tensor, context_min: torch.Tensor, sums: list[torch.Tensor]) -> None:
+        """Dense units, all but the histogram (counted apart, see count_histogram). context_max/min [batch, units]
+        over counted positions only; sums: the counted tokens' sum, sum of squares and firing count per unit
+        (reductions.py). Tensors only (see count)."""
         self.sum += sums[0]
         self.sum_squares += sums[1]
         self.n_firing += sums[2]
-        self._update_histogram(acts, batch)
         self._update_extremes(context_max.amax(dim=0), context_min.amin(dim=0))
+
+    def count_histogram(self, acts: torch.Tensor, batch: BatchView, columns: Columns = counted_columns) -> None:
+        """Dense units' histogram: every counted token of the contexts whose key is a multiple of histogram_every.
+        columns: counted_columns, maybe compiled."""
+        rows = (batch.keys % self.histogram_every == 0).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return
+        found = columns(acts[rows], batch.counted[rows])
+        self.counts.scatter_add_(0, found, self._ones.expand_as(found))
+
+    def count_histogram_fixed(self, acts: torch.Tensor, batch: BatchView, columns: Columns = counted_columns
+                              ) -> None:
+        """The same counts from every context, the unsampled ones sent to the uncounted row: no host
+        synchronisation (see TopK.update_fixed)."""
+        sampled = batch.keys % self.histogram_every == 0
+        found = columns(acts, batch.counted & sampled[:, None])
+        self.counts.scatter_add_(0, found, self._ones.expand_as(found))
 
     def update_sparse(self, batch: BatchView, units: torch.Tensor, values: torch.Tensor) -> None:
         """Sparse units: only the counted non-zero activations (units[i] has values[i]); zeros are implied by
@@ -92,20 +106,6 @@ class Statistics:
     def _update_extremes(self, batch_max: torch.Tensor, batch_min: torch.Tensor) -> None:
         torch.maximum(self.max, batch_max.float(), out=self.max)
         torch.minimum(self.min, batch_min.float(), out=self.min)
-
-    def _update_histogram(self, acts: torch.Tensor, batch: BatchView) -> None:
-        """Every counted token of the sampled contexts."""
-        if self.native and not self.fixed_shapes and native.reads(acts):
-            return native.histogram_update(self, acts, batch)
-        sampled = batch.keys % self.histogram_every == 0
-        if self.fixed_shapes:  # every context, the others sent to the uncounted row: no host synchronisation
-            columns = self._columns(acts, batch.counted & sampled[:, None])
-        else:
-            rows = sampled.nonzero().squeeze(1)
-            if rows.numel() == 0:
-                return
-            columns = self._columns(acts[rows], batch.counted[rows])
-        self.counts.scatter_add_(0, columns, self._ones.expand_as(columns))
 
     def finish(self) -> dict[str, torch.Tensor]:
         """Per-unit arrays for the store; a sparse source's zeros are every counted token it did not fire on."""

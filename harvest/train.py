@@ -1,16 +1,17 @@
-"""`featureatlas train-sae`: collect a hook's activations over a corpus, train a top-k SAE and save it for SAELens;
-with --transcode, collect a module's input and output and train a top-k transcoder, saved as sparsify saves one."""
+"""Train a dictionary on a model: collect a hook's activations over a corpus, train a top-k SAE and save it for
+SAELens; or (transcode) collect a module's input and output, train a top-k transcoder and save it as sparsify does.
+The settings and their defaults are TrainSaeConfig's (harvest/config.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from featureatlas.errors import UsageError
+from featureatlas.errors import UsageError, setting_name
+from featureatlas.harvest.config import TrainSaeConfig, validate_training
 from featureatlas.harvest.contexts import iter_batches, iter_contexts
 from featureatlas.harvest.hooks import Hook, read_hook, resolve_hook
 from featureatlas.harvest.train_sae import (
@@ -22,25 +23,7 @@ from featureatlas.harvest.train_sae import (
 )
 from featureatlas.load.architectures import blocks_of
 from featureatlas.load.corpus import iter_documents
-from featureatlas.load.models import ModelRef
-
-
-@dataclass
-class TrainSaeConfig:
-    hook: str
-    corpus: Path
-    out: Path
-    features: int = 4096
-    k: int = 32
-    tokens: int = 100_000
-    context_length: int = 64
-    batch_size: int = 32
-    steps: int | None = None
-    seed: int = 0
-    text_field: str = "text"
-    overwrite: bool = False
-    progress: bool = True
-    transcode: bool = False  # hook is a module path (sparsify's, e.g. layers.15.mlp): predict its output from its input
+from featureatlas.load.models import ModelRef, load_model, pick_device, pick_dtype, resolve_model
 
 
 class _Stop(Exception):
@@ -48,7 +31,7 @@ class _Stop(Exception):
 
 
 def collect_activations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, hooks: list[Hook],
-                        corpus: Path, tokens: int, context_length: int, batch_size: int, text_field: str = "text",
+                        corpus: Path, tokens: int, context_length: int, batch_size: int, text_field: str,
                         progress: bool = True) -> list[torch.Tensor]:
     """Per hook, [n, width] float32 on the CPU: its vector at every counted token (BOS and padding never count),
     from the same contexts a harvest makes, rows aligned across hooks; the forward pass stops after the last
@@ -87,24 +70,25 @@ def collect_activations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
             handle.remove()
         stop.remove()
     if not rows[0]:
-        raise UsageError(f"{corpus}: holds no text to train on; point --corpus at text")
+        raise UsageError(f"{corpus}: holds no text to train on; point {setting_name('corpus')} at text")
     return [torch.cat(parts) for parts in rows]
 
 
-def train_sae(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ref: ModelRef,
-              config: TrainSaeConfig) -> tuple[TrainResult, Path]:
+def train_sae(config: TrainSaeConfig, loaded: tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelRef] | None = None
+              ) -> tuple[TrainResult, Path]:
     """Train on the hook's activations and write the SAELens folder (a transcoder: the module's input and output,
-    and the sparsify folder); returns the metrics and the folder of the dictionary, which `harvest --sae` reads."""
+    and the sparsify folder); returns the metrics and the folder of the dictionary, which `harvest --sae` reads.
+    loaded: the model, tokenizer and ref already in memory (the demo trains twice and harvests on one model)."""
+    validate_training(config)
+    if loaded is None:
+        device = pick_device(config.device)
+        ref = resolve_model(config.model)
+        model, tokenizer = load_model(ref, device, pick_dtype(config.dtype, device))
+    else:
+        model, tokenizer, ref = loaded
     out = Path(config.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not config.overwrite:
-        raise UsageError(f"{out}: already exists; choose another --out or pass --overwrite to replace it")
-    if config.k < 1 or config.features < config.k:
-        raise UsageError("--k must be at least 1 and at most --features")
     backbone, model_type = model.base_model, model.config.model_type
     if config.transcode:
-        if config.hook.startswith("blocks."):
-            raise UsageError(f"--hook {config.hook}: with --transcode, name the module to transcode as sparsify "
-                             "does, by its path in the model (e.g. layers.15.mlp)")
         hooks = [resolve_hook(config.hook, backbone, model_type, reads=reads) for reads in ("input", "output")]
     else:
         hooks = [resolve_hook(config.hook, backbone, model_type)]

@@ -1,36 +1,9 @@
 """`featureatlas verify`: re-run a seeded sample of a store's examples through the model and compare.
 
 A store outlives the machine that harvested it, and a wrong hook, a mis-read dictionary, a writer bug or an edited
-file would all give a plausible-looking catalogue. verify recomputes what the store claims: the run's sources are
-rebuilt by harvest's own build_sources and read through harvest's own Reader (one code path for activations, so
-this checks the store, not a second implementation), in the run's dtype and, where the store's documents allow,
-in the very batch layout the harvest ran (same rows per batch, same width, a mask only where harvest had one).
-
-What is compared, per sampled example:
-- `activations`: every stored per-token activation against the recomputed one;
-- `max_position` / `max_activation`: the stored pair is exactly the first max (min, for bottom examples) of the
-  stored activations over counted positions (BOS and padding excluded), and the recomputed context's max (min)
-  matches the stored value; quantile examples' max lies in their interval, random examples' is above zero;
-and for every unit, `statistics.n_tokens` equals the run's `n_tokens`.
-
-Tolerance. Same dtype, device and batch layout recompute bit for bit (float32 on CPU is exact in practice), but a
-different batch shape, padding mask or device changes the order of floating-point sums. So a value passes when
-|stored - recomputed| <= rtol * scale, where scale is the unit's largest |activation| in the store (max |max|,
-|min|; or the context's own largest stored |activation| when that is larger, as BOS's often is) and
-rtol = max(2 * eps(dtype), 1e-5): two units in the last place of the dtype, what one rounding flip of an
-intermediate costs once it has propagated (bfloat16 0.0156, float16 0.002), and never below 1e-5, float32's
-accumulation-order noise over sums of thousands of terms through tens of layers. Relative to the unit's scale
-rather than each value, because a reordered sum's error scales with its terms, not with a small result. A
-dictionary's features take the coarser of the model's and the dictionary's dtype. (top-k and JumpReLU encodes
-are discontinuous: a feature at the k-th / threshold boundary can switch on or off under input noise; in
-low precision on another device that can show as a mismatch of one token.)
-
-The store's own rounding. Per-token activations are kept on a 16-bit grid per example (store/encoding.py): each
-within ROUNDING (1.54e-5) times the example's largest |activation|, while max_activation and max_position
-stay exact. So a per-token activation passes when |stored - recomputed| <= rtol * scale + ROUNDING * largest,
-largest the example's largest finite |activation| (stored or recomputed); the max (`recomputed_max`) gets no such
-allowance. `n_exact` counts the examples whose recomputed activations, rounded as the store rounds them, are the
-stored ones bit for bit; `max_relative_diff` includes the rounding (at most ROUNDING).
+file would each give a plausible-looking catalogue. verify recomputes what the store claims through harvest's own
+sources and Reader (reopened by harvest/reopen.py, in the run's dtype and batch layout), so it checks the store,
+not a second implementation. What it checks and the tolerance: docs/large-runs.md#verify.
 """
 
 from __future__ import annotations
@@ -50,14 +23,14 @@ import tqdm
 from featureatlas.errors import UsageError
 from featureatlas.harvest.contexts import Context, make_batch
 from featureatlas.harvest.harvester import Reader
-from featureatlas.harvest.run import HarvestConfig, build_sources
-from featureatlas.harvest.sources import UnitSource
-from featureatlas.load.models import ModelLoadError, load_model, pick_device, pick_dtype, resolve_model
+from featureatlas.harvest.reopen import Run, dictionary_specs, read_runs, reopen, run_dtype
+from featureatlas.settings import device_setting, dictionaries_setting, model_setting, setting
 from featureatlas.store.encoding import round_trip, rounding_bound
 from featureatlas.store.schema import open_store
 
-RTOL_FLOOR = 1e-5   # float32's accumulation-order noise (see the module's docstring)
-ULPS = 2            # units in the last place allowed in low precision
+# A value passes within rtol x the unit's largest |activation|: a reordered sum's error scales with its terms.
+RTOL_FLOOR = 1e-5   # float32's accumulation-order noise over sums of thousands of terms through tens of layers
+ULPS = 2            # units in the last place: what one rounding flip of an intermediate costs once propagated
 _KINDS = ("top", "bottom", "quantile", "random")
 
 
@@ -68,14 +41,19 @@ def default_rtol(dtype: torch.dtype) -> float:
 
 @dataclass
 class VerifyConfig:
-    store: Path
-    sample: int = 200
-    model: str | None = None             # instead of the run's model_ref
-    saes: list[str] = field(default_factory=list)  # [NAME=]PATH, instead of the recorded dictionary paths
-    device: str = "auto"                 # auto: the run's device when this machine has it
-    seed: int = 0
-    rtol: float | None = None            # None: default_rtol of the run's dtype
-    progress: bool = True
+    """What to verify and how; each field's help is the command line's."""
+
+    store: Path = setting(help="a .duckdb file written by harvest")
+    sample: int = setting(200, "examples to check", metavar="N")
+    model: str | None = model_setting("the model, where the run's recorded model_ref is not", default=None)
+    saes: list[str] = dictionaries_setting("a dictionary folder for the source sae:NAME / transcoder:NAME, where its "
+                                           "recorded dictionary_path is gone; repeatable (default: the recorded "
+                                           "paths)")
+    device: str = device_setting("auto: the run's device when this machine has it")
+    seed: int = setting(0, "seeds the sample")
+    rtol: float | None = setting(None, "tolerance relative to each unit's largest |activation|",
+                                 shown="max(2 eps of the run's dtype, 1e-5): 1e-5 for float32, 0.0156 for bfloat16")
+    progress: bool = setting(True, "show a progress bar")
 
 
 @dataclass
@@ -143,30 +121,15 @@ def _rank(m: Mismatch) -> str:
     return f"{m.rank} in [{m.interval[0]:.3g}, {m.interval[1]:.3g})" if m.interval else str(m.rank)
 
 
-@dataclass(frozen=True)
-class _Run:
-    model: str
-    model_ref: str
-    dtype: str
-    device: str
-    context_length: int
-    batch_size: int
-    bos_excluded: bool
-    n_contexts: int
-    settings: str            # JSON: the harvest's options (`shard` says which contexts a shard's store ran)
-    n_tokens: int
-
-
 def verify(config: VerifyConfig) -> VerifyReport:
     """Sample, recompute, compare; the report lists every mismatch (an empty list: the store checks out)."""
     if config.sample < 0:
         raise UsageError("--sample must be at least 0")
     con = open_store(config.store)
     try:
-        runs: dict[str, list[_Run]] = defaultdict(list)  # merged stores may hold several runs of one model
-        for row in con.execute("SELECT model, model_ref, dtype, device, context_length, batch_size, bos_excluded, "
-                               "n_contexts, settings, n_tokens FROM runs ORDER BY run_id").fetchall():
-            runs[row[0]].append(_Run(*row))
+        runs: dict[str, list[Run]] = defaultdict(list)  # merged stores may hold several runs of one model
+        for run in read_runs(con):
+            runs[run.model].append(run)
         if config.model is not None and len(runs) > 1:
             raise UsageError(f"{config.store}: holds runs of {len(runs)} models ({', '.join(runs)}); --model can "
                              "only stand in for the model of a store of one")
@@ -177,7 +140,7 @@ def verify(config: VerifyConfig) -> VerifyReport:
         rtols: dict[str, float] = {}
         keys = {name: [k for k in sample if k[0] == name] for name in runs}
         # Every recorded dictionary is checked before any model loads: a moved folder costs seconds, not minutes.
-        specs = {name: _dictionary_specs(con, name, config.saes) for name in runs if keys[name]}
+        specs = {name: dictionary_specs(con, name, config.saes) for name in runs if keys[name]}
         for name, model_runs in runs.items():
             if keys[name]:
                 checked = _verify_run(con, model_runs, keys[name], specs[name], config)
@@ -274,22 +237,14 @@ class _Example:
     scale: float  # the unit's largest |activation| in the store
 
 
-def _verify_run(con: duckdb.DuckDBPyConnection, runs: list[_Run], keys: list[tuple], specs: list[str],
+def _verify_run(con: duckdb.DuckDBPyConnection, runs: list[Run], keys: list[tuple], specs: list[str],
                 config: VerifyConfig) -> _Checked:
     """One model's sampled examples. Several runs of it (a merged store) are run with the first's dtype and
     checked with the coarsest one's tolerance; which run a source came from is not recorded."""
     run = runs[0]
-    device = _device(config.device, run.device)
-    dtype = _dtype(run.dtype, device, config.store)
-    model_ref = config.model or run.model_ref
-    try:
-        ref = resolve_model(model_ref)
-    except ModelLoadError as err:
-        if config.model is not None:
-            raise
-        raise ModelLoadError(f"{err} (the run's recorded model); pass --model to where it is now") from None
-    model, tokenizer = load_model(ref, device, dtype)
-    sources = _rebuild_sources(con, run, model, specs, config, device)
+    reopened = reopen(con, Path(config.store), run, model=config.model, saes=config.saes, device=config.device,
+                      specs=specs)
+    model, tokenizer, sources, device = reopened.model, reopened.tokenizer, reopened.sources, reopened.device
 
     examples = _fetch_examples(con, run.model, keys)
     contexts = _fetch_contexts(con, {e.context_id for e in examples})
@@ -297,7 +252,7 @@ def _verify_run(con: duckdb.DuckDBPyConnection, runs: list[_Run], keys: list[tup
     reader_sources = [sources[k] for k in needed]
     units = {k: sorted({e.unit for e in examples if (e.source, e.layer) == k}) for k in needed}
     column = {k: {u: i for i, u in enumerate(us)} for k, us in units.items()}
-    coarsest = max(default_rtol(_dtype(r.dtype, device, config.store)) for r in runs)
+    coarsest = max(default_rtol(run_dtype(r.dtype, device, Path(config.store))) for r in runs)
     rtol = config.rtol if config.rtol is not None else coarsest
     rtols = {k: max(rtol, default_rtol(s.dictionary.dtype)) if s.dictionary is not None and config.rtol is None
              else rtol for k, s in zip(needed, reader_sources, strict=True)}
@@ -343,89 +298,6 @@ def _verify_run(con: duckdb.DuckDBPyConnection, runs: list[_Run], keys: list[tup
         reader.detach()
         bar.close()
     return checked
-
-
-def _dtype(name: str, device: torch.device, store: Path) -> torch.dtype:
-    try:
-        return pick_dtype(name, device)
-    except KeyError:
-        raise UsageError(f"{store}: the run's dtype {name!r} is not one harvest uses") from None
-
-
-def _device(choice: str, recorded: str) -> torch.device:
-    """auto: the run's own device when this machine has it (the same kernels, so the same bits), else the best."""
-    if choice != "auto":
-        return pick_device(choice)
-    if recorded.startswith("cuda") and not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device(recorded.split(":")[0]) if recorded.split(":")[0] in ("cpu", "cuda") else pick_device("auto")
-
-
-def _dictionary_specs(con: duckdb.DuckDBPyConnection, model: str, saes: list[str]) -> list[str]:
-    """The --sae specs to rebuild the store's dictionary sources: the user's, then NAME=RECORDED_PATH for each
-    source they do not name. A recorded folder that is gone is an error naming the source and the fix."""
-    claimed = {_spec_label(spec) for spec in saes}  # a folder of several gives NAME/SUBFOLDER labels
-    specs = list(saes)
-    for source, layer, path in con.execute(
-            "SELECT source, min(layer), dictionary_path FROM sources WHERE model = ? AND dictionary_path IS NOT NULL "
-            "GROUP BY source, dictionary_path ORDER BY source", [model]).fetchall():
-        label = source.split(":", 1)[1]
-        if any(label == c or label.startswith(c + "/") for c in claimed):
-            continue
-        if not Path(path).exists():
-            raise UsageError(f"source {source} (layer {layer}): its dictionary folder {path} is gone; pass "
-                             f"--sae {label}=PATH with the folder's new place")
-        specs.append(f"{label}={path}")
-    return specs
-
-
-def _spec_label(spec: str) -> str:
-    """The source label a --sae spec gives a single-dictionary folder (as build_sources names it)."""
-    if "=" in spec and not Path(spec).exists():
-        return spec.rpartition("=")[0]
-    return Path(spec).name
-
-
-def _spec_path(spec: str) -> str:
-    return spec.rpartition("=")[2] if "=" in spec and not Path(spec).exists() else spec
-
-
-def _rebuild_sources(con: duckdb.DuckDBPyConnection, run: _Run, model: torch.nn.Module, specs: list[str],
-                     config: VerifyConfig, device: torch.device) -> dict[tuple[str, int], UnitSource]:
-    """The store's sources, rebuilt by harvest's build_sources, each checked to read the hook it was harvested
-    from with as many units."""
-    stored = con.execute("SELECT source, layer, kind, hook_name, n_units FROM sources "
-                         "WHERE model = ? ORDER BY source, layer", [run.model]).fetchall()
-    mlp = [layer for _, layer, kind, *_ in stored if kind == "mlp"]
-    resid = [layer for _, layer, kind, *_ in stored if kind == "resid"]
-    harvest_config = HarvestConfig(model=config.model or run.model_ref, corpus=Path("."), out=Path(config.store),
-                                   context_length=run.context_length, batch_size=run.batch_size,
-                                   layers=",".join(map(str, mlp)) or "none",
-                                   resid=",".join(map(str, resid)) or None, saes=specs, device=str(device))
-    built = {(s.name, s.layer): s for s in build_sources(model, harvest_config, device)}
-    keys = {(name, layer) for name, layer, *_ in stored}
-    given = [Path(_spec_path(spec)).resolve() for spec in config.saes]
-    for source in built.values():
-        path = source.dictionary.path.resolve() if source.dictionary is not None else None
-        if path is not None and (source.name, source.layer) not in keys and \
-                any(path == p or p in path.parents for p in given):
-            held = ", ".join(sorted({n for n, _ in keys if ":" in n})) or "none"
-            raise UsageError(f"--sae: {source.dictionary.path} gives source {source.name} (layer {source.layer}), "
-                             f"which this store does not hold (its dictionary sources: {held}); name it as the "
-                             "store does, --sae NAME=PATH")
-    sources = {}
-    for name, layer, kind, hook_name, n_units in stored:
-        source = built.get((name, layer))
-        if source is None:
-            raise UsageError(f"source {name} (layer {layer}): no dictionary given rebuilds it; pass "
-                             f"--sae {name.split(':', 1)[-1]}=PATH")
-        if (source.kind, source.hook.name, source.n_units) != (kind, hook_name, n_units):
-            what = source.dictionary.path if source.dictionary is not None else "the model"
-            raise UsageError(f"source {name} (layer {layer}): {what} gives a {source.kind} of {source.n_units} "
-                             f"units on {source.hook.name}, but the store's is a {kind} of {n_units} units on "
-                             f"{hook_name}; pass the dictionary this store was harvested with")
-        sources[(name, layer)] = source
-    return sources
 
 
 def _fetch_examples(con: duckdb.DuckDBPyConnection, model: str, keys: list[tuple]) -> list[_Example]:
@@ -486,7 +358,7 @@ class Layout:
         return len(lengths), int(lengths.max()), bool((lengths < lengths.max()).any())
 
 
-def harvest_layout(con: duckdb.DuckDBPyConnection, run: _Run) -> Layout | None:
+def harvest_layout(con: duckdb.DuckDBPyConnection, run: Run) -> Layout | None:
     """Each context's length rebuilt from the documents view (harvest cuts every document into pieces of
     context_length - BOS tokens, numbering contexts in document order; a `--shard I/N` store ran the ids = I mod N),
     so each context's harvest batch and its shape are known. None when the documents do not add up to the run's

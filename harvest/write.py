@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from featureatlas.harvest.accumulators import Accumulators
 from featureatlas.harvest.contexts import Context
-from featureatlas.harvest.harvester import Accumulators
 from featureatlas.harvest.sources import UnitSource
 from featureatlas.store.writer import StoreWriter
 

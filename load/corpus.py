@@ -37,7 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from featureatlas.errors import CorpusError
+from featureatlas.errors import CorpusError, setting_name
+from featureatlas.settings import DEFAULT_SPLIT, DEFAULT_TEXT_FIELD
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".arrow")
 FORMATS = ".txt, .jsonl or .parquet (or .jsonl.gz, .jsonl.zst, .arrow)"
@@ -45,9 +46,9 @@ MAX_DOCUMENT_CHARS = 1_000_000  # longer documents are cut (at blank lines) so t
 MAX_LINE_BYTES = 64 * 2**20  # of one JSON line, decompressed
 MAX_LINE_VALUES = 3_000_000  # JSON values in one line (e.g. token ids): json.loads builds at most ~300 MB of them
 MAX_METADATA_BYTES = 16 * 2**20  # of a saved dataset's state.json or dataset_dict.json
-DEFAULT_TEXT_FIELD = "text"
 TOKEN_FIELDS = ("input_ids", "tokens")  # looked for when records have no text field and none was named
-DEFAULT_SPLIT = "train"  # of a hub dataset or a folder saved from a DatasetDict, when --split is not given
+# The settings the messages below name (the command line shows its flags there instead).
+_SPLIT, _TEXT_FIELD, _TOKEN_FIELD, _CORPUS = map(setting_name, ("split", "text_field", "token_field", "corpus"))
 _CHUNK = 1 << 20          # bytes read at a time from .txt and compressed files
 _ROWS = 1024              # rows converted to Python objects at a time
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?")
@@ -106,7 +107,7 @@ def corpus_files(path: Path, split: str | None = None) -> list[Path]:
             suffix = "".join(path.suffixes[-2:]) if path.suffix in (".gz", ".zst") else path.suffix
             raise CorpusError(f"{path}: unknown corpus format {suffix!r}; use {FORMATS}")
         if split is not None:
-            raise CorpusError(f"{path}: one file has no splits; leave out --split {split}, or pass the folder")
+            raise CorpusError(f"{path}: one file has no splits; leave out {_SPLIT} {split}, or pass the folder")
         return [path]
     saved = _saved_dataset(path, split)
     if saved is not None:
@@ -114,7 +115,7 @@ def corpus_files(path: Path, split: str | None = None) -> list[Path]:
     files = sorted(p for p in path.rglob("*") if p.is_file() and _format(p.name)
                    and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not files:
-        raise CorpusError(f"{path}: folder holds no {FORMATS} files; point --corpus at text")
+        raise CorpusError(f"{path}: folder holds no {FORMATS} files; point {_CORPUS} at text")
     return _of_split(files, path, split, path)
 
 
@@ -168,7 +169,7 @@ def _of_split(files: list[Path], base: Path, split: str | None, corpus: Path) ->
     kept = [f for f in files if pattern.search(f.relative_to(base).as_posix())]
     if not kept:
         raise CorpusError(f"{corpus}: no files of split {split!r} (none has it in its name or folder, e.g. "
-                          f"{files[0].relative_to(base).as_posix()}); check --split, or leave it out to read all")
+                          f"{files[0].relative_to(base).as_posix()}); check {_SPLIT}, or leave it out to read all")
     return kept
 
 
@@ -183,7 +184,7 @@ def _saved_dataset(path: Path, split: str | None) -> list[Path] | None:
         chosen = split or (splits[0] if len(splits) == 1 else DEFAULT_SPLIT)
         if chosen not in splits:
             raise CorpusError(f"{path}: a saved DatasetDict with splits {', '.join(map(str, splits))}; pick one "
-                              "with --split" + (f" ({split!r} is not one)" if split else ""))
+                              f"with {_SPLIT}" + (f" ({split!r} is not one)" if split else ""))
         files = _saved_dataset(path / chosen, None)
         if files is None:
             raise CorpusError(f"{path / chosen}: no state.json; the saved DatasetDict is incomplete: save it again")
@@ -327,20 +328,20 @@ class _Records:
             self.field = self._pick(record)
         if self.field not in record:
             raise CorpusError(f"{where}: no {self.field!r} field; " + (
-                "name the token-id field with --token-field" if self.tokens else
-                "name the text field with --text-field (or a field of token ids with --token-field)"))
+                f"name the token-id field with {_TOKEN_FIELD}" if self.tokens else
+                f"name the text field with {_TEXT_FIELD} (or a field of token ids with {_TOKEN_FIELD})"))
         value = record[self.field]
         if value is None and self.nulls_are_empty:
             return
         if self.tokens:
             if not isinstance(value, list) or not all(type(i) is int for i in value):
                 raise CorpusError(f"{where}: field {self.field!r} is {_json_type(value)}, not a list of integer "
-                                  "token ids; name the token-id field with --token-field")
+                                  f"token ids; name the token-id field with {_TOKEN_FIELD}")
             yield from _id_pieces(name, value)
             return
         if not isinstance(value, str):
             raise CorpusError(f"{where}: field {self.field!r} is {_json_type(value)}, not a string; "
-                              "name the text field with --text-field (or a field of token ids with --token-field)")
+                              f"name the text field with {_TEXT_FIELD} (or a field of token ids with {_TOKEN_FIELD})")
         yield from _pieces(name, value)
 
     def _pick(self, record: dict) -> str:
@@ -567,23 +568,23 @@ def _pick_column(file: Path, schema: pa.Schema, text_field: str, token_field: st
     if token_field is not None:
         if token_field not in types:
             raise CorpusError(f"{file}: no column {token_field!r} (columns: {listed}); "
-                              "name the token-id column with --token-field")
+                              f"name the token-id column with {_TOKEN_FIELD}")
         if not _is_id_list(types[token_field]):
             raise CorpusError(f"{file}: column {token_field!r} is {types[token_field]}, not a list of integer "
-                              "token ids; name the token-id column with --token-field")
+                              f"token ids; name the token-id column with {_TOKEN_FIELD}")
         return token_field, True
     if text_field in types:
         kind = types[text_field]
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or _is_string_view(kind)):
             raise CorpusError(f"{file}: column {text_field!r} is {kind}, not text; name the text column with "
-                              "--text-field (or a column of token ids with --token-field)")
+                              f"{_TEXT_FIELD} (or a column of token ids with {_TOKEN_FIELD})")
         return text_field, False
     if text_field == DEFAULT_TEXT_FIELD:
         for candidate in TOKEN_FIELDS:
             if candidate in types and _is_id_list(types[candidate]):
                 return candidate, True
     raise CorpusError(f"{file}: no column {text_field!r} (columns: {listed}); "
-                      "name the text column with --text-field (or a column of token ids with --token-field)")
+                      f"name the text column with {_TEXT_FIELD} (or a column of token ids with {_TOKEN_FIELD})")
 
 
 def _is_string_view(kind: pa.DataType) -> bool:
@@ -644,7 +645,7 @@ def _read_hub(spec: str, split: str, text_field: str, token_field: str | None) -
         rows = iter(datasets.load_dataset(name, config or None, split=split, streaming=True))
     except Exception as err:  # not found, gated, a config to choose, no such split: the library's words say which
         raise CorpusError(f"{spec}: no such file or folder, and the hub dataset cannot be streamed "
-                          f"({_first_line(err)}); check the name (NAME or NAME:CONFIG) and --split") from None
+                          f"({_first_line(err)}); check the name (NAME or NAME:CONFIG) and {_SPLIT}") from None
     records = _Records(text_field, token_field, nulls_are_empty=True)
     row_no = 0
     while True:

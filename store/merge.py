@@ -201,7 +201,11 @@ def _merge_family(con: duckdb.DuckDBPyConnection, family: Family, run_id: int) -
     con.execute(f"""INSERT INTO t_vocabulary SELECT DISTINCT ON (model, token_id) model, token_id, token
         FROM ({_union(family, 't_vocabulary')}) v
         WHERE NOT EXISTS (SELECT 1 FROM t_vocabulary t WHERE t.model = v.model AND t.token_id = v.token_id)""")
-    _merge_explanations(con, family)
+    _merge_optional(con, family, "t_explanations", "model, source, layer, unit, text, author, score_kind")
+    # Weight neighbours and layouts are the same in every shard; co-occurrence lists of shards cannot be added up
+    # (each holds its top k, not every count), so a merge leaves them out.
+    _merge_optional(con, family, "t_neighbours", "model, source, layer, unit, kind, rank", "kind <> 'cooccurrence'")
+    _merge_optional(con, family, "t_layout", "model, source, layer, unit, kind")
     _merge_run(con, family, run_id)
 
 
@@ -286,18 +290,18 @@ def _resample(con: duckdb.DuckDBPyConnection, examples: str, kind: str, key: str
                      "hi": pa.array(hi[keep], from_pandas=True) if n_bins > 1 else pa.nulls(len(keep), pa.float32())})
 
 
-def _merge_explanations(con: duckdb.DuckDBPyConnection, family: Family) -> None:
-    """Explanations (an optional table) of every part, each once."""
+def _merge_optional(con: duckdb.DuckDBPyConnection, family: Family, table: str, key: str, where: str = "") -> None:
+    """Rows of an optional table (absent from older stores) from every part that has it, each `key` once."""
     with_table = [p for p in family.parts
-                  if con.execute("SELECT count(*) FROM duckdb_tables() WHERE database_name = ? AND table_name = "
-                                 "'t_explanations'", [p.alias]).fetchall()[0][0]]
+                  if con.execute("SELECT count(*) FROM duckdb_tables() WHERE database_name = ? AND table_name = ?",
+                                 [p.alias, table]).fetchall()[0][0]]
     if not with_table:
         return
-    union = " UNION ALL ".join(f"SELECT * FROM {p.alias}.t_explanations" for p in with_table)
-    con.execute(f"""INSERT INTO t_explanations SELECT DISTINCT ON (model, source, layer, unit, text, author) *
-                    FROM ({union}) x WHERE NOT EXISTS (SELECT 1 FROM t_explanations t WHERE t.model = x.model
-                    AND t.source = x.source AND t.layer = x.layer AND t.unit = x.unit AND t.text = x.text
-                    AND t.author IS NOT DISTINCT FROM x.author)""")
+    clause = f" WHERE {where}" if where else ""
+    union = " UNION ALL ".join(f"SELECT * FROM {p.alias}.{table}{clause}" for p in with_table)
+    match = " AND ".join(f"t.{c} IS NOT DISTINCT FROM x.{c}" for c in key.split(", "))
+    con.execute(f"""INSERT INTO {table} SELECT DISTINCT ON ({key}) * FROM ({union}) x
+                    WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE {match})""")
 
 
 def _merge_run(con: duckdb.DuckDBPyConnection, family: Family, run_id: int) -> None:

@@ -41,8 +41,10 @@ def ensure_explanations(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(EXPLANATIONS_SQL)
 
 
-# Stores written before explanations existed lack their table and view; annotate adds them (ensure_explanations).
-_OPTIONAL = {("table", "main.t_explanations"), ("view", "main.explanations")}
+# Stores written before explanations, neighbours or layouts existed lack their tables and views (annotate adds the
+# explanations': ensure_explanations).
+_OPTIONAL = {("table", "main.t_explanations"), ("view", "main.explanations"), ("table", "main.t_neighbours"),
+             ("view", "main.neighbours"), ("table", "main.t_layout"), ("view", "main.map")}
 
 
 def check_catalog(con: duckdb.DuckDBPyConnection, path: Path, database: str | None = None) -> None:

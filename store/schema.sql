@@ -178,3 +178,35 @@ CREATE TABLE IF NOT EXISTS t_explanations (
 CREATE VIEW IF NOT EXISTS explanations AS
     SELECT model, source, layer, unit, text, score, score_kind, author, file, added_at FROM t_explanations;
 -- End of explanations.
+
+-- Neighbours: each unit's most similar units of the same model, by weights (cosine of decoder rows, encoder
+-- columns, or a neuron's row of the MLP output projection) or by firing on the same tokens (Jaccard index over
+-- counted tokens). Written by harvest; stores written before it have none (the table and view are then absent).
+CREATE TABLE IF NOT EXISTS t_neighbours (
+    model VARCHAR NOT NULL,
+    source VARCHAR NOT NULL,
+    layer INTEGER NOT NULL,
+    unit INTEGER NOT NULL,
+    kind VARCHAR NOT NULL,             -- 'decoder' | 'encoder' | 'output' | 'cooccurrence'
+    rank INTEGER NOT NULL,             -- 1 = the most similar
+    other_source VARCHAR NOT NULL,
+    other_layer INTEGER NOT NULL,
+    other_unit INTEGER NOT NULL,
+    score FLOAT NOT NULL               -- cosine similarity, or Jaccard index
+);
+CREATE VIEW IF NOT EXISTS neighbours AS
+    SELECT model, source, layer, unit, kind, rank, other_source, other_layer, other_unit, score FROM t_neighbours;
+
+-- Layout: a 2-D map of a source's units (UMAP over the cosine of their directions, harvest/layout.py): units
+-- whose directions are alike lie close. Written by harvest; stores written before it have none (the table and
+-- view are then absent).
+CREATE TABLE IF NOT EXISTS t_layout (
+    model VARCHAR NOT NULL,
+    source VARCHAR NOT NULL,
+    layer INTEGER NOT NULL,
+    unit INTEGER NOT NULL,
+    x FLOAT NOT NULL,
+    y FLOAT NOT NULL,
+    kind VARCHAR NOT NULL              -- the directions it was computed from: 'decoder' | 'output'
+);
+CREATE VIEW IF NOT EXISTS map AS SELECT model, source, layer, unit, x, y, kind FROM t_layout;

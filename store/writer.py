@@ -218,6 +218,34 @@ class StoreWriter:
             "token_id": token_ids.reshape(-1).astype(np.int32), "effect": effects.reshape(-1).astype(np.float32),
         }, {**self._keys(model, source, layer), "polarity": polarity})
 
+    def add_neighbours(self, model: str, source: str, layer: int, kind: str, index: np.ndarray, score: np.ndarray,
+                       other: list[tuple[str, int, int]] | None = None) -> None:
+        """index, score [units, k]: each unit's neighbours, best first; index numbers the same source's units, or
+        rows of `other` ((source, layer, unit) of each candidate) when they come from several sources."""
+        n_units, k = index.shape
+        flat = index.reshape(-1)
+        if other is None:
+            others = {"other_source": [source] * flat.size, "other_layer": np.full(flat.size, layer, np.int32),
+                      "other_unit": flat.astype(np.int32)}
+        else:
+            picked = [other[i] for i in flat.tolist()]
+            others = {"other_source": [p[0] for p in picked], "other_layer": np.array([p[1] for p in picked], np.int32),
+                      "other_unit": np.array([p[2] for p in picked], np.int32)}
+        self._insert("t_neighbours", {
+            "unit": np.repeat(np.arange(n_units, dtype=np.int32), k),
+            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), n_units), **others,
+            "score": score.reshape(-1).astype(np.float32)}, {**self._keys(model, source, layer), "kind": kind})
+
+    def add_layout(self, model: str, source: str, layer: int, kind: str, xy: np.ndarray) -> None:
+        """xy [units, 2]: each unit's place on the source's map (harvest/layout.py), units numbered by row; kind:
+        the directions it was computed from ('decoder', 'output')."""
+        xy = np.asarray(xy, np.float32)
+        if xy.ndim != 2 or xy.shape[1] != 2 or not np.isfinite(xy).all():
+            raise ValueError(f"add_layout({source!r}, layer {layer}): pass finite [units, 2] coordinates, as "
+                             f"harvest/layout.py's layout returns them (got shape {xy.shape})")
+        self._insert("t_layout", {"unit": np.arange(len(xy), dtype=np.int32), "x": xy[:, 0], "y": xy[:, 1]},
+                     {**self._keys(model, source, layer), "kind": kind})
+
     def add_vocabulary(self, model: str, token_ids: np.ndarray, tokens: list[str]) -> None:
         self._insert("t_vocabulary", {"token_id": np.asarray(token_ids, np.int32), "token": tokens}, {"model": model})
 

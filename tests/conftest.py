@@ -1,4 +1,5 @@
-"""Fixtures shared by the site tests: one synthetic store (helpers/synthetic_store.py) and the site built from it."""
+"""Fixtures shared by the site tests: one synthetic store (helpers/synthetic_store.py) and the site built from it;
+and the check that keeps the cost markers (pyproject.toml) honest for the browser."""
 
 from __future__ import annotations
 
@@ -7,6 +8,14 @@ from pathlib import Path
 import pytest
 
 from helpers.synthetic_store import make_store
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that takes a `browser` fixture must carry the browser marker, or `make check` would start chromium."""
+    for item in items:
+        if "browser" in getattr(item, "fixturenames", ()) and item.get_closest_marker("browser") is None:
+            raise pytest.UsageError(f"{item.nodeid}: takes the browser fixture; mark it @pytest.mark.browser "
+                                    "(a module of them: pytestmark = pytest.mark.browser)")
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,8 @@ import pytest
 from featureatlas.build.numbers import decode_activations
 from featureatlas.build.shards import SHARD_UNITS, context_token_indices, read_js
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = Path("/tmp/featureatlas-shots")
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -105,7 +107,7 @@ def unit_url(site: Path, source: str, layer: int, unit: int) -> str:
 
 
 def unit_data(site: Path, source: str, layer: int, unit: int) -> tuple[dict, dict]:
-    """The data shard of a unit (what site.js draws the page from) and the unit's entry."""
+    """The data shard of a unit (what unit.js draws the page from) and the unit's entry."""
     path = next(site.glob(f"*/{source.replace(':', '-')}/{layer}/d/{unit // SHARD_UNITS}.js"))
     shard = read_js(path.read_text())[1]
     return shard, next(row for row in shard["units"] if row["u"] == unit)
@@ -113,7 +115,7 @@ def unit_data(site: Path, source: str, layer: int, unit: int) -> tuple[dict, dic
 
 def test_browse_from_file_url(page: object, site_dir: Path) -> None:
     page.goto((site_dir / "index.html").as_uri())  # type: ignore[attr-defined]
-    assert page.evaluate("document.documentElement.classList.contains('js')")  # site.js ran under the CSP
+    assert page.evaluate("document.documentElement.classList.contains('js')")  # core.js ran under the CSP
     assert page.evaluate("getComputedStyle(document.body).fontFamily").startswith("system-ui")  # CSS loaded
     page.get_by_role("link", name=re.compile(r"^Layer 1\b")).first.click()  # the MLP neurons come first
     assert page.url.endswith("/mlp/1/index.html")
@@ -354,7 +356,10 @@ def test_nothing_injected_runs_and_screenshots(page: object, site_dir: Path) -> 
     for path in sorted(site_dir.rglob("index.html")):
         page.goto(path.as_uri())  # type: ignore[attr-defined]
         assert page.locator("img, iframe, textarea, object, embed").count() == 0
-        assert page.evaluate("document.scripts.length") == 1
+        scripts = page.evaluate("[...document.scripts].map(s => s.getAttribute('src'))")
+        expected = ["core.js", "table.js", "keys.js"] if path.parent != site_dir else ["core.js", "keys.js"]
+        assert all(re.fullmatch(r"(\.\./)*static/\w+\.js", src or "") for src in scripts), scripts  # none inline
+        assert [src.rsplit("/", 1)[1] for src in scripts] == expected
     for source, layer in (("mlp", 0), ("mlp", 1), ("resid", 1), ("sae-res", 1)):
         for unit in range(0, 50, 7):
             page.goto(unit_url(site_dir, source, layer, unit))
@@ -461,7 +466,10 @@ def test_hostile_explanations_render_as_text(page: object, tmp_path: Path, store
     store.write_bytes(store_path.read_bytes())
     hostile = '"><img src=x onerror=alert(1)> <script>alert(2)</script> javascript:alert(3) \u202eevil'
     notes = tmp_path / "notes.jsonl"
-    notes.write_text(json.dumps({"unit": "mlp/1/7", "text": hostile, "author": "<b>mallory</b>"}) + "\n")
+    notes.write_text(json.dumps({"unit": "mlp/1/7", "text": hostile, "author": "<b>mallory</b>"}) + "\n"
+                     + "".join(json.dumps({"unit": "mlp/1/8", "text": "commas", "author": "explainer", "score": score,
+                                           "score_kind": kind}) + "\n"
+                               for kind, score in (("detection", 0.75), ("fuzzing <i>x</i>", 0.5))))
     annotate(store, notes)
     site = tmp_path / "site"
     build_site(store, site, workers=1, progress=False)
@@ -469,6 +477,10 @@ def test_hostile_explanations_render_as_text(page: object, tmp_path: Path, store
     explanation = page.locator("#explanation li")
     expect(explanation).to_contain_text('"><img src=x onerror=alert(1)> <script>alert(2)</script>')
     assert "\\u202eevil" in explanation.inner_text() and "<b>mallory</b>" in explanation.inner_text()
+    page.goto(unit_url(site, "mlp", 1, 8))  # type: ignore[attr-defined]
+    scored = page.locator("#explanation li")  # one text, two scores: one row, each score labelled
+    expect(scored).to_have_count(1)
+    expect(scored).to_contain_text("commas \u2014 detection 0.75, fuzzing <i>x</i> 0.5, explainer")
     page.goto(next(site.glob("*/mlp/1/index.html")).as_uri())
     assert "<img src=x" in page.locator("#units tbody tr").nth(7).inner_text()
     page.goto((site / "search.html").as_uri() + "?q=onerror")

@@ -36,6 +36,7 @@ def assert_nothing_written(folder: Path) -> None:
     assert [p.name for p in folder.iterdir() if p.suffix in (".duckdb", ".partial", ".wal")] == []
 
 
+@pytest.mark.model
 def test_harvest_then_info(tiny, tmp_path: Path, capsys) -> None:
     model, corpus = tiny
     out = tmp_path / "s.duckdb"
@@ -46,6 +47,7 @@ def test_harvest_then_info(tiny, tmp_path: Path, capsys) -> None:
     assert duckdb.connect(str(out), read_only=True).execute("SELECT layers FROM runs").fetchone()[0] == [1, 2]
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("case, expected", [
     ("missing_model", "no such file or folder"),
     ("folder_without_config", "has no config.json"),
@@ -124,6 +126,7 @@ def test_bad_input_gets_one_clear_line(tiny, tmp_path: Path, capsys, case: str, 
     assert_nothing_written(tmp_path)
 
 
+@pytest.mark.model
 def test_train_sae_then_harvest_its_features(tiny, tmp_path: Path, capsys) -> None:
     model, corpus = tiny
     sae = tmp_path / "sae"
@@ -143,6 +146,7 @@ def test_train_sae_then_harvest_its_features(tiny, tmp_path: Path, capsys) -> No
         ("sae:mine", 1, 64, "topk")]
 
 
+@pytest.mark.model
 def test_train_a_transcoder_then_harvest_its_features(tiny, tmp_path: Path, capsys) -> None:
     model, corpus = tiny
     run_folder = tmp_path / "tc"
@@ -168,6 +172,7 @@ def test_train_a_transcoder_then_harvest_its_features(tiny, tmp_path: Path, caps
     assert "transcoder:mlp1 (topk_transcoder on layers.1.mlp): 64 units in layer 1\n" in capsys.readouterr().out
 
 
+@pytest.mark.model
 def test_store_of_another_schema_version_is_refused(tiny, tmp_path: Path, capsys) -> None:
     model, corpus = tiny
     out = tmp_path / "s.duckdb"
@@ -190,18 +195,20 @@ def test_not_a_store_is_refused(tmp_path: Path, capsys) -> None:
     assert code == 2 and "not a featureatlas store" in message
 
 
+@pytest.mark.model
 def test_crash_mid_harvest_leaves_no_store(tiny, tmp_path: Path, monkeypatch) -> None:
     model, corpus = tiny
-    from featureatlas.harvest import topk
+    from featureatlas.harvest import run as run_module
 
     def explode(*args, **kwargs):
         raise RuntimeError("simulated crash")
-    monkeypatch.setattr(topk.TopK, "update", explode)
+    monkeypatch.setattr(run_module, "write_source", explode)  # after every batch, while the store is half-written
     with pytest.raises(RuntimeError, match="simulated crash"):
         main([str(a) for a in harvest_args(model, corpus, tmp_path / "s.duckdb")])
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.model
 def test_harvest_killed_outright_leaves_no_store_and_next_run_cleans_up(tiny, tmp_path: Path) -> None:
     import signal
     import subprocess
@@ -226,6 +233,7 @@ def test_harvest_killed_outright_leaves_no_store_and_next_run_cleans_up(tiny, tm
     assert out.is_file() and list(tmp_path.glob(".s.duckdb.*")) == []  # ... the next run does
 
 
+@pytest.mark.model
 def test_uncached_hub_id_offline_fails_fast(tiny, tmp_path: Path, capsys, monkeypatch) -> None:
     model, corpus = tiny
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -248,6 +256,7 @@ def test_allocator_keeps_freed_memory_unless_the_user_set_malloc(monkeypatch: py
     assert keep_freed_memory() is expected
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("flag, expected", [((), True), (("--cuda-graphs", "off"), False),
                                             (("--cuda-graphs", "on"), True)])
 def test_cuda_graphs_flag_reaches_the_harvest(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -265,3 +274,88 @@ def test_cuda_graphs_flag_reaches_the_harvest(tiny, tmp_path: Path, monkeypatch:
     model, corpus = tiny
     assert main([str(a) for a in harvest_args(model, corpus, tmp_path / "s.duckdb", *flag)]) == 0
     assert seen == [expected]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["harvest", "--model", "m", "--corpus", "c", "--out", "o"], ("featureatlas.harvest.config", "HarvestConfig",
+                                                                   {"model": "m", "corpus": Path("c"),
+                                                                    "out": Path("o")})),
+    (["train-sae", "--model", "m", "--corpus", "c", "--hook", "h", "--out", "o"],
+     ("featureatlas.harvest.config", "TrainSaeConfig", {"model": "m", "corpus": Path("c"), "hook": "h",
+                                                        "out": Path("o")})),
+    (["verify", "s.duckdb"], ("featureatlas.harvest.verify", "VerifyConfig", {"store": Path("s.duckdb")})),
+])
+def test_the_options_default_to_the_settings_defaults(argv: list[str], expected: tuple[str, str, dict]) -> None:
+    """Each option is made from its settings field, so the command line and the library share every default."""
+    import importlib
+
+    from featureatlas.cli import parser
+    from featureatlas.commands.options import settings_from
+
+    module, name, required = expected
+    cls = getattr(importlib.import_module(module), name)
+    top, _ = parser(argv[0])
+    assert settings_from(top.parse_args(argv), cls) == cls(**required)
+
+
+def test_the_demo_harvests_with_the_harvest_defaults_but_its_own() -> None:
+    from featureatlas.cli import parser
+    from featureatlas.commands.demo import DEMO_SAE_STEPS, DEMO_TOKENS
+    from featureatlas.commands.options import settings_from
+    from featureatlas.harvest.config import HarvestConfig, TrainSaeConfig
+
+    top, _ = parser("demo")
+    args = top.parse_args(["demo"])
+    config = settings_from(args, HarvestConfig, model="m", corpus=Path("c"))
+    assert config == HarvestConfig(model="m", corpus=Path("c"), out=Path("demo"), tokens=DEMO_TOKENS, resid="all")
+    trained = TrainSaeConfig(hook="h", corpus=Path("c"), out=Path("o"), model="m")
+    assert (args.sae_features, args.sae_k, args.sae_tokens, args.sae_steps) == (
+        trained.features, trained.k, trained.tokens, DEMO_SAE_STEPS)
+
+
+@pytest.mark.model
+def test_library_errors_name_the_setting_and_the_command_line_its_flag(tiny, tmp_path: Path, capsys) -> None:
+    from featureatlas.errors import UsageError, setting_name
+    from featureatlas.harvest.config import HarvestConfig, validate
+
+    model, corpus = tiny
+    out = tmp_path / "s.duckdb"
+    with pytest.raises(UsageError) as raised:
+        validate(HarvestConfig(model=str(model), corpus=corpus, out=out, context_length=1))
+    assert str(raised.value) == "context_length must be at least 2"
+    code, message = run(capsys, *harvest_args(model, corpus, out, "--context-length", "1"))
+    assert (code, message) == (2, "featureatlas harvest: error: --context-length must be at least 2")
+    code, message = run(capsys, "train-sae", "--model", model, "--corpus", corpus, "--hook", "blocks.1.hook_resid_post",
+                        "--out", tmp_path / "sae", "--k", "9", "--features", "8")
+    assert (code, message) == (2, "featureatlas train-sae: error: --k must be at least 1 and at most --features")
+    assert_nothing_written(tmp_path)
+
+    # A setting whose flag is named otherwise is shown as that flag; one the command lacks keeps its name; a path
+    # that spells a setting's name is left as it is.
+    err = UsageError(f"/data/saes/out: {setting_name('saes')} and {setting_name('split')}; choose another "
+                     f"{setting_name('out')}")
+    assert str(err) == "/data/saes/out: saes and split; choose another out"
+    assert err.naming({"saes": "--sae", "out": "--out"}.get) == "/data/saes/out: --sae and split; choose another --out"
+
+
+@pytest.mark.model
+def test_bad_option_text_is_one_argparse_line(tiny, tmp_path: Path, capsys) -> None:
+    model, corpus = tiny
+    for flag, value, expected in (("--shard", "1of2", "argument --shard: '1of2': want I/N, e.g. 0/8"),
+                                  ("--cuda-graphs", "maybe", "argument --cuda-graphs: 'maybe': choose on or off")):
+        with pytest.raises(SystemExit) as raised:
+            main([str(a) for a in harvest_args(model, corpus, tmp_path / "s.duckdb", flag, value)])
+        assert raised.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(expected)
+
+
+def test_the_command_line_starts_without_the_model_libraries() -> None:
+    """Listing the commands and reading the options of every command but verify and explain (whose settings live
+    beside the code that runs them) import neither torch nor transformers: they load when a command runs."""
+    import subprocess
+
+    code = ("import sys\nfrom featureatlas.cli import COMMANDS, parser\n"
+            "for command in [None, *COMMANDS]:\n"
+            "    if command not in ('verify', 'explain'):\n        parser(command)\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -95,7 +95,7 @@ def test_saved_dataset_folders(tmp_path: Path) -> None:
     (both / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
     assert [t for _, t in names_and_texts(both)] == ["t1", "t2"]  # train by default
     assert names_and_texts(both, split="test") == [("test/data-00000-of-00001.arrow#row0", "x1")]
-    with pytest.raises(CorpusError, match=r"splits train, test; pick one with --split \('dev' is not one\)"):
+    with pytest.raises(CorpusError, match=r"splits train, test; pick one with split \('dev' is not one\)"):
         check_corpus(both, "dev")
     (tmp_path / "one" / "data-00001-of-00002.arrow").unlink()
     with pytest.raises(CorpusError, match="listed in .*state.json but missing"):
@@ -125,7 +125,7 @@ def test_split_picks_files_named_for_it(tmp_path: Path) -> None:
     assert len(names_and_texts(tmp_path)) == 4
     with pytest.raises(CorpusError, match="no files of split 'dev'"):
         check_corpus(tmp_path, "dev")
-    with pytest.raises(CorpusError, match="one file has no splits; leave out --split train, or pass the folder"):
+    with pytest.raises(CorpusError, match="one file has no splits; leave out split train, or pass the folder"):
         check_corpus(tmp_path / "data" / "test-00000-of-00001.parquet", "train")
 
 
@@ -156,6 +156,7 @@ def test_pretokenised_columns_are_used_as_is(tmp_path: Path) -> None:
         list(iter_contexts(iter_documents(tmp_path / "far.jsonl"), tok, 8, None, lambda d: None))
 
 
+@pytest.mark.model
 def test_pretokenised_harvest_has_the_text_harvests_contexts(tmp_path: Path) -> None:
     """The corpus as token ids (BOS-prefixed, as many pre-tokenised datasets are), harvested from the command line:
     the store holds the contexts the text would have made."""
@@ -182,8 +183,8 @@ def test_pretokenised_harvest_has_the_text_harvests_contexts(tmp_path: Path) -> 
 
 @pytest.mark.parametrize("case, expected", [
     ("bad_json_gz", r"c.jsonl.gz:2: not a JSON object \(Expecting property name"),
-    ("missing_field", r"c.jsonl:2: no 'text' field; name the text field with --text-field"),
-    ("wrong_type", r"c.jsonl:1: field 'text' is a number, not a string; name the text field with --text-field"),
+    ("missing_field", r"c.jsonl:2: no 'text' field; name the text field with text_field"),
+    ("wrong_type", r"c.jsonl:1: field 'text' is a number, not a string; name the text field with text_field"),
     ("not_an_object", r"c.jsonl:1: not a JSON object \(got a list\)"),
     ("non_utf8_line", r"c.jsonl:2: not UTF-8 \(byte 0xe9 at column 14\); write the file as UTF-8"),
     ("truncated_gz", r"c.jsonl.gz: truncated after line \d+ \(the compressed data ends early\); the file is "
@@ -194,8 +195,8 @@ def test_pretokenised_harvest_has_the_text_harvests_contexts(tmp_path: Path) -> 
     ("garbage_after_zst", r"c.jsonl.zst: not zstd data \(no zstd frame at byte \d+\)"),
     ("damaged_zst_block", r"c.jsonl.zst: not valid zstd data after line \d+ \(.+\); check the file"),
     ("token_field_not_ids", r"c.jsonl:1: field 'ids' is a list, not a list of integer token ids"),
-    ("parquet_wrong_type", r"c.parquet: column 'text' is int64, not text; name the text column with --text-field"),
-    ("parquet_no_column", r"c.parquet: no column 'text' \(columns: body\); name the text column with --text-field"),
+    ("parquet_wrong_type", r"c.parquet: column 'text' is int64, not text; name the text column with text_field"),
+    ("parquet_no_column", r"c.parquet: no column 'text' \(columns: body\); name the text column with text_field"),
     ("parquet_token_column_of_floats", r"c.parquet: column 'input_ids' is list<\w+: double>, not a list of "
                                        r"integer token ids"),
     ("not_parquet", r"c.parquet: not a readable parquet file"),

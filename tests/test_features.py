@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers
 
+from featureatlas.harvest.accumulators import Backend
 from featureatlas.harvest.logits import extremes
 from featureatlas.harvest.reductions import reduce_eager, reducer
 from featureatlas.harvest.run import HarvestConfig, harvest
@@ -71,14 +72,20 @@ def histogram_bin(v: float) -> int:
     return b if v > 0 else -b
 
 
-@pytest.fixture(scope="module", params=[("llama", "off", False, True), ("gpt2", "on", False, True),
-                                        ("llama", "off", True, False), ("llama", "off", False, False)],
-                ids=["llama-eager", "gpt2-compiled", "llama-fixed-shapes", "llama-tensor-lists"])
+# The harvest options that choose each backend (accumulators.choose_backend; on CPU, GRAPHS runs eagerly through
+# the CUDA graphs' buffers and in-place state)
+BACKENDS = {Backend.TENSOR: dict(native=False), Backend.NATIVE: dict(native=True),
+            Backend.FIXED: dict(fixed_shapes=True, cuda_graphs=False), Backend.GRAPHS: dict(fixed_shapes=True)}
+
+
+@pytest.fixture(scope="module", params=[("llama", "off", Backend.NATIVE), ("gpt2", "on", Backend.NATIVE),
+                                        ("llama", "off", Backend.GRAPHS), ("llama", "off", Backend.TENSOR)],
+                ids=["llama-native", "gpt2-native-compiled", "llama-graphs", "llama-tensor"])
 def harvested(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    """The reductions run eagerly for one model and through torch.compile for the other: both are exact. The third
-    keeps the lists in fixed shapes, as on CUDA (no host synchronisation): exact too. The first two merge dense
-    lists in the native loop (harvest/native.py, where a compiler builds it); the last with tensor operations."""
-    model_type, compile_mode, fixed_shapes, native = request.param
+    """The reductions run eagerly for one model and through torch.compile for the other: both are exact. The lists
+    merge in the native loops (where a compiler builds them), in fixed shapes through the CUDA graphs' path, as on
+    CUDA (no host synchronisation), and with tensor operations: exact every way."""
+    model_type, compile_mode, backend = request.param
     tmp = tmp_path_factory.mktemp(model_type)
     model_dir = save_tiny_model(model_type, tmp / "model")
     corpus = write_corpus(tmp / "corpus")
@@ -86,8 +93,7 @@ def harvested(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     harvest(HarvestConfig(model=str(model_dir), corpus=corpus, out=store, context_length=CONTEXT_LENGTH, top_k=K,
                           batch_size=5, dtype="float32", device="cpu", progress=False, resid="all",
                           intervals=INTERVALS, per_interval=PER_INTERVAL, random_examples=RANDOM,
-                          histogram_every=1, seed=SEED, logits=5, compile=compile_mode, fixed_shapes=fixed_shapes,
-                          native=native))
+                          histogram_every=1, seed=SEED, logits=5, compile=compile_mode, **BACKENDS[backend]))
     contexts, acts = run_contexts_alone(model_dir, corpus)
     return model_type, model_dir, duckdb.connect(str(store), read_only=True), contexts, acts
 
@@ -96,6 +102,7 @@ def per_unit(con: duckdb.DuckDBPyConnection, sql: str) -> dict:
     return {(s, layer, unit): rows for s, layer, unit, rows in con.execute(sql).fetchall()}
 
 
+@pytest.mark.model
 def test_statistics_and_histograms_count_every_token(harvested) -> None:
     _, _, con, contexts, acts = harvested
     stats = {(s, layer, unit): row for s, layer, unit, *row in con.execute(
@@ -118,6 +125,7 @@ def test_statistics_and_histograms_count_every_token(harvested) -> None:
                 assert hists[(source, layer, unit)] == expected, (source, layer, unit)
 
 
+@pytest.mark.model
 def test_bottom_examples_are_the_most_negative_contexts(harvested) -> None:
     model_type, _, con, _, acts = harvested
     stored = per_unit(con, "SELECT source, layer, unit, list((context_id, max_position, max_activation) "
@@ -135,6 +143,7 @@ def test_bottom_examples_are_the_most_negative_contexts(harvested) -> None:
                 np.testing.assert_allclose([v for _, _, v in rows], [s for s, _, _ in scores], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.model
 def test_quantile_and_random_examples_are_seeded_uniform_samples(harvested) -> None:
     """Per interval of [0, W) (W the power of two above the unit's max), the contexts with the smallest keys."""
     _, _, con, contexts, acts = harvested
@@ -164,6 +173,7 @@ def test_quantile_and_random_examples_are_seeded_uniform_samples(harvested) -> N
                 assert got == expected, (source, layer, unit)
 
 
+@pytest.mark.model
 def test_sampled_examples_keep_their_per_token_activations(harvested) -> None:
     _, _, con, contexts, acts = harvested
     rows = con.execute("SELECT source, layer, unit, context_id, activations FROM examples "
@@ -173,6 +183,7 @@ def test_sampled_examples_keep_their_per_token_activations(harvested) -> None:
         np.testing.assert_allclose(stored, expected, rtol=1e-5, atol=1e-5 + rounding_bound(np.abs(expected).max()))
 
 
+@pytest.mark.model
 def test_logit_effects_read_the_output_direction_through_the_unembedding(harvested) -> None:
     model_type, model_dir, con, _, _ = harvested
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -202,6 +213,7 @@ def test_logit_effects_read_the_output_direction_through_the_unembedding(harvest
     assert all(tokens[i] == tokenizer.decode([i]) for i in tokens)
 
 
+@pytest.mark.model
 def test_dictionary_features_are_saelens_encode_of_the_hooked_tensor(tmp_path: Path) -> None:
     """A JumpReLU SAE on hook_resid_post and a transcoder on ln2.hook_normalized -> hook_mlp_out, saved with
     SAELens's own classes: every feature's top examples are those of SAELens's encode of the brute-force tensor."""
@@ -260,6 +272,7 @@ def test_dictionary_features_are_saelens_encode_of_the_hooked_tensor(tmp_path: P
     assert con.execute("SELECT count(*) FROM logit_effects WHERE source = 'transcoder:tc'").fetchone()[0] == 40 * 2 * 10
 
 
+@pytest.mark.model
 def test_sparsify_run_folder_reads_module_outputs_and_transcoder_inputs(tmp_path: Path) -> None:
     """An SAE on `layers.0` (the block's output) and a transcoder on `layers.2.mlp` (reads the MLP's input)."""
     from test_dictionaries import sparsify_folder, sparsify_reference
@@ -302,6 +315,7 @@ def test_sparsify_run_folder_reads_module_outputs_and_transcoder_inputs(tmp_path
                 assert cid == expected or near_tie, (source, unit)  # the corpus repeats itself: equal contexts
 
 
+@pytest.mark.model
 def test_sparse_features_every_accumulator_from_the_non_zeros_alone(tmp_path: Path) -> None:
     """A top-k SAE with dead and rare features, batches with padding: statistics, histograms, top, quantile and
     random examples and their per-token activations (BOS included) all equal brute force on each context alone;
@@ -379,20 +393,20 @@ def test_sparse_features_every_accumulator_from_the_non_zeros_alone(tmp_path: Pa
     assert all(("top", unit) not in examples for unit in range(5)) and rare  # dead ones have none; some rare
 
 
+@pytest.mark.model
 def test_fixed_shapes_store_equals_the_list_form(tmp_path: Path) -> None:
-    """The CUDA form of the dense accumulators (fixed shapes, eager and through torch.compile, the latter through
-    the CUDA graphs' buffers and in-place state, run eagerly here) writes exactly the store the CPU form writes,
-    with the histogram sampled one context in 2 and a padded batch."""
+    """The CUDA forms of the dense accumulators (FIXED eagerly, GRAPHS through torch.compile and the CUDA graphs'
+    buffers and in-place state, run eagerly here) write exactly the store the CPU's native loops write, with the
+    histogram sampled one context in 2 and a padded batch."""
     model_dir = save_tiny_model("llama", tmp_path / "model")
     corpus = write_corpus(tmp_path / "corpus")
     stores = []
-    for fixed, compile_mode, graphs in ((False, "off", False), (True, "off", False), (True, "on", True)):
-        stores.append(tmp_path / f"fixed-{fixed}-{compile_mode}-{graphs}.duckdb")
+    for backend, compile_mode in ((Backend.NATIVE, "off"), (Backend.FIXED, "off"), (Backend.GRAPHS, "on")):
+        stores.append(tmp_path / f"{backend.value}-{compile_mode}.duckdb")
         harvest(HarvestConfig(model=str(model_dir), corpus=corpus, out=stores[-1], context_length=CONTEXT_LENGTH,
                               top_k=K, batch_size=7, dtype="float32", device="cpu", progress=False, resid="all",
                               intervals=INTERVALS, per_interval=PER_INTERVAL, random_examples=RANDOM,
-                              histogram_every=2, seed=SEED, fixed_shapes=fixed, compile=compile_mode,
-                              cuda_graphs=graphs))
+                              histogram_every=2, seed=SEED, compile=compile_mode, **BACKENDS[backend]))
     queries = ["SELECT source, layer, unit, example_kind, rank, context_id, max_position, max_activation, "
                "interval_lo, activations FROM examples ORDER BY ALL",
                "SELECT * EXCLUDE (mean, std) FROM statistics ORDER BY ALL", "SELECT * FROM histograms ORDER BY ALL"]

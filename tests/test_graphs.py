@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from featureatlas.harvest.accumulators import Accumulators, Backend, FixedShapes, Settings, make_accumulators
 from featureatlas.harvest.batchview import BatchView
 from featureatlas.harvest.graphs import GraphedUpdates
-from featureatlas.harvest.harvester import Accumulators, Settings
 from featureatlas.store.sampling import sampling_keys
 
 BATCH, TOKENS, UNITS = 6, 16, 24
@@ -33,11 +33,15 @@ def _batches(n: int, padded_last: bool = True) -> list[tuple[torch.Tensor, Batch
     return out
 
 
-def _accumulators() -> Accumulators:
+SETTINGS = Settings(top_k=4, bottom_k=4, intervals=4, per_interval=2, random=2, histogram_every=2,
+                    backend=Backend.FIXED)
+
+
+def _accumulators() -> FixedShapes:
     source = SimpleNamespace(n_units=UNITS, sparse=False, signed=True)
-    settings = Settings(top_k=4, bottom_k=4, intervals=4, per_interval=2, random=2, histogram_every=2,
-                        fixed_shapes=True)
-    return Accumulators(source, settings, TOKENS, torch.device("cpu"), torch.float32)
+    made = make_accumulators([source], SETTINGS, TOKENS, torch.device("cpu"), [torch.float32])  # type: ignore
+    assert isinstance(made[0], FixedShapes)
+    return made[0]
 
 
 def _python_state(acc: Accumulators) -> dict:
@@ -53,7 +57,7 @@ def test_graphed_updates_keep_state_in_place_and_equal_the_plain_updates() -> No
             plain.update(acts, view)
             graphed.statistics.count(view)
             python_before = _python_state(graphed)
-            graphs.update(0, acts.clone(), view, list(graphed.parts().values()), graphed.update_dense)
+            graphs.update(0, acts.clone(), view, list(graphed.parts().values()), graphed.step)
             assert _python_state(graphed) == python_before  # nothing a replay would skip
             now = {(name, key): getattr(part, key).data_ptr() for name, part in graphed.parts().items()
                    for key in part.STATE if isinstance(getattr(part, key), torch.Tensor)}
@@ -109,7 +113,7 @@ def test_a_failed_recording_says_so_once_and_goes_on_without_graphs(monkeypatch:
         for acts, view in _batches(4):
             plain.update(acts, view)
             graphed.statistics.count(view)
-            graphs.update(0, acts, view, list(graphed.parts().values()), graphed.update_dense)
+            graphs.update(0, acts, view, list(graphed.parts().values()), graphed.step)
     assert not graphs.record
     lines = [line for line in capsys.readouterr().err.splitlines() if "CUDA graphs" in line]
     assert len(lines) == 1 and "capturing" in lines[0] and "--cuda-graphs off" in lines[0]
@@ -117,3 +121,14 @@ def test_a_failed_recording_says_so_once_and_goes_on_without_graphs(monkeypatch:
         for key in part.STATE:
             want, got = getattr(part, key), getattr(graphed.parts()[name], key)
             assert torch.equal(torch.as_tensor(want), torch.as_tensor(got)), f"{name}.{key}"
+
+
+def test_the_graphs_backend_shares_one_set_of_graphs_between_dense_sources() -> None:
+    """One set of buffers and graphs for the run, each dense source its own key; sparse sources are not graphed."""
+    dense, sparse = (SimpleNamespace(n_units=UNITS, sparse=kind, signed=not kind) for kind in (False, True))
+    settings = Settings(**{**vars(SETTINGS), "backend": Backend.GRAPHS})
+    made = make_accumulators([dense, sparse, dense], settings, TOKENS, torch.device("cpu"),  # type: ignore
+                             [torch.float32] * 3)
+    assert [type(a).__name__ for a in made] == ["Graphed", "TensorPairs", "Graphed"]
+    assert made[0].graphs is made[2].graphs and (made[0].key, made[2].key) == (0, 2)
+    assert not made[0].graphs.record  # on a CPU the graphs' path runs eagerly

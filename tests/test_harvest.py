@@ -16,6 +16,8 @@ from featureatlas.store.encoding import rounding_bound
 
 from helpers.tiny_models import MODEL_TYPES, save_tiny_model, write_corpus
 
+pytestmark = pytest.mark.model
+
 CONTEXT_LENGTH, TOP_K = 16, 5
 
 

@@ -11,10 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # Folder of the repository -> package under featureatlas (see pyproject.toml).
 FOLDERS = {"featureatlas": "featureatlas", "load": "featureatlas.load", "store": "featureatlas.store",
            "harvest": "featureatlas.harvest", "build": "featureatlas.build", "export": "featureatlas.export",
-           "annotate": "featureatlas.annotate", "serve": "featureatlas.serve",
+           "annotate": "featureatlas.annotate", "explain": "featureatlas.explain", "serve": "featureatlas.serve",
            "site_templates": "featureatlas.site_templates"}
 TOP = ("featureatlas.cli", "featureatlas.__main__", "featureatlas.notebook", "featureatlas.commands")
-LAYERS = ("load", "store", "harvest", "build", "export", "annotate", "serve", "site_templates")
+LAYERS = ("load", "store", "harvest", "build", "export", "annotate", "explain", "serve", "site_templates")
 # What each layer may import besides itself and the core (featureatlas.errors, .atomic, .text, ...).
 ALLOWED = {
     "core": set(),
@@ -25,6 +25,7 @@ ALLOWED = {
     "site_templates": set(),
     "export": {"store"},
     "annotate": {"store"},
+    "explain": {"load", "store", "annotate"},
     "serve": {"load", "store", "harvest"},
     "top": set(LAYERS) | {"top"},
 }
@@ -77,3 +78,15 @@ def test_the_checker_sees_a_wrong_import(tmp_path: Path) -> None:
     assert found == [("harvest", 1), ("store", 2)]
     assert "harvest" not in ALLOWED["build"] and layer_of("featureatlas.commands.probe") == "top"
     assert layer_of("featureatlas.errors") == "core" and layer_of("featureatlas.load.models") == "load"
+
+
+def test_no_module_reaches_into_another_modules_private_names() -> None:
+    """A name that starts with an underscore is its module's own; another module needing it means it belongs
+    in a public interface."""
+    wrong = []
+    for module, path in modules():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("featureatlas"):
+                wrong += [f"{path.relative_to(ROOT)}:{node.lineno}: {node.module}.{alias.name}"
+                          for alias in node.names if alias.name.startswith("_") and node.module != module]
+    assert not wrong, "private names imported from another module:\n" + "\n".join(wrong)

@@ -15,6 +15,8 @@ from featureatlas.load.models import model_cache_disabled
 
 from helpers.tiny_models import LAYERS, save_tiny_model, write_corpus
 
+pytestmark = pytest.mark.model
+
 
 @pytest.fixture
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

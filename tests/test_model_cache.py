@@ -128,6 +128,7 @@ def stderr_lines(capsys: pytest.CaptureFixture) -> list[str]:
     return capsys.readouterr().err.splitlines()
 
 
+@pytest.mark.model
 def test_first_load_writes_the_entry_atomically_and_the_second_uses_it(
         tiny_gguf: Path, cache_in_tmp: Path, conversions: list[str], capsys, monkeypatch) -> None:
     entry = model_cache_entry(tiny_gguf, torch.float32)
@@ -158,6 +159,7 @@ def test_first_load_writes_the_entry_atomically_and_the_second_uses_it(
     assert torch.equal(logits(*first), logits(*second))
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cached_model_is_bit_for_bit_the_gguf_load(tiny_gguf: Path, conversions: list[str], dtype) -> None:
     with model_cache_disabled():
@@ -183,6 +185,7 @@ def test_cached_model_is_bit_for_bit_the_gguf_load(tiny_gguf: Path, conversions:
         assert getattr(tokenizer, attribute) == getattr(ref_tokenizer, attribute), attribute
 
 
+@pytest.mark.model
 def test_each_dtype_has_its_own_entry(tiny_gguf: Path, cache_in_tmp: Path) -> None:
     """bfloat16 dequantisation is not float32's rounded, so one entry cannot serve both bit for bit."""
     load(tiny_gguf, torch.float32)
@@ -200,6 +203,7 @@ def _same_size_garbage(entry: Path) -> None:  # passes the manifest's size check
     config.write_bytes(b"\xff" * config.stat().st_size)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("damage", [
     _truncate,
     _same_size_garbage,
@@ -222,6 +226,7 @@ def test_a_damaged_entry_is_ignored_with_one_line_and_rebuilt(
     assert torch.equal(logits(*load(tiny_gguf)), reference) and len(conversions) == 2  # the rebuilt one is used
 
 
+@pytest.mark.model
 def test_a_failed_write_costs_one_line_and_leaves_nothing(
         tiny_gguf: Path, cache_in_tmp: Path, conversions: list[str], capsys, monkeypatch) -> None:
     def disk_full(tokenizer, folder: Path) -> None:
@@ -236,6 +241,7 @@ def test_a_failed_write_costs_one_line_and_leaves_nothing(
     assert logits(model, tokenizer).shape[-1] == len(tokenizer)
 
 
+@pytest.mark.model
 def test_what_a_killed_run_left_behind_is_never_used_and_is_removed(
         tiny_gguf: Path, cache_in_tmp: Path, conversions: list[str]) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -249,6 +255,7 @@ def test_what_a_killed_run_left_behind_is_never_used_and_is_removed(
     assert [p.name for p in cache_in_tmp.iterdir()] == [entry.name]
 
 
+@pytest.mark.model
 def test_an_entry_another_run_published_meanwhile_is_kept(tiny_gguf: Path, tmp_path: Path) -> None:
     """Two runs converting the same file at once: the second to finish leaves the first one's entry alone."""
     load(tiny_gguf)
@@ -261,6 +268,7 @@ def test_an_entry_another_run_published_meanwhile_is_kept(tiny_gguf: Path, tmp_p
     assert {p.name: p.stat().st_mtime_ns for p in entry.iterdir()} == before
 
 
+@pytest.mark.model
 def test_environment_variable_skips_the_cache(tiny_gguf: Path, tmp_path: Path, conversions: list[str],
                                               monkeypatch, capsys) -> None:
     monkeypatch.setenv("FEATUREATLAS_NO_MODEL_CACHE", "1")
@@ -272,6 +280,7 @@ def test_environment_variable_skips_the_cache(tiny_gguf: Path, tmp_path: Path, c
     assert model_cache_enabled()
 
 
+@pytest.mark.model
 def test_only_local_gguf_files_are_cached(tmp_path: Path, monkeypatch) -> None:
     """A folder saved with save_pretrained already loads fast: it is loaded as is, never copied."""
     monkeypatch.setattr(models, "_load_gguf_cached", lambda *a: pytest.fail("a folder went through the cache"))
@@ -296,6 +305,7 @@ def harvest(model: Path, corpus: Path, out: Path, *extra: str) -> int:
                  "--compile", "off", "--dtype", "float32", *extra])
 
 
+@pytest.mark.model
 def test_harvest_flag_skips_the_cache_and_the_store_does_not_change_with_it(
         tiny_gguf: Path, tmp_path: Path, conversions: list[str], capsys) -> None:
     corpus = write_corpus(tmp_path / "corpus")
@@ -320,6 +330,7 @@ def test_harvest_flag_skips_the_cache_and_the_store_does_not_change_with_it(
     assert contents[0] == contents[1]  # the .gguf's name, not the cache's; every activation the same
 
 
+@pytest.mark.model
 def test_train_sae_flag_skips_the_cache(tiny_gguf: Path, tmp_path: Path, conversions: list[str]) -> None:
     corpus = write_corpus(tmp_path / "corpus")
     assert main(["train-sae", "--model", str(tiny_gguf), "--corpus", str(corpus), "--hook",

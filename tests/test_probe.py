@@ -13,6 +13,7 @@ import pytest
 
 from featureatlas.cli import main
 from featureatlas.commands.probe import ProbeArgs, probe_command
+from featureatlas.errors import UsageError
 from featureatlas.harvest.probe import MAX_CHARS, load_prober
 from featureatlas.notebook import highlight, open_atlas
 
@@ -53,6 +54,7 @@ def examples(store: Path, where: str = "TRUE") -> list[tuple]:
         con.close()
 
 
+@pytest.mark.model
 def test_probe_equals_stored_examples_api(harvested, prober) -> None:
     store, _ = harvested
     checked = exact = 0
@@ -69,6 +71,7 @@ def test_probe_equals_stored_examples_api(harvested, prober) -> None:
     assert exact > 0  # many recompute bit for bit
 
 
+@pytest.mark.model
 def test_probe_cli_plain_equals_stored_example(harvested, prober, capsys) -> None:
     store, _ = harvested
     tokenizer = prober.tokenizer
@@ -91,6 +94,7 @@ def test_probe_cli_plain_equals_stored_example(harvested, prober, capsys) -> Non
     assert int(values[1:].argmax()) + 1 == position
 
 
+@pytest.mark.model
 def test_top_matches_brute_force(harvested, prober, capsys) -> None:
     store, _ = harvested
     text = "whether the quick fox is lazy"
@@ -109,6 +113,7 @@ def test_top_matches_brute_force(harvested, prober, capsys) -> None:
     assert len(capsys.readouterr().out.splitlines()) == 3
 
 
+@pytest.mark.model
 def test_model_mode_and_site_link(harvested, tmp_path: Path, capsys) -> None:
     store, model = harvested
     site = tmp_path / "site"
@@ -121,6 +126,7 @@ def test_model_mode_and_site_link(harvested, tmp_path: Path, capsys) -> None:
     assert rows[0][4] == f"{(site / 'model' / 'resid' / '2' / 'unit.html').resolve().as_uri()}#{rows[0][0][8:]}"
 
 
+@pytest.mark.model
 def test_terminal_output_is_shaded_and_hostile_tokens_are_defused(harvested) -> None:
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -134,6 +140,7 @@ def test_terminal_output_is_shaded_and_hostile_tokens_are_defused(harvested) -> 
     assert "mlp/1/7 on " in shown and "the unit's max" in shown
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("argv, expected", [
     (["--unit", "sae:nope/1"], "no source 'sae:nope' in the store"),
     (["--unit", "mlp/1/999"], "no unit 999 in mlp layer 1, which has units 0-47"),
@@ -149,6 +156,7 @@ def test_bad_input_gets_one_line(harvested, capsys, argv: list[str], expected: s
     assert code == 2 and captured.out == "" and len(err) == 1 and expected in err[0], captured.err
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("case, expected", [
     ("empty", "no text to probe"),
     ("long", f"probe takes at most {MAX_CHARS:,}"),
@@ -169,6 +177,7 @@ def test_bad_text_and_store_get_one_line(harvested, tmp_path: Path, capsys, case
     assert expected in captured.err
 
 
+@pytest.mark.model
 def test_stdin_text(harvested, prober, monkeypatch, capsys) -> None:
     monkeypatch.setattr("sys.stdin", io.StringIO("the fox\n"))
     assert main(["probe", "--store", str(harvested[0]), "-", "--unit", "mlp/1/7"]) == 0
@@ -177,6 +186,7 @@ def test_stdin_text(harvested, prober, monkeypatch, capsys) -> None:
     assert "".join(line.split("\t")[0] for line in lines[1:]) == "the fox"
 
 
+@pytest.mark.model
 def test_notebook_unit_and_probe(harvested, tmp_path: Path) -> None:
     store = shutil.copy(harvested[0], tmp_path / "hostile.duckdb")
     con = duckdb.connect(str(store))
@@ -208,6 +218,32 @@ def test_notebook_unit_and_probe(harvested, tmp_path: Path) -> None:
     assert result.activations[:len(ids)] == pytest.approx(alone, rel=1e-5, abs=1e-5)
     tops = atlas.probe("the fox", top=2, source="mlp", layer=1)
     assert len(tops) == 2 and tops[0].max_activation >= tops[1].max_activation
+
+
+@pytest.mark.model
+def test_a_moved_dictionary_is_found_as_verify_finds_it(harvested, prober, tmp_path: Path, capsys) -> None:
+    """probe, serve --store and the notebook reopen a store's run as verify does: a recorded dictionary folder that
+    is gone is verify's one line, before any model loads, and NAME=PATH says where it is now."""
+    store = Path(shutil.copy(harvested[0], tmp_path / "moved.duckdb"))
+    sae = Path(shutil.copytree(harvested[0].parent / "sae", tmp_path / "elsewhere"))
+    gone = tmp_path / "moved-away" / "sae"
+    con = duckdb.connect(str(store))
+    con.execute("UPDATE t_sources SET dictionary_path = ? WHERE source = 'sae:res1'", [str(gone)])
+    con.close()
+    line = f"source sae:res1 (layer 1): its dictionary folder {gone} is gone; pass --sae res1=PATH with the " \
+           "folder's new place"
+    for argv in (["probe", "--store", str(store), "the fox", "--unit", "mlp/1/7"], ["verify", str(store)]):
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.splitlines()[-1:] == [f"featureatlas {argv[0]}: error: {line}"]
+    with pytest.raises(UsageError, match="its dictionary folder .* is gone"):
+        open_atlas(store).prober()
+
+    atlas = open_atlas(store, saes=[f"res1={sae}"])
+    ids = prober.token_ids("the quick fox")
+    moved = atlas.prober().unit(None, "sae:res1/3", token_ids=ids)
+    assert moved.activations.tolist() == prober.unit(None, "sae:res1/3", token_ids=ids).activations.tolist()
+    assert atlas.prober().sources.keys() == prober.sources.keys()
 
 
 def test_highlight_escapes_every_token() -> None:

@@ -16,6 +16,8 @@ from featureatlas.cli import main
 
 from helpers.tiny_models import save_tiny_model, write_corpus
 
+pytestmark = pytest.mark.model
+
 TIMING = {"started_at", "finished_at", "tokens_per_second"}  # when and how fast: the only columns that may differ
 
 

@@ -18,6 +18,8 @@ from featureatlas.cli import main
 
 from helpers.tiny_models import save_tiny_model, write_corpus
 
+pytestmark = pytest.mark.model
+
 TIMING = {"started_at", "finished_at", "tokens_per_second"}
 # Each batch's sums are float32; shards group contexts into other batches, so the totals agree to float32
 # rounding of the partial sums: checked on t_units against the scale of the unit's values, sqrt(n * sum_squares).

@@ -76,6 +76,7 @@ def refused(inputs: dict[str, Path], capsys: pytest.CaptureFixture) -> str:
     return err
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("wrapper", ["torch.save", "pickle"])
 def test_a_pickled_checkpoint_is_refused_without_running_it(inputs, tmp_path: Path, capsys, wrapper: str) -> None:
     def payload(marker: Path) -> bytes:
@@ -99,6 +100,7 @@ def test_a_pickled_checkpoint_is_refused_without_running_it(inputs, tmp_path: Pa
     assert not marker.exists()
 
 
+@pytest.mark.model
 def test_a_checkpoint_is_one_safetensors_file_that_resumes(inputs, monkeypatch, capsys) -> None:
     checkpoint = interrupted_run(inputs, monkeypatch)
     header_length = struct.unpack("<Q", checkpoint.read_bytes()[:8])[0]
@@ -114,6 +116,7 @@ def test_a_checkpoint_is_one_safetensors_file_that_resumes(inputs, monkeypatch, 
     assert inputs["out"].is_file() and not checkpoint.exists()
 
 
+@pytest.mark.model
 def test_a_truncated_or_garbled_checkpoint_gets_one_line(inputs, monkeypatch, capsys) -> None:
     checkpoint = interrupted_run(inputs, monkeypatch)
     whole = checkpoint.read_bytes()
@@ -143,6 +146,7 @@ def _write(path: Path, data: bytes) -> Path:
     return path
 
 
+@pytest.mark.model
 def test_resume_refuses_a_changed_corpus_naming_the_file(inputs, monkeypatch, capsys) -> None:
     checkpoint = interrupted_run(inputs, monkeypatch)
     corpus_file = inputs["corpus"] / "d.txt"
@@ -167,6 +171,7 @@ def test_resume_refuses_a_changed_corpus_naming_the_file(inputs, monkeypatch, ca
     assert main(argv(inputs, "--resume")) == 0  # everything as it was: the resume goes ahead
 
 
+@pytest.mark.model
 def test_resume_refuses_changed_model_or_dictionary_weights(inputs, monkeypatch, capsys) -> None:
     interrupted_run(inputs, monkeypatch)
     sae_weights = inputs["sae"] / "sae_weights.safetensors"

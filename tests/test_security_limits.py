@@ -13,6 +13,8 @@ from featureatlas.serve.server import probe
 
 from helpers.tiny_models import save_tiny_model, write_corpus
 
+pytestmark = pytest.mark.model
+
 POSITIONS = 128  # tiny_models' configs
 
 

@@ -129,6 +129,7 @@ def one_line_error(answer: dict) -> bool:
 
 # --- the site's own pages still work --------------------------------------------------------------------
 
+@pytest.mark.model
 @pytest.mark.parametrize("name", ["127.0.0.1", "localhost"])
 def test_the_sites_own_probe_box_is_answered(port: int, name: str) -> None:
     status, answer = post(port, PROBE, same_origin(port, name), host=f"{name}:{port}")
@@ -141,6 +142,7 @@ def test_the_sites_own_probe_box_is_answered(port: int, name: str) -> None:
 
 # --- another site's page, and DNS rebinding -------------------------------------------------------------
 
+@pytest.mark.model
 def test_the_reported_cross_site_text_plain_post_is_refused(port: int) -> None:
     """The issue's attack verbatim: a CORS-simple POST from another site, through a rebound name."""
     status, answer = post(port, PROBE, [("Origin", "http://evil.example"), ("Sec-Fetch-Site", "cross-site"),
@@ -148,6 +150,7 @@ def test_the_reported_cross_site_text_plain_post_is_refused(port: int) -> None:
     assert status == 421 and one_line_error(answer) and "activations" not in answer
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("headers", [
     [("Sec-Fetch-Site", "cross-site")],
     [("Sec-Fetch-Site", "same-site")],
@@ -168,6 +171,7 @@ def test_cross_site_api_calls_get_403(port: int, headers: list[Header]) -> None:
     assert status == 403 and one_line_error(json.loads(body))
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
                                           "multipart/form-data; boundary=x", "application/jsonp", "text/json"])
 def test_a_probe_post_must_be_json(port: int, content_type: str | None) -> None:
@@ -177,6 +181,7 @@ def test_a_probe_post_must_be_json(port: int, content_type: str | None) -> None:
     assert status == 415 and "application/json" in answer["error"] and one_line_error(answer)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("host", [
     "evil.example:{port}", "evil.example", "127.0.0.1", "127.0.0.1:1", "localhost.evil.example:{port}",
     "127.0.0.1.nip.io:{port}", "[::1]", "[::1", "::1:{port}", "127.0.0.1:{port}:{port}", "127.0.0.1:+{port}",
@@ -195,6 +200,7 @@ def test_a_foreign_host_header_gets_421(port: int, host: str) -> None:
     assert status == 421 and one_line_error(answer)
 
 
+@pytest.mark.model
 def test_host_must_be_one_loopback_name(port: int) -> None:
     assert request(port, "GET", "/", host=None)[0] == 400
     assert request(port, "GET", "/", [("Host", f"evil.example:{port}")])[0] == 400  # two Host headers
@@ -214,6 +220,7 @@ def test_only_loopback_names_with_the_port_are_accepted(value: str) -> None:
 
 # --- request lengths ------------------------------------------------------------------------------------
 
+@pytest.mark.model
 @pytest.mark.parametrize("length_headers", [
     [("Content-Length", "-1")],
     [("Content-Length", "abc")],
@@ -235,6 +242,7 @@ def test_a_bad_length_gets_400_before_any_body(port: int, length_headers: list[H
     assert status == 400 and one_line_error(json.loads(body))
 
 
+@pytest.mark.model
 def test_a_chunked_body_is_refused(port: int) -> None:
     chunked = json.dumps(PROBE).encode()
     body = f"{len(chunked):x}\r\n".encode() + chunked + b"\r\n0\r\n\r\n"
@@ -243,12 +251,14 @@ def test_a_chunked_body_is_refused(port: int) -> None:
     assert status == 400 and "Content-Length" in json.loads(answer)["error"]
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("length", [MAX_BODY + 1, 10**9, 10**14])
 def test_an_oversize_length_gets_413_without_reading(port: int, length: int) -> None:
     status, _, body = request(port, "POST", "/api/probe", same_origin(port) + [("Content-Length", str(length))])
     assert status == 413 and "shorter" in json.loads(body)["error"]
 
 
+@pytest.mark.model
 def test_a_body_shorter_than_its_length_gets_400(port: int) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
         head = ["POST /api/probe HTTP/1.1", f"Host: 127.0.0.1:{port}", "Content-Type: application/json",
@@ -304,6 +314,7 @@ def test_an_idle_connection_flood_is_bounded_and_the_server_recovers(site: Path)
 
 # --- paths ----------------------------------------------------------------------------------------------
 
+@pytest.mark.model
 @pytest.mark.parametrize("path", [
     "/.env", "/%2eenv", "/.hidden/secret.txt", "/.hidden/", "/static/../.env", "/sub/dot.txt",
     "/out/secret.txt", "/out/", "/out-file.txt", "/%6fut/secret.txt", "/../outside/secret.txt",
@@ -316,6 +327,7 @@ def test_nothing_hidden_listed_or_outside_is_served(port: int, path: str) -> Non
         assert status == 404 and SECRET.encode() not in body and b"unlisted-name" not in body, (method, path)
 
 
+@pytest.mark.model
 def test_the_sites_files_and_folders_are_served(port: int) -> None:
     assert request(port, "GET", "/")[2].endswith(b"home page")
     assert request(port, "GET", "/sub/")[2] == b"sub page"
@@ -327,6 +339,7 @@ def test_the_sites_files_and_folders_are_served(port: int) -> None:
     assert status == 200 and body == b"" and headers["content-length"] == "15"
 
 
+@pytest.mark.model
 def test_other_methods_and_garbage_still_carry_the_headers(port: int) -> None:
     """exchange() checks the protective headers on each of these answers."""
     for method in ("PUT", "DELETE", "OPTIONS"):

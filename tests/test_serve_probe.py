@@ -22,6 +22,8 @@ from featureatlas.serve.server import MAX_BODY, make_server
 
 from helpers.tiny_models import save_tiny_model, write_corpus
 
+pytestmark = pytest.mark.model
+
 TEXT = "The quick brown fox jumps over the lazy dog."
 
 
@@ -99,6 +101,7 @@ def test_nothing_outside_the_site_is_served(served) -> None:
         assert refused.value.code == 404 and b"private" not in refused.value.read(), path
 
 
+@pytest.mark.browser
 def test_typing_into_the_box_highlights_the_text(served) -> None:
     from test_browser import CHROMIUM, LAUNCH_ARGS, _require_browser
 

@@ -139,6 +139,17 @@ def query(store: Path, sql: str, params: list) -> list[tuple]:
         con.close()
 
 
+def layer_statistics(store: Path, source: str, layer: int) -> dict[int, dict]:
+    """Every unit's statistics row of one layer, by unit: one query where a page lists the whole layer."""
+    con = open_store(store)
+    try:
+        cursor = con.execute("SELECT * FROM statistics WHERE source = ? AND layer = ?", [source, layer])
+        names = [d[0] for d in cursor.description]
+        return {row["unit"]: row for row in (dict(zip(names, r, strict=True)) for r in cursor.fetchall())}
+    finally:
+        con.close()
+
+
 def store_statistics(store: Path, source: str, layer: int, unit: int) -> dict:
     con = open_store(store)
     try:
@@ -171,7 +182,7 @@ def shown_window(kind: str, position: int, length: int) -> tuple[int, int]:
 def test_layout_and_page_counts(site_dir: Path) -> None:
     assert (site_dir / "index.html").is_file()
     assert (site_dir / MARKER).is_file()
-    assert (site_dir / "static" / "style.css").is_file() and (site_dir / "static" / "site.js").is_file()
+    assert (site_dir / "static" / "style.css").is_file() and (site_dir / "static" / "core.js").is_file()
     folders = {(source, layer): n for source in ("mlp", "resid") for layer in (0, 1) for n in [50]}
     folders[("sae:res", 1)] = 100  # the dictionary sits on its hook's layer only, twice as wide
     for (source, layer), n in folders.items():
@@ -191,8 +202,10 @@ def test_every_page_has_the_csp_and_no_inline_code(site_dir: Path) -> None:
             assert tag not in {"style", "iframe", "object", "embed", "img", "textarea"}, (path, tag)
             assert "style" not in attrs, (path, tag)  # the histogram's SVG too: colours come from classes
             assert not any(name.startswith("on") for name in attrs), (path, tag, attrs)
-            if tag == "script":
-                assert (attrs.get("src") or "").endswith("static/site.js"), path
+            if tag == "script":  # the shared page scripts only, each deferred so they run in order
+                assert re.fullmatch(r"(\.\./)*static/[a-z]+\.js", attrs.get("src") or "") and "defer" in attrs, path
+        scripts = [attrs["src"].rsplit("/", 1)[1] for tag, attrs in page.tags if tag == "script"]
+        assert scripts[0] == "core.js" and scripts[-1] == "keys.js", path  # the FA namespace first, the keys last
         assert "<script>" not in text and "<script " not in text.replace('<script src="', ""), path
 
 
@@ -221,8 +234,8 @@ def test_internal_links_resolve_and_nothing_is_external(site_dir: Path) -> None:
                     assert fragment in ids[resolved], (path, url)
                 checked += 1
     assert checked > 300
-    for name in ("style.css", "site.js"):
-        static = (site_dir / "static" / name).read_text().replace('"http://www.w3.org/2000/svg"', "SVG_NS")
+    for path in (site_dir / "static").iterdir():
+        static = path.read_text().replace('"http://www.w3.org/2000/svg"', "SVG_NS")
         assert "http:" not in static and "https:" not in static and "url(" not in static
         assert not re.search(r"\.(innerHTML|outerHTML)\b|insertAdjacentHTML|document\.write|eval\(", static)
 
@@ -247,7 +260,7 @@ def test_hostile_strings_render_as_text(site_dir: Path) -> None:
     assert "Tiny &#34;LM&#34; &lt;b&gt;v1&lt;/b&gt;/../x" in index
     # Paths of the building machine show as their last part: the dictionary folder's name, not where it lies.
     assert "<code>layer_1</code>" in index and "/data/saes" not in joined
-    # The data shards are JSON for site.js, which only ever sets text: the raw strings survive exactly.
+    # The data shards are JSON for unit.js, which only ever sets text: the raw strings survive exactly.
     shard, _ = unit_data(site_dir, "mlp", 1, 0)
     assert "<script>alert(1)</script>" in shard["toks"] and "a\x00b" in shard["toks"]
     assert any("\u202e" in doc for doc in shard["docs"])
@@ -307,7 +320,7 @@ def test_number_formats() -> None:
                                                                                 "\u2014"]
 
 
-# --- unit data (drawn by site.js; tests/test_browser.py checks the drawing) --------------------------
+# --- unit data (drawn by unit.js; tests/test_browser.py checks the drawing) --------------------------
 
 SPECIAL_UNITS = [("mlp", 0, 0), ("mlp", 1, 7), ("mlp", 1, 5), ("mlp", 0, 4), ("resid", 1, 9), ("resid", 0, 2),
                  ("sae:res", 1, 0), ("sae:res", 1, 5)]
@@ -466,8 +479,9 @@ def layer_rows(site: Path, source: str, layer: int) -> list[tuple[int, list[str]
 def test_layer_page_lists_every_unit_with_its_numbers_and_a_snippet(site_dir: Path, store_path: Path) -> None:
     rows = layer_rows(site_dir, "mlp", 1)
     assert [unit for unit, _, _ in rows] == list(range(50))
+    statistics = layer_statistics(store_path, "mlp", 1)
     for unit, cells, _ in rows:
-        stats = store_statistics(store_path, "mlp", 1, unit)
+        stats = statistics[unit]
         assert cells == [format_activation(stats["max_activation"]), format_percent(stats["frequency"])]
     assert "<b" not in "".join(snippet for *_, snippet in rows)  # plain text, no per-token elements
     (_, _, position, _, tokens, *_), *_ = store_examples(store_path, "mlp", 1, 7, "top")
@@ -480,8 +494,9 @@ def test_layer_page_lists_every_unit_with_its_numbers_and_a_snippet(site_dir: Pa
 
 def test_signed_layer_pages_show_min_and_largest_magnitude(site_dir: Path, store_path: Path) -> None:
     rows = layer_rows(site_dir, "resid", 1)
+    statistics = layer_statistics(store_path, "resid", 1)
     for unit, cells, _ in rows:
-        stats = store_statistics(store_path, "resid", 1, unit)
+        stats = statistics[unit]
         magnitude = max(abs(stats["max_activation"]), abs(stats["min_activation"]))
         assert cells == [format_activation(stats["max_activation"]), format_activation(stats["min_activation"]),
                          format_activation(magnitude), format_percent(stats["frequency"])]
@@ -633,7 +648,7 @@ def test_serve_serves_the_site(site_dir: Path) -> None:
         with urllib.request.urlopen(base + "index.html", timeout=10) as response:
             assert response.status == 200 and response.headers["Content-Security-Policy"].startswith(CSP + "; ")
             assert b"featureatlas" in response.read()
-        with urllib.request.urlopen(base + "static/site.js", timeout=10) as response:
+        with urllib.request.urlopen(base + "static/core.js", timeout=10) as response:
             assert response.status == 200
     finally:
         server.shutdown()
@@ -668,7 +683,7 @@ def test_explanations_are_shown_searched_and_rebuilt_incrementally(tmp_path: Pat
     assert site_files(site) == site_files(tmp_path / "full") and full.files == after.files
 
     _, row = unit_data(site, "resid", 1, 9)
-    assert row["x"] == [["the outlier <b>dimension</b>\u202e", 0.9, "alice"]]
+    assert row["x"] == [["the outlier <b>dimension</b>\u202e", 0.9, "alice", None]]
     layer = (layer_dir(site, 1, "resid") / "index.html").read_text()
     assert "<td>the outlier &lt;b&gt;dimension&lt;/b&gt;\\u202e</td>" in layer and "Explanation</th>" in layer
     assert "Explanation</th>" not in (layer_dir(site, 1) / "index.html").read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import fields
 from pathlib import Path
 
 import duckdb
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from featureatlas.cli import main
-from featureatlas.harvest.verify import default_rtol, sample_examples
+from featureatlas.harvest.verify import VerifyConfig, default_rtol, sample_examples
 from featureatlas.store.encoding import ROUNDING, rounding_bound
 
 from helpers.tiny_models import harvest_small_store
@@ -37,6 +38,7 @@ def copy_of(store: Path, tmp_path: Path) -> Path:
     return tmp_path / "copy.duckdb"
 
 
+@pytest.mark.model
 def test_fresh_harvest_verifies_clean(harvested, capsys) -> None:
     store, _ = harvested
     code, out, _ = verify(capsys, store)
@@ -52,6 +54,7 @@ def test_fresh_harvest_verifies_clean(harvested, capsys) -> None:
     assert report["rtol"] == {"model": 1e-5} and report["n_units_counted"] == 3 * 48 + 32 + 40
 
 
+@pytest.mark.model
 def test_sample_is_seeded_and_spread_over_sources_kinds_and_units(harvested) -> None:
     store, _ = harvested
     con = duckdb.connect(str(store), read_only=True)
@@ -63,6 +66,7 @@ def test_sample_is_seeded_and_spread_over_sources_kinds_and_units(harvested) -> 
     assert len({(k[1], k[2], k[4]) for k in first}) > 40  # many units, not a few units' every example
 
 
+@pytest.mark.model
 def test_tampered_store_is_caught_and_the_units_named(harvested, tmp_path: Path, capsys) -> None:
     store, _ = harvested
     copy = copy_of(store, tmp_path)
@@ -105,6 +109,7 @@ def test_tampered_store_is_caught_and_the_units_named(harvested, tmp_path: Path,
     assert mlp["position"] == at and mlp["max_abs_diff"] == pytest.approx(0.25, rel=1e-5, abs=rounding)
 
 
+@pytest.mark.model
 def test_gone_dictionary_gives_one_line_and_sae_points_at_its_new_place(harvested, tmp_path: Path, capsys) -> None:
     store, sae = harvested
     copy = copy_of(store, tmp_path)
@@ -127,3 +132,9 @@ def test_default_tolerance() -> None:
     assert default_rtol(torch.float32) == 1e-5
     assert default_rtol(torch.bfloat16) == 2 * 2.0 ** -7
     assert default_rtol(torch.float16) == 2 * 2.0 ** -10
+
+
+def test_every_setting_carries_its_help() -> None:
+    """The command line's options are made from these fields: each states its default and help once, here."""
+    assert [f.name for f in fields(VerifyConfig) if not f.metadata.get("help")] == []
+    assert VerifyConfig(Path("s.duckdb")).sample == 200 and VerifyConfig(Path("s.duckdb")).saes == []

@@ -7,45 +7,73 @@ its invisible characters drawn as the site draws them, so no token can break a l
 
 from __future__ import annotations
 
+import argparse
 import colorsys
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-import numpy as np
-from transformers.utils import logging as hf_logging
-
-from featureatlas.errors import UsageError
-from featureatlas.harvest.probe import MAX_CHARS, TopUnit, UnitProbe, check_text, load_prober, pick_source
+from featureatlas.commands import options
+from featureatlas.errors import UsageError, setting_name
+from featureatlas.settings import device_setting, dictionaries_setting, dtype_setting, model_setting, setting
 from featureatlas.slugs import unique_slugs
-from featureatlas.store.addresses import AddressError, parse_address, store_sources
 from featureatlas.text import visible
 
-BUCKETS = 9  # as site.js: a value's shade is round(value / scale * 9), clamped to -9..9
+if TYPE_CHECKING:
+    import numpy as np
+
+    from featureatlas.harvest.probe import TopUnit, UnitProbe
+
+NAME = "probe"
+BUCKETS = 9  # as tokens.js: a value's shade is round(value / scale * 9), clamped to -9..9
 _RESET = "\x1b[0m"
 _DIM = "\x1b[2m"
 
 
 @dataclass
 class ProbeArgs:
-    text: str                    # the text, or '-' for stdin
-    unit: str | None = None
-    top: int | None = None
-    source: str = "mlp"
-    layer: int | None = None
-    model: str | None = None
-    store: Path | None = None
-    saes: list[str] | None = None
-    site: Path | None = None
-    plain: bool = False
-    device: str = "auto"
-    dtype: str = "auto"
+    """What to probe and with which model; each field's help is the command line's."""
+
+    text: str = setting(help="the text to probe, or - to read it from stdin")
+    unit: str | None = setting(None, "e.g. mlp/12/345, L12N345, sae:res15/123", metavar="ADDRESS")
+    top: int | None = setting(None, "list the N units that fire most on the text", metavar="N")
+    source: str = setting("mlp", "--top: mlp, resid, sae:NAME, transcoder:NAME")
+    layer: int | None = setting(None, "--top: the layer (a source with one layer: optional)")
+    model: str | None = model_setting("model folder, .gguf file, hub id or smollm2-135m; with --store: where the run's "
+                                      "model is now", default=None)
+    store: Path | None = setting(None, "take the model, dictionaries and dtype from this store's run (and shade to "
+                                       "its units' max)")
+    saes: list[str] = dictionaries_setting("a dictionary folder (source sae:NAME / transcoder:NAME); repeatable")
+    site: Path | None = setting(None, "a built site: print each unit's page link")
+    plain: bool = setting(False, "token<TAB>activation lines even on a terminal")
+    device: str = device_setting()
+    dtype: str = dtype_setting("without --store")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    return sub.add_parser(NAME, help="show what a unit does on your own text, or which units fire most on it",
+                          description="Run a text through the model (only up to the deepest layer needed), as harvest "
+                                      "runs a context (BOS first), and print a unit's activation on every token, "
+                                      "shaded on a terminal (scaled to the unit's max in --store, else to the text's "
+                                      "max), plain `token<TAB>activation` lines when piped or with --plain; or, with "
+                                      "--top, the units of a source and layer with the largest max on the text.")
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    options.add_settings(parser, ProbeArgs, skip=options.MODEL, positional=["text"])
+    options.add_model(parser, ProbeArgs, cache=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    return probe_command(options.settings_from(args, ProbeArgs))
 
 
 def read_text(text: str, stdin: TextIO | None = None) -> str:
     """The text argument, or stdin for '-' (one trailing newline dropped: `echo` adds it)."""
+    from featureatlas.harvest.probe import MAX_CHARS, check_text
+
     if text != "-":
         return check_text(text)
     stream = stdin or sys.stdin
@@ -60,13 +88,21 @@ def read_text(text: str, stdin: TextIO | None = None) -> str:
 
 def probe_command(args: ProbeArgs, out: TextIO | None = None) -> int:
     """Everything checkable (text, addresses, store, site) is checked before the model loads."""
+    from transformers.utils import logging as hf_logging
+
+    from featureatlas.harvest.probe import load_prober, pick_source
+    from featureatlas.store.addresses import AddressError, parse_address, store_sources
+
     out = out or sys.stdout
+    unit, top = setting_name("unit"), setting_name("top")
     if (args.unit is None) == (args.top is None):
-        raise UsageError("pass either --unit ADDRESS or --top N (with --source and --layer)")
+        raise UsageError(f"pass either {unit} ADDRESS or {top} N (with {setting_name('source')} and "
+                         f"{setting_name('layer')})")
     if args.top is not None and args.top < 1:
-        raise UsageError("--top must be at least 1")
+        raise UsageError(f"{top} must be at least 1")
     if args.store is None and args.model is None:
-        raise UsageError("pass --model MODEL, or --store STORE to take the model from a store's run")
+        raise UsageError(f"pass {setting_name('model')} MODEL, or {setting_name('store')} STORE to take the model "
+                         "from a store's run")
     if args.site is not None and not args.site.is_dir():
         raise UsageError(f"{args.site}: no such site folder; pass the folder `featureatlas build --out` wrote")
     text = read_text(args.text)
@@ -86,7 +122,7 @@ def probe_command(args: ProbeArgs, out: TextIO | None = None) -> int:
             except AddressError as err:
                 raise UsageError(str(err)) from None
         elif len(models) > 1:
-            raise UsageError(f"{args.store}: holds several models ({', '.join(models)}); --top needs a store of one")
+            raise UsageError(f"{args.store}: holds several models ({', '.join(models)}); {top} needs a store of one")
         else:
             pick_source(held, args.source, args.layer)
     progress = hf_logging.is_progress_bar_enabled()
@@ -125,6 +161,8 @@ def probe_command(args: ProbeArgs, out: TextIO | None = None) -> int:
 
 def number(value: float) -> str:
     """The shortest text that reads back as the same float32: plain output loses nothing."""
+    import numpy as np
+
     return str(np.float32(value))
 
 
@@ -155,6 +193,8 @@ _NEGATIVE = [_hsl(214, 90, light) for light in (94, 90, 86, 81, 77, 73, 69, 64, 
 
 def shade(value: float, scale: float) -> str:
     """The ANSI code for a value's bucket ('' for bucket 0, as the site leaves such tokens plain)."""
+    import numpy as np
+
     if not scale > 0 or not np.isfinite(value):
         return ""
     bucket = max(-BUCKETS, min(BUCKETS, round(value / scale * BUCKETS)))

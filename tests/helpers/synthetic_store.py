@@ -8,13 +8,14 @@ columns only, for benchmarking `featureatlas build`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from featureatlas.harvest.config import CONTEXT_LENGTH, HarvestConfig
 from featureatlas.store.writer import StoreWriter
 
 BOS = "<|im_start|>"
@@ -409,16 +410,20 @@ def _side(counts: np.ndarray, rows: np.ndarray, top_bin: np.ndarray, n_bins: np.
     counts[row[valid], column[valid]] = np.maximum(share[valid], 1).astype(np.int64)
 
 
+_DEFAULTS = {f.name: f.default for f in fields(HarvestConfig)}
+
+
 @dataclass(frozen=True)
 class _Harvest:
-    """The harvest settings the store pretends to come from (the CLI's defaults)."""
+    """The harvest settings the store pretends to come from (a harvest's defaults)."""
 
-    context_length: int = 64
-    top_k: int = 20
-    intervals: int = 12
-    per_interval: int = 2
-    n_random: int = 4
-    n_logits: int = 10
+    context_length: int = _DEFAULTS["context_length"]
+    top_k: int = _DEFAULTS["top_k"]
+    intervals: int = _DEFAULTS["intervals"]
+    per_interval: int = _DEFAULTS["per_interval"]
+    n_random: int = _DEFAULTS["random_examples"]
+    n_logits: int = _DEFAULTS["logits"]
+    batch_size: int = _DEFAULTS["batch_size"]
 
 
 @dataclass
@@ -601,7 +606,7 @@ def _write_large_layer(store: StoreWriter, spec: SourceSpec, layer: int, context
 
 
 def make_large_store(path: Path, units: int = 100_000, seed: int = 0, *, n_contexts: int = 20_000,
-                     vocabulary_size: int = 5_000, context_length: int = 64) -> LargeStoreSummary:
+                     vocabulary_size: int = 5_000, context_length: int = CONTEXT_LENGTH) -> LargeStoreSummary:
     """A store shaped like a real harvest's, of `units` units (split as large_source_specs says), for the site
     benchmark: per unit statistics, a histogram of ~30 non-empty bins, 10 top + 10 bottom logit effects and the
     CLI's default examples (20 top, 20 bottom for residual dimensions, 2 in each interval below the max, 4
@@ -640,7 +645,7 @@ def make_large_store(path: Path, units: int = 100_000, seed: int = 0, *, n_conte
         store.add_run(
             run_id=1, model=LARGE_MODEL, model_ref="HuggingFaceTB/SmolLM2-135M", model_type="llama",
             corpus="corpus/<b>synthetic</b>", n_documents=n_documents, n_contexts=n_contexts, n_tokens=n_tokens,
-            context_length=context_length, top_k=h.top_k, layers=list(specs[0].layers), batch_size=64,
+            context_length=context_length, top_k=h.top_k, layers=list(specs[0].layers), batch_size=h.batch_size,
             dtype="bfloat16", device="cpu", bos_token=BOS, bos_excluded=True, seed=seed,
             settings={"synthetic": "tests/synthetic_store.py make_large_store", "units": units, "seed": seed,
                       "n_contexts": n_contexts, "vocabulary_size": vocabulary_size},

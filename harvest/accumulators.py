@@ -1,0 +1,269 @@
+"""Everything kept about one source's units, and the backends that update it from each batch.
+
+A source's accumulators are its top-k and bottom-k contexts (topk.py), statistics and histogram (statistics.py),
+and quantile and random samples (reservoir.py): the parts a checkpoint saves (`parts`, each through its STATE) and
+the store is written from (write.py). A backend is how they update; every backend keeps exactly the same state
+(tests/test_native.py, test_graphs.py, test_features.py and test_gpu_parity.py compare them):
+
+- TENSOR  lists merged by tensor operations, only the candidates that may enter: any device; the reference.
+- NATIVE  on CPU, compiled loops (native.py): dense units' reduction, lists and histogram, sparse units' lists.
+- FIXED   dense units' lists merged in shapes that never depend on the data, so a GPU never waits for the host.
+- GRAPHS  FIXED, each source's update replayed as one CUDA graph (graphs.py) instead of a hundred-odd launches.
+
+Sparse units (dictionary features) update from their non-zeros: natively under NATIVE, by tensor operations under
+the others (their work is small and data-shaped, which fixed shapes cannot help). choose_backend picks the backend
+once per run; make_accumulators builds every source's accumulators for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from featureatlas.harvest import native
+from featureatlas.harvest.activation_rows import DenseRows, SparseRows
+from featureatlas.harvest.batchview import BatchView
+from featureatlas.harvest.graphs import GraphedUpdates
+from featureatlas.harvest.reductions import Reduced, compiled_once, firing, reduce_eager, reducer
+from featureatlas.harvest.reservoir import Reservoir, sample_fixed, sample_ranks
+from featureatlas.harvest.sources import UnitSource
+from featureatlas.harvest.statistics import Columns, Statistics, counted_columns
+from featureatlas.harvest.topk import Ranks, Step, TopK, candidate_ranks, merge_fixed
+
+
+class Backend(Enum):
+    TENSOR = "tensor"
+    NATIVE = "native"
+    FIXED = "fixed"
+    GRAPHS = "graphs"
+
+
+def choose_backend(device: torch.device, fixed_shapes: bool | None = None, cuda_graphs: bool = True,
+                   native_loops: bool = True) -> Backend:
+    """The run's one choice: fixed shapes on CUDA (or as fixed_shapes says), replayed as CUDA graphs unless
+    cuda_graphs is off; otherwise the native loops where they build for the device, else the tensor code."""
+    fixed = device.type == "cuda" if fixed_shapes is None else fixed_shapes
+    if fixed:
+        return Backend.GRAPHS if cuda_graphs else Backend.FIXED
+    return Backend.NATIVE if native_loops and native.available(device) else Backend.TENSOR
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every source keeps, and how it is updated."""
+    top_k: int = 20
+    bottom_k: int = 20            # for signed units
+    intervals: int = 12           # quantile intervals (even: see reservoir.py)
+    per_interval: int = 2         # quantile examples per interval
+    random: int = 4               # random examples where the unit fires
+    histogram_every: int = 32     # dense units: the histogram counts one context in this many (cost: docs/harvest.md)
+    seed: int = 0
+    compile: bool = False         # the tensor steps fused by torch.compile (Kernels)
+    backend: Backend = Backend.TENSOR  # how the accumulators update (choose_backend)
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The tensor steps the backends call, plain or fused by torch.compile (compiled once per process)."""
+    reduce: Callable[[torch.Tensor, torch.Tensor, int, bool], Reduced]
+    topk_ranks: Ranks
+    sample_ranks: Ranks
+    merge_fixed: Step
+    sample_fixed: Step
+    histogram_columns: Columns
+
+    @staticmethod
+    def of(compiled: bool) -> Kernels:
+        if not compiled:
+            return Kernels(reduce_eager, candidate_ranks, sample_ranks, merge_fixed, sample_fixed, counted_columns)
+        return Kernels(reducer(True), compiled_once(candidate_ranks), compiled_once(sample_ranks),
+                       compiled_once(merge_fixed), compiled_once(sample_fixed), compiled_once(counted_columns))
+
+
+class Accumulators:
+    """One source's parts and results; `update` is the backend's (the subclasses below)."""
+
+    def __init__(self, source: UnitSource, settings: Settings, context_length: int, device: torch.device,
+                 dtype: torch.dtype):
+        n = source.n_units
+        self.kernels = Kernels.of(settings.compile)
+        self.top = TopK(n, settings.top_k, context_length, device, dtype)
+        self.bottom = TopK(n, settings.bottom_k, context_length, device, dtype) \
+            if source.signed and settings.bottom_k else None
+        self.statistics = Statistics(n, device, source.sparse, settings.histogram_every)
+        self.quantiles = Reservoir(n, settings.intervals, settings.per_interval, context_length, device, dtype) \
+            if settings.per_interval and settings.intervals else None
+        self.random = Reservoir(n, 1, settings.random, context_length, device, dtype) if settings.random else None
+        self.reservoirs = [r for r in (self.quantiles, self.random) if r is not None]
+
+    def update(self, acts: torch.Tensor, view: BatchView, nonzeros: torch.Tensor | None = None) -> None:
+        """One batch. acts [batch, tokens, units] may be a view of the hooked tensor, valid only during the call;
+        nonzeros: a sparse source's flat non-zero indices (None: found here)."""
+        raise NotImplementedError
+
+    def referenced_context_ids(self) -> torch.Tensor:
+        parts = [self.top, self.bottom, self.quantiles, self.random]
+        return torch.cat([p.referenced_context_ids() for p in parts if p is not None])
+
+    def check_state(self) -> None:
+        """Raises ValueError, naming the part, where restored state would send an update out of bounds."""
+        for name, part in self.parts().items():
+            if isinstance(part, (TopK, Reservoir)):
+                try:
+                    part.check_state()
+                except ValueError as err:
+                    raise ValueError(f"{name}: {err}") from None
+
+    def parts(self) -> dict[str, TopK | Reservoir | Statistics]:
+        """The parts a checkpoint saves and restores, each through its STATE attributes."""
+        named = {"top": self.top, "bottom": self.bottom, "statistics": self.statistics, "quantiles": self.quantiles,
+                 "random": self.random}
+        return {name: part for name, part in named.items() if part is not None}
+
+
+class TensorLists(Accumulators):
+    """Dense units (neurons, residual dimensions), TENSOR: each context's max and min (and the statistics' sums)
+    come from one reduction shared by every part; per-token activations are gathered only for contexts that
+    enter a list."""
+
+    def update(self, acts: torch.Tensor, view: BatchView, nonzeros: torch.Tensor | None = None) -> None:
+        self.statistics.count(view)
+        self.update_lists(acts, view)
+
+    def update_lists(self, acts: torch.Tensor, view: BatchView) -> None:
+        k = self.kernels
+        context_max, context_min, *sums = k.reduce(acts, view.counted, view.first_counted, view.padded)
+        rows_of = DenseRows(acts)
+        self.top.update(rows_of, view, context_max, ranks=k.topk_ranks)
+        if self.bottom is not None:
+            self.bottom.update(rows_of, view, -context_min, largest=False, ranks=k.topk_ranks)
+        self.statistics.update(context_max, context_min, sums)
+        self.statistics.count_histogram(acts, view, k.histogram_columns)
+        for reservoir in self.reservoirs:
+            reservoir.update(rows_of, view, context_max, k.sample_ranks)
+
+
+class NativeLists(TensorLists):
+    """Dense units, NATIVE: the reduction, every list and the histogram in native.py's loops. Activations in a
+    dtype the loops do not read go through the tensor code."""
+
+    def update_lists(self, acts: torch.Tensor, view: BatchView) -> None:
+        if not native.reads(acts, self.top.slot_activations):
+            return super().update_lists(acts, view)
+        if acts.stride(-1) == 1:
+            context_max, context_min, *sums = native.reduce(acts, view.counted)
+        else:  # units not innermost: the loops' lists read any strides, their reduction does not
+            context_max, context_min, *sums = self.kernels.reduce(acts, view.counted, view.first_counted,
+                                                                  view.padded)
+        native.topk_update(self.top, acts, context_max, view, True)
+        if self.bottom is not None:
+            native.topk_update(self.bottom, acts, -context_min, view, False)
+        self.statistics.update(context_max, context_min, sums)
+        native.histogram_update(self.statistics, acts, view)
+        for reservoir in self.reservoirs:
+            native.reservoir_update(reservoir, acts, context_max, view)
+
+
+class FixedShapes(Accumulators):
+    """Dense units, FIXED: every unit's lists merged every batch in shapes that never depend on the data, so the
+    device never waits for the host."""
+
+    def update(self, acts: torch.Tensor, view: BatchView, nonzeros: torch.Tensor | None = None) -> None:
+        self.statistics.count(view)
+        self.step(acts, view)
+
+    def step(self, acts: torch.Tensor, view: BatchView) -> None:
+        """Tensors only, nothing counted in Python (see Statistics.count): what a CUDA graph records."""
+        k = self.kernels
+        context_max, context_min, *sums = k.reduce(acts, view.counted, view.first_counted, view.padded)
+        self.top.update_fixed(acts, view, context_max, step=k.merge_fixed)
+        if self.bottom is not None:
+            self.bottom.update_fixed(acts, view, -context_min, largest=False, step=k.merge_fixed)
+        self.statistics.update(context_max, context_min, sums)
+        self.statistics.count_histogram_fixed(acts, view, k.histogram_columns)
+        for reservoir in self.reservoirs:
+            reservoir.update_fixed(acts, view, context_max, k.sample_fixed)
+
+
+class Graphed(FixedShapes):
+    """Dense units, GRAPHS: FixedShapes' step replayed as a CUDA graph per batch shape (graphs.py), through
+    buffers shared by every source; on a CPU the same path runs eagerly."""
+
+    def __init__(self, source: UnitSource, settings: Settings, context_length: int, device: torch.device,
+                 dtype: torch.dtype, graphs: GraphedUpdates, key: int):
+        super().__init__(source, settings, context_length, device, dtype)
+        self.graphs, self.key = graphs, key
+
+    def update(self, acts: torch.Tensor, view: BatchView, nonzeros: torch.Tensor | None = None) -> None:
+        self.statistics.count(view)
+        self.graphs.update(self.key, acts, view, list(self.parts().values()), self.step)
+
+
+class TensorPairs(Accumulators):
+    """Sparse units (dictionary features), TENSOR: everything from the batch's non-zeros, never a pass over the
+    dense activations; per-token activations are rebuilt only for contexts that enter (activation_rows.py)."""
+
+    def __init__(self, source: UnitSource, settings: Settings, context_length: int, device: torch.device,
+                 dtype: torch.dtype):
+        super().__init__(source, settings, context_length, device, dtype)
+        self._table: torch.Tensor | None = None
+
+    def update(self, acts: torch.Tensor, view: BatchView, nonzeros: torch.Tensor | None = None) -> None:
+        self.statistics.count(view)
+        acts = acts.contiguous()
+        if nonzeros is None:
+            nonzeros = acts.view(-1).nonzero().squeeze(1)
+        self.update_pairs(acts, view, nonzeros)
+
+    def update_pairs(self, acts: torch.Tensor, view: BatchView, nonzeros: torch.Tensor) -> None:
+        k = self.kernels
+        rows_of = SparseRows(acts, nonzeros, self._pair_table(acts.shape[0] * acts.shape[2], acts.device))
+        fired = firing(rows_of, view.counted)
+        self.statistics.update_sparse(view, fired.units, fired.values)
+        self.top.update_pairs(rows_of, view, fired.pair_rows, fired.pair_units, fired.pair_max, k.topk_ranks)
+        for reservoir in self.reservoirs:
+            reservoir.update_pairs(rows_of, view, fired.pair_rows, fired.pair_units, fired.pair_max,
+                                   fired.batch_max, k.sample_ranks)
+
+    def _pair_table(self, size: int, device: torch.device) -> torch.Tensor:
+        """SparseRows' scratch, kept between batches (it is left all -1)."""
+        if self._table is None or self._table.numel() < size:
+            self._table = torch.full((size,), -1, dtype=torch.int32, device=device)
+        return self._table
+
+
+class NativePairs(TensorPairs):
+    """Sparse units, NATIVE: the non-zeros grouped by (context, unit) and merged into the lists by native.py's
+    loops. Activations in a dtype the loops do not read go through the tensor code."""
+
+    def update_pairs(self, acts: torch.Tensor, view: BatchView, nonzeros: torch.Tensor) -> None:
+        if not native.reads(acts, self.top.slot_activations):
+            return super().update_pairs(acts, view, nonzeros)
+        index = native.sparse_index(acts, nonzeros, view.counted)
+        self.statistics.update_sparse(view, index.counted_units, index.counted_values)
+        native.topk_update(self.top, acts, index.scores, view, True, index)
+        for reservoir in self.reservoirs:
+            native.reservoir_update(reservoir, acts, index.scores, view, index)
+
+
+_DENSE = {Backend.TENSOR: TensorLists, Backend.NATIVE: NativeLists, Backend.FIXED: FixedShapes}
+_SPARSE = {Backend.NATIVE: NativePairs}
+
+
+def make_accumulators(sources: list[UnitSource], settings: Settings, context_length: int, device: torch.device,
+                      dtypes: list[torch.dtype]) -> list[Accumulators]:
+    """Every source's accumulators for settings.backend (GRAPHS: sharing one set of graphs and buffers). dtypes:
+    each source's activation dtype, in which kept examples store their activations."""
+    graphs = GraphedUpdates(device) if settings.backend is Backend.GRAPHS else None
+    made: list[Accumulators] = []
+    for key, (source, dtype) in enumerate(zip(sources, dtypes, strict=True)):
+        if source.sparse:
+            made.append(_SPARSE.get(settings.backend, TensorPairs)(source, settings, context_length, device, dtype))
+        elif graphs is not None:
+            made.append(Graphed(source, settings, context_length, device, dtype, graphs, key))
+        else:
+            made.append(_DENSE[settings.backend](source, settings, context_length, device, dtype))
+    return made

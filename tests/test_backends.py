@@ -1,0 +1,207 @@
+"""Every accumulator backend keeps exactly the state the tensor backend keeps on the CPU (harvest/accumulators.py).
+
+Each backend that exists on this machine (native loops where a compiler builds them, fixed shapes and the CUDA
+graphs' path on the CPU, where graphs run eagerly through their buffers; tensor code, fixed shapes and recorded
+CUDA graphs on a GPU) is fed the same awkward batches as the CPU's tensor backend: many tied scores, padding, BOS,
+a unit's range growing by several powers of two at once, strided activations and every dtype the native loops
+read. Lists, samples, histograms, extremes and firing counts must be equal; sums equal to float rounding.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from featureatlas.harvest import native
+from featureatlas.harvest.accumulators import Accumulators, Backend, Settings, choose_backend, make_accumulators
+from featureatlas.harvest.batchview import BatchView
+from featureatlas.harvest.reservoir import Reservoir
+from featureatlas.harvest.statistics import HALF
+from featureatlas.harvest.topk import TopK
+
+from helpers.batches import UNITS, WIDTH, batches
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+NATIVE = pytest.mark.skipif(native.find_compiler() is None, reason="no C++ compiler to build harvest/native.cpp")
+# (device, backend) pairs compared with the CPU's tensor backend
+DENSE = [pytest.param("cpu", Backend.NATIVE, marks=NATIVE, id="cpu-native"),
+         pytest.param("cpu", Backend.FIXED, id="cpu-fixed"),
+         pytest.param("cpu", Backend.GRAPHS, id="cpu-graphs-eager"),
+         pytest.param("cuda", Backend.TENSOR, marks=CUDA, id="cuda-tensor"),
+         pytest.param("cuda", Backend.FIXED, marks=CUDA, id="cuda-fixed"),
+         pytest.param("cuda", Backend.GRAPHS, marks=CUDA, id="cuda-graphs")]
+SPARSE = [pytest.param("cpu", Backend.NATIVE, marks=NATIVE, id="cpu-native"),  # the others share the tensor code
+          pytest.param("cuda", Backend.GRAPHS, marks=CUDA, id="cuda")]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# Samples in bins that keep every firing context, keep one, and one bin for all (random examples)
+SETTINGS = [Settings(top_k=5, bottom_k=5, intervals=6, per_interval=8, random=3, histogram_every=2, seed=7),
+            Settings(top_k=3, bottom_k=2, intervals=4, per_interval=1, random=1, histogram_every=1, seed=7)]
+
+
+def sparse_batches(dtype: torch.dtype) -> list[tuple[torch.Tensor, BatchView, torch.Tensor]]:
+    """Dictionary features: mostly zeros; unit 2 has only negative counted non-zeros, unit 3 fires at BOS only,
+    a NaN in one context; non-zeros listed position by position in a scrambled order within each (a top-k
+    encode's order) in every other batch."""
+    generator = torch.Generator().manual_seed(1)
+    out = []
+    for i, (acts, view) in enumerate(batches(dtype, False)):
+        acts = acts.float().nan_to_num(posinf=0, neginf=0)
+        acts = torch.where(torch.rand(acts.shape, generator=generator) < 0.6, 0, acts.abs()).to(dtype)
+        acts[:, 1:, 2] = -acts[:, 1:, 2]
+        acts[:, 1:, 3], acts[:, 0, 3] = 0, 7
+        acts[0, 2, 4] = float("nan")  # a context with a NaN never fires
+        nonzeros = acts.reshape(-1).nonzero().squeeze(1)
+        if i % 2:
+            position = nonzeros // UNITS
+            scramble = torch.rand(nonzeros.shape, generator=generator)
+            nonzeros = nonzeros[torch.argsort(position.double() + scramble * 0.5)]
+        out.append((acts, view, nonzeros))
+    return out
+
+
+def accumulators(backend: Backend, device: str, dtype: torch.dtype, settings: Settings, sparse: bool = False
+                 ) -> Accumulators:
+    source = SimpleNamespace(n_units=UNITS, signed=not sparse, sparse=sparse)
+    settings = Settings(**{**vars(settings), "backend": backend})
+    return make_accumulators([source], settings, WIDTH, torch.device(device), [dtype])[0]  # type: ignore[list-item]
+
+
+def on(view: BatchView, device: str) -> BatchView:
+    return BatchView(view.counted.to(device), view.first_counted, view.padded, view.context_ids.to(device),
+                     view.keys.to(device), view.n_counted)
+
+
+def state(acc: Accumulators) -> dict[str, torch.Tensor]:
+    """Every part's results on the CPU: lists in rank order, samples in key order (the order within a bin is
+    free: the store orders by key)."""
+    out = {}
+    for name in ("top", "bottom"):
+        part = getattr(acc, name)
+        if part is not None:
+            out |= {f"{name}.{key}": value for key, value in ranked(part).items()}
+    for name in ("quantiles", "random"):
+        part = getattr(acc, name)
+        if part is not None:
+            out |= {f"{name}.{key}": value for key, value in by_key(part).items()}
+    out |= {f"statistics.{key}": value for key, value in acc.statistics.finish().items()}
+    out["statistics.n_tokens"] = torch.tensor(acc.statistics.n_tokens)
+    return {key: value.cpu() for key, value in out.items()}
+
+
+def ranked(top: TopK) -> dict[str, torch.Tensor]:
+    return {"values": top.values, "context_ids": top.context_ids, "positions": top.positions,
+            "activations": top.activations()}
+
+
+def by_key(reservoir: Reservoir) -> dict[str, torch.Tensor]:
+    order = reservoir.keys.argsort(dim=2, stable=True)
+    out = {name: getattr(reservoir, name).gather(2, order) for name in ("keys", "context_ids", "positions", "values")}
+    out["activations"] = reservoir.activations.gather(2, order[..., None].expand_as(reservoir.activations))
+    out["exponent"] = reservoir.exponent
+    return out
+
+
+def assert_same_state(got: Accumulators, want: Accumulators, prefix: str = "") -> None:
+    """Equal, NaN where NaN; the float64 sums to rounding (each form adds in its own order). prefix: only the
+    state whose names start with it."""
+    got_state, want_state = state(got), state(want)
+    assert got_state.keys() == want_state.keys()
+    for key, value in want_state.items():
+        if not key.startswith(prefix):
+            continue
+        rtol = 1e-5 if key.startswith(("statistics.sum_activation", "statistics.sum_squares")) else 0
+        torch.testing.assert_close(got_state[key], value, rtol=rtol, atol=rtol, equal_nan=True, msg=key)
+
+
+@pytest.mark.parametrize("device, backend", DENSE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("settings", SETTINGS, ids=["wide", "narrow"])
+def test_dense_backends_keep_the_tensor_backends_state(device: str, backend: Backend, dtype: torch.dtype,
+                                                       strided: bool, settings: Settings) -> None:
+    want = accumulators(Backend.TENSOR, "cpu", dtype, settings)
+    got = accumulators(backend, device, dtype, settings)
+    with torch.inference_mode():
+        for acts, view in batches(dtype, strided):
+            want.update(acts, view)
+            got.update(acts.to(device), on(view, device))
+    assert_same_state(got, want)
+
+
+@pytest.mark.parametrize("device, backend", DENSE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dense_backends_count_every_edge_value_alike(device: str, backend: Backend, dtype: torch.dtype) -> None:
+    """Histograms, extremes and firing counts of zero, subnormal, huge and infinite activations (whose lists are
+    left out: an infinite context max has no sample interval)."""
+    want = accumulators(Backend.TENSOR, "cpu", dtype, SETTINGS[1])
+    got = accumulators(backend, device, dtype, SETTINGS[1])
+    with torch.inference_mode():
+        for acts, view in batches(dtype, dtype != torch.float32, edges=True):
+            want.update(acts, view)
+            got.update(acts.to(device), on(view, device))
+    assert_same_state(got, want, prefix="statistics.")
+    counts = want.statistics.finish()["counts"]
+    assert (counts[:, [0, HALF - 1, HALF + 1, 2 * HALF]].sum(dim=0) > 0).all()  # beyond 2^16, below 2^-16
+
+
+@pytest.mark.parametrize("device, backend", SPARSE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("given", [True, False], ids=["nonzeros-given", "nonzeros-found"])
+def test_sparse_backends_keep_the_tensor_backends_state(device: str, backend: Backend, dtype: torch.dtype,
+                                                        given: bool) -> None:
+    want = accumulators(Backend.TENSOR, "cpu", dtype, SETTINGS[0], sparse=True)
+    got = accumulators(backend, device, dtype, SETTINGS[0], sparse=True)
+    with torch.inference_mode():
+        for acts, view, nonzeros in sparse_batches(dtype):
+            want.update(acts, view, nonzeros)
+            got.update(acts.to(device), on(view, device), nonzeros.to(device) if given else None)
+    assert_same_state(got, want)
+
+
+def test_the_comparisons_are_not_vacuous() -> None:
+    """Lists filled, ties met, samples re-binned, and the awkward units do what the comparisons rely on."""
+    dense = accumulators(Backend.TENSOR, "cpu", torch.float32, SETTINGS[0])
+    for acts, view in batches(torch.float32, False):
+        dense.update(acts, view)
+    top, quantiles = dense.top, dense.quantiles
+    assert (top.context_ids[1:] >= 0).all() and (top.values[:, :-1] == top.values[:, 1:]).any()
+    assert (quantiles.exponent[1:] >= 8).all() and (quantiles.context_ids[1:] >= 0).sum() > 2 * UNITS
+    assert (quantiles.context_ids[0] == -1).all()  # the unit that never fires keeps nothing
+    assert dense.statistics.counts[-1].sum() > 0  # tokens left out: BOS, padding, unsampled contexts
+    sparse = accumulators(Backend.TENSOR, "cpu", torch.float32, SETTINGS[0], sparse=True)
+    for acts, view, nonzeros in sparse_batches(torch.float32):
+        sparse.update(acts, view, nonzeros)
+    assert (sparse.top.context_ids[1] >= 0).all()  # a list filled
+    assert (sparse.top.context_ids[2:4] == -1).all()  # units 2 and 3 never fire
+    assert sparse.statistics.sum[4].isnan()  # the NaN was counted
+
+
+def test_each_backend_is_its_own_class_chosen_once() -> None:
+    """make_accumulators picks the class from the backend and the source's kind; nothing is chosen per batch."""
+    kinds = {}
+    for backend in Backend:
+        for sparse in (False, True):
+            kinds[backend, sparse] = type(accumulators(backend, "cpu", torch.float32, SETTINGS[0], sparse)).__name__
+    assert kinds == {(Backend.TENSOR, False): "TensorLists", (Backend.TENSOR, True): "TensorPairs",
+                     (Backend.NATIVE, False): "NativeLists", (Backend.NATIVE, True): "NativePairs",
+                     (Backend.FIXED, False): "FixedShapes", (Backend.FIXED, True): "TensorPairs",
+                     (Backend.GRAPHS, False): "Graphed", (Backend.GRAPHS, True): "TensorPairs"}
+
+
+@pytest.mark.parametrize("options, on_cpu, on_cuda", [
+    ({}, Backend.NATIVE, Backend.GRAPHS),
+    ({"cuda_graphs": False}, Backend.NATIVE, Backend.FIXED),
+    ({"native_loops": False}, Backend.TENSOR, Backend.GRAPHS),
+    ({"fixed_shapes": False}, Backend.NATIVE, Backend.TENSOR),
+    ({"fixed_shapes": True}, Backend.GRAPHS, Backend.GRAPHS),
+    ({"fixed_shapes": True, "cuda_graphs": False}, Backend.FIXED, Backend.FIXED)])
+def test_the_options_and_the_device_choose_the_backend(options: dict, on_cpu: Backend, on_cuda: Backend) -> None:
+    """Fixed shapes by default on CUDA only, graphs with them unless turned off; the native loops wherever they
+    build (only on CPUs), the tensor code elsewhere."""
+    if on_cpu is Backend.NATIVE and native.library() is None:
+        on_cpu = Backend.TENSOR  # no compiler here: the fallback the tests of native.py check
+    assert choose_backend(torch.device("cpu"), **options) is on_cpu
+    assert choose_backend(torch.device("cuda"), **options) is on_cuda

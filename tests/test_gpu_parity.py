@@ -1,0 +1,165 @@
+"""The CUDA forms of the harvest against the CPU's, on a GPU: the device operations the updates rely on, the fused
+reducer, and a tiny model harvested on the CPU and on the device (float32 with CUDA graphs and without, compiled and
+not, through torchrun's launcher, and bfloat16), compared store against store and checked by `featureatlas verify`
+on the device and on the CPU.
+
+Skipped without CUDA. What of this runs on a CPU runs there in other files: every accumulator backend against the
+CPU's tensor code in test_backends.py (its CUDA cases are the accumulator parity checks), the fixed-shape and
+graphs' forms of a whole harvest in test_features.py, torchrun in test_scale_out.py, verify in test_verify.py.
+bench/device_check.sh runs this file and test_backends.py on a GPU machine before the benchmarks.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from featureatlas.cli import main
+from featureatlas.harvest.reductions import reduce_eager, reducer
+from featureatlas.harvest.statistics import histogram_columns
+
+from helpers.stores import TIMING, assert_same_store, query
+from helpers.tiny_models import HIDDEN, saelens_sae, save_tiny_model, write_corpus
+
+pytestmark = [pytest.mark.model, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+
+# Each harvest's options beyond the common ones (see stores)
+HARVESTS = {"cpu": ["--device", "cpu", "--dtype", "float32"],
+            "cuda": ["--device", "cuda", "--dtype", "float32"],
+            "cuda-no-graphs": ["--device", "cuda", "--dtype", "float32", "--cuda-graphs", "off"],
+            "cuda-compiled": ["--device", "cuda", "--dtype", "float32", "--compile", "on"],
+            "cuda-bf16": ["--device", "cuda", "--dtype", "bfloat16"]}
+
+
+def test_the_device_ops_the_updates_rely_on_match_the_cpu() -> None:
+    """Stable sorts with ties (the fixed-shape merges' order), int8 stable argsort, and histogram columns read off
+    the float's bits, zero, subnormals, huge values and infinities included."""
+    g = torch.Generator().manual_seed(0)
+    ties = torch.randint(0, 4, (257, 84), generator=g).float()
+    assert torch.equal(ties.sort(dim=1, descending=True, stable=True).indices,
+                       ties.cuda().sort(dim=1, descending=True, stable=True).indices.cpu())
+    small = torch.randint(0, 2, (257, 21), generator=g).to(torch.int8)
+    assert torch.equal(small.argsort(dim=1, stable=True), small.cuda().argsort(dim=1, stable=True).cpu())
+    special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 2.0**-16, 2.0**16, 3e38, -3e38, math.inf, -math.inf, 1.0, -1.5])
+    spread = torch.randn(10_000, generator=g) * 10.0 ** torch.randint(-6, 6, (10_000,), generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        values = torch.cat([special, spread]).to(dtype)
+        assert torch.equal(histogram_columns(values), histogram_columns(values.cuda()).cpu()), dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_the_reducer_on_the_device_equals_the_cpus_eager_one(dtype: torch.dtype, compiled: bool) -> None:
+    """Extremes and firing counts exact, sums to float32 rounding of their terms' sizes; torch.compile must build
+    on CUDA (a fallback to eager would leave the compiled path unchecked)."""
+    g = torch.Generator().manual_seed(1)
+    acts = (torch.randn(32, 64, 512, generator=g) * 3).to(dtype)
+    counted = torch.ones(32, 64, dtype=torch.bool)
+    counted[:, 0] = False
+    counted[-2:, 32:] = False  # two short contexts: padded
+    want = reduce_eager(acts, counted, 1, True)
+    reduce = reducer(compiled)
+    got = [t.cpu() for t in reduce(acts.cuda(), counted.cuda(), 1, True)]
+    assert not getattr(reduce, "fell_back", False), "torch.compile fell back to eager (see its line on stderr)"
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(got[4].long(), want[4].long())
+    sizes = [(acts.float().abs() * counted[..., None]).sum((0, 1)).double(), want[3].double()]
+    for g_sum, w_sum, size in zip(got[2:4], want[2:4], sizes, strict=True):
+        assert ((g_sum.double() - w_sum.double()).abs() <= 1e-5 * size + 1e-30).all()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A llama (signed neurons: every example kind), its residual dimensions and a top-k SAE; the harvest options
+    every run shares (padded batches: documents end mid-batch)."""
+    root = tmp_path_factory.mktemp("parity")
+    model, corpus = save_tiny_model("llama", root / "model"), write_corpus(root / "corpus")
+    sae = saelens_sae(root / "sae", HIDDEN, "blocks.1.hook_resid_post")
+    common = ["--model", str(model), "--corpus", str(corpus), "--layers", "all", "--resid", "all", "--sae",
+              f"res1={sae}", "--context-length", "16", "--top-k", "3", "--batch-size", "5", "--intervals", "4",
+              "--random-examples", "2", "--logits", "3", "--compile", "off"]
+    return root, common
+
+
+class Stores(dict):
+    """Each named harvest's store (HARVESTS), run the first time it is asked for."""
+
+    def __init__(self, root: Path, common: list[str]):
+        super().__init__()
+        self.root, self.common = root, common
+
+    def __missing__(self, name: str) -> Path:
+        out = self.root / f"{name}.duckdb"
+        assert main(["harvest", *self.common, *HARVESTS[name], "--out", str(out)]) == 0, name
+        self[name] = out
+        return out
+
+
+@pytest.fixture(scope="module")
+def stores(tiny) -> Stores:
+    return Stores(*tiny)
+
+
+def assert_close_stores(cpu: Path, device: Path, share: float = 0.99, rtol: float = 1e-4) -> None:
+    """float32 on two devices: the model's matrix products round differently, so a near-tie may rank the other
+    way. The same contexts and tokens; at least `share` of the units' example lists identical (contexts and
+    positions, rank by rank); values and statistics within rtol of each unit's largest |activation|."""
+    assert query(cpu, "SELECT n_tokens, n_contexts FROM runs") == query(device, "SELECT n_tokens, n_contexts FROM runs")
+    tokens = "SELECT context_id, token_ids FROM contexts"
+    common = dict(query(cpu, tokens)).keys() & dict(query(device, tokens)).keys()
+    assert common and all(dict(query(cpu, tokens))[c] == dict(query(device, tokens))[c] for c in common)
+    units = "SELECT source, layer, unit, n_tokens, mean, std, min_activation, max_activation FROM statistics"
+    a = {row[:3]: row[3:] for row in query(cpu, units)}
+    b = {row[:3]: row[3:] for row in query(device, units)}
+    assert a.keys() == b.keys()
+    scale = {k: max(abs(v[3] or 0.0), abs(v[4] or 0.0)) or 1.0 for k, v in a.items()}
+    for key, (n, *values) in a.items():
+        assert b[key][0] == n, key
+        assert all(x is y is None or abs(x - y) <= rtol * scale[key] for x, y in zip(values, b[key][1:], strict=True)
+                   ), key
+    lists = ("SELECT source, layer, unit, example_kind, list((context_id, max_position, max_activation) ORDER BY "
+             "interval_lo, rank) FROM examples WHERE example_kind IN ('top', 'bottom') GROUP BY ALL")
+    left, right = ({row[:4]: row[4] for row in query(path, lists)} for path in (cpu, device))
+    assert left.keys() == right.keys()
+    same = sum([(c, p) for c, p, _ in left[k]] == [(c, p) for c, p, _ in right[k]] for k in left)
+    assert same >= share * len(left), f"only {same} of {len(left)} units' top and bottom lists are identical"
+    for key in left:
+        if len(left[key]) == len(right[key]):
+            assert all(abs(x[2] - y[2]) <= rtol * scale[key[:3]] for x, y in zip(left[key], right[key], strict=True))
+
+
+def test_float32_on_the_device_writes_the_cpus_store(stores) -> None:
+    assert_close_stores(stores["cpu"], stores["cuda"])
+
+
+@pytest.mark.parametrize("other", ["cuda-no-graphs", "cuda-compiled"])
+def test_graphs_and_compiling_change_nothing_on_the_device(stores, other: str) -> None:
+    """The same device's forward passes, other update code: the very same store (sums to rounding)."""
+    assert_same_store(stores["cuda"], stores[other], leave_out=TIMING | {"settings"})
+
+
+def test_torchrun_on_one_gpu_writes_the_single_process_store(tiny, stores) -> None:
+    """One rank (WORLD_SIZE 1) is a plain harvest; two ranks on one GPU cannot run (each needs its own device),
+    and two on the CPU are test_scale_out.py's."""
+    root, common = tiny
+    out = root / "torchrun.duckdb"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-addr",
+                             "127.0.0.1", "--master-port", str(port), "-m", "featureatlas", "harvest", *common,
+                             *HARVESTS["cuda"], "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_store(stores["cuda"], out)
+
+
+@pytest.mark.parametrize("name, device", [("cuda", "cuda"), ("cuda-bf16", "cuda"), ("cuda", "cpu")])
+def test_device_stores_verify_clean(stores, name: str, device: str, capsys: pytest.CaptureFixture) -> None:
+    """Every sampled example recomputed, on the device and, for float32, on the CPU too: the two agree."""
+    assert main(["verify", str(stores[name]), "--device", device, "--sample", "300"]) == 0, capsys.readouterr().err
