@@ -3,7 +3,6 @@ writes; catalogues of different models combine; stores that cannot be merged are
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import subprocess
@@ -16,15 +15,10 @@ import pytest
 from featureatlas.build.site import build_site
 from featureatlas.cli import main
 
+from helpers.stores import assert_same_store
 from helpers.tiny_models import save_tiny_model, write_corpus
 
 pytestmark = pytest.mark.model
-
-TIMING = {"started_at", "finished_at", "tokens_per_second"}
-# Each batch's sums are float32; shards group contexts into other batches, so the totals agree to float32
-# rounding of the partial sums: checked on t_units against the scale of the unit's values, sqrt(n * sum_squares).
-SUMS = {"sum_activation", "sum_squares", "mean", "std"}
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
@@ -44,44 +38,6 @@ def whole(tiny) -> Path:
     out = root / "whole.duckdb"
     assert main(argv(model, corpus, out)) == 0
     return out
-
-
-def rows(path: Path) -> dict[str, list]:
-    con = duckdb.connect(str(path), read_only=True)
-    try:
-        result = {}
-        for view in ("runs", "sources", "units", "statistics", "histograms", "examples", "logit_effects",
-                     "contexts", "documents", "vocabulary"):
-            table = "t_vocabulary" if view == "vocabulary" else view
-            cursor = con.execute(f"SELECT * FROM {table}")
-            names = [d[0] for d in cursor.description]
-            result[view] = sorted(([(n, v) for n, v in zip(names, row, strict=True) if n not in TIMING]
-                                   for row in cursor.fetchall()), key=repr)
-        return result
-    finally:
-        con.close()
-
-
-def assert_same_store(a: Path, b: Path) -> None:
-    """Equal row for row, but for the sums behind mean and std (see SUMS)."""
-    left, right = rows(a), rows(b)
-    for view in left:
-        assert len(left[view]) == len(right[view]), view
-        for x, y in zip(left[view], right[view], strict=True):
-            exact = [(n, v) for n, v in x if n not in SUMS], [(n, v) for n, v in y if n not in SUMS]
-            assert exact[0] == exact[1], (view, x, y)
-    sums = "SELECT source, layer, unit, n_tokens, sum_activation, sum_squares FROM t_units ORDER BY 1, 2, 3"
-    for x, y in zip(_query(a, sums), _query(b, sums), strict=True):
-        scale = math.sqrt(x[3] * x[5]) + 1e-30
-        assert abs(x[4] - y[4]) <= 1e-5 * scale and abs(x[5] - y[5]) <= 1e-5 * x[5] + 1e-30, (x, y)
-
-
-def _query(path: Path, sql: str) -> list[tuple]:
-    con = duckdb.connect(str(path), read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
 
 
 def test_shards_merge_into_the_single_run(tiny, whole: Path, tmp_path: Path, capsys) -> None:
