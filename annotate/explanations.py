@@ -25,7 +25,7 @@ from typing import IO
 import duckdb
 import pyarrow as pa
 
-from featureatlas.errors import AnnotationError
+from featureatlas.errors import AnnotationError, setting_name
 from featureatlas.store.addresses import (
     MODEL_SEPARATOR,
     AddressError,
@@ -139,7 +139,8 @@ def annotate(store: str | Path, explanations: str | Path, *, author: str | None 
         raise AnnotationError(f"{explanations}: no such file or folder; pass a .csv, .jsonl or .json file, a "
                               "Neuronpedia export, or a delphi explanations folder")
     if author is not None and (not author.strip() or len(author) > MAX_NAME):
-        raise AnnotationError(f"--author {author[:MAX_NAME]!r}: give a name of 1 to {MAX_NAME} characters")
+        raise AnnotationError(f"{setting_name('author')} {author[:MAX_NAME]!r}: give a name of 1 to {MAX_NAME} "
+                              f"characters")
     con = open_store_for_update(store)
     try:
         summary = AnnotateSummary(store=store, file=_file_name(explanations))
@@ -155,7 +156,8 @@ def annotate(store: str | Path, explanations: str | Path, *, author: str | None 
                 unit = context.locate(record)
             except UnknownUnitError as err:
                 if not skip_unknown:
-                    raise AnnotationError(f"{record.where}: {err}; fix it, or pass --skip-unknown to leave out "
+                    raise AnnotationError(f"{record.where}: {err}; fix it, or pass "
+                                          f"{setting_name('skip_unknown')} to leave out "
                                           "rows of units the store does not hold") from None
                 summary.unknown += 1
                 summary.first_unknown = summary.first_unknown or record.where
@@ -320,20 +322,23 @@ class _Context:
         for value in sources:
             if value in known or "=" not in value:
                 if value not in known:
-                    raise AnnotationError(f"--source {value!r}: {self.store} has no such source; it has "
+                    raise AnnotationError(f"{setting_name('source')} {value!r}: {self.store} has no such "
+                                          f"source; it has "
                                           f"{describe_sources(self.table)}")
                 if self.default_source not in (None, value):
-                    raise AnnotationError(f"--source {value!r}: a default source ({self.default_source!r}) was "
+                    raise AnnotationError(f"{setting_name('source')} {value!r}: a default source "
+                                          f"({self.default_source!r}) was "
                                           "given already; map names with --source NAME=SOURCE")
                 self.default_source = value
             else:
                 name, _, target = value.rpartition("=")
                 if target not in known:
-                    raise AnnotationError(f"--source {value!r}: {self.store} has no source {target!r}; it has "
+                    raise AnnotationError(f"{setting_name('source')} {value!r}: {self.store} has no source "
+                                          f"{target!r}; it has "
                                           f"{describe_sources(self.table)}")
                 self.source_map[name.strip()] = target
         if model is not None and model not in self.models:
-            raise AnnotationError(f"--model {model!r}: {self.store} holds no such model; it holds "
+            raise AnnotationError(f"{setting_name('model')} {model!r}: {self.store} holds no such model; it holds "
                                   f"{', '.join(repr(m) for m in self.models)}")
         self.model = model
 

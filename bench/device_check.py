@@ -11,6 +11,9 @@ small sizes.
 Stages, in order (--only/--skip take stage names; each runs as a subprocess under its own time limit, and none
 starts when less of the budget is left than it needs):
   neurons   bench/harvest.py on a model shaped as SmolLM2-135M, all MLP neurons
+  backends  neurons and residual dimensions at batch 64 and 256, each with the Triton kernels (CUDA's default where
+            Triton imports) and with the fixed-shape tensor step in CUDA graphs (FEATUREATLAS_TRITON=0): ratios
+            side by side, and triton's harvest throughput over graphs'
   wide      neurons with batches of 4 times as many contexts (half as many batches)
   whole     bench/harvest_whole.py: whole processes, harvest against bare forward, and peak memory
   profile   neurons without CUDA graphs, 12 batches, the last 3 under torch.profiler (GPU time a kernel)
@@ -61,8 +64,8 @@ FULL = Sizes(dtype="bfloat16", batch=64, batches=40, big_batches=20, compile="on
 SMALL = Sizes(dtype="float32", batch=8, batches=4, big_batches=2, compile="off", sae_features=256, sae_k=16,
               sae_layer=1, whole=(1_000, 3_000, 1_000, 2))
 # name: (the most seconds it may run, the seconds it needs to be worth starting)
-STAGES = {"neurons": (150, 30), "wide": (120, 30), "whole": (240, 60), "profile": (90, 30), "sae": (90, 30),
-          "1b": (150, 45), "resid": (90, 30)}
+STAGES = {"neurons": (150, 30), "backends": (120, 60), "wide": (120, 30), "whole": (240, 60), "profile": (90, 30),
+          "sae": (90, 30), "1b": (150, 45), "resid": (90, 30)}
 BENCH_LINE = re.compile(r"^\s*(all batches|last \d+): bare forward\s+(\d+) tok/s \| harvest\s+(\d+) tok/s \| "
                         r"ratio harvest/bare ([\d.]+)", re.M)
 
@@ -71,12 +74,13 @@ class StageFailed(Exception):
     """A stage that ran but did not finish well: its message says how."""
 
 
-def run_streamed(cmd: list[str], timeout: float) -> tuple[int | None, str]:
+def run_streamed(cmd: list[str], timeout: float, extra_env: dict[str, str] | None = None) -> tuple[int | None, str]:
     """cmd in its own process group, its output printed as it comes (tqdm's redraws folded to their last state);
-    (exit status, or None when it ran past timeout and was stopped; the whole output)."""
-    print(f"$ {shlex.join(cmd)}   (timeout {timeout:.0f}s)", flush=True)
+    (exit status, or None when it ran past timeout and was stopped; the whole output). extra_env: on top of ours."""
+    shown = " ".join(f"{key}={value}" for key, value in (extra_env or {}).items())
+    print(f"$ {shown + ' ' if shown else ''}{shlex.join(cmd)}   (timeout {timeout:.0f}s)", flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1")
+               TRANSFORMERS_OFFLINE="1", **(extra_env or {}))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env=env,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     lines: list[str] = []
@@ -119,8 +123,8 @@ class Bench:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def run(self, cmd: list[str]) -> tuple[int | None, str]:
-        return run_streamed(cmd, min(self.limit, self.left()))
+    def run(self, cmd: list[str], extra_env: dict[str, str] | None = None) -> tuple[int | None, str]:
+        return run_streamed(cmd, min(self.limit, self.left()), extra_env)
 
     def made(self, name: str, cmd: list[str]) -> Path:
         if name not in self._made:
@@ -141,12 +145,14 @@ class Bench:
         return self.made("sae", ["sae", "--d-in", str(d_in), "--d-sae", str(s.sae_features), "--k", str(s.sae_k),
                                  "--hook", f"blocks.{s.sae_layer}.hook_resid_post"])
 
-    def harvest(self, rec: dict, model: Path, extra: list[str], batches: int, batch: int | None = None) -> None:
+    def harvest(self, rec: dict, model: Path, extra: list[str], batches: int, batch: int | None = None,
+                extra_env: dict[str, str] | None = None) -> None:
         """bench/harvest.py; its rates and ratios into rec."""
         s = self.sizes
         rc, output = self.run([sys.executable, str(REPO / "bench" / "harvest.py"), "--model", str(model), "--corpus",
                                str(CORPUS), "--device", self.args.device, "--dtype", s.dtype, "--batch-size",
-                               str(batch or s.batch), "--batches", str(batches), "--compile", s.compile, *extra])
+                               str(batch or s.batch), "--batches", str(batches), "--compile", s.compile, *extra],
+                              extra_env)
         rec["exit"] = rc
         for label, bare, harvest, ratio in BENCH_LINE.findall(output):
             rec[label] = dict(bare_tok_s=int(bare), harvest_tok_s=int(harvest), ratio=float(ratio))
@@ -157,6 +163,41 @@ class Bench:
 
 def stage_neurons(b: Bench, rec: dict) -> None:
     b.harvest(rec, b.model("smollm2-135m"), [], b.sizes.batches)
+
+
+# bench/harvest.py's environment for each backend compared by stage_backends
+BACKEND_ENV = {"triton": {}, "graphs": {"FEATUREATLAS_TRITON": "0"}}
+
+
+def stage_backends(b: Bench, rec: dict) -> None:
+    """The Triton kernels against the tensor step in CUDA graphs, neurons and residual dimensions, at the usual
+    batch and four times it (64 and 256 at full size); a table of ratios and triton's throughput over graphs'."""
+    model = b.model("smollm2-135m")
+    sizes = [(b.sizes.batch, max(b.sizes.batches // 2, 4)), (4 * b.sizes.batch, max(b.sizes.batches // 6, 3))]
+    failed = []
+    for batch, batches in sizes:
+        for name, env in BACKEND_ENV.items():
+            run = rec.setdefault(f"batch {batch}", {}).setdefault(name, {})
+            try:
+                b.harvest(run, model, ["--resid"], batches, batch=batch, extra_env=env)
+            except StageFailed as err:
+                failed.append(f"{name} at batch {batch}: {err}")
+    print("\n  batch  backend  (as run)          ratio all  ratio last  harvest tok/s (last)", flush=True)
+    for batch, _ in sizes:
+        runs = rec[f"batch {batch}"]
+        for name, run in runs.items():
+            last = next((v for k, v in run.items() if k.startswith("last ")), {})
+            ran = re.search(r"backend (\w+)", run.get("what") or "")
+            ratio_all = run.get("all batches", {}).get("ratio", float("nan"))
+            print(f"  {batch:>5}  {name:<7}  ({ran.group(1) if ran else '?':<15})  {ratio_all:>9.3f}  "
+                  f"{last.get('ratio', float('nan')):>10.3f}  {last.get('harvest_tok_s', 0):>10}", flush=True)
+        rates = [next((v.get("harvest_tok_s") for k, v in runs.get(n, {}).items() if k.startswith("last ")), None)
+                 for n in ("triton", "graphs")]
+        if all(rates):
+            runs["triton_over_graphs"] = round(rates[0] / rates[1], 3)
+            print(f"  {batch:>5}  triton's harvest throughput / graphs': {runs['triton_over_graphs']:.3f}", flush=True)
+    if failed:
+        raise StageFailed("; ".join(failed))
 
 
 def stage_wide(b: Bench, rec: dict) -> None:
@@ -202,7 +243,8 @@ def stage_whole(b: Bench, rec: dict) -> None:
         raise StageFailed(f"bench/harvest_whole.py exit {rc}")
 
 
-STAGE_FUNCTIONS = {"neurons": stage_neurons, "wide": stage_wide, "whole": stage_whole, "profile": stage_profile,
+STAGE_FUNCTIONS = {"neurons": stage_neurons, "backends": stage_backends,
+                   "wide": stage_wide, "whole": stage_whole, "profile": stage_profile,
                    "sae": stage_sae, "1b": stage_1b, "resid": stage_resid}
 
 

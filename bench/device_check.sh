@@ -7,9 +7,10 @@
 #   1. install the wheels in .whl/ (duckdb, zstandard; carried beside the working tree) and this package, both
 #      into $SITE_DIR (default /tmp/site), without network or dependencies; PYTHONPATH points there
 #   2. print the GPU (nvidia-smi), torch, transformers, the C compiler
-#   3. the parity tests: pytest of tests/test_gpu_parity.py and the CUDA cases of tests/test_backends.py
-#      (TESTS=0 skips them), JUnit XML into OUT_DIR/parity.xml
-#   4. python3 bench/device_check.py --out OUT_DIR ...: the benchmarks (see its docstring)
+#   3. the parity tests: pytest of tests/test_gpu_parity.py (the Triton kernels' backend among them) and the CUDA
+#      cases of tests/test_backends.py (TESTS=0 skips them), JUnit XML into OUT_DIR/parity.xml
+#   4. python3 bench/device_check.py --out OUT_DIR ...: the benchmarks (see its docstring; its `backends` stage
+#      compares the Triton kernels with the tensor step in CUDA graphs at batch 64 and 256 and prints the ratios)
 # Everything is teed to OUT_DIR/device_check.log; device_check.py writes OUT_DIR/device_check.json. A failing stage
 # does not stop the next; the exit status is 0 only when every stage passed.
 # Overrides (for a dry run elsewhere): PYTHON (default python3), WHL_DIR (default .whl), SITE_DIR (default /tmp/site),
@@ -72,6 +73,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,utilization.
 "$PY" -c "import sys, torch, transformers; print('python', sys.version.split()[0], '| torch', torch.__version__, \
 'cuda', torch.version.cuda, 'available', torch.cuda.is_available(), '| transformers', transformers.__version__)" \
   || status=1
+"$PY" -c "import torch, triton; from featureatlas.harvest import kernels; print('triton', triton.__version__, \
+'| kernels run on cuda:', kernels.available(torch.device('cuda')))" || echo "(no triton: the TRITON backend is off)"
 echo "cores $(nproc), cc: $(command -v cc || command -v gcc || echo none), $(df -h /tmp | tail -1 | awk '{print $4}') free in /tmp"
 
 if [ "${TESTS:-1}" != 0 ]; then

@@ -1,19 +1,22 @@
 """Harvest cost against the bare forward pass, measured side by side on the same batches in one run.
 
     python bench/harvest.py [--model smollm2-135m] [--batches 60] [--batch-size 16] [--resid] [--sae DIR]
-                            [--cuda-graphs on|off] [--profile N]
+                            [--cuda-graphs on|off] [--cooccurrence] [--profile N]
 
 For each batch it times the bare backbone forward (inference_mode, same dtype, device and input; all layers;
 no LM head) plus the bare encode of every --sae dictionary on its hooked tensor, and then the same forward
 with every unit harvested (top and bottom examples, statistics, histograms, quantile and random samples), so
 drift in machine speed hits both alike. It prints tokens/s for both and their ratio, over all batches and over
-the second half (once the examples are mostly settled, which is what a long harvest mostly runs in).
+the second half (once the examples are mostly settled, which is what a long harvest mostly runs in). With
+--cooccurrence, each batch also runs through a second harvester that counts the dictionaries' co-occurrence
+(harvest/cooccurrence.py), and the harvest's cost with it is printed against the same harvest without.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,6 +29,8 @@ from featureatlas.harvest.run import HarvestConfig, build_sources
 from featureatlas.load.corpus import embedded_corpus, iter_documents
 from featureatlas.load.models import load_model, pick_device, pick_dtype, resolve_model
 
+DEFAULTS = HarvestConfig(model="", corpus="", out="")  # the harvest's own defaults
+
 
 def main() -> None:
     keep_freed_memory()  # as the featureatlas command does (featureatlas/allocator.py)
@@ -34,8 +39,8 @@ def main() -> None:
     ap.add_argument("--corpus", type=Path, default=None, help="default: the embedded Shakespeare corpus")
     ap.add_argument("--batches", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--context-length", type=int, default=64)
-    ap.add_argument("--top-k", type=int, default=20)
+    ap.add_argument("--context-length", type=int, default=DEFAULTS.context_length)
+    ap.add_argument("--top-k", type=int, default=DEFAULTS.top_k)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--layers", default="all", help="MLP neurons of these layers (none: no neurons)")
@@ -43,6 +48,8 @@ def main() -> None:
     ap.add_argument("--sae", action="append", default=[], help="a dictionary folder (repeatable)")
     ap.add_argument("--compile", choices=["on", "off"], default="on", help="fused reductions (reductions.py)")
     ap.add_argument("--cuda-graphs", choices=["on", "off"], default="on", help="as harvest's (graphs.py)")
+    ap.add_argument("--cooccurrence", action="store_true",
+                    help="also time the harvest counting the dictionaries' co-occurrence, against it without")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="then profile N more harvest steps and print their costliest operations (on CUDA, by GPU "
                          "time; pass --cuda-graphs off to see the kernels a graph would replay)")
@@ -82,13 +89,20 @@ def main() -> None:
                         backend=choose_backend(device, cuda_graphs=args.cuda_graphs == "on"))
     with Harvester(model, sources, settings, args.context_length, int(has_bos)) as warm_up:
         warm_up.step(batches[0])  # compiles the fused reductions (once per process) before anything is timed
+    counting, t_counting = None, []
+    if args.cooccurrence:  # hooked only while it runs
+        counting = Harvester(model, sources, replace(settings, cooccurrence=True), args.context_length,
+                             int(has_bos))
+        counting.detach()
     harvester = Harvester(model, sources, settings, args.context_length, int(has_bos))
-    for batch in batches:  # one set of accumulators for the whole run; hooks come off for the bare runs
-        harvester.detach()
-        t_bare.append(timed(lambda b=batch: bare(b)))
-        harvester.attach()
-        t_harvest.append(timed(lambda b=batch, h=harvester: h.step(b)))
     harvester.detach()
+    timings = [(harvester, t_harvest)] + ([(counting, t_counting)] if counting is not None else [])
+    for i, batch in enumerate(batches):  # one set of accumulators for the whole run; hooks on only while it runs
+        t_bare.append(timed(lambda b=batch: bare(b)))
+        for each, times in timings if i % 2 == 0 else timings[::-1]:  # with and without, in turn first
+            each.attach()
+            times.append(timed(lambda b=batch, h=each: h.step(b)))
+            each.detach()
     tokens = batches[0].input_ids.numel()
     n_units = sum(s.n_units for s in harvester.sources)
     print(f"{device} {model.dtype}: {len(batches)} batches of {args.batch_size}x{args.context_length} tokens, "
@@ -100,6 +114,17 @@ def main() -> None:
         harvest_rate = tokens * len(t_harvest[part]) / sum(t_harvest[part])
         print(f"{label:>12}: bare forward {bare_rate:7.0f} tok/s | harvest {harvest_rate:7.0f} tok/s | "
               f"ratio harvest/bare {harvest_rate / bare_rate:.3f}")
+        if counting is not None:
+            counting_rate = tokens * len(t_counting[part]) / sum(t_counting[part])
+            print(f"{'':>12}  harvest with co-occurrence {counting_rate:7.0f} tok/s | ratio with/without "
+                  f"{counting_rate / harvest_rate:.3f}")
+    if counting is not None:
+        for source, acc in zip(counting.sources, counting.accumulators, strict=True):
+            pairs = acc.cooccurrence
+            if pairs is not None:
+                pairs.nearest(1)  # merges what is still buffered
+                print(f"co-occurrence of {source.name}: {len(pairs.keys):,} distinct pairs kept, "
+                      f"{'complete' if pairs.complete else 'rarest dropped'}")
     if args.profile:
         profile_steps(harvester, batches[-args.profile:], device)
 

@@ -28,9 +28,12 @@ import torch
 from featureatlas.allocator import keep_freed_memory
 from featureatlas.harvest import harvester as current_harvester
 from featureatlas.harvest import run as current_run
+from featureatlas.harvest.config import HarvestConfig
 from featureatlas.harvest.contexts import iter_batches, iter_contexts
 from featureatlas.load.corpus import embedded_corpus, iter_documents
 from featureatlas.load.models import load_model, pick_device, pick_dtype, resolve_model
+
+DEFAULTS = HarvestConfig(model="", corpus="", out="")  # the harvest's own defaults
 
 REPO = Path(__file__).resolve().parent.parent
 ALIAS = "featureatlas_base"
@@ -71,8 +74,8 @@ def main() -> None:
     ap.add_argument("--against", default="HEAD", help="git revision to compare with (default: HEAD)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--batches", type=int, default=30)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--context-length", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    ap.add_argument("--context-length", type=int, default=DEFAULTS.context_length)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--resid", action="store_true", help="also every layer's residual dimensions")

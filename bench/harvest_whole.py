@@ -40,6 +40,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from featureatlas.harvest.config import HarvestConfig
+
+DEFAULTS = HarvestConfig(model="", corpus="", out="")  # the harvest's own defaults
+
 CHILD = Path(__file__).with_name("harvest_whole_child.py")
 
 
@@ -63,9 +67,9 @@ def main() -> None:
     ap.add_argument("--memory-tokens", type=int, default=10_000,
                     help="tokens of the 1x memory run (default: %(default)s; 0: no memory runs)")
     ap.add_argument("--memory-factor", type=int, default=10, help="the other memory run's multiple (default: 10)")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--context-length", type=int, default=64)
-    ap.add_argument("--top-k", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    ap.add_argument("--context-length", type=int, default=DEFAULTS.context_length)
+    ap.add_argument("--top-k", type=int, default=DEFAULTS.top_k)
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     ap.add_argument("--layers", default=None, help="MLP neurons of these layers (default: all; none: no neurons)")

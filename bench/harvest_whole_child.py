@@ -24,6 +24,10 @@ import sys
 import time
 from pathlib import Path
 
+from featureatlas.harvest.config import HarvestConfig
+
+DEFAULTS = HarvestConfig(model="", corpus="", out="")  # the harvest's own defaults
+
 
 def _cuda_report(torch) -> dict:
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
@@ -39,8 +43,8 @@ def bare(argv: list[str]) -> dict:
     ap.add_argument("--model", required=True)
     ap.add_argument("--corpus", type=Path, required=True)
     ap.add_argument("--tokens", type=int, required=True)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--context-length", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    ap.add_argument("--context-length", type=int, default=DEFAULTS.context_length)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--sae", action="append", default=[])

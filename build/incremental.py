@@ -20,7 +20,7 @@ import duckdb
 from featureatlas.build.reader import Catalog, has_view
 from featureatlas.build.shards import Postings
 from featureatlas.build.templates import templates_dir
-from featureatlas.errors import SiteError
+from featureatlas.errors import SiteError, setting_name
 
 STATE_FILE = ".featureatlas-build.json.gz"
 STATE_VERSION = 1
@@ -104,7 +104,7 @@ def link_tree(source: Path, target: Path, site: Path) -> tuple[int, int]:
     link anywhere in the folder (which could lead to a user's files) stops the build instead of being followed."""
     root = site.resolve()
     if source.is_symlink() or not source.resolve().is_relative_to(root):
-        raise SiteError(f"{source}: leads out of the site {site}; build without --incremental")
+        raise SiteError(f"{source}: leads out of the site {site}; build without {setting_name('incremental')}")
     count = size = 0
     for folder, dirs, files in os.walk(source):
         for name in dirs + files:

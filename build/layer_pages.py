@@ -12,12 +12,13 @@ import jinja2
 from markupsafe import Markup, escape
 
 from featureatlas.build.numbers import format_activation, format_percent
-from featureatlas.build.reader import LayerInfo, noun, read_layer_explanations, read_snippets
+from featureatlas.build.reader import LayerInfo, has_layout, noun, read_layer_explanations, read_snippets
 from featureatlas.build.shards import SHARD_UNITS
 from featureatlas.text import token_text, visible
 
 SNIPPET_BEFORE = 8
 SNIPPET_AFTER = 3
+MAP_PAGE = "map.html"  # build/map_page.py writes it beside these pages for a layer with a layout
 
 
 def snippet_html(tokens: list[str], max_index: int, cut_before: bool, cut_after: bool) -> str:
@@ -79,7 +80,8 @@ def write_layer_pages(con: duckdb.DuckDBPyConnection, info: LayerInfo, env: jinj
     """Write `<layer>/index.html` and `<layer>/unit.html`; returns their size in bytes. neighbours: hrefs of the
     previous/next layer pages."""
     rows, explained = _rows(con, info, bos_token)
-    shared = {"root": root, "info": info, "model_anchor": model_anchor, "noun": noun(info)}
+    shared = {"root": root, "info": info, "model_anchor": model_anchor, "noun": noun(info),
+              "map_href": MAP_PAGE if has_layout(con, info.key) else None}
     pages = {
         "index.html": env.get_template("layer.html").render(
             n_units=len(rows), rows=Markup("\n".join(rows)), config=config_text(info.config), prev=neighbours[0],

@@ -156,6 +156,56 @@ class Explanations:
     score_kind: list[str | None]  # what each score measures
 
 
+NEIGHBOURS_SHOWN = 10  # per unit and kind (a store may hold more)
+NEIGHBOUR_KINDS = ("cooccurrence", "decoder", "encoder", "output", "decoder_across")  # schema.sql's; page order
+
+
+@dataclass
+class Neighbours:
+    """Each unit's nearest units (the `neighbours` view, when the store has one), sorted by unit, kind, rank;
+    explanation: the other unit's best one where it is in this layer (another layer's may change without this
+    one's pages being rebuilt), else None."""
+
+    unit: np.ndarray
+    kind: list[str]
+    other_source: list[str]
+    other_layer: np.ndarray
+    other_unit: np.ndarray
+    score: np.ndarray
+    explanation: list[str | None]
+
+
+@dataclass
+class Ablations:
+    """Ablation effects of a chunk's top examples (the `ablations` view, when the store has one), sorted by unit:
+    row i removes the unit at `position` of context `context_id`; effects[start[i]:stop[i]] are the changes in
+    log p of the tokens after it that a top example's window shows."""
+
+    unit: np.ndarray
+    context_id: np.ndarray
+    position: np.ndarray
+    start: np.ndarray
+    stop: np.ndarray
+    effects: np.ndarray  # float32, flat
+
+
+@dataclass
+class Attributions:
+    """Attributions of a chunk's examples (the `attributions` view: heads, hook_z dictionaries) over the positions
+    each example shows up to its max token, [lo, min(hi, position + 1)): row i is example example[i]'s (an index
+    into the chunk's Examples), its values shares[start[i]:stop[i]] and, for a head, weights[start[i]:stop[i]]
+    (NaN for a dictionary); before[i] sums (weight, share) over the positions before lo, which are not shown."""
+
+    example: np.ndarray
+    head: np.ndarray  # bool: a head's (weights and shares), else a dictionary's (shares and a constant)
+    start: np.ndarray
+    stop: np.ndarray
+    weights: np.ndarray  # float32, flat
+    shares: np.ndarray  # float32, flat
+    before: np.ndarray  # float64 [rows, 2]
+    constant: np.ndarray  # NaN for heads
+
+
 @dataclass
 class UnitChunk:
     """Units [first, stop) of a layer (indices into stats.units) and everything their pages show."""
@@ -168,6 +218,9 @@ class UnitChunk:
     histograms: Histograms
     logits: Logits
     explanations: Explanations
+    neighbours: Neighbours | None = None
+    ablations: Ablations | None = None
+    attributions: Attributions | None = None
 
 
 def query(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any]) -> pa.Table:
@@ -333,6 +386,50 @@ def _read_explanations(con: duckdb.DuckDBPyConnection, params: list[Any]) -> Exp
                         score_kind=t.column("score_kind").to_pylist())
 
 
+def _read_neighbours(con: duckdb.DuckDBPyConnection, params: list[Any]) -> Neighbours:
+    """The first NEIGHBOURS_SHOWN of each kind schema.sql documents; stores written before neighbours existed
+    have none."""
+    if not has_view(con, "neighbours"):
+        return Neighbours(np.zeros(0, np.int64), [], [], np.zeros(0, np.int64), np.zeros(0, np.int64),
+                          np.zeros(0), [])
+    annotated = has_view(con, "explanations")
+    explained = ("""(SELECT unit, arg_max(text, coalesce(score, -1e308)) AS text FROM explanations
+                      WHERE model = ? AND source = ? AND layer = ? GROUP BY unit)"""
+                 if annotated else "(SELECT NULL::INTEGER AS unit, NULL::VARCHAR AS text)")
+    t = query(con, f"""
+        SELECT n.unit, n.kind, n.other_source, n.other_layer, n.other_unit, n.score, e.text AS explanation
+        FROM (SELECT * FROM neighbours WHERE {_IN_CHUNK} AND rank BETWEEN 1 AND {NEIGHBOURS_SHOWN}
+              AND kind IN {NEIGHBOUR_KINDS}) n
+        LEFT JOIN {explained} e ON n.other_source = ? AND n.other_layer = ? AND e.unit = n.other_unit
+        ORDER BY n.unit, n.kind, n.rank""",
+              params + (params[:3] if annotated else []) + params[1:3])
+    return Neighbours(unit=column(t, "unit", np.int64), kind=t.column("kind").to_pylist(),
+                      other_source=t.column("other_source").to_pylist(),
+                      other_layer=column(t, "other_layer", np.int64), other_unit=column(t, "other_unit", np.int64),
+                      score=column(t, "score", np.float64), explanation=t.column("explanation").to_pylist())
+
+
+def has_layout(con: duckdb.DuckDBPyConnection, key: LayerKey) -> bool:
+    """Whether a layer has a placed unit on a map (then the site has its map page: build/map_page.py)."""
+    if not has_view(con, "map"):
+        return False
+    return bool(con.execute("""SELECT count(*) > 0 FROM map WHERE model = ? AND source = ? AND layer = ?
+                               AND isfinite(x) AND isfinite(y)""", [key.model, key.source, key.layer]).fetchall()[0][0])
+
+
+def _read_ablations(con: duckdb.DuckDBPyConnection, params: list[Any], windows: Windows) -> Ablations | None:
+    """The effects a top example's window shows (windows.top[1] tokens after its max); None for a store without
+    the view (written before it existed)."""
+    if not has_view(con, "ablations"):
+        return None
+    t = query(con, f"""SELECT unit, context_id, position, list_slice(effects, 1, ?) AS effects FROM ablations
+                        WHERE {_IN_CHUNK} ORDER BY unit, context_id""", [windows.top[1]] + params)
+    values, offsets = _flat_list(t, "effects")
+    return Ablations(unit=column(t, "unit", np.int64), context_id=column(t, "context_id", np.int64),
+                     position=column(t, "position", np.int64), start=offsets[:-1], stop=offsets[1:],
+                     effects=values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False))
+
+
 def read_unit_chunk(con: duckdb.DuckDBPyConnection, key: LayerKey, stats: UnitStats, first: int, stop: int,
                     windows: Windows) -> UnitChunk:
     """Units [first, stop) of a layer (by position in stats.units) with everything their pages show."""
@@ -342,7 +439,55 @@ def read_unit_chunk(con: duckdb.DuckDBPyConnection, key: LayerKey, stats: UnitSt
     examples = _read_examples(con, params, windows)
     return UnitChunk(stats=stats, first=first, stop=stop, examples=examples, contexts=_read_contexts(con, examples),
                      histograms=_read_histograms(con, params), logits=_read_logits(con, params),
-                     explanations=_read_explanations(con, params))
+                     explanations=_read_explanations(con, params), neighbours=_read_neighbours(con, params),
+                     ablations=_read_ablations(con, params, windows),
+                     attributions=_read_attributions(con, params, examples))
+
+
+def _read_attributions(con: duckdb.DuckDBPyConnection, params: list[Any], examples: Examples
+                       ) -> Attributions | None:
+    """Each example's attribution (same unit, context and max position), cut to what its window shows; None for
+    a store without the view or a chunk without any."""
+    if not has_view(con, "attributions"):
+        return None
+    t = query(con, f"""SELECT unit, context_id, position, kind = 'head' AS head, weights, shares, constant
+                        FROM attributions WHERE {_IN_CHUNK}""", params)
+    if t.num_rows == 0:
+        return None
+    shares, offsets = _flat_list(t, "shares")
+    weights, weight_offsets = _flat_list(t, "weights")
+    shares = shares.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    weights = weights.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    head, constant = column(t, "head", bool), column(t, "constant", np.float64)
+    row_of = {key: i for i, key in enumerate(zip(column(t, "unit", np.int64).tolist(),
+                                                 column(t, "context_id", np.int64).tolist(),
+                                                 column(t, "position", np.int64).tolist(), strict=True))}
+    found, share_parts, weight_parts, before = [], [], [], []
+    for k, key in enumerate(zip(examples.unit.tolist(), examples.context_id.tolist(), examples.position.tolist(),
+                                strict=True)):
+        i = row_of.get(key)
+        if i is None:
+            continue
+        a, n = int(offsets[i]), int(offsets[i + 1] - offsets[i])
+        lo, hi = min(int(examples.lo[k]), n), min(int(examples.hi[k]), n)
+        share_parts.append(shares[a + lo:a + hi])
+        if head[i] and weight_offsets[i + 1] - weight_offsets[i] == n:
+            w = weights[int(weight_offsets[i]):int(weight_offsets[i + 1])]
+            weight_parts.append(w[lo:hi])
+            before.append((float(w[:lo].sum()), float(shares[a:a + lo].sum())))
+        else:
+            weight_parts.append(np.full(hi - lo, np.nan, np.float32))
+            before.append((np.nan, float(shares[a:a + lo].sum())))
+        found.append((k, i))
+    bounds = np.concatenate([[0], np.cumsum([len(p) for p in share_parts])]).astype(np.int64)
+    rows = np.array([i for _, i in found], np.int64)
+    return Attributions(
+        example=np.array([k for k, _ in found], np.int64), head=head[rows] if len(rows) else np.zeros(0, bool),
+        start=bounds[:-1], stop=bounds[1:],
+        weights=np.concatenate(weight_parts) if weight_parts else np.zeros(0, np.float32),
+        shares=np.concatenate(share_parts) if share_parts else np.zeros(0, np.float32),
+        before=np.array(before, np.float64).reshape(-1, 2),
+        constant=constant[rows] if len(rows) else np.zeros(0))
 
 
 def read_layer_explanations(con: duckdb.DuckDBPyConnection, key: LayerKey) -> dict[int, str]:

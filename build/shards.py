@@ -9,18 +9,36 @@ shows of a unit: its numbers and a snippet.
 
 Shard layout (format version 1; unit.js reads it, tests decode it with `read_js`):
   {"v": 1, "bos": BOS token or null, "toks": [token, ...], "docs": [document name, ...],
-   "tw": digits a token index takes, "ctx": [[doc, start_token, lo, context_length, token indices], ...],
+   "tw": digits a token index takes,
+   "ctx": [[doc, start_token, lo, context_length, token indices, context_id], ...],
    "prev": unit or null, "next": unit or null,
    "units": [{"u": unit, "s": [max, min, n_tokens, n_firing, mean, std], "h": [first bin, [count, ...]],
               "lt": [[tok or null, token_id, effect], ...], "lb": [...],
               "x": [[text, score or null, author or null, score_kind or null], ...],
-              "ex": {"top": [[ctx, lo, position, value, acts], ...], "bottom": [...],
-                     "quantile": [[ctx, lo, position, value, acts, interval_lo, interval_hi], ...], "random": [...]}}]}
+              "nb": {kind: [[page, unit, score] or [page, unit, score, explanation], ...], ...} (optional),
+              "ab": [effects or null, ...] (optional),
+              "ex": {"top": [[ctx, lo, position, value, acts, at?], ...], "bottom": [...],
+                     "quantile": [[ctx, lo, position, value, acts, interval_lo, interval_hi, at?], ...],
+                     "random": [...]}}],
+   "nbp": [[href or null, source, layer, noun], ...] (optional)}
+`nb` lists each unit's nearest units by kind (the `neighbours` view: 'cooccurrence', 'decoder', 'encoder',
+'output', 'decoder_across', in that order), best first; `page` indexes `nbp`, the pages they are on: href is ""
+for this layer's own unit page (link "#unit"), the other layer's unit page relative to this layer's folder, or
+null where the site has no page for it. `explanation` (the unit's best, cut to NEIGHBOUR_EXPLANATION_CHARS) only
+for units of this layer.
+`ab` (a store with ablation effects, `harvest --ablation-effects`) has one entry per top example, in order: the
+change in log p of each token after the max token that the example shows, encoded as its activations are, or
+null. `context_id` is the store's, so that `serve` can rebuild a context for /api/ablate.
+`at` (optional, always an example row's last element, an object): where an attention head looked from the max
+token, or what a hook_z dictionary's feature read from each position (the `attributions` view), over the positions
+the example shows up to its max token, encoded as activations are: {"s": shares, "w": attention weights (heads),
+"b": [weight or null, share] summed over the positions before the shown ones, "c": constant term (dictionaries)}.
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,7 +48,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from featureatlas.build.numbers import ACT_DIGITS, encode_examples
-from featureatlas.build.reader import EXAMPLE_KINDS, UnitChunk
+from featureatlas.build.reader import EXAMPLE_KINDS, NEIGHBOUR_KINDS, Neighbours, UnitChunk
 
 _DIGITS = np.frombuffer(ACT_DIGITS.encode("ascii"), dtype=np.uint8)
 SHARD_UNITS = 256  # unit numbers per shard: a few hundred KB to load per page, files ~ units / 128
@@ -39,6 +57,8 @@ SNIPPET_BEFORE, SNIPPET_AFTER = 8, 3
 MAX_POSTINGS = 100  # units kept per search term and kind: the strongest, by score
 WORD = re.compile(r"\w{2,}")
 PEAK, LOGIT, WORDS = 0, 1, 2  # search posting kinds: peaks on the token, promotes it, explanation mentions it
+NEIGHBOUR_EXPLANATION_CHARS = 200
+Links = dict[tuple[str, int], tuple[str | None, str]]  # (source, layer) -> (unit page href, noun), for neighbours
 
 
 def data_key(folder: str, shard: int) -> str:
@@ -125,8 +145,46 @@ def _encode_indices(codes: np.ndarray, width: int) -> bytes:
     return _DIGITS[(codes[:, None] >> shifts[None, :]) & 63].tobytes()
 
 
-def render_shard(chunk: UnitChunk, bos_token: str | None) -> tuple[dict, dict, Postings]:
-    """The data shard, the card shard and the search postings of a chunk's units."""
+def neighbour_links(model: str, folder: str, layers: list[dict]) -> Links:
+    """(source, layer) -> (href of its unit page from `folder`, its noun) for every layer of `model`; layers as
+    the site plan lists them (model, source, layer, path, noun). The layer in `folder` itself gets href ""."""
+    return {(layer["source"], layer["layer"]): ("" if layer["path"] == folder else
+                                                 posixpath.relpath(layer["path"], folder) + "/unit.html",
+                                                 layer["noun"])
+            for layer in layers if layer["model"] == model}
+
+
+def _neighbour_lists(neighbours: Neighbours | None, units: np.ndarray, links: Links) -> tuple[list[dict], list]:
+    """Each unit's `nb` ({} when it has none) and the shard's `nbp`, the pages they point to."""
+    if neighbours is None or not len(neighbours.unit):
+        return [{} for _ in units], []
+    pages: dict[tuple[str, int], int] = {}
+    nbp: list = []
+    scores, bounds = numbers(neighbours.score), _bounds(neighbours.unit, units)
+    layers, others = neighbours.other_layer.tolist(), neighbours.other_unit.tolist()
+    lists = []
+    for j in range(len(units)):
+        grouped: dict[str, list] = {}
+        for r in range(bounds[j], bounds[j + 1]):
+            where = (neighbours.other_source[r], layers[r])
+            if where not in pages:
+                pages[where] = len(nbp)
+                href, unit_noun = links.get(where, (None, "Unit"))
+                nbp.append([href, where[0], where[1], unit_noun])
+            entry = [pages[where], others[r], scores[r]]
+            text = neighbours.explanation[r]
+            if text is not None:
+                entry.append(text if len(text) <= NEIGHBOUR_EXPLANATION_CHARS else
+                             text[:NEIGHBOUR_EXPLANATION_CHARS - 1].rstrip() + "\u2026")
+            grouped.setdefault(neighbours.kind[r], []).append(entry)
+        lists.append({kind: grouped[kind] for kind in NEIGHBOUR_KINDS if kind in grouped})
+    return lists, nbp
+
+
+def render_shard(chunk: UnitChunk, bos_token: str | None, links: Links | None = None
+                 ) -> tuple[dict, dict, Postings]:
+    """The data shard, the card shard and the search postings of a chunk's units. links: where the pages of
+    the units' neighbours are (neighbour_links); those not in it are listed without a link."""
     toks, docs = _Interner(), _Interner()
     stats, examples, contexts = chunk.stats, chunk.examples, chunk.contexts
     # The distinct context tokens, found by Arrow: their codes index the shard's token table. Each context's
@@ -140,9 +198,9 @@ def render_shard(chunk: UnitChunk, bos_token: str | None) -> tuple[dict, dict, P
     text = _encode_indices(codes, width).decode("ascii")
     offsets = contexts.tokens.offsets.to_numpy().astype(np.int64) - contexts.tokens.offsets[0].as_py()
     context_lo = contexts.lo.astype(np.int64)
-    ctx_rows = [[docs[doc], start, lo, 0, text[width * a:width * b]] for doc, start, lo, a, b in zip(
+    ctx_rows = [[docs[doc], start, lo, 0, text[width * a:width * b], cid] for doc, start, lo, a, b, cid in zip(
         contexts.document, contexts.start_token.tolist(), context_lo.tolist(), offsets[:-1].tolist(),
-        offsets[1:].tolist(), strict=True)]
+        offsets[1:].tolist(), contexts.context_id.tolist(), strict=True)]
 
     acts = encode_examples(examples.activations, examples.start, examples.stop)
     context_of = np.searchsorted(contexts.context_id, examples.context_id)
@@ -157,7 +215,10 @@ def render_shard(chunk: UnitChunk, bos_token: str | None) -> tuple[dict, dict, P
     for i, lo, hi in zip(np.nonzero(quantile)[0].tolist(), numbers(examples.interval_lo[quantile]),
                          numbers(examples.interval_hi[quantile]), strict=True):
         example_rows[i] += [lo, hi]
+    for k, at in _attribution_fields(chunk).items():
+        example_rows[k].append(at)
     kinds, found_list = examples.kind.tolist(), found.tolist()
+    ablated = _ablation_texts(chunk, examples)
 
     # The token each top example peaks on, for search: its code, then its normalised term.
     code_at = np.full(len(examples.unit), -1, np.int64)
@@ -186,6 +247,7 @@ def render_shard(chunk: UnitChunk, bos_token: str | None) -> tuple[dict, dict, P
     postings = Postings()
     add = postings.rows.append
     unit_rows, cards = [], []
+    neighbour_rows, neighbour_pages = _neighbour_lists(chunk.neighbours, units, links or {})
     for j, unit in enumerate(units.tolist()):
         row: dict[str, Any] = {"u": unit, "s": list(stat_rows[j])}
         h0, h1 = hist_bounds[j], hist_bounds[j + 1]
@@ -206,12 +268,17 @@ def render_shard(chunk: UnitChunk, bos_token: str | None) -> tuple[dict, dict, P
             row["x"] = texts
             for word in {w.lower() for text, *_ in texts for w in WORD.findall(text)}:
                 add((word, WORDS, unit, 1))
+        if neighbour_rows[j]:
+            row["nb"] = neighbour_rows[j]
         grouped: dict[str, list] = {}
         e0, e1 = ex_bounds[j], ex_bounds[j + 1]
         for k in range(e0, e1):
             if found_list[k]:
                 grouped.setdefault(EXAMPLE_KINDS[kinds[k]], []).append(example_rows[k])
         row["ex"] = grouped
+        shown = [ablated.get(k) for k in range(e0, e1) if found_list[k] and kinds[k] == 0]
+        if any(text is not None for text in shown):
+            row["ab"] = shown
         peaks = Counter(terms[code] for code in code_at[e0:e1].tolist() if code >= 0)
         for term, count in peaks.items():
             if term:
@@ -223,7 +290,45 @@ def render_shard(chunk: UnitChunk, bos_token: str | None) -> tuple[dict, dict, P
              "ctx": ctx_rows, "prev": int(stats.units[chunk.first - 1]) if chunk.first > 0 else None,
              "next": int(stats.units[chunk.stop]) if chunk.stop < len(stats.units) else None,
              "units": unit_rows}
+    if neighbour_pages:
+        shard["nbp"] = neighbour_pages
     return shard, {"v": FORMAT_VERSION, "units": cards}, postings
+
+
+def _ablation_texts(chunk: UnitChunk, examples: Any) -> dict[int, str]:
+    """Example index -> its `ab` text, for top examples whose ablation (same unit, context and max position) the
+    store holds."""
+    ab = chunk.ablations
+    if ab is None or not len(ab.unit):
+        return {}
+    row_of = {(u, c, p): i for i, (u, c, p) in enumerate(zip(ab.unit.tolist(), ab.context_id.tolist(),
+                                                              ab.position.tolist(), strict=True))}
+    texts = encode_examples(ab.effects, ab.start, ab.stop)
+    found = {}
+    for k in np.nonzero(examples.kind == 0)[0].tolist():
+        i = row_of.get((int(examples.unit[k]), int(examples.context_id[k]), int(examples.position[k])))
+        if i is not None:
+            found[k] = texts[i]
+    return found
+
+
+def _attribution_fields(chunk: UnitChunk) -> dict[int, dict]:
+    """Example index -> its `at` object, for the examples whose attribution the store holds."""
+    at = chunk.attributions
+    if at is None or not len(at.example):
+        return {}
+    shares = encode_examples(at.shares, at.start, at.stop)
+    weights = encode_examples(at.weights, at.start, at.stop)
+    before, constants = numbers(at.before.reshape(-1)), numbers(at.constant)
+    entries = {}
+    for i, (k, head) in enumerate(zip(at.example.tolist(), at.head.tolist(), strict=True)):
+        entry = {"s": shares[i], "b": before[2 * i:2 * i + 2]}
+        if head:
+            entry["w"] = weights[i]
+        else:
+            entry["c"] = constants[i]
+        entries[k] = entry
+    return entries
 
 
 def _card(row: dict, frequency: float | None, ctx_rows: list, width: int, tokens: list[str], codes: np.ndarray,
@@ -234,7 +339,7 @@ def _card(row: dict, frequency: float | None, ctx_rows: list, width: int, tokens
     snippet, mark = [], -1
     top = row["ex"].get("top")
     if top:
-        c, _, position, _, _ = top[0]
+        c, position = top[0][0], top[0][2]
         lo, n = ctx_rows[c][2], len(ctx_rows[c][4]) // width
         context = codes[offsets[c]:offsets[c] + n]
         first = max(position - SNIPPET_BEFORE, lo)

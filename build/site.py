@@ -56,9 +56,9 @@ def _can_spawn() -> bool:
 
 
 def _run_jobs(jobs: list[worker.Job], store_path: Path, site_dir: Path, bos_tokens: dict[str, str | None],
-              workers: int, full_paths: bool) -> Iterator[worker.JobResult]:
+              workers: int, full_paths: bool, layers: list[dict]) -> Iterator[worker.JobResult]:
     """A result per finished job; in this process when workers == 1, else in spawned processes."""
-    args = (str(store_path), str(site_dir), bos_tokens, full_paths)
+    args = (str(store_path), str(site_dir), bos_tokens, full_paths, layers)
     if workers == 1:
         local = worker.Worker(*args)
         try:
@@ -134,7 +134,8 @@ def build_site(store_path: Path, out_dir: Path, workers: int | None = None, prog
         rendered = sum(layer["n"] for i, layer in enumerate(plan.layers) if i not in reused)
         with tqdm(total=rendered, unit="unit", disable=not progress, desc="site", dynamic_ncols=True) as bar:
             # closing(): on an error the pool is shut down before the staging folder is removed
-            with closing(_run_jobs(jobs, store_path, staging, bos_tokens, workers, full_paths)) as results:
+            with closing(_run_jobs(jobs, store_path, staging, bos_tokens, workers, full_paths,
+                                   plan.layers)) as results:
                 try:
                     for result in results:
                         files, size, units = files + result.files, size + result.bytes, units + result.units

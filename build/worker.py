@@ -9,7 +9,7 @@ from pathlib import Path
 
 from featureatlas.build import layer_pages
 from featureatlas.build.reader import LayerInfo, LayerKey, UnitStats, Windows, read_layer_stats, read_unit_chunk
-from featureatlas.build.shards import SHARD_UNITS, Postings, card_key, data_key, js_file, render_shard
+from featureatlas.build.shards import SHARD_UNITS, Postings, card_key, data_key, js_file, neighbour_links, render_shard
 from featureatlas.build.templates import make_environment
 from featureatlas.store.schema import open_store
 
@@ -51,11 +51,13 @@ class JobResult:
 class Worker:
     """Holds what is worth keeping between jobs: the connection, the templates, the last layer's statistics."""
 
-    def __init__(self, store_path: str, site_dir: str, bos_tokens: dict[str, str | None], full_paths: bool = False):
+    def __init__(self, store_path: str, site_dir: str, bos_tokens: dict[str, str | None], full_paths: bool = False,
+                 layers: list[dict] | None = None):
         self.con = open_store(store_path, threads=1)  # the processes are the parallelism
         self.env = make_environment(full_paths)
         self.site_dir = Path(site_dir)
         self.bos_tokens = bos_tokens
+        self.layers = layers or []  # the plan's layers (SitePlan.layers): where a neighbour's page is
         self._stats: tuple[LayerKey, UnitStats] | None = None
 
     def stats(self, key: LayerKey) -> UnitStats:
@@ -77,7 +79,7 @@ class Worker:
         if first == stop:
             return JobResult(0, 0, 0, job.layer_index)
         chunk = read_unit_chunk(self.con, job.key, stats, first, stop, WINDOWS)
-        shard, cards, postings = render_shard(chunk, bos)
+        shard, cards, postings = render_shard(chunk, bos, neighbour_links(job.key.model, job.folder, self.layers))
         size = 0
         for key, value in ((data_key(job.folder, job.shard), shard), (card_key(job.folder, job.shard), cards)):
             data = js_file(key, value)
@@ -94,11 +96,12 @@ class Worker:
 _worker: Worker | None = None
 
 
-def init_process(store_path: str, site_dir: str, bos_tokens: dict[str, str | None], full_paths: bool) -> None:
+def init_process(store_path: str, site_dir: str, bos_tokens: dict[str, str | None], full_paths: bool,
+                 layers: list[dict] | None = None) -> None:
     """Pool initializer: one Worker per process. Ctrl-C is left to the parent, which stops the pool."""
     global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _worker = Worker(store_path, site_dir, bos_tokens, full_paths)
+    _worker = Worker(store_path, site_dir, bos_tokens, full_paths, layers)
 
 
 def run_job(job: Job) -> JobResult:

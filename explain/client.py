@@ -304,10 +304,16 @@ class LocalClient:
     """A transformers causal LM on this machine, greedy: its chat template when the tokenizer has one, else the
     messages as `role: text` paragraphs. One generation at a time (a lock), whatever the concurrency."""
 
-    def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto") -> None:
+    def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto", loaded: tuple | None = None) -> None:
+        """loaded: (model, tokenizer, ref) already in memory (the demo explains with the model it harvested)."""
         from transformers.utils import logging as hf_logging
 
         from featureatlas.load.models import load_model, pick_device, pick_dtype, resolve_model
+        if loaded is not None:
+            self.model, self.tokenizer, ref = loaded
+            self.device, self.name = self.model.device, ref.display_name
+            self.counts, self._lock = Counts(), threading.Lock()
+            return
         ref = resolve_model(model)
         torch_device = pick_device(device)
         progress = hf_logging.is_progress_bar_enabled()

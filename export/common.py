@@ -27,7 +27,7 @@ import duckdb
 from tqdm import tqdm
 
 from featureatlas.atomic import remove_stale_temps, replace_folder, staging_dir
-from featureatlas.errors import UsageError
+from featureatlas.errors import UsageError, setting_name
 from featureatlas.slugs import unique_slugs
 from featureatlas.store.schema import StoreError, open_store
 from featureatlas.text import visible
@@ -140,9 +140,11 @@ def parse_layer_spec(spec: str) -> set[int]:
         try:
             first, last = int(lo), int(hi) if sep else int(lo)
         except ValueError:
-            raise UsageError(f"--layers {spec!r}: {part!r} is not a layer number or a range like 3-5") from None
+            raise UsageError(f"{setting_name('layers')} {spec!r}: {part!r} is not a layer number or a range "
+                             f"like 3-5") from None
         if first < 0 or last < first:
-            raise UsageError(f"--layers {spec!r}: {part!r} is not a range of layers (first <= last, both >= 0)")
+            raise UsageError(f"{setting_name('layers')} {spec!r}: {part!r} is not a range of layers (first <= "
+                             f"last, both >= 0)")
         layers.update(range(first, last + 1))
     return layers
 
@@ -178,14 +180,15 @@ def select_layers(con: duckdb.DuckDBPyConnection, sources: list[str] | None,
         unknown = [s for s in sources if s not in all_sources]
         if unknown:
             have = ", ".join(visible(s) for s in all_sources) or "none"
-            raise UsageError(f"--source {visible(unknown[0])!r}: the store has no such source; it has: {have}")
+            raise UsageError(f"{setting_name('sources')} {visible(unknown[0])!r}: the store has no such source; "
+                             f"it has: {have}")
         records = [r for r in records if r["source"] in sources]
     if layers is not None and layers.strip() not in ("", "all"):
         wanted = parse_layer_spec(layers)
         present = {r["layer"] for r in records}
         absent = wanted - present
         if absent:
-            raise UsageError(f"--layers {layers!r}: layer(s) {_ranges(absent)} not in the store"
+            raise UsageError(f"{setting_name('layers')} {layers!r}: layer(s) {_ranges(absent)} not in the store"
                              f"{' for these sources' if sources else ''}; it has layers {_ranges(present) or 'none'}")
         records = [r for r in records if r["layer"] in wanted]
     return [LayerRef(model=r["model"], source=r["source"], layer=int(r["layer"]), n_units=int(r["n_units"]),
@@ -271,22 +274,25 @@ def check_target(out_dir: Path, overwrite: bool) -> None:
     """Refuse, before any work, an output we must not replace or cannot write."""
     remove_stale_temps(out_dir)  # first: an earlier run's crash may have left the previous folder aside
     if out_dir.is_symlink():
-        raise UsageError(f"{out_dir}: is a symbolic link; give the real folder or choose another --out")
+        raise UsageError(f"{out_dir}: is a symbolic link; give the real folder or choose another {setting_name('out')}")
     if out_dir.exists():
         if not out_dir.is_dir():
-            raise UsageError(f"{out_dir}: exists and is not a folder; choose another --out")
+            raise UsageError(f"{out_dir}: exists and is not a folder; choose another {setting_name('out')}")
         if not overwrite:
-            raise UsageError(f"{out_dir}: already exists; pass --overwrite to replace it, or choose another --out")
+            raise UsageError(f"{out_dir}: already exists; pass {setting_name('overwrite')} to replace it, or "
+                             f"choose another {setting_name('out')}")
         if any(out_dir.iterdir()) and not (out_dir / MARKER).is_file():
-            raise UsageError(f"{out_dir}: is not empty and is not a featureatlas export, so --overwrite will not "
+            raise UsageError(f"{out_dir}: is not empty and is not a featureatlas export, so "
+                             f"{setting_name('overwrite')} will not "
                              "delete it; choose another --out or empty it first")
     parent = out_dir.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UsageError(f"{out_dir}: cannot create folder {parent} ({err.strerror}); choose another --out") from None
+        raise UsageError(f"{out_dir}: cannot create folder {parent} ({err.strerror}); choose another "
+                         f"{setting_name('out')}") from None
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{out_dir}: folder {parent} is not writable; choose another --out")
+        raise UsageError(f"{out_dir}: folder {parent} is not writable; choose another {setting_name('out')}")
 
 
 @dataclass
@@ -317,7 +323,7 @@ class ExportContext:
             "SELECT unit FROM units WHERE model = ? AND source = ? AND layer = ? ORDER BY unit",
             [ref.model, ref.source, ref.layer]).fetchall()]
         n_examples, tokens = self.con.execute(
-            "SELECT count(*), coalesce(max(context_length), 64) FROM examples, "
+            "SELECT count(*), coalesce(max(context_length), 0) FROM examples, "  # every run records its context length
             "(SELECT max(context_length) AS context_length FROM runs WHERE model = $1) "
             "WHERE model = $1 AND source = $2 AND layer = $3", [ref.model, ref.source, ref.layer]).fetchone()
         per_unit = 2_000 + n_examples / max(len(units), 1) * (300 + 24 * tokens)  # bytes, roughly
@@ -362,7 +368,7 @@ def export_store(store_path: Path, out_dir: Path, fmt: str = "json", sources: li
     model_id, set_name, creator_id, batch_size)."""
     started = time.perf_counter()
     if fmt not in FORMATS:
-        raise UsageError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+        raise UsageError(f"{setting_name('fmt')} {fmt!r}: choose one of {', '.join(FORMATS)}")
     if fmt == "json":
         from featureatlas.export.json_files import write_json as write
         unexpected = [name for name, value in options.items() if value is not None]
@@ -373,7 +379,7 @@ def export_store(store_path: Path, out_dir: Path, fmt: str = "json", sources: li
         from featureatlas.export.neuronpedia import check_options
         from featureatlas.export.neuronpedia import write_neuronpedia as write
     if workers is not None and workers < 1:
-        raise UsageError(f"--workers {workers}: give at least 1")
+        raise UsageError(f"{setting_name('workers')} {workers}: give at least 1")
     workers = workers or min(os.cpu_count() or 1, MAX_WORKERS)
     store_path, out_dir = Path(store_path), Path(os.path.abspath(out_dir))  # abspath: "." has no name
     con = open_store(store_path)

@@ -21,7 +21,7 @@ from typing import Any
 
 import duckdb
 
-from featureatlas.errors import UsageError
+from featureatlas.errors import UsageError, setting_name
 from featureatlas.export.common import (
     Chunk,
     ExportContext,
@@ -66,7 +66,7 @@ def check_options(refs: list[LayerRef], options: dict[str, Any]) -> dict[str, An
     batch_size = options.get("batch_size")
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
     if batch_size < 1:
-        raise UsageError(f"--batch-size {batch_size}: give at least 1 feature per batch file")
+        raise UsageError(f"{setting_name('batch_size')} {batch_size}: give at least 1 feature per batch file")
     models = sorted({ref.model for ref in refs})
     pairs = sorted({(ref.model, ref.source) for ref in refs})
     model_ids = _unique_ids(models)
@@ -76,19 +76,19 @@ def check_options(refs: list[LayerRef], options: dict[str, Any]) -> dict[str, An
     model_id, set_name = options.get("model_id"), options.get("set_name")
     if model_id is not None:
         if not _MODEL_ID.fullmatch(model_id):
-            raise UsageError(f"--neuronpedia-model-id {model_id!r}: use letters, digits, '_' and '-' only "
+            raise UsageError(f"{setting_name('model_id')} {model_id!r}: use letters, digits, '_' and '-' only "
                              "(Neuronpedia's rule for model ids), at most 128")
         if len(models) > 1:
-            raise UsageError(f"--neuronpedia-model-id names one model, but the store has {len(models)} "
+            raise UsageError(f"{setting_name('model_id')} names one model, but the store has {len(models)} "
                              f"({', '.join(visible(m) for m in models)}); export them with their default ids")
         model_ids = {model: model_id for model in models}
     if set_name is not None:
         if not _SET_ID.fullmatch(set_name):
-            raise UsageError(f"--neuronpedia-set {set_name!r}: use letters, digits, '.', '_' and '-' only, "
+            raise UsageError(f"{setting_name('set_name')} {set_name!r}: use letters, digits, '.', '_' and '-' only, "
                              "starting with a letter or digit, at most 128")
         if len(pairs) > 1:
-            raise UsageError(f"--neuronpedia-set names one source set, but {len(pairs)} sources are exported "
-                             f"({', '.join(visible(s) for _, s in pairs)}); choose one with --source")
+            raise UsageError(f"{setting_name('set_name')} names one source set, but {len(pairs)} sources are exported "
+                             f"({', '.join(visible(s) for _, s in pairs)}); choose one with {setting_name('sources')}")
         set_ids = {pair: set_name for pair in pairs}
     creator_id = options.get("creator_id")
     return {"batch_size": batch_size, "model_ids": model_ids, "set_ids": set_ids, "creator_id": creator_id}

@@ -1,4 +1,5 @@
-"""A store from a notebook: `atlas = open_atlas("store.duckdb")`, `atlas.unit("mlp/12/345")`, `atlas.probe(...)`.
+"""A store from a notebook: `atlas = open_atlas("store.duckdb")`, `atlas.unit("mlp/12/345")`, `atlas.probe(...)`,
+`atlas.steer(...)`, `atlas.ablate(...)`.
 
 Units and probes render inline as the site draws them (highlighted tokens, shaded to the unit's max), from inline
 styles only: a notebook output may not load the site's stylesheet, and must make no request and run no script.
@@ -17,7 +18,9 @@ import numpy as np
 import pyarrow as pa
 
 from featureatlas.errors import UsageError
+from featureatlas.harvest.ablation import Ablated
 from featureatlas.harvest.probe import Prober, TopUnit, UnitProbe, load_prober
+from featureatlas.harvest.steer import Steered
 from featureatlas.store.addresses import AddressError, format_address, parse_address, store_sources
 from featureatlas.store.schema import open_store
 from featureatlas.text import token_html, visible
@@ -174,6 +177,36 @@ class ProbeResult:
         return f"<ProbeResult {self.address} on {len(self.tokens)} tokens>"
 
 
+@dataclass
+class AblationResult:
+    """How removing a unit at one position changes log p of each token after it: `.effects[i]` is the change for
+    `.tokens[position + 1 + i]`; drawn inline with the tokens after the position shaded by it (blue: less likely)."""
+
+    address: str
+    tokens: list[str]
+    ablated: Ablated
+
+    @property
+    def position(self) -> int:
+        return self.ablated.position
+
+    @property
+    def effects(self) -> np.ndarray:
+        return self.ablated.effects
+
+    def _repr_html_(self) -> str:
+        p, effects = self.position, self.effects
+        values = np.concatenate([np.zeros(p + 1, np.float32), effects])
+        finite = np.abs(effects[np.isfinite(effects)])
+        scale = float(finite.max()) if finite.size and finite.max() > 0 else None
+        head = (f"<p style=\"margin: .2em 0\">{html.escape(visible(self.address))} removed at position {p} "
+                f"({html.escape(visible(self.tokens[p]))}): change in log p of each token after it</p>")
+        return "<div>" + head + highlight(self.tokens, values, scale, p + 1, p) + "</div>"
+
+    def __repr__(self) -> str:
+        return f"<AblationResult {self.address} at position {self.position} of {len(self.tokens)} tokens>"
+
+
 class Atlas:
     """A store opened read-only for browsing, and a lazily loaded model for probing."""
 
@@ -244,6 +277,32 @@ class Atlas:
             model = self._address(unit)[0]
             return ProbeResult(self.prober(model).unit(text, unit))
         return self.prober().top(text, source, layer, top)
+
+    def steer(self, address: str, text: str, strength: float, mode: str = "add", max_new_tokens: int = 30,
+              seed: int | None = None) -> Steered:
+        """The text continued as the model does and with the unit pushed (harvest/steer.py: mode add adds strength x
+        the unit's direction, clamp sets a dictionary feature's activation to strength): `.unsteered`, `.steered`."""
+        return self.prober(self._address(address)[0]).steer(text, address, strength, mode, max_new_tokens, seed)
+
+    def ablate(self, address: str, context_id: int | None = None, *, text: str | None = None,
+               position: int | None = None) -> AblationResult:
+        """How removing the unit at `position` of a stored context (context_id) or of a text changes log p of each
+        token after it (harvest/ablation.py). position: by default the unit's max there (a top example's own
+        max_position for a stored context)."""
+        if (context_id is None) == (text is None):
+            raise UsageError("pass context_id=N (a stored context) or text='...'")
+        model, source, layer, unit = self._address(address)
+        prober = self.prober(model)
+        ids = prober.token_ids(text) if text is not None else prober.context_token_ids(context_id)
+        if position is None and context_id is not None:
+            rows = self._query("SELECT max_position FROM examples WHERE model = ? AND source = ? AND layer = ? AND "
+                               "unit = ? AND context_id = ? AND example_kind = 'top'",
+                               [model, source, layer, unit, context_id]).to_pylist()
+            position = rows[0]["max_position"] if rows else None
+        if position is None:
+            position = prober.unit(None, address, token_ids=ids).max_position
+        return AblationResult(format_address(model, source, layer, unit), prober.display(ids),
+                              prober.ablate(address, ids, position))
 
     def __repr__(self) -> str:
         return f"<Atlas {self.store}>"

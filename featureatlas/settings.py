@@ -47,5 +47,6 @@ def dtype_setting(help: str = DTYPE_HELP) -> Any:
 
 
 def dictionaries_setting(help: str) -> Any:
-    """Dictionary folders, each PATH or NAME=PATH (the source becomes sae:NAME or transcoder:NAME)."""
-    return setting(help=help, factory=list, flag="--sae", metavar="[NAME=]PATH")
+    """Dictionaries, each [NAME=]PATH (the source becomes sae:NAME or transcoder:NAME); PATH@HOOK names the hook of a
+    folder that does not say it (Gemma Scope's), and PATH may be a SAELens RELEASE/ID (docs/dictionaries.md)."""
+    return setting(help=help, factory=list, flag="--sae", metavar="[NAME=]PATH[@HOOK]")

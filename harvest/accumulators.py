@@ -1,7 +1,8 @@
 """Everything kept about one source's units, and the backends that update it from each batch.
 
 A source's accumulators are its top-k and bottom-k contexts (topk.py), statistics and histogram (statistics.py),
-and quantile and random samples (reservoir.py): the parts a checkpoint saves (`parts`, each through its STATE) and
+quantile and random samples (reservoir.py), and for sparse units with Settings.cooccurrence the pairs that fire
+together (cooccurrence.py): the parts a checkpoint saves (`parts`, each through its STATE) and
 the store is written from (write.py). A backend is how they update; every backend keeps exactly the same state
 (tests/test_native.py, test_graphs.py, test_features.py and test_gpu_parity.py compare them):
 
@@ -9,6 +10,9 @@ the store is written from (write.py). A backend is how they update; every backen
 - NATIVE  on CPU, compiled loops (native.py): dense units' reduction, lists and histogram, sparse units' lists.
 - FIXED   dense units' lists merged in shapes that never depend on the data, so a GPU never waits for the host.
 - GRAPHS  FIXED, each source's update replayed as one CUDA graph (graphs.py) instead of a hundred-odd launches.
+- TRITON  on CUDA, Triton kernels (kernels.py): one fused read of the activations for the extremes, sums, histogram
+          and the few candidates that can enter the top and bottom lists, then merges of those alone; samples as
+          FIXED; replayed as CUDA graphs like GRAPHS.
 
 Sparse units (dictionary features) update from their non-zeros: natively under NATIVE, by tensor operations under
 the others (their work is small and data-shaped, which fixed shapes cannot help). choose_backend picks the backend
@@ -18,14 +22,16 @@ once per run; make_accumulators builds every source's accumulators for it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
 
 import torch
 
-from featureatlas.harvest import native
+from featureatlas.harvest import kernels, native
 from featureatlas.harvest.activation_rows import DenseRows, SparseRows
 from featureatlas.harvest.batchview import BatchView
+from featureatlas.harvest.config import HarvestConfig
+from featureatlas.harvest.cooccurrence import CoOccurrence
 from featureatlas.harvest.graphs import GraphedUpdates
 from featureatlas.harvest.reductions import Reduced, compiled_once, firing, reduce_eager, reducer
 from featureatlas.harvest.reservoir import Reservoir, sample_fixed, sample_ranks
@@ -39,29 +45,38 @@ class Backend(Enum):
     NATIVE = "native"
     FIXED = "fixed"
     GRAPHS = "graphs"
+    TRITON = "triton"
 
 
 def choose_backend(device: torch.device, fixed_shapes: bool | None = None, cuda_graphs: bool = True,
-                   native_loops: bool = True) -> Backend:
+                   native_loops: bool = True, triton: bool = True) -> Backend:
     """The run's one choice: fixed shapes on CUDA (or as fixed_shapes says), replayed as CUDA graphs unless
-    cuda_graphs is off; otherwise the native loops where they build for the device, else the tensor code."""
+    cuda_graphs is off; otherwise the native loops where they build for the device, else the tensor code. On CUDA
+    with graphs, unless fixed_shapes asks for the tensor form, the Triton kernels where Triton imports."""
     fixed = device.type == "cuda" if fixed_shapes is None else fixed_shapes
+    if fixed and fixed_shapes is None and cuda_graphs and triton and kernels.available(device):
+        return Backend.TRITON
     if fixed:
         return Backend.GRAPHS if cuda_graphs else Backend.FIXED
     return Backend.NATIVE if native_loops and native.available(device) else Backend.TENSOR
 
 
+def _harvest_default(name: str) -> int:
+    return next(f.default for f in fields(HarvestConfig) if f.name == name)
+
+
 @dataclass(frozen=True)
 class Settings:
-    """What every source keeps, and how it is updated."""
-    top_k: int = 20
-    bottom_k: int = 20            # for signed units
-    intervals: int = 12           # quantile intervals (even: see reservoir.py)
-    per_interval: int = 2         # quantile examples per interval
-    random: int = 4               # random examples where the unit fires
-    histogram_every: int = 32     # dense units: the histogram counts one context in this many (cost: docs/harvest.md)
-    seed: int = 0
+    """What every source keeps, and how it is updated (the defaults are the harvest's: harvest/config.py)."""
+    top_k: int = _harvest_default("top_k")
+    bottom_k: int = _harvest_default("top_k")                 # for signed units
+    intervals: int = _harvest_default("intervals")            # quantile intervals (even: see reservoir.py)
+    per_interval: int = _harvest_default("per_interval")      # quantile examples per interval
+    random: int = _harvest_default("random_examples")         # random examples where the unit fires
+    histogram_every: int = _harvest_default("histogram_every")  # dense units: one context in this many
+    seed: int = _harvest_default("seed")
     compile: bool = False         # the tensor steps fused by torch.compile (Kernels)
+    cooccurrence: bool = False    # sparse units: count pairs firing together (cooccurrence.py); run.py turns it on
     backend: Backend = Backend.TENSOR  # how the accumulators update (choose_backend)
 
 
@@ -98,6 +113,7 @@ class Accumulators:
             if settings.per_interval and settings.intervals else None
         self.random = Reservoir(n, 1, settings.random, context_length, device, dtype) if settings.random else None
         self.reservoirs = [r for r in (self.quantiles, self.random) if r is not None]
+        self.cooccurrence = CoOccurrence(n, device=device) if source.sparse and settings.cooccurrence else None
 
     def update(self, acts: torch.Tensor, view: BatchView, nonzeros: torch.Tensor | None = None) -> None:
         """One batch. acts [batch, tokens, units] may be a view of the hooked tensor, valid only during the call;
@@ -111,16 +127,16 @@ class Accumulators:
     def check_state(self) -> None:
         """Raises ValueError, naming the part, where restored state would send an update out of bounds."""
         for name, part in self.parts().items():
-            if isinstance(part, (TopK, Reservoir)):
+            if isinstance(part, (TopK, Reservoir, CoOccurrence)):
                 try:
                     part.check_state()
                 except ValueError as err:
                     raise ValueError(f"{name}: {err}") from None
 
-    def parts(self) -> dict[str, TopK | Reservoir | Statistics]:
+    def parts(self) -> dict[str, TopK | Reservoir | Statistics | CoOccurrence]:
         """The parts a checkpoint saves and restores, each through its STATE attributes."""
         named = {"top": self.top, "bottom": self.bottom, "statistics": self.statistics, "quantiles": self.quantiles,
-                 "random": self.random}
+                 "random": self.random, "cooccurrence": self.cooccurrence}
         return {name: part for name, part in named.items() if part is not None}
 
 
@@ -202,6 +218,29 @@ class Graphed(FixedShapes):
         self.graphs.update(self.key, acts, view, list(self.parts().values()), self.step)
 
 
+class TritonLists(Graphed):
+    """Dense units, TRITON: kernels.py's fused pass and candidate merges for the extremes, statistics, histogram and
+    lists, sample_fixed for the samples; no host synchronisation, replayed as GRAPHS' are. Where the kernels do
+    not run (no Triton; a CPU outside Triton's interpreter), FixedShapes' step."""
+
+    def __init__(self, source: UnitSource, settings: Settings, context_length: int, device: torch.device,
+                 dtype: torch.dtype, graphs: GraphedUpdates, key: int):
+        super().__init__(source, settings, context_length, device, dtype, graphs, key)
+        self.candidates = (kernels.Candidates(), kernels.Candidates())  # top's, bottom's
+
+    def step(self, acts: torch.Tensor, view: BatchView) -> None:
+        if not kernels.runs_on(acts, self.top, self.bottom):
+            return super().step(acts, view)
+        passed = kernels.fused_pass(acts, view, self.statistics, self.top, self.candidates[0], self.bottom,
+                                    self.candidates[1])
+        kernels.merge(self.top, self.candidates[0], acts, view, passed)
+        if self.bottom is not None:
+            kernels.merge(self.bottom, self.candidates[1], acts, view, passed, largest=False)
+        self.statistics.update(passed.context_max, passed.context_min, passed.sums)  # the histogram is counted
+        for reservoir in self.reservoirs:
+            reservoir.update_fixed(acts, view, passed.context_max, self.kernels.sample_fixed)
+
+
 class TensorPairs(Accumulators):
     """Sparse units (dictionary features), TENSOR: everything from the batch's non-zeros, never a pass over the
     dense activations; per-token activations are rebuilt only for contexts that enter (activation_rows.py)."""
@@ -217,6 +256,8 @@ class TensorPairs(Accumulators):
         if nonzeros is None:
             nonzeros = acts.view(-1).nonzero().squeeze(1)
         self.update_pairs(acts, view, nonzeros)
+        if self.cooccurrence is not None:  # from the same non-zeros: no pass over the dense activations
+            self.cooccurrence.update(nonzeros, view.counted)
 
     def update_pairs(self, acts: torch.Tensor, view: BatchView, nonzeros: torch.Tensor) -> None:
         k = self.kernels
@@ -257,13 +298,14 @@ def make_accumulators(sources: list[UnitSource], settings: Settings, context_len
                       dtypes: list[torch.dtype]) -> list[Accumulators]:
     """Every source's accumulators for settings.backend (GRAPHS: sharing one set of graphs and buffers). dtypes:
     each source's activation dtype, in which kept examples store their activations."""
-    graphs = GraphedUpdates(device) if settings.backend is Backend.GRAPHS else None
+    graphs = GraphedUpdates(device) if settings.backend in (Backend.GRAPHS, Backend.TRITON) else None
     made: list[Accumulators] = []
     for key, (source, dtype) in enumerate(zip(sources, dtypes, strict=True)):
         if source.sparse:
             made.append(_SPARSE.get(settings.backend, TensorPairs)(source, settings, context_length, device, dtype))
         elif graphs is not None:
-            made.append(Graphed(source, settings, context_length, device, dtype, graphs, key))
+            graphed = TritonLists if settings.backend is Backend.TRITON else Graphed
+            made.append(graphed(source, settings, context_length, device, dtype, graphs, key))
         else:
             made.append(_DENSE[settings.backend](source, settings, context_length, device, dtype))
     return made

@@ -3,10 +3,11 @@
 store an uninterrupted run would have written.
 
 A checkpoint is one safetensors file: every accumulator's STATE tensors (TopK, Reservoir, Statistics list
-theirs) as tensors, and everything else as one JSON string in the file's metadata: the options that shape the
-result, fingerprints of the run's inputs (corpus files, model files, dictionary files), how many contexts were
-consumed, the elapsed time, and the STATE values that are plain numbers. Nothing is pickled, so loading a file
-someone placed beside --out runs no code: at worst it is refused with one line.
+theirs; CoOccurrence's pair lists are RESIZABLE, their length the data's) as tensors, and everything else as one
+JSON string in the file's metadata: the options that shape the result, fingerprints of the run's inputs (corpus
+files, model files, dictionary files), how many contexts were consumed, the elapsed time, and the STATE values
+that are plain numbers. Nothing is pickled, so loading a file someone placed beside --out runs no code: at worst
+it is refused with one line.
 
 A resume is refused, naming the difference, when an option differs or an input changed: a file's size, mtime,
 or a hash of its first and last MiB. Hub models are fingerprinted through their locally cached snapshot and
@@ -33,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from featureatlas.atomic import durable_replace, remove_stale_temps, temp_path_beside
-from featureatlas.errors import UsageError
+from featureatlas.errors import UsageError, setting_name
 
 FORMAT = "featureatlas-checkpoint"
 VERSION = 2
@@ -94,7 +95,8 @@ def run_inputs(corpus: Path | str, split: str | None, model_location: str, gguf_
             folder = Path(cached).parent if isinstance(cached, str) else folder
         model_part.update({p.name: file_fingerprint(p) for p in _plain_files(folder)
                            if p.name.endswith(_MODEL_SUFFIXES)})
-    dictionaries = {str(p): file_fingerprint(p) for folder in dictionary_folders for p in _plain_files(folder)}
+    dictionaries = {str(p): file_fingerprint(p) for folder in dictionary_folders
+                    for p in [*_plain_files(folder), *(q for sub in _plain_folders(folder) for q in _plain_files(sub))]}
     return {"corpus": corpus_part, "model": model_part, "dictionaries": dictionaries}
 
 
@@ -103,6 +105,14 @@ def _plain_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _plain_folders(folder: Path) -> list[Path]:
+    """The visible folders directly in folder (not links), sorted: a Llama Scope release keeps its weights in
+    checkpoints/."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
 
 
 class Checkpointer:
@@ -147,7 +157,8 @@ class Checkpointer:
         started_at). Refuses, in one line, a file that is not a whole checkpoint, and one of other options or
         inputs, naming the first difference."""
         if not self.path.is_file():
-            raise UsageError(f"{self.path}: no checkpoint to resume from; run without --resume (a checkpoint is "
+            raise UsageError(f"{self.path}: no checkpoint to resume from; run without {setting_name('resume')} "
+                             f"(a checkpoint is "
                              "written every --checkpoint-every tokens)")
         try:
             with safe_open(str(self.path), framework="pt", device="cpu") as f:
@@ -275,6 +286,12 @@ def _difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
 def _restore(part: object, attr: str, current: Any, value: torch.Tensor, key: str) -> None:
     if not isinstance(current, torch.Tensor):
         setattr(part, attr, value)
+        return
+    if attr in getattr(part, "RESIZABLE", ()):  # data-sized (co-occurrence pairs): the part's check_state vets it
+        if current.dtype != value.dtype or current.dim() != value.dim():
+            raise UsageError(f"{key} is {value.dtype} with {value.dim()} dimensions, this run's {current.dtype} "
+                             f"with {current.dim()}; resume with the same model and options")
+        setattr(part, attr, value.to(current.device))
         return
     if current.shape != value.shape or current.dtype != value.dtype:
         raise UsageError(f"{key} is {value.dtype} of shape {tuple(value.shape)}, this run's "

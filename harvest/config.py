@@ -1,4 +1,5 @@
-"""The settings of a harvest and of training a dictionary: every default and its help text, stated once.
+"""The settings of a harvest, of training a dictionary and of verifying a store: every default and its help text,
+stated once.
 
 Light to import (no torch, numpy or pyarrow), so that the command line can build its options from these fields
 (featureatlas/commands/options.py) without loading a model's libraries. `validate` checks what can be checked before
@@ -56,8 +57,10 @@ class HarvestConfig:
                                       "activation is the norm of what it writes to the residual stream); alone: all "
                                       "layers", shown="none", nargs="?", const="all", metavar="LAYERS")
     saes: list[str] = dictionaries_setting("a dictionary folder to harvest: SAELens (cfg.json + "
-                                           "sae_weights.safetensors) or sparsify (cfg.json + sae.safetensors, or a "
-                                           "run folder of them); repeatable")
+                                           "sae_weights.safetensors), sparsify (cfg.json + sae.safetensors, or a "
+                                           "run folder of them), Gemma Scope (params.npz), Llama Scope "
+                                           "(hyperparams.json + checkpoints/), or a SAELens release id when "
+                                           "online; repeatable (docs/dictionaries.md)")
     batch_size: int = setting(64, "contexts per forward pass")
     device: str = device_setting()
     dtype: str = dtype_setting()
@@ -76,6 +79,18 @@ class HarvestConfig:
     histogram_every: int = setting(32, "neurons and residual dimensions: the histogram counts every token of one "
                                        "context in N (dictionary features: every token)")
     logits: int = setting(10, "top and bottom tokens of each unit's logit effect; 0 for none")
+    cooccurrence: bool = setting(True, "dictionary features: count the pairs that fire on the same tokens, from "
+                                       "the non-zeros the harvest already has, and keep each feature's nearest by "
+                                       "Jaccard index (cost: docs/harvest.md; keeps at most 8 million pairs, 128 "
+                                       "MB, a dictionary; not with --shard or torchrun, whose merge cannot add "
+                                       "the lists up)")
+    neighbours_across: bool = setting(False, "also find each dictionary feature's nearest features in the other "
+                                             "dictionaries of the same width, by decoder cosine (every pair "
+                                             "compared: seconds on a GPU, minutes on a CPU for many large ones)")
+    ablation_effects: bool = setting(False, "after the store is written, compute for each unit's top examples how "
+                                            "removing the unit at the max token changes the log-probability of "
+                                            "each token after it (two forward passes per example; the `ablations` "
+                                            "view)")
     seed: int = setting(0, "seeds the quantile and random samples")
     compile: str = setting("auto", "fuse the per-batch steps with torch.compile (seconds to a minute): several "
                                    "times faster on GPUs; on CPUs the native loops (docs/harvest.md) already are, "
@@ -172,3 +187,20 @@ def validate_training(config: TrainSaeConfig) -> None:
         raise UsageError(f"{setting_name('hook')} {config.hook}: with {setting_name('transcode')}, name the module "
                          "to transcode as sparsify does, by its path in the model (e.g. layers.15.mlp)")
     check_corpus(config.corpus)
+
+
+@dataclass
+class VerifyConfig:
+    """What to verify and how; each field's help is the command line's."""
+
+    store: Path = setting(help="a .duckdb file written by harvest")
+    sample: int = setting(200, "examples to check", metavar="N")
+    model: str | None = model_setting("the model, where the run's recorded model_ref is not", default=None)
+    saes: list[str] = dictionaries_setting("a dictionary folder for the source sae:NAME / transcoder:NAME, where its "
+                                           "recorded dictionary_path is gone; repeatable (default: the recorded "
+                                           "paths)")
+    device: str = device_setting("auto: the run's device when this machine has it")
+    seed: int = setting(0, "seeds the sample")
+    rtol: float | None = setting(None, "tolerance relative to each unit's largest |activation|",
+                                 shown="max(2 eps of the run's dtype, 1e-5): 1e-5 for float32, 0.0156 for bfloat16")
+    progress: bool = setting(True, "show a progress bar")

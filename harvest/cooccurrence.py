@@ -2,9 +2,11 @@
 non-zeros the harvest already has, and each feature's nearest by Jaccard index |A and B| / |A or B|.
 
 Pairs are kept as sorted int64 keys (i * n + j, i < j) with their counts; a batch's pairs wait in a buffer and
-are merged in bulk. Memory is bounded by MAX_PAIRS distinct pairs: past it the rarest pairs are dropped (their
-counts are then lower bounds and `complete` turns False, recorded with the results); below it every count is
-exact.
+are merged in bulk. A token where c features fire makes c(c - 1)/2 pairs (a top-k SAE with k = 32: 496), made a
+slice of the batch at a time so that a batch never holds more than `flush` of them. Memory is bounded by
+`max_pairs` distinct pairs: past it the rarest pairs are dropped (their counts are then lower bounds and
+`complete` turns False, recorded with the run's settings); below it every count is exact. The buffer is part of
+the saved state, so merges happen at the same points with or without a checkpoint and resume.
 """
 
 from __future__ import annotations
@@ -12,64 +14,136 @@ from __future__ import annotations
 import torch
 
 MAX_PAIRS = 8_000_000   # distinct pairs kept: 16 bytes each
-FLUSH = 4_000_000       # buffered pair keys before a merge
+FLUSH = 4_000_000       # buffered pair keys before a merge; also the most pairs one slice of a batch makes
 
 
 class CoOccurrence:
-    """Pair counts for one source of n features."""
+    """Pair counts for one source of n features, on the harvest's device."""
 
-    def __init__(self, n_units: int, max_pairs: int = MAX_PAIRS, flush: int = FLUSH):
+    STATE = ("keys", "counts", "pending", "firing", "complete")  # what a checkpoint saves
+    RESIZABLE = ("keys", "counts", "pending")  # their length depends on the data: restored whole, then checked
+
+    def __init__(self, n_units: int, max_pairs: int | None = None, flush: int | None = None,
+                 device: torch.device | str = "cpu"):
         self.n = n_units
-        self.max_pairs, self.flush = max_pairs, flush
-        self.keys = torch.zeros(0, dtype=torch.int64)
-        self.counts = torch.zeros(0, dtype=torch.int64)
-        self.firing = torch.zeros(n_units, dtype=torch.int64)
+        self.max_pairs = MAX_PAIRS if max_pairs is None else max_pairs  # read here: tests make them small
+        self.flush = FLUSH if flush is None else flush
+        self.device = torch.device(device)
+        self.keys = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self.counts = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self.firing = torch.zeros(n_units, dtype=torch.int64, device=self.device)
         self.complete = True
         self._pending: list[torch.Tensor] = []
         self._pending_size = 0
 
+    @property
+    def pending(self) -> torch.Tensor:
+        """The buffered pair keys not merged yet (one tensor)."""
+        if len(self._pending) != 1:
+            self._pending = [torch.cat(self._pending) if self._pending else self.keys[:0]]
+        return self._pending[0]
+
+    @pending.setter
+    def pending(self, value: torch.Tensor) -> None:
+        self._pending, self._pending_size = [value], len(value)
+
     def update(self, nonzeros: torch.Tensor, counted: torch.Tensor) -> None:
-        """nonzeros: flat indices into a [positions, n] activation tensor; counted: [positions] bool."""
-        nonzeros = nonzeros.to("cpu", torch.int64)
-        position, feature = nonzeros // self.n, nonzeros % self.n
-        keep = counted.to("cpu")[position]
-        position, feature = position[keep], feature[keep]
-        order = torch.argsort(position * self.n + feature)
-        position, feature = position[order], feature[order]
-        self.firing += torch.bincount(feature, minlength=self.n)
-        # Each entry pairs with the later entries of its own position (features ascending there).
-        _, per_position = torch.unique_consecutive(position, return_counts=True)
+        """nonzeros: flat indices (unique, any order) into a [positions, n] activation tensor, which a
+        [batch, tokens, n] one is too; counted: [positions] bool (or [batch, tokens]): BOS and padding do not."""
+        n = self.n
+        flat = nonzeros.to(self.device, torch.int64)
+        flat = flat[counted.reshape(-1).to(self.device)[flat // n]].sort().values  # by position, then feature
+        feature = flat % n
+        self.firing += torch.bincount(feature, minlength=n)
+        if not len(flat):
+            return
+        _, per_position = torch.unique_consecutive(flat // n, return_counts=True)
+        # Each entry pairs with the later entries of its own position (features ascending there), a slice of
+        # entries making at most `flush` pairs (at least one entry) at a time.
+        device = self.device
         starts = torch.repeat_interleave(torch.cumsum(per_position, 0) - per_position, per_position)
-        rank = torch.arange(len(position)) - starts
+        rank = torch.arange(len(feature), device=device) - starts
         partners = torch.repeat_interleave(per_position, per_position) - 1 - rank
-        first = torch.repeat_interleave(torch.arange(len(position)), partners)
-        offset = torch.arange(len(first)) - torch.repeat_interleave(torch.cumsum(partners, 0) - partners, partners)
-        second = first + 1 + offset
-        if len(first):
-            self._pending.append(feature[first] * self.n + feature[second])
-            self._pending_size += len(first)
+        ends = torch.cumsum(partners, 0)  # pairs made by entries up to and including each one
+        entry, made, total = 0, 0, int(ends[-1])
+        while made < total:
+            stop = max(int(torch.searchsorted(ends, made + self.flush, right=True)), entry + 1)
+            part = partners[entry:stop]
+            first = torch.repeat_interleave(torch.arange(entry, stop, device=device), part)
+            offset = torch.arange(len(first), device=device) - torch.repeat_interleave(
+                torch.cumsum(part, 0) - part, part)
+            self._push(feature[first] * n + feature[first + 1 + offset])
+            entry, made = stop, int(ends[stop - 1])
+
+    def _push(self, keys: torch.Tensor) -> None:
+        if len(keys):
+            self._pending.append(keys)
+            self._pending_size += len(keys)
         if self._pending_size >= self.flush:
             self._merge()
 
     def _merge(self) -> None:
-        if not self._pending:
+        """The buffer's pairs into the sorted lists: counts of known pairs added where they are, new pairs
+        placed by searchsorted (no sort of the whole list); past max_pairs the rarest dropped."""
+        if not self._pending_size:
+            self._pending = []
             return
-        keys, counts = torch.unique(torch.cat(self._pending), return_counts=True)
+        new, new_counts = torch.unique(torch.cat(self._pending), return_counts=True)
         self._pending, self._pending_size = [], 0
-        keys, inverse = torch.unique(torch.cat([self.keys, keys]), return_inverse=True)
-        total = torch.zeros(len(keys), dtype=torch.int64).scatter_add_(0, inverse, torch.cat([self.counts, counts]))
-        if len(keys) > self.max_pairs:
-            kept = torch.sort(torch.argsort(total, descending=True, stable=True)[:self.max_pairs]).values
-            keys, total = keys[kept], total[kept]
-            self.complete = False
-        self.keys, self.counts = keys, total
+        keys, counts = self.keys, self.counts.clone()
+        at = torch.searchsorted(keys, new)
+        known = at < len(keys)
+        known[known.clone()] = keys[at[known]] == new[known]
+        counts.index_add_(0, at[known], new_counts[known])
+        fresh, fresh_at = new[~known], at[~known]
+        size = len(keys) + len(fresh)
+        merged_keys = torch.empty(size, dtype=torch.int64, device=self.device)
+        merged_counts = torch.empty(size, dtype=torch.int64, device=self.device)
+        old_places = torch.arange(len(keys), device=self.device) + torch.searchsorted(fresh, keys)
+        fresh_places = fresh_at + torch.arange(len(fresh), device=self.device)
+        merged_keys[old_places], merged_counts[old_places] = keys, counts
+        merged_keys[fresh_places], merged_counts[fresh_places] = fresh, new_counts[~known]
+        if size > self.max_pairs:
+            merged_keys, merged_counts = self._rarest_dropped(merged_keys, merged_counts)
+        self.keys, self.counts = merged_keys, merged_counts
+
+    def _rarest_dropped(self, keys: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The max_pairs most frequent pairs, in key order; of pairs as frequent as the last one kept, the lower
+        keys stay. Their counts, and later ones of the dropped pairs, are lower bounds from here on."""
+        self.complete = False
+        drop = len(keys) - self.max_pairs
+        threshold = torch.kthvalue(counts.cpu(), drop).values.item()  # the drop-th smallest count
+        keep = counts > threshold
+        tied = torch.nonzero(counts == threshold).squeeze(1)
+        keep[tied[:len(tied) - (drop - int((counts < threshold).sum()))]] = True
+        return keys[keep], counts[keep]
+
+    def check_state(self) -> None:
+        """Raises ValueError where restored state (a checkpoint may have been tampered with) is not counts this
+        class could have made: keys sorted, distinct pairs i < j of n features, counts at most each one's firing."""
+        n, keys, counts, pending = self.n, self.keys, self.counts, self.pending
+        if keys.dim() != 1 or counts.shape != keys.shape or pending.dim() != 1 or self.firing.shape != (n,):
+            raise ValueError("co-occurrence keys, counts or firing have the wrong shape")
+        if len(keys) > self.max_pairs or len(pending) >= self.flush + n * n:
+            raise ValueError(f"co-occurrence holds more than {self.max_pairs:,} pairs")
+        for name, values in (("keys", keys), ("pending", pending)):
+            i, j = values // n, values % n
+            if len(values) and not (bool((values >= 0).all()) and bool((i < j).all()) and bool((i < n).all())):
+                raise ValueError(f"co-occurrence {name} are not pairs i < j of {n} features")
+        if len(keys) and not bool((keys[1:] > keys[:-1]).all()):
+            raise ValueError("co-occurrence keys are not sorted and distinct")
+        if bool((self.firing < 0).any()) or (len(counts) and not (
+                bool((counts > 0).all()) and bool((counts <= torch.minimum(self.firing[keys // n],
+                                                                           self.firing[keys % n])).all()))):
+            raise ValueError("co-occurrence counts exceed their features' firing counts")
 
     def nearest(self, k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-        """[n, k] indices and Jaccard indices of each feature's nearest, best first (ties: lower feature first);
-        -1 and 0 where a feature has fewer than k partners."""
+        """[n, k] indices and Jaccard indices of each feature's nearest, best first (ties: lower feature first),
+        on the CPU; -1 and 0 where a feature has fewer than k partners."""
         self._merge()
-        i, j = self.keys // self.n, self.keys % self.n
-        jaccard = self.counts.double() / (self.firing[i] + self.firing[j] - self.counts).double()
+        keys, counts, firing = self.keys.cpu(), self.counts.cpu(), self.firing.cpu()
+        i, j = keys // self.n, keys % self.n
+        jaccard = counts.double() / (firing[i] + firing[j] - counts).double()
         src, dst, score = torch.cat([i, j]), torch.cat([j, i]), torch.cat([jaccard, jaccard])
         order = torch.argsort(dst, stable=True)
         order = order[torch.argsort(-score[order], stable=True)]

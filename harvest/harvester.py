@@ -134,7 +134,7 @@ def check_widths(model: torch.nn.Module, sources: list[UnitSource]) -> None:
             width = widths[(source.hook.module, source.hook.reads)]
             if width != source.dictionary.d_in:
                 raise UsageError(
-                    f"{source.dictionary.path / 'cfg.json'}: d_in is {source.dictionary.d_in}, but "
+                    f"{source.dictionary.config_file}: d_in is {source.dictionary.d_in}, but "
                     f"{source.hook.name} of this model is {width} wide; is it a dictionary for another model?")
 
 

@@ -1,8 +1,9 @@
 """Similar units by their weights: each unit's nearest others by cosine of a direction it reads or writes.
 
 Dictionary features: by decoder row (what they write) and by encoder column (what they read); neurons: by their
-row of the MLP output projection. Exact top-k over every pair, computed a block of rows at a time, so memory is
-a block x n scores however many units there are. Ties go to the lower unit number.
+row of the MLP output projection; across dictionaries of the same width, by decoder row (nearest_across). Exact
+top-k over every pair, computed a block of rows at a time, so memory is a block x n scores however many units
+there are. Ties go to the lower unit number.
 """
 
 from __future__ import annotations
@@ -62,6 +63,23 @@ def nearest(vectors: torch.Tensor, candidates: torch.Tensor | None = None, k: in
         indices.append(idx.gather(1, order))
         scores.append(val.gather(1, order))
     return torch.cat(indices), torch.cat(scores)
+
+
+def nearest_across(vectors: torch.Tensor, candidate_sets: list[torch.Tensor], k: int = K
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """nearest() among the rows of every candidate set together, numbered as if concatenated in order, computed
+    a set at a time: memory is that of the largest set, however many there are. Ties go to the lower number."""
+    index = torch.zeros((vectors.shape[0], 0), dtype=torch.int64, device=vectors.device)
+    score = torch.zeros((vectors.shape[0], 0), dtype=torch.float32, device=vectors.device)
+    offset = 0
+    for candidates in candidate_sets:
+        i, s = nearest(vectors, candidates, k=k, exclude_self=False)
+        # Earlier sets' rows come first and number lower: a stable sort by score keeps ties in number order.
+        index, score = torch.cat([index, i.to(index.device) + offset], 1), torch.cat([score, s.to(score.device)], 1)
+        order = torch.argsort(-score, dim=1, stable=True)[:, :k]
+        index, score = index.gather(1, order), score.gather(1, order)
+        offset += candidates.shape[0]
+    return index, score
 
 
 def source_neighbours(model: torch.nn.Module, source: UnitSource, k: int = K) -> list[Neighbours]:

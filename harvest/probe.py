@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from featureatlas.errors import UsageError
+from featureatlas.errors import UsageError, setting_name
+from featureatlas.harvest.ablation import Ablated, ablate
 from featureatlas.harvest.contexts import Context, display_tokens, make_batch
 from featureatlas.harvest.harvester import Reader
 from featureatlas.harvest.sources import UnitSource, mlp_sources, resid_sources
@@ -78,12 +79,12 @@ def pick_source(held: list[SourceLayer], source: str, layer: int | None) -> tupl
     """The (source, layer) a --top asks for among those held (a source with one layer may leave the layer out)."""
     layers = sorted({s.layer for s in held if s.source == source})
     if not layers:
-        raise UsageError(f"--source {source!r}: no such source; there are {describe_sources(held)}")
+        raise UsageError(f"{setting_name('source')} {source!r}: no such source; there are {describe_sources(held)}")
     has = describe_sources([s for s in held if s.source == source])
     if layer is None and len(layers) > 1:
-        raise UsageError(f"--source {source} has several layers ({has}); pass --layer")
+        raise UsageError(f"{setting_name('source')} {source} has several layers ({has}); pass {setting_name('layer')}")
     if layer is not None and layer not in layers:
-        raise UsageError(f"--layer {layer}: no such layer in {source}; there is {has}")
+        raise UsageError(f"{setting_name('layer')} {layer}: no such layer in {source}; there is {has}")
     return source, layers[0] if layer is None else layer
 
 
@@ -145,8 +146,39 @@ class Prober:
               seed: int | None = None) -> Steered:
         """The text's continuation with the unit pushed (harvest/steer.py), beside the unpushed one."""
         _, source, layer, unit = self.resolve(address)
-        return steer(self.model, self.tokenizer, self.sources[(source, layer)], unit, self.token_ids(text), text,
-                     value, mode, max_new_tokens, seed)
+        ids = self.token_ids(text)
+        try:  # the continuation must fit the model's positions too
+            check_length(self.model, len(ids) + max_new_tokens, "the text and its continuation", "steer a shorter "
+                         "text or ask for fewer new tokens")
+        except ModelLoadError as err:
+            raise UsageError(str(err)) from None
+        return steer(self.model, self.tokenizer, self.sources[(source, layer)], unit, ids, text, value, mode,
+                     max_new_tokens, seed)
+
+    def ablate(self, address: str, token_ids: list[int], position: int) -> Ablated:
+        """The change in log p of each token after `position` when the unit is removed there (harvest/ablation.py)."""
+        _, source, layer, unit = self.resolve(address)
+        try:
+            check_length(self.model, len(token_ids), "the context", "ablate a shorter one")
+        except ModelLoadError as err:
+            raise UsageError(str(err)) from None
+        return ablate(self.model, self.sources[(source, layer)], unit, token_ids, position)
+
+    def context_token_ids(self, context_id: int) -> list[int]:
+        """A stored context's token ids (BOS included), if an example of this model shows it."""
+        if self.store is None:
+            raise UsageError("no store to read contexts from: start with --store STORE (open_atlas in a notebook)")
+        from featureatlas.store.schema import open_store
+        con = open_store(self.store)
+        try:
+            rows = con.execute("SELECT c.token_ids FROM contexts c WHERE c.context_id = ? AND EXISTS (SELECT 1 FROM "
+                               "examples e WHERE e.model = ? AND e.context_id = c.context_id)",
+                               [context_id, self.model_name]).fetchall()
+        finally:
+            con.close()
+        if not rows:
+            raise UsageError(f"context {context_id}: no example of {self.model_name} in {self.store.name} shows it")
+        return list(rows[0][0])
 
     def resolve_source(self, source: str, layer: int | None) -> tuple[str, int]:
         return pick_source(self.source_layers(), source, layer)

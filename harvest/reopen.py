@@ -15,7 +15,7 @@ import duckdb
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from featureatlas.errors import UsageError
+from featureatlas.errors import UsageError, setting_name
 from featureatlas.harvest.config import HarvestConfig
 from featureatlas.harvest.run import build_sources
 from featureatlas.harvest.sources import UnitSource
@@ -79,7 +79,7 @@ def dictionary_specs(con: duckdb.DuckDBPyConnection, model: str, saes: list[str]
             continue
         if not Path(path).exists():
             raise UsageError(f"source {source} (layer {layer}): its dictionary folder {path} is gone; pass "
-                             f"--sae {label}=PATH with the folder's new place")
+                             f"{setting_name('saes')} {label}=PATH with the folder's new place")
         specs.append(f"{label}={path}")
     return specs
 
@@ -117,7 +117,8 @@ def rebuild_sources(con: duckdb.DuckDBPyConnection, store: Path, run: Run, model
         if path is not None and (source.name, source.layer) not in keys and \
                 any(path == p or p in path.parents for p in given):
             held = ", ".join(sorted({n for n, _ in keys if ":" in n})) or "none"
-            raise UsageError(f"--sae: {source.dictionary.path} gives source {source.name} (layer {source.layer}), "
+            raise UsageError(f"{setting_name('saes')}: {source.dictionary.path} gives source {source.name} "
+                             f"(layer {source.layer}), "
                              f"which this store does not hold (its dictionary sources: {held}); name it as the "
                              "store does, --sae NAME=PATH")
     sources = {}
@@ -125,7 +126,7 @@ def rebuild_sources(con: duckdb.DuckDBPyConnection, store: Path, run: Run, model
         source = built.get((name, layer))
         if source is None:
             raise UsageError(f"source {name} (layer {layer}): no dictionary given rebuilds it; pass "
-                             f"--sae {name.split(':', 1)[-1]}=PATH")
+                             f"{setting_name('saes')} {name.split(':', 1)[-1]}=PATH")
         if (source.kind, source.hook.name, source.n_units) != (kind, hook_name, n_units):
             what = source.dictionary.path if source.dictionary is not None else "the model"
             raise UsageError(f"source {name} (layer {layer}): {what} gives a {source.kind} of {source.n_units} "
@@ -161,7 +162,8 @@ def reopen(con: duckdb.DuckDBPyConnection, store: Path, run: Run, *, model: str 
     except ModelLoadError as err:
         if model is not None:
             raise
-        raise ModelLoadError(f"{err} (the run's recorded model); pass --model to where it is now") from None
+        raise ModelLoadError(f"{err} (the run's recorded model); pass {setting_name('model')} to where it is "
+                             f"now") from None
     loaded, tokenizer = load_model(ref, torch_device, dtype)
     sources = rebuild_sources(con, store, run, loaded, specs, saes, model or run.model_ref, torch_device)
     return Reopened(run, loaded, tokenizer, torch_device, dtype, sources)

@@ -227,11 +227,11 @@ class Reservoir:
 
 
 def _bin(values: torch.Tensor, scale: torch.Tensor, n_bins: int) -> torch.Tensor:
-    """Interval of each context max under W = 2^-scale (anything at or below 0 lands in bin 0: never kept).
-    values x 2^scale in two exact steps of a power of two each (torch.ldexp is a pow, slow and unfused)."""
+    """Interval of each context max under W = 2^-scale (anything at or below 0, and NaN, lands in bin 0: never
+    kept). values x 2^scale in two exact steps of a power of two each (torch.ldexp is a pow, slow and unfused)."""
     half = torch.div(scale, 2, rounding_mode="floor")
     scaled = values * _power_of_two(half) * _power_of_two(scale - half)
-    return (scaled * n_bins).floor_().clamp_(0, n_bins - 1).long()
+    return (scaled * n_bins).floor_().nan_to_num_(nan=0.0).clamp_(0, n_bins - 1).long()
 
 
 def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:

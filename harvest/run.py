@@ -19,8 +19,9 @@ import tqdm
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from featureatlas.errors import UsageError
+from featureatlas.errors import UsageError, setting_name
 from featureatlas.harvest.accumulators import Settings, choose_backend
+from featureatlas.harvest.attention import write_attributions
 from featureatlas.harvest.checkpoint import Checkpointer, run_inputs, shaping_options
 from featureatlas.harvest.config import HarvestConfig, validate
 from featureatlas.harvest.contexts import Context, DocumentInfo, display_tokens, iter_batches, iter_contexts
@@ -28,7 +29,7 @@ from featureatlas.harvest.harvester import Harvester, check_widths
 from featureatlas.harvest.heads import head_sources
 from featureatlas.harvest.logits import LogitEffects
 from featureatlas.harvest.prefetch import prefetched
-from featureatlas.harvest.relations import write_relations
+from featureatlas.harvest.relations import cooccurrence_record, write_neighbours_across, write_relations
 from featureatlas.harvest.sources import UnitSource, dictionary_sources, mlp_sources, parse_layers, resid_sources
 from featureatlas.harvest.write import ContextLengths, write_logits, write_source, write_vocabulary
 from featureatlas.load.architectures import blocks_of
@@ -68,7 +69,8 @@ def build_sources(model: torch.nn.Module, config: HarvestConfig, device: torch.d
     for spec in config.saes:
         name, _, path = spec.rpartition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
         if not path.strip():
-            raise UsageError(f"--sae {spec!r}: no folder given; pass --sae PATH or --sae NAME=PATH")
+            raise UsageError(f"{setting_name('saes')} {spec!r}: no folder given; pass {setting_name('saes')} "
+                             f"PATH or {setting_name('saes')} NAME=PATH")
         found = load_dictionaries(path)
         for dictionary in found:
             label = name or dictionary.path.name
@@ -104,6 +106,7 @@ def harvest(config: HarvestConfig, loaded: tuple[PreTrainedModel, PreTrainedToke
                         intervals=config.intervals, per_interval=config.per_interval, random=config.random_examples,
                         histogram_every=config.histogram_every, seed=config.seed,
                         compile=_compile(config.compile, device, config.tokens),
+                        cooccurrence=config.cooccurrence and config.shard is None,  # a merge drops shards' lists
                         backend=choose_backend(device, config.fixed_shapes, config.cuda_graphs, config.native))
 
     inputs = _inputs(config, ref, model, sources) if config.resume or config.checkpoint_every is not None else {}
@@ -144,7 +147,8 @@ def harvest(config: HarvestConfig, loaded: tuple[PreTrainedModel, PreTrainedToke
                                      elapsed + time.perf_counter() - t0, started)
         seconds = elapsed + time.perf_counter() - t0
         if n_contexts == 0:
-            raise CorpusError(f"{config.corpus}: holds no text (every document is empty); point --corpus at text")
+            raise CorpusError(f"{config.corpus}: holds no text (every document is empty); point "
+                              f"{setting_name('corpus')} at text")
         _write_documents(store, documents)
         kept = _only(kept, harvester.referenced_context_ids())
         _write_contexts(store, tokenizer, kept)
@@ -161,9 +165,18 @@ def harvest(config: HarvestConfig, loaded: tuple[PreTrainedModel, PreTrainedToke
             for source, acc in zip(harvester.sources, harvester.accumulators, strict=True):
                 write_source(store, ref.display_name, source, acc, lengths)
                 token_ids |= write_logits(store, ref.display_name, source, effects[_effect_key(source)].result())
-                write_relations(store, ref.display_name, model, source, config.seed)
+                write_relations(store, ref.display_name, model, source, config.seed, acc.cooccurrence)
                 bar.update(source.n_units)
+        if config.neighbours_across:
+            write_neighbours_across(store, ref.display_name, sources)
         write_vocabulary(store, ref.display_name, tokenizer, token_ids)
+        harvester.detach()  # the post-passes below run forward passes of their own
+        # Where heads looked, for heads and hook_z dictionaries only (harvest/attention.py); nothing for the rest
+        write_attributions(store, ref.display_name, model, sources, config.batch_size, config.progress)
+        if config.ablation_effects:  # a post-pass over the top examples just written (harvest/ablation.py)
+            from featureatlas.harvest.ablation import write_ablations
+            write_ablations(store, ref.display_name, model, sources,
+                            {cid: c.token_ids for cid, c in kept.items()}, config.batch_size, config.progress)
         mlp_layers = sorted({s.layer for s in sources if s.kind == "mlp"})
         store.add_run(
             run_id=1, model=ref.display_name, model_ref=config.model, model_type=model.config.model_type,
@@ -171,7 +184,8 @@ def harvest(config: HarvestConfig, loaded: tuple[PreTrainedModel, PreTrainedToke
             n_tokens=n_tokens, context_length=config.context_length, top_k=config.top_k, layers=mlp_layers,
             batch_size=config.batch_size, dtype=str(model.dtype).removeprefix("torch."), device=str(device),
             bos_token=tokenizer.bos_token if has_bos else None, bos_excluded=has_bos, seed=config.seed,
-            settings=shaping_options(config),
+            settings={**shaping_options(config),
+                      **cooccurrence_record(sources, [acc.cooccurrence for acc in harvester.accumulators])},
             versions=_versions(), started_at=started, finished_at=_now(),
             tokens_per_second=n_tokens / seconds)
         n_units = sum(s.n_units for s in harvester.sources)

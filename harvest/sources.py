@@ -76,7 +76,7 @@ def dictionary_sources(dictionaries: list[tuple[str, Dictionary]], backbone: tor
                 out_reads = "hook" if dictionary.hook_reads == "hook" else "output"
                 out = resolve_hook(dictionary.hook_out_name, backbone, model_type, out_reads)
         except UsageError as err:
-            raise UsageError(f"{dictionary.path / 'cfg.json'}: {err}") from None
+            raise UsageError(f"{dictionary.config_file}: {err}") from None
         dictionary.to(device)
         sources.append(UnitSource(f"{dictionary.kind}:{name}", dictionary.kind, hook, dictionary.d_sae,
                                   signed=False, sparse=True, encode=dictionary.encode, dictionary=dictionary,

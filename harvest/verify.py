@@ -20,11 +20,11 @@ import pyarrow as pa
 import torch
 import tqdm
 
-from featureatlas.errors import UsageError
+from featureatlas.errors import UsageError, setting_name
+from featureatlas.harvest.config import VerifyConfig
 from featureatlas.harvest.contexts import Context, make_batch
 from featureatlas.harvest.harvester import Reader
 from featureatlas.harvest.reopen import Run, dictionary_specs, read_runs, reopen, run_dtype
-from featureatlas.settings import device_setting, dictionaries_setting, model_setting, setting
 from featureatlas.store.encoding import round_trip, rounding_bound
 from featureatlas.store.schema import open_store
 
@@ -37,23 +37,6 @@ _KINDS = ("top", "bottom", "quantile", "random")
 def default_rtol(dtype: torch.dtype) -> float:
     """max(2 eps, 1e-5): float32 1e-5, bfloat16 0.0156, float16 0.00195."""
     return max(ULPS * torch.finfo(dtype).eps, RTOL_FLOOR)
-
-
-@dataclass
-class VerifyConfig:
-    """What to verify and how; each field's help is the command line's."""
-
-    store: Path = setting(help="a .duckdb file written by harvest")
-    sample: int = setting(200, "examples to check", metavar="N")
-    model: str | None = model_setting("the model, where the run's recorded model_ref is not", default=None)
-    saes: list[str] = dictionaries_setting("a dictionary folder for the source sae:NAME / transcoder:NAME, where its "
-                                           "recorded dictionary_path is gone; repeatable (default: the recorded "
-                                           "paths)")
-    device: str = device_setting("auto: the run's device when this machine has it")
-    seed: int = setting(0, "seeds the sample")
-    rtol: float | None = setting(None, "tolerance relative to each unit's largest |activation|",
-                                 shown="max(2 eps of the run's dtype, 1e-5): 1e-5 for float32, 0.0156 for bfloat16")
-    progress: bool = setting(True, "show a progress bar")
 
 
 @dataclass
@@ -131,8 +114,8 @@ def verify(config: VerifyConfig) -> VerifyReport:
         for run in read_runs(con):
             runs[run.model].append(run)
         if config.model is not None and len(runs) > 1:
-            raise UsageError(f"{config.store}: holds runs of {len(runs)} models ({', '.join(runs)}); --model can "
-                             "only stand in for the model of a store of one")
+            raise UsageError(f"{config.store}: holds runs of {len(runs)} models ({', '.join(runs)}); "
+                             f"{setting_name('model')} can only stand in for the model of a store of one")
         mismatches, n_units = _check_token_counts(con)
         sample = sample_examples(con, config.sample, config.seed)
         n_examples = n_exact = 0

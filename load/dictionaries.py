@@ -1,5 +1,6 @@
 """Strict loaders for sparse-autoencoder and transcoder folders: SAELens (6.x, and the flat pre-6 configs) and
-EleutherAI sparsify (one folder per hookpoint, a run folder holding several).
+EleutherAI sparsify (one folder per hookpoint, a run folder holding several) here; Gemma Scope and Llama Scope
+folders in scope_formats.py; SAELens release ids and hub repositories fetched by sae_releases.py.
 
 A Dictionary reproduces its format's own encode exactly (the same ops in the same order, in the same dtype), or
 its folder is refused with one line naming the file, the field and what to do: a catalogue built on a silently
@@ -17,6 +18,7 @@ Where a dictionary reads (`hook_name`, `hook_reads`):
   (`model.layers.6`), hook_reads 'output' (its first element when it returns a tuple).
 - sparsify: a module path under `model.base_model` (the folder name, `layers.6`, `layers.6.mlp`); an SAE reads
   the module's output, a transcoder its input, and writes the same module's output (hook_out_name).
+- Gemma Scope and Llama Scope: TransformerLens hook names, as SAELens's converters name them, hook_reads 'hook'.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +37,14 @@ from safetensors import safe_open
 
 from featureatlas.errors import DictionaryError
 
+if TYPE_CHECKING:
+    from featureatlas.load.sae_releases import Release
+
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
+GEMMA_WEIGHTS = "params.npz"                # Gemma Scope (scope_formats.py)
+LLAMA_SCOPE_CONFIG = "hyperparams.json"     # Llama Scope (scope_formats.py)
+CONFIG_FILES = {"gemma_scope": GEMMA_WEIGHTS, "llama_scope": LLAMA_SCOPE_CONFIG}  # any other format: cfg.json
 DTYPES = {name: getattr(torch, name) for name in ("float32", "float64", "float16", "bfloat16")}
 DTYPES |= {f"torch.{name}": dtype for name, dtype in DTYPES.items()}  # SAELens accepts both spellings
 # TransformerLens processing that changes the activations at hooks; plain transformers modules never apply it.
@@ -69,7 +77,7 @@ class Dictionary:
     """One SAE or transcoder, ready to turn hooked activations into feature activations."""
 
     path: Path                 # the folder holding cfg.json
-    format: str                # 'saelens' | 'sparsify'
+    format: str                # 'saelens' | 'sparsify' | 'gemma_scope' | 'llama_scope'
     kind: str                  # 'sae' | 'transcoder'
     architecture: str
     hook_name: str
@@ -86,6 +94,11 @@ class Dictionary:
     subtract_b_dec: bool = False
     k: int | None = None
     rescale_acts_by_decoder_norm: bool = False
+
+    @property
+    def config_file(self) -> Path:
+        """The file that says what this dictionary is, for messages about it."""
+        return self.path / CONFIG_FILES.get(self.format, "cfg.json")
 
     def to(self, device: torch.device | str) -> Dictionary:
         """Moves the tensors; returns self."""
@@ -191,31 +204,83 @@ ENCODERS: dict[str, Callable[[Dictionary, torch.Tensor], Encoded]] = {
 
 def load_dictionaries(path: str | Path) -> list[Dictionary]:
     """A SAELens folder (cfg.json + sae_weights.safetensors), a sparsify hookpoint folder (cfg.json +
-    sae.safetensors), or a folder of such folders (a sparsify run), in natural order of folder name (layers.2
-    before layers.10)."""
-    path = Path(path)
-    if (path / "cfg.json").is_file():
-        return [_load_folder(path)]
-    if path.is_dir():
+    sae.safetensors), a Gemma Scope folder (params.npz), a Llama Scope folder (hyperparams.json +
+    checkpoints/final.safetensors), or a folder of self-describing ones (a sparsify run, a Llama Scope repository)
+    in natural order of folder name (layers.2 before layers.10).
+
+    `PATH@HOOK` names the hook of a folder that does not say it (a Gemma Scope folder outside its repository's
+    layout). A name that is no path here, `RELEASE/ID` (SAELens's pretrained directory) or `OWNER/REPO/FOLDER`
+    (a hub repository), is fetched with sae-lens and huggingface_hub when both are installed and online."""
+    name, folder, hook = str(path), Path(path), None
+    if not folder.exists() and "@" in name:
+        name, _, hook = name.rpartition("@")
+        folder = Path(name)
+    if not folder.exists():
+        from featureatlas.load import sae_releases  # only a name that is no path needs it
+
+        if sae_releases.looks_like_release(name):
+            return [_load_release(sae_releases.fetch(sae_releases.find(name)), hook)]
+    if _is_dictionary(folder):
+        return [_load_folder(folder, hook)]
+    if folder.is_dir():
         natural = lambda p: [int(s) if s.isdecimal() else s for s in re.split(r"(\d+)", p.name)]  # noqa: E731
-        folders = sorted((p for p in path.iterdir() if (p / "cfg.json").is_file()), key=natural)
+        folders = sorted((p for p in folder.iterdir() if _is_dictionary(p) and not (p / GEMMA_WEIGHTS).is_file()),
+                         key=natural)
+        if folders and hook is not None:
+            raise _error(folder, f"@{shown(hook)} names the hook of one dictionary, and this is a folder of "
+                                 f"{len(folders)}; pass one dictionary's folder with @HOOK")
         if folders:
             return [_load_folder(p) for p in folders]
-    raise _error(path, "not a dictionary folder: expected cfg.json beside sae_weights.safetensors (SAELens) or "
-                       "sae.safetensors (sparsify), or a folder of such folders (a sparsify run)")
+    raise _error(folder, "not a dictionary folder: expected cfg.json beside sae_weights.safetensors (SAELens) or "
+                         "sae.safetensors (sparsify), params.npz (Gemma Scope), hyperparams.json (Llama Scope), or a "
+                         "folder of such folders")
 
 
-def _load_folder(folder: Path) -> Dictionary:
-    cfg = _read_json(folder / "cfg.json")
+def _is_dictionary(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("cfg.json", GEMMA_WEIGHTS, LLAMA_SCOPE_CONFIG))
+
+
+def _load_folder(folder: Path, hook: str | None = None, overrides: dict | None = None) -> Dictionary:
+    """One folder, by the files in it; overrides: a SAELens release's config_overrides, applied as SAELens does
+    (over cfg.json's top-level fields)."""
+    from featureatlas.load import scope_formats  # the released families' readers build on this module
+
+    if (folder / GEMMA_WEIGHTS).is_file():
+        return scope_formats.load_gemma_scope(folder, hook)
+    if (folder / LLAMA_SCOPE_CONFIG).is_file():
+        return scope_formats.load_llama_scope(folder, hook)
+    cfg = read_json(folder / "cfg.json") | (overrides or {})
     if (folder / SAELENS_WEIGHTS).is_file():
-        return _load_saelens(folder, cfg)
-    if (folder / SPARSIFY_WEIGHTS).is_file():
-        return _load_sparsify(folder, cfg)
-    raise _error(folder, f"cfg.json has no weights beside it: expected {SAELENS_WEIGHTS} (SAELens) or "
-                         f"{SPARSIFY_WEIGHTS} (sparsify); copy the weights file into the folder")
+        found = _load_saelens(folder, cfg)
+    elif (folder / SPARSIFY_WEIGHTS).is_file():
+        found = _load_sparsify(folder, cfg)
+    else:
+        raise _error(folder, f"cfg.json has no weights beside it: expected {SAELENS_WEIGHTS} (SAELens) or "
+                             f"{SPARSIFY_WEIGHTS} (sparsify); copy the weights file into the folder")
+    check_hook(folder / "cfg.json", found.hook_name, hook)
+    return found
 
 
-def _read_json(file: Path) -> dict[str, Any]:
+def _load_release(release: Release, hook: str | None) -> Dictionary:
+    """A fetched sae_releases.Release, read as SAELens's from_pretrained reads it (in float32, its default)."""
+    from featureatlas.load import scope_formats
+
+    assert release.local is not None, "fetch the release first"
+    if release.converter in ("gemma_2", "gemma_2_transcoder"):
+        return scope_formats.load_gemma_scope(release.local, hook, where=f"{release.repo_id}/{release.folder}")
+    if release.converter == "llama_scope":
+        return scope_formats.load_llama_scope(release.local, hook, fold=release.norm_scaling_factor)
+    return _load_folder(release.local, hook, release.overrides | {"dtype": "float32"})
+
+
+def check_hook(file: Path, hook_name: str, given: str | None) -> None:
+    """PATH@HOOK on a folder that names its own hook: accepted only when they agree."""
+    if given is not None and given != hook_name:
+        raise _error(file, f"names its hook, {shown(hook_name)}, and @{shown(given)} differs; drop @HOOK (it is "
+                           "for Gemma Scope folders, which do not say where they read)")
+
+
+def read_json(file: Path) -> dict[str, Any]:
     """A config file: a few kilobytes, so one over MAX_CONFIG_BYTES is refused unread (it is no config)."""
     try:
         with open(file, "rb") as fh:
@@ -233,19 +298,19 @@ def _read_json(file: Path) -> dict[str, Any]:
     return data
 
 
-def _shown(value: object) -> str:
+def shown(value: object) -> str:
     """A config value quoted in a message: a repr cut short, however big or deeply nested the value is."""
     return _REPR.repr(value)
 
 
-def _int(file: Path, cfg: dict, key: str, default: Any = None, name: str | None = None) -> int:
+def positive_int(file: Path, cfg: dict, key: str, default: Any = None, name: str | None = None) -> int:
     value = cfg.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise _error(file, f"{name or key} is {_shown(value)}, not a positive integer; set it in the file")
+        raise _error(file, f"{name or key} is {shown(value)}, not a positive integer; set it in the file")
     return value
 
 
-def _read_tensors(file: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def read_tensors(file: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """Every tensor in the file, cast to dtype (None: the first tensor's, as sparsify does)."""
     try:
         with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -259,7 +324,7 @@ def _read_tensors(file: Path, dtype: torch.dtype | None) -> dict[str, torch.Tens
     return {key: t.to(dtype) for key, t in tensors.items()}
 
 
-def _check_tensors(file: Path, tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+def check_tensors(file: Path, tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
     """Exactly these tensors with exactly these shapes: anything else is a format we do not know."""
     missing, extra = sorted(shapes.keys() - tensors.keys()), sorted(tensors.keys() - shapes.keys())
     if missing:
@@ -274,7 +339,7 @@ def _check_tensors(file: Path, tensors: dict[str, torch.Tensor], shapes: dict[st
                                "cfg.json; the file is transposed or does not belong to this config")
 
 
-def _check_orientation(file: Path, name: str, d_in: int, d_sae: int, d_out: int) -> None:
+def check_orientation(file: Path, name: str, d_in: int, d_sae: int, d_out: int) -> None:
     if d_sae in (d_in, d_out):
         raise _error(file, f"{name} gives {d_sae} features, as many as d_in or d_out, so the weights' "
                            "orientation cannot be checked by their shape; such dictionaries are not supported")
@@ -300,45 +365,45 @@ def _load_saelens(folder: Path, cfg: dict) -> Dictionary:
 
     arch = c.get("architecture")
     if arch in TRAINING_ONLY:
-        raise _error(file, f"architecture {_shown(arch)} is a SAELens training checkpoint; export the inference model "
+        raise _error(file, f"architecture {shown(arch)} is a SAELens training checkpoint; export the inference model "
                            "(save_inference_model saves it as jumprelu) and load that")
     if not isinstance(arch, str) or arch not in SAELENS_ARCHITECTURES:
-        raise _error(file, f"architecture {_shown(arch)} is not supported (supported: "
+        raise _error(file, f"architecture {shown(arch)} is not supported (supported: "
                            f"{', '.join(SAELENS_ARCHITECTURES)}); use a dictionary of one of these")
     activation, extra_tensors, transcoder = SAELENS_ARCHITECTURES[arch]
-    d_in, d_sae = _int(file, c, "d_in"), _int(file, c, "d_sae")
-    d_out = _int(file, c, "d_out") if transcoder else d_in
+    d_in, d_sae = positive_int(file, c, "d_in"), positive_int(file, c, "d_sae")
+    d_out = positive_int(file, c, "d_out") if transcoder else d_in
     dtype_name = c.get("dtype", "float32")
     if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
-        raise _error(file, f"dtype {_shown(dtype_name)} is unknown (known: {', '.join(DTYPES)}); set one of these")
+        raise _error(file, f"dtype {shown(dtype_name)} is unknown (known: {', '.join(DTYPES)}); set one of these")
     apply_b_dec = c.get("apply_b_dec_to_input", True)
     if not isinstance(apply_b_dec, bool):
-        raise _error(file, f"apply_b_dec_to_input is {_shown(apply_b_dec)}, not true or false; set one")
+        raise _error(file, f"apply_b_dec_to_input is {shown(apply_b_dec)}, not true or false; set one")
     if transcoder and apply_b_dec:
         raise _error(file, "apply_b_dec_to_input is true, which SAELens refuses for transcoders (b_dec is in the "
                            "output space); set it to false")
     normalize = c.get("normalize_activations", "none")
     if normalize not in ("none", "constant_norm_rescale", "layer_norm", "expected_average_only_in",
                          "covariance_whitening"):
-        raise _error(file, f"normalize_activations {_shown(normalize)} is unknown (known: none, constant_norm_rescale, "
+        raise _error(file, f"normalize_activations {shown(normalize)} is unknown (known: none, constant_norm_rescale, "
                            "layer_norm, expected_average_only_in, covariance_whitening); set one of these")
     _check_scaler(folder, normalize)
     k = None
     if activation in ("topk", "abstopk"):
-        k = _int(file, c, "k")
+        k = positive_int(file, c, "k")
         if k > d_sae:
             raise _error(file, f"k is {k}, more than d_sae ({d_sae}); fix k")
 
     hook_name = meta.get("hook_name")
     if not isinstance(hook_name, str) or not hook_name:
-        raise _error(file, f"{mp}hook_name is {_shown(hook_name)}: a dictionary must say where it reads; set it")
+        raise _error(file, f"{mp}hook_name is {shown(hook_name)}: a dictionary must say where it reads; set it")
     for key in ("hook_head_index", "hook_head_index_out"):
         if meta.get(key) is not None:
-            raise _error(file, f"{mp}{key} is {_shown(meta[key])}: dictionaries of a single attention head are not "
+            raise _error(file, f"{mp}{key} is {shown(meta[key])}: dictionaries of a single attention head are not "
                                "supported; use one trained on the whole hook (hook_head_index null)")
     reshape = c.get("reshape_activations", "none")
     if reshape not in ("none", "hook_z") or (reshape == "hook_z" and not hook_name.endswith("_z")):
-        raise _error(file, f"reshape_activations {_shown(reshape)} with {mp}hook_name {_shown(hook_name)}: only "
+        raise _error(file, f"reshape_activations {shown(reshape)} with {mp}hook_name {shown(hook_name)}: only "
                            "'none', or 'hook_z' on a hook_z hook, is supported (as SAELens)")
     kwargs = meta.get("model_from_pretrained_kwargs") or {}
     for key in TL_PROCESSING:
@@ -348,20 +413,20 @@ def _load_saelens(folder: Path, cfg: dict) -> Dictionary:
                                "use one trained without that processing")
     model_class = meta.get("model_class_name") or "HookedTransformer"
     if model_class not in ("HookedTransformer", "AutoModelForCausalLM"):
-        raise _error(file, f"{mp}model_class_name {_shown(model_class)} is not supported (HookedTransformer or "
+        raise _error(file, f"{mp}model_class_name {shown(model_class)} is not supported (HookedTransformer or "
                            "AutoModelForCausalLM): its hook names do not map onto a transformers model")
     hook_out = meta.get("hook_name_out") if transcoder else None
     if transcoder and (not isinstance(hook_out, str) or not hook_out):
-        raise _error(file, f"{mp}hook_name_out is {_shown(hook_out)}: a transcoder must say where its decoder writes; "
+        raise _error(file, f"{mp}hook_name_out is {shown(hook_out)}: a transcoder must say where its decoder writes; "
                            "set it")
-    _check_orientation(file, "d_sae", d_in, d_sae, d_out)
+    check_orientation(file, "d_sae", d_in, d_sae, d_out)
 
     weights = folder / SAELENS_WEIGHTS
-    tensors = _read_tensors(weights, DTYPES[dtype_name])
+    tensors = read_tensors(weights, DTYPES[dtype_name])
     _drop_unit_scaling_factor(weights, tensors, d_sae)
     shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out), "b_dec": (d_out,), "b_enc": (d_sae,),
               "threshold": (d_sae,), "b_gate": (d_sae,), "b_mag": (d_sae,), "r_mag": (d_sae,), "W_skip": (d_out, d_in)}
-    _check_tensors(weights, tensors, {key: shapes[key] for key in ("W_enc", "W_dec", "b_dec", *extra_tensors)})
+    check_tensors(weights, tensors, {key: shapes[key] for key in ("W_enc", "W_dec", "b_dec", *extra_tensors)})
     return Dictionary(
         path=folder, format="saelens", kind="transcoder" if transcoder else "sae", architecture=arch,
         hook_name=hook_name, hook_reads="output" if model_class == "AutoModelForCausalLM" else "hook",
@@ -383,12 +448,12 @@ def _pre6(file: Path, cfg: dict) -> dict:
     arch = cfg.get("architecture", "standard")
     if activation == "topk":
         if arch not in ("standard", "topk"):
-            raise _error(file, f"{key} 'topk' with architecture {_shown(arch)}: not a combination SAELens defines")
+            raise _error(file, f"{key} 'topk' with architecture {shown(arch)}: not a combination SAELens defines")
         kwargs = cfg.get("activation_fn_kwargs")
-        c["k"] = _int(file, kwargs if isinstance(kwargs, dict) else {}, "k", name="activation_fn_kwargs.k")
+        c["k"] = positive_int(file, kwargs if isinstance(kwargs, dict) else {}, "k", name="activation_fn_kwargs.k")
         c["architecture"] = "topk"
     elif activation != "relu" or arch == "topk":
-        raise _error(file, f"{key} {_shown(activation)} with architecture {_shown(arch)} is not supported (relu, or "
+        raise _error(file, f"{key} {shown(activation)} with architecture {shown(arch)} is not supported (relu, or "
                            "topk with activation_fn_kwargs.k); SAELens would silently run it as ReLU")
     if cfg.get("finetuning_scaling_factor"):
         raise _error(file, "finetuning_scaling_factor is true: this SAE scales its features by a fine-tuned "
@@ -408,16 +473,16 @@ def _check_scaler(folder: Path, normalize: str) -> None:
     encode would silently skip them."""
     scaler = folder / "activation_scaler.json"
     if scaler.is_file():
-        state = _read_json(scaler)
+        state = read_json(scaler)
         if state.get("scaling_factor") is not None:
-            raise _error(scaler, f"scaling_factor is {_shown(state['scaling_factor'])}: a mid-run checkpoint whose "
+            raise _error(scaler, f"scaling_factor is {shown(state['scaling_factor'])}: a mid-run checkpoint whose "
                                  "input scaling is not folded into the weights; use the final model, or fold it "
                                  "(SAE.fold_activation_norm_scaling_factor) and save again")
         if state.get("has_whitening", True) and (folder / "activation_whitening.safetensors").is_file():
             raise _error(scaler, "has_whitening is true: a mid-run checkpoint whose whitening is not folded into "
                                  "the weights; use the final model, or fold it (SAE.fold_activation_whitening)")
     elif normalize in ("expected_average_only_in", "covariance_whitening"):
-        raise _error(folder / "cfg.json", f"normalize_activations is {_shown(normalize)}, which SAELens rewrites to "
+        raise _error(folder / "cfg.json", f"normalize_activations is {shown(normalize)}, which SAELens rewrites to "
                                           "'none' once it folds the factor into the weights, so this one is not "
                                           "folded; fold it and save again (or set 'none' if you know it is folded)")
 
@@ -437,29 +502,29 @@ def _load_sparsify(folder: Path, cfg: dict) -> Dictionary:
                            "supported; use an unsigned one")
     activation = cfg.get("activation", "topk")
     if activation not in ("topk", "groupmax"):
-        raise _error(file, f"activation {_shown(activation)} is unknown (known: topk, groupmax); set one of these")
+        raise _error(file, f"activation {shown(activation)} is unknown (known: topk, groupmax); set one of these")
     transcode, skip = bool(cfg.get("transcode", False)), bool(cfg.get("skip_connection", False))
-    d_in, k = _int(file, cfg, "d_in"), _int(file, cfg, "k", 32)
+    d_in, k = positive_int(file, cfg, "d_in"), positive_int(file, cfg, "k", 32)
     if cfg.get("num_latents"):  # 0 (the default) means d_in * expansion_factor
-        d_sae = _int(file, cfg, "num_latents")
+        d_sae = positive_int(file, cfg, "num_latents")
     else:
-        d_sae = d_in * _int(file, cfg, "expansion_factor", 32)
+        d_sae = d_in * positive_int(file, cfg, "expansion_factor", 32)
     if k > d_sae or (activation == "groupmax" and d_sae % k):
         raise _error(file, f"k is {k}, which does not fit {d_sae} latents ({activation}); fix k or num_latents")
     for parent in (folder.parent, folder.parent.parent) if folder.parent.name == "best" else (folder.parent,):
         run_file = parent / "config.json"
-        run = _read_json(run_file) if run_file.is_file() else {}
+        run = read_json(run_file) if run_file.is_file() else {}
         sae = run.get("sae") if isinstance(run.get("sae"), dict) else {}
         if (run.get("transcode") or sae.get("transcode")) and not transcode:
             raise _error(file, f"transcode is missing or false while {run_file} says transcode: true: an old "
                                "sparsify transcoder, which subtracted b_dec from its input; retrain it with a "
                                "current sparsify")
-    _check_orientation(file, "num_latents" if cfg.get("num_latents") else "expansion_factor", d_in, d_sae, d_in)
+    check_orientation(file, "num_latents" if cfg.get("num_latents") else "expansion_factor", d_in, d_sae, d_in)
 
     weights = folder / SPARSIFY_WEIGHTS
-    tensors = _read_tensors(weights, None)
+    tensors = read_tensors(weights, None)
     shapes = {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
-    _check_tensors(weights, tensors, shapes | ({"W_skip": (d_in, d_in)} if skip else {}))
+    check_tensors(weights, tensors, shapes | ({"W_skip": (d_in, d_in)} if skip else {}))
     return Dictionary(
         path=folder, format="sparsify", kind="transcoder" if transcode else "sae",
         architecture=activation + ("_skip" if skip else "") + ("_transcoder" if transcode else ""),

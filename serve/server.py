@@ -2,12 +2,19 @@
 "try your own text" box. Only the site's own pages can use it: other web pages the browser visits, and other
 machines, are refused.
 
-With a prober (harvest/probe.py), two JSON endpoints:
-  GET  /api/probe               {"model": name, "sources": [[source, layer], ...]}: the box appears (model null:
-                                a plain preview; the box says how to start one that probes)
+With a prober (harvest/probe.py), these JSON endpoints:
+  GET  /api/probe               {"model": name, "sources": [[source, layer], ...], "ablate": a store to read
+                                contexts from}: the boxes appear (model null: a plain preview; the box says how to
+                                start one that probes)
   POST /api/probe               {"source", "layer", "unit", "text"} -> {"tokens", "activations", "max_position",
                                 "scale"}; with "top": N instead of "unit", the N units of that source and layer
                                 that fire most on the text -> {"tokens", "units": [{"unit", "max", "position"}]}
+  POST /api/steer               {"source", "layer", "unit", "text", "strength", "mode" ("add" | "clamp"),
+                                "max_new_tokens" (1-64), "seed" (null: greedy)} -> {"unsteered", "steered", ...}:
+                                the text continued as the model does and with the unit pushed (harvest/steer.py)
+  POST /api/ablate              {"source", "layer", "unit", "context_id", "position"} -> {"effects": [...]}: the
+                                change in log p of each token after the position of a stored context when the unit
+                                is removed there (harvest/ablation.py; needs --store: "ablate" true in GET /api/probe)
 A bad request gets {"error": "..."} (400; 413 too big, 503 busy).
 
 What is refused, and why (a page on any site can make the browser send requests here):
@@ -24,7 +31,7 @@ What is refused, and why (a page on any site can make the browser send requests 
 Every response carries a CSP with frame-ancestors 'none', Cross-Origin-Resource-Policy: same-origin (other sites
 cannot load the shards with <script src>) and X-Content-Type-Options: nosniff.
 
-It stays on the standard library's http.server: the site is static files plus one JSON endpoint, the checks above
+It stays on the standard library's http.server: the site is static files plus a few JSON endpoints, the checks above
 are a few dozen lines kept in one place and tested over real sockets, and a server library would add a dependency
 (and its own defaults to review) to every install for a local preview.
 """
@@ -59,6 +66,9 @@ SECURITY_HEADERS = (("Content-Security-Policy", HEADER_CSP), ("Cross-Origin-Reso
 MAX_BODY = 64 * 1024      # bytes of a probe request
 MAX_AT_ONCE = 1           # probes at a time (they hook the one model); others wait briefly, then get 503
 MAX_TOP = 100
+MAX_NEW_TOKENS = 64       # tokens a steering request continues its text by, each way
+MAX_STRENGTH = 10_000.0   # |strength| (or clamp value) of a steering request, in the unit's activation units
+MAX_STEER_CHARS = 2_000   # a steering request's text: a prompt, not a document
 TIMEOUT = 20.0            # seconds a connection may stay silent, sending its request or taking the answer
 MAX_CONNECTIONS = 48      # open connections (a thread each); more are turned away at once
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -209,14 +219,16 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             if self.path.split("?")[0] != "/api/probe":
                 return self._json(404, {"error": "no such endpoint"})
             if self.prober is None:  # 200, not 404: a page asking is not an error (and logs none)
-                return self._json(200, {"model": None, "sources": []})
+                return self._json(200, {"model": None, "sources": [], "ablate": False})
             return self._json(200, {"model": self.prober.model_name,
-                                    "sources": [[s, layer] for s, layer in sorted(self.prober.sources)]})
+                                    "sources": [[s, layer] for s, layer in sorted(self.prober.sources)],
+                                    "ablate": self.prober.store is not None})
         super().do_GET()
 
     def do_POST(self) -> None:  # noqa: N802
         self.close_connection = True  # the body may be left unread below
-        if self.path.split("?")[0] != "/api/probe":
+        answer = ENDPOINTS.get(self.path.split("?")[0])
+        if answer is None:
             return self._json(404, {"error": "no such endpoint"})
         if (why := self._cross_site()) is not None:
             return self._json(403, {"error": why})
@@ -234,7 +246,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         if not self.slots.acquire(timeout=10):
             return self._json(503, {"error": "busy with other probes; try again in a moment"})
         try:
-            return self._json(200, probe(self.prober, request))
+            return self._json(200, answer(self.prober, request))
         except ValueError as err:  # UsageError and AddressError are ValueErrors with one clear line
             return self._json(400, {"error": str(err)})
         finally:
@@ -342,6 +354,68 @@ def probe(prober: Prober, request: Any) -> dict:
     result = prober.unit(text, f"{source}/{layer}/{unit}")
     return {"tokens": result.tokens, "activations": _finite(result.activations.astype(float).tolist()),
             "max_position": result.max_position, "first_counted": result.first_counted, "scale": result.scale}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _unit_of(prober: Prober, request: Any, fields: str) -> str:
+    """The address of a request's source, layer and unit, each checked against the prober's."""
+    if not isinstance(request, dict):
+        raise ValueError(f"send a JSON object: {{{fields}}}")
+    source, layer, unit = request.get("source"), request.get("layer"), request.get("unit")
+    if not isinstance(source, str) or not _is_int(layer):
+        raise ValueError("source (a string) and layer (a number) are required")
+    if (source, layer) not in prober.sources:
+        raise ValueError(f"this server's model has no {source} layer {layer}")
+    if not _is_int(unit) or unit < 0:
+        raise ValueError("unit: a unit number")
+    return f"{source}/{layer}/{unit}"
+
+
+def steer(prober: Prober, request: Any) -> dict:
+    """One steering request (see the module docstring): every field checked before the model runs."""
+    address = _unit_of(prober, request, "source, layer, unit, text, strength, mode, max_new_tokens, seed")
+    text, strength = request.get("text"), request.get("strength")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("text: type a prompt to continue")
+    if len(text) > MAX_STEER_CHARS:
+        raise ValueError(f"text: {len(text):,} characters; steering takes a prompt of at most {MAX_STEER_CHARS:,}")
+    if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not math.isfinite(strength) \
+            or abs(strength) > MAX_STRENGTH:
+        raise ValueError(f"strength: a number from -{MAX_STRENGTH:,.0f} to {MAX_STRENGTH:,.0f}")
+    mode, new, seed = request.get("mode", "add"), request.get("max_new_tokens", 30), request.get("seed")
+    if mode not in ("add", "clamp"):
+        raise ValueError('mode: "add" or "clamp"')
+    if not _is_int(new) or not 1 <= new <= MAX_NEW_TOKENS:
+        raise ValueError(f"max_new_tokens: a number from 1 to {MAX_NEW_TOKENS}")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**32):
+        raise ValueError("seed: null (greedy decoding) or a number from 0 to 4294967295")
+    result = prober.steer(text, address, float(strength), mode, new, seed)
+    return {"prompt": result.prompt, "unsteered": result.unsteered, "steered": result.steered, "mode": result.mode,
+            "strength": result.value, "max_new_tokens": new, "seed": seed}
+
+
+def ablate(prober: Prober, request: Any) -> dict:
+    """One ablation request (see the module docstring): a stored context, rebuilt from the store by its id."""
+    address = _unit_of(prober, request, "source, layer, unit, context_id, position")
+    context_id, position = request.get("context_id"), request.get("position")
+    if not _is_int(context_id) or not 0 <= context_id < 2**63:
+        raise ValueError("context_id: the number of a stored context")
+    if not _is_int(position) or position < 0:
+        raise ValueError("position: a token position in the context")
+    ids = prober.context_token_ids(context_id)
+    if position >= len(ids):
+        raise ValueError(f"position {position}: context {context_id} has positions 0-{len(ids) - 1}")
+    result = prober.ablate(address, ids, position)
+    return {"context_id": context_id, "position": position,
+            "effects": _finite(result.effects.astype(float).tolist())}
+
+
+# POST endpoints: path -> the function that answers a request (a parsed JSON value) with a JSON object, raising
+# ValueError with one clear line for a bad one. Every endpoint passes the same checks first (see the docstring).
+ENDPOINTS: dict[str, Any] = {"/api/probe": probe, "/api/steer": steer, "/api/ablate": ablate}
 
 
 class Server(http.server.ThreadingHTTPServer):

@@ -25,6 +25,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from featureatlas.errors import setting_name
 from featureatlas.store.sampling import sampling_keys
 from featureatlas.store.schema import StoreError, check_catalog, open_store
 from featureatlas.store.writer import StoreWriter
@@ -68,7 +69,8 @@ def merge_stores(inputs: list[Path], out: Path, overwrite: bool = False) -> dict
     if len(inputs) < 1:
         raise StoreError("merge: name at least one store")
     if out.exists() and not overwrite:
-        raise StoreError(f"{out}: a store is already there; pass --overwrite to replace it, or choose another --out")
+        raise StoreError(f"{out}: a store is already there; pass {setting_name('overwrite')} to replace it, or "
+                         f"choose another {setting_name('out')}")
     parts = [_read_part(Path(path), i) for i, path in enumerate(inputs)]
     families = _families(parts)
     with StoreWriter(out, attach=[part.path for part in parts]) as store:
@@ -206,6 +208,8 @@ def _merge_family(con: duckdb.DuckDBPyConnection, family: Family, run_id: int) -
     # (each holds its top k, not every count), so a merge leaves them out.
     _merge_optional(con, family, "t_neighbours", "model, source, layer, unit, kind, rank", "kind <> 'cooccurrence'")
     _merge_optional(con, family, "t_layout", "model, source, layer, unit, kind")
+    _merge_ablations(con, family)
+    _merge_attributions(con, family)
     _merge_run(con, family, run_id)
 
 
@@ -302,6 +306,48 @@ def _merge_optional(con: duckdb.DuckDBPyConnection, family: Family, table: str, 
     match = " AND ".join(f"t.{c} IS NOT DISTINCT FROM x.{c}" for c in key.split(", "))
     con.execute(f"""INSERT INTO {table} SELECT DISTINCT ON ({key}) * FROM ({union}) x
                     WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE {match})""")
+
+
+def _merge_ablations(con: duckdb.DuckDBPyConnection, family: Family) -> None:
+    """Ablation effects of the top examples the merge keeps (each computed by the shard that found the example),
+    their context ids shifted as the examples' are."""
+    with_table = [p for p in family.parts
+                  if con.execute("SELECT count(*) FROM duckdb_tables() WHERE database_name = ? AND table_name = ?",
+                                 [p.alias, "t_ablations"]).fetchall()[0][0]]
+    if not with_table:
+        return
+    offset = family.context_offset
+    union = " UNION ALL ".join(f"SELECT * REPLACE (context_id + {offset} AS context_id) FROM {p.alias}.t_ablations"
+                               for p in with_table)
+    con.execute(f"""INSERT INTO t_ablations
+        SELECT DISTINCT ON (model, source, layer, unit, context_id) * FROM ({union}) x
+        WHERE EXISTS (SELECT 1 FROM t_examples e WHERE e.example_kind = 'top' AND e.model = x.model
+                      AND e.source = x.source AND e.layer = x.layer AND e.unit = x.unit
+                      AND e.context_id = x.context_id AND e.max_position = x.position)
+          AND NOT EXISTS (SELECT 1 FROM t_ablations t WHERE t.model = x.model AND t.source = x.source
+                          AND t.layer = x.layer AND t.unit = x.unit AND t.context_id = x.context_id)""")
+
+
+def _merge_attributions(con: duckdb.DuckDBPyConnection, family: Family) -> None:
+    """Attributions of the examples the merge keeps (a head's of any kind, a dictionary's top ones, as a single
+    run writes them: harvest/attention.py), each computed by the shard that found the example, their context ids
+    shifted as the examples' are."""
+    with_table = [p for p in family.parts
+                  if con.execute("SELECT count(*) FROM duckdb_tables() WHERE database_name = ? AND table_name = ?",
+                                 [p.alias, "t_attributions"]).fetchall()[0][0]]
+    if not with_table:
+        return
+    offset = family.context_offset
+    union = " UNION ALL ".join(f"SELECT * REPLACE (context_id + {offset} AS context_id) FROM {p.alias}.t_attributions"
+                               for p in with_table)
+    con.execute(f"""INSERT INTO t_attributions
+        SELECT DISTINCT ON (model, source, layer, unit, context_id, position) * FROM ({union}) x
+        WHERE EXISTS (SELECT 1 FROM t_examples e WHERE e.model = x.model AND e.source = x.source
+                      AND e.layer = x.layer AND e.unit = x.unit AND e.context_id = x.context_id
+                      AND e.max_position = x.position AND (x.kind = 'head' OR e.example_kind = 'top'))
+          AND NOT EXISTS (SELECT 1 FROM t_attributions t WHERE t.model = x.model AND t.source = x.source
+                          AND t.layer = x.layer AND t.unit = x.unit AND t.context_id = x.context_id
+                          AND t.position = x.position)""")
 
 
 def _merge_run(con: duckdb.DuckDBPyConnection, family: Family, run_id: int) -> None:

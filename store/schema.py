@@ -7,7 +7,7 @@ from pathlib import Path
 
 import duckdb
 
-from featureatlas.errors import StoreError
+from featureatlas.errors import StoreError, setting_name
 from featureatlas.store.connect import safe_connect
 
 # 3: per-token activations stored as 16-bit codes (store/encoding.py) behind the unchanged `examples` view.
@@ -41,10 +41,12 @@ def ensure_explanations(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(EXPLANATIONS_SQL)
 
 
-# Stores written before explanations, neighbours or layouts existed lack their tables and views (annotate adds the
-# explanations': ensure_explanations).
+# Stores written before explanations, neighbours, layouts, ablations or attributions existed lack their tables and
+# views (annotate adds the explanations': ensure_explanations).
 _OPTIONAL = {("table", "main.t_explanations"), ("view", "main.explanations"), ("table", "main.t_neighbours"),
-             ("view", "main.neighbours"), ("table", "main.t_layout"), ("view", "main.map")}
+             ("view", "main.neighbours"), ("table", "main.t_layout"), ("view", "main.map"),
+             ("table", "main.t_ablations"), ("view", "main.ablations"),
+             ("table", "main.t_attributions"), ("view", "main.attributions")}
 
 
 def check_catalog(con: duckdb.DuckDBPyConnection, path: Path, database: str | None = None) -> None:
@@ -93,7 +95,7 @@ def _printable(text: str) -> str:
 
 def _open_checked(path: Path, read_only: bool, threads: int | None = None) -> duckdb.DuckDBPyConnection:
     if not path.is_file():
-        raise StoreError(f"{path}: no such store; create one with `featureatlas harvest --out {path}`")
+        raise StoreError(f"{path}: no such store; create one with `featureatlas harvest {setting_name('out')} {path}`")
     con = None
     try:
         con = safe_connect(path, read_only=read_only, threads=threads)

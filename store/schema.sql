@@ -181,13 +181,17 @@ CREATE VIEW IF NOT EXISTS explanations AS
 
 -- Neighbours: each unit's most similar units of the same model, by weights (cosine of decoder rows, encoder
 -- columns, or a neuron's row of the MLP output projection) or by firing on the same tokens (Jaccard index over
--- counted tokens). Written by harvest; stores written before it have none (the table and view are then absent).
+-- counted tokens, dictionary features only; fewer than k where a feature fires with fewer others). Within a source
+-- but for 'decoder_across' (harvest --neighbours-across): a dictionary feature's nearest features in the other
+-- dictionaries of the same width, by decoder cosine, other_source and other_layer naming where each is. Written by
+-- harvest; stores written before it have none (the table and view are then absent). A merge keeps all but the
+-- co-occurrence rows (store/merge.py).
 CREATE TABLE IF NOT EXISTS t_neighbours (
     model VARCHAR NOT NULL,
     source VARCHAR NOT NULL,
     layer INTEGER NOT NULL,
     unit INTEGER NOT NULL,
-    kind VARCHAR NOT NULL,             -- 'decoder' | 'encoder' | 'output' | 'cooccurrence'
+    kind VARCHAR NOT NULL,             -- 'decoder' | 'encoder' | 'output' | 'cooccurrence' | 'decoder_across'
     rank INTEGER NOT NULL,             -- 1 = the most similar
     other_source VARCHAR NOT NULL,
     other_layer INTEGER NOT NULL,
@@ -210,3 +214,39 @@ CREATE TABLE IF NOT EXISTS t_layout (
     kind VARCHAR NOT NULL              -- the directions it was computed from: 'decoder' | 'output'
 );
 CREATE VIEW IF NOT EXISTS map AS SELECT model, source, layer, unit, x, y, kind FROM t_layout;
+
+-- Ablations: for each unit's top examples, what removing the unit's contribution at the example's max token does to
+-- the tokens after it (harvest/ablation.py). Filled by `harvest --ablation-effects` (empty otherwise); stores
+-- written before it lack the table and view.
+CREATE TABLE IF NOT EXISTS t_ablations (
+    model VARCHAR NOT NULL,
+    source VARCHAR NOT NULL,
+    layer INTEGER NOT NULL,
+    unit INTEGER NOT NULL,
+    context_id BIGINT NOT NULL,        -- the top example's context
+    position INTEGER NOT NULL,         -- the position ablated: the example's max_position
+    effects FLOAT[] NOT NULL           -- [i]: change in log p(the token at position + 1 + i), ablated minus as run
+);
+CREATE VIEW IF NOT EXISTS ablations AS
+    SELECT model, source, layer, unit, context_id, position, effects FROM t_ablations;
+
+-- Attributions: for the examples of attention heads (source 'attn') and of dictionaries on blocks.L.attn.hook_z,
+-- what each earlier position of the context contributed at the example's max token (harvest/attention.py). One
+-- row per (unit, context, max token): join it to `examples` on (model, source, layer, unit, context_id,
+-- max_position = position). The arrays cover positions 0..position (causal attention gives later ones nothing).
+-- Written by harvest; stores written before it have none (the table and view are then absent).
+CREATE TABLE IF NOT EXISTS t_attributions (
+    model VARCHAR NOT NULL,
+    source VARCHAR NOT NULL,
+    layer INTEGER NOT NULL,
+    unit INTEGER NOT NULL,
+    context_id BIGINT NOT NULL,
+    position INTEGER NOT NULL,         -- the query token: the example's max_position
+    kind VARCHAR NOT NULL,             -- 'head' | 'dictionary'
+    weights FLOAT[],                   -- heads: the attention weights from `position` to each position; else NULL
+    shares FLOAT[] NOT NULL,           -- heads: weight x ||v_h(s) W_O[h]||, each position's share of the write;
+                                       -- dictionaries: each position's direct feature attribution
+    constant FLOAT                     -- dictionaries: the pre-activation's part no position carries; else NULL
+);
+CREATE VIEW IF NOT EXISTS attributions AS
+    SELECT model, source, layer, unit, context_id, position, kind, weights, shares, constant FROM t_attributions;

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from featureatlas.atomic import durable_replace, remove_stale_temps, temp_path_beside
+from featureatlas.errors import setting_name
 from featureatlas.store import encoding
 from featureatlas.store.connect import safe_connect
 from featureatlas.store.schema import StoreError, create_schema
@@ -25,9 +26,9 @@ def check_writable_target(path: Path) -> None:
     if path.exists() and path.is_dir():
         raise StoreError(f"{path}: is a directory; pass a file name such as {path / 'store.duckdb'}")
     if not parent.is_dir():
-        raise StoreError(f"{path}: folder {parent} does not exist; create it or choose another --out")
+        raise StoreError(f"{path}: folder {parent} does not exist; create it or choose another {setting_name('out')}")
     if not os.access(parent, os.W_OK):
-        raise StoreError(f"{path}: folder {parent} is not writable; choose another --out")
+        raise StoreError(f"{path}: folder {parent} is not writable; choose another {setting_name('out')}")
     probe = temp_path_beside(path, "probe")  # os.access trusts permission bits; /proc, read-only mounts lie
     try:
         os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
@@ -221,9 +222,11 @@ class StoreWriter:
     def add_neighbours(self, model: str, source: str, layer: int, kind: str, index: np.ndarray, score: np.ndarray,
                        other: list[tuple[str, int, int]] | None = None) -> None:
         """index, score [units, k]: each unit's neighbours, best first; index numbers the same source's units, or
-        rows of `other` ((source, layer, unit) of each candidate) when they come from several sources."""
+        rows of `other` ((source, layer, unit) of each candidate) when they come from several sources; -1 where a
+        unit has fewer than k (no row)."""
         n_units, k = index.shape
-        flat = index.reshape(-1)
+        kept = index.reshape(-1) >= 0
+        flat = index.reshape(-1)[kept]
         if other is None:
             others = {"other_source": [source] * flat.size, "other_layer": np.full(flat.size, layer, np.int32),
                       "other_unit": flat.astype(np.int32)}
@@ -232,9 +235,9 @@ class StoreWriter:
             others = {"other_source": [p[0] for p in picked], "other_layer": np.array([p[1] for p in picked], np.int32),
                       "other_unit": np.array([p[2] for p in picked], np.int32)}
         self._insert("t_neighbours", {
-            "unit": np.repeat(np.arange(n_units, dtype=np.int32), k),
-            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), n_units), **others,
-            "score": score.reshape(-1).astype(np.float32)}, {**self._keys(model, source, layer), "kind": kind})
+            "unit": np.repeat(np.arange(n_units, dtype=np.int32), k)[kept],
+            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), n_units)[kept], **others,
+            "score": score.reshape(-1)[kept].astype(np.float32)}, {**self._keys(model, source, layer), "kind": kind})
 
     def add_layout(self, model: str, source: str, layer: int, kind: str, xy: np.ndarray) -> None:
         """xy [units, 2]: each unit's place on the source's map (harvest/layout.py), units numbered by row; kind:
@@ -246,9 +249,44 @@ class StoreWriter:
         self._insert("t_layout", {"unit": np.arange(len(xy), dtype=np.int32), "x": xy[:, 0], "y": xy[:, 1]},
                      {**self._keys(model, source, layer), "kind": kind})
 
+    def add_ablations(self, model: str, source: str, layer: int, units: np.ndarray, context_ids: np.ndarray,
+                      positions: np.ndarray, effects: list[np.ndarray]) -> None:
+        """Row i: unit units[i] removed at positions[i] of context context_ids[i] (a top example's max token), and
+        effects[i], the change in log p of each token after it (harvest/ablation.py)."""
+        lengths = np.array([len(e) for e in effects], np.int64)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        values = np.concatenate(effects).astype(np.float32) if effects else np.zeros(0, np.float32)
+        self._insert("t_ablations", {
+            "unit": np.asarray(units, np.int32), "context_id": np.asarray(context_ids, np.int64),
+            "position": np.asarray(positions, np.int32),
+            "effects": pa.ListArray.from_arrays(offsets, pa.array(values, pa.float32()))},
+            self._keys(model, source, layer))
+
+    def add_attributions(self, model: str, source: str, layer: int, kind: str, units: np.ndarray,
+                         context_ids: np.ndarray, positions: np.ndarray, shares: list[np.ndarray],
+                         weights: list[np.ndarray] | None = None, constants: np.ndarray | None = None) -> None:
+        """Row i: unit units[i] at positions[i] of context context_ids[i] (an example's max token), with each
+        earlier position's shares[i] (and, for heads, attention weights[i]; for dictionaries, the constant term),
+        as harvest/attention.py computes them; kind 'head' or 'dictionary'."""
+        n = len(shares)
+        self._insert("t_attributions", {
+            "unit": np.asarray(units, np.int32), "context_id": np.asarray(context_ids, np.int64),
+            "position": np.asarray(positions, np.int32),
+            "weights": pa.nulls(n, pa.list_(pa.float32())) if weights is None else _float_lists(weights),
+            "shares": _float_lists(shares),
+            "constant": pa.nulls(n, pa.float32()) if constants is None else np.asarray(constants, np.float32)},
+            {**self._keys(model, source, layer), "kind": kind})
+
     def add_vocabulary(self, model: str, token_ids: np.ndarray, tokens: list[str]) -> None:
         self._insert("t_vocabulary", {"token_id": np.asarray(token_ids, np.int32), "token": tokens}, {"model": model})
 
     @staticmethod
     def _keys(model: str, source: str, layer: int) -> dict[str, object]:
         return {"model": model, "source": source, "layer": layer}
+
+
+def _float_lists(arrays: list[np.ndarray]) -> pa.ListArray:
+    """A FLOAT[] column from one float array per row, built from offsets (no Python loop over the values)."""
+    offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays], dtype=np.int64)]).astype(np.int32)
+    values = np.concatenate(arrays).astype(np.float32) if arrays else np.zeros(0, np.float32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.float32()))

@@ -1,12 +1,15 @@
-"""Fixtures shared by the site tests: one synthetic store (helpers/synthetic_store.py) and the site built from it;
-and the check that keeps the cost markers (pyproject.toml) honest for the browser."""
+"""Fixtures shared by the site tests: one synthetic store (helpers/synthetic_store.py) and the site built from it,
+a browser and a watched page (helpers/browser.py); and the check that keeps the cost markers (pyproject.toml)
+honest for the browser."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from helpers.browser import launched, watched_page
 from helpers.synthetic_store import make_store
 
 
@@ -30,3 +33,13 @@ def site_dir(tmp_path_factory: pytest.TempPathFactory, store_path: Path) -> Path
     out = tmp_path_factory.mktemp("site") / "site"
     build_site(store_path, out, workers=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    yield from launched()
+
+
+@pytest.fixture
+def page(browser: object) -> Iterator[object]:
+    yield from watched_page(browser)

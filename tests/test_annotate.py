@@ -287,7 +287,7 @@ def test_unknown_unit_is_an_error_unless_skipped(store: Path, tmp_path: Path) ->
     with pytest.raises(AnnotationError) as caught:
         annotate(store, notes)
     assert str(caught.value) == (f"{notes}:3: unit address 'mlp/1/50': no unit 50 in mlp layer 1, which has units "
-                                 "0-49; fix it, or pass --skip-unknown to leave out rows of units the store does "
+                                 "0-49; fix it, or pass skip_unknown to leave out rows of units the store does "
                                  "not hold")
     assert rows(store) == []  # all or nothing
     summary = annotate(store, notes, skip_unknown=True)
@@ -376,11 +376,11 @@ def test_unreadable_inputs(store: Path, tmp_path: Path) -> None:
 
 def test_bad_options(store: Path, tmp_path: Path) -> None:
     notes = write(tmp_path / "n.csv", "unit,text\nmlp/1/1,x\n")
-    for kwargs, message in [({"sources": ["sae:nope"]}, "--source 'sae:nope': .* has no such source; it has mlp"),
-                            ({"sources": ["a=sae:nope"]}, "--source 'a=sae:nope': .* has no source 'sae:nope'"),
+    for kwargs, message in [({"sources": ["sae:nope"]}, "source 'sae:nope': .* has no such source; it has mlp"),
+                            ({"sources": ["a=sae:nope"]}, "source 'a=sae:nope': .* has no source 'sae:nope'"),
                             ({"sources": ["mlp", "resid"]}, "a default source \\('mlp'\\) was given already"),
-                            ({"model": "other"}, "--model 'other': .* holds no such model; it holds 'm'"),
-                            ({"author": " "}, "--author ' ': give a name of 1 to 200 characters")]:
+                            ({"model": "other"}, "model 'other': .* holds no such model; it holds 'm'"),
+                            ({"author": " "}, "author ' ': give a name of 1 to 200 characters")]:
         with pytest.raises(AnnotationError, match=message):
             annotate(store, notes, **kwargs)
 

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from featureatlas.harvest import native
+from featureatlas.harvest import kernels, native
 from featureatlas.harvest.accumulators import Accumulators, Backend, Settings, choose_backend, make_accumulators
 from featureatlas.harvest.batchview import BatchView
 from featureatlas.harvest.reservoir import Reservoir
@@ -188,7 +188,8 @@ def test_each_backend_is_its_own_class_chosen_once() -> None:
     assert kinds == {(Backend.TENSOR, False): "TensorLists", (Backend.TENSOR, True): "TensorPairs",
                      (Backend.NATIVE, False): "NativeLists", (Backend.NATIVE, True): "NativePairs",
                      (Backend.FIXED, False): "FixedShapes", (Backend.FIXED, True): "TensorPairs",
-                     (Backend.GRAPHS, False): "Graphed", (Backend.GRAPHS, True): "TensorPairs"}
+                     (Backend.GRAPHS, False): "Graphed", (Backend.GRAPHS, True): "TensorPairs",
+                     (Backend.TRITON, False): "TritonLists", (Backend.TRITON, True): "TensorPairs"}
 
 
 @pytest.mark.parametrize("options, on_cpu, on_cuda", [
@@ -199,9 +200,29 @@ def test_each_backend_is_its_own_class_chosen_once() -> None:
     ({"fixed_shapes": True}, Backend.GRAPHS, Backend.GRAPHS),
     ({"fixed_shapes": True, "cuda_graphs": False}, Backend.FIXED, Backend.FIXED)])
 def test_the_options_and_the_device_choose_the_backend(options: dict, on_cpu: Backend, on_cuda: Backend) -> None:
-    """Fixed shapes by default on CUDA only, graphs with them unless turned off; the native loops wherever they
-    build (only on CPUs), the tensor code elsewhere."""
+    """Fixed shapes by default on CUDA only, graphs with them unless turned off, and there the Triton kernels where
+    they run; the native loops wherever they build (only on CPUs), the tensor code elsewhere."""
     if on_cpu is Backend.NATIVE and native.library() is None:
         on_cpu = Backend.TENSOR  # no compiler here: the fallback the tests of native.py check
+    cuda = torch.device("cuda")
+    if on_cuda is Backend.GRAPHS and "fixed_shapes" not in options and kernels.available(cuda):
+        on_cuda = Backend.TRITON  # a GPU with Triton (tests/test_triton_kernels.py checks the kernels)
     assert choose_backend(torch.device("cpu"), **options) is on_cpu
     assert choose_backend(torch.device("cuda"), **options) is on_cuda
+
+
+def test_a_nan_in_a_dense_unit_with_samples_on() -> None:
+    """A NaN activation (a model overflowing in float16) must not stop the harvest; the other units' results are
+    the same whichever backend runs. (Which lists a NaN context enters still differs between backends.)"""
+    states = []
+    for backend in (Backend.TENSOR, Backend.FIXED, Backend.NATIVE):
+        acc = accumulators(backend, "cpu", torch.float32, SETTINGS[0])
+        for acts, view in batches(torch.float32, True):
+            acts = acts.clone()
+            acts[1, 3, 5] = float("nan")
+            acc.update(acts, on(view, "cpu"))
+        states.append({key: value[[u for u in range(UNITS) if u != 5]] if value.dim() and len(value) == UNITS
+                       else value for key, value in state(acc).items() if not key.startswith("statistics")})
+    for other in states[1:]:
+        for key, value in states[0].items():
+            torch.testing.assert_close(other[key], value, equal_nan=True, msg=key)

@@ -7,11 +7,9 @@ Skipped when either is missing, unless FEATUREATLAS_REQUIRE_BROWSER=1 makes that
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import urllib.parse
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,76 +17,9 @@ import pytest
 from featureatlas.build.numbers import decode_activations
 from featureatlas.build.shards import SHARD_UNITS, context_token_indices, read_js
 
+from helpers.browser import SHOTS, assert_clean, expect
+
 pytestmark = pytest.mark.browser
-
-CHROMIUM = Path("/usr/bin/chromium")
-SHOTS = Path("/tmp/featureatlas-shots")
-LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-               "--no-first-run"]
-# Installed before any page script: records errors, CSP violations and any sign that store text ran as code.
-WATCH = """
-window.__problems = [];
-window.addEventListener('error', e => window.__problems.push('error: ' + e.message));
-document.addEventListener('securitypolicyviolation',
-    e => window.__problems.push('csp: ' + e.violatedDirective + ' ' + e.blockedURI));
-for (const name of ['alert', 'confirm', 'prompt']) {
-  window[name] = function () { window.__problems.push(name + ' called'); };
-}
-"""
-
-
-def _require_browser() -> None:
-    reason = None
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        reason = "the playwright package is not installed (pip install playwright)"
-    if reason is None and not CHROMIUM.is_file():
-        reason = f"{CHROMIUM} is missing (apt-get install chromium)"
-    if reason is not None:
-        if os.environ.get("FEATUREATLAS_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"browser tests required but {reason}")
-        pytest.skip(reason)
-
-
-def expect(locator: object) -> object:
-    from playwright.sync_api import expect as playwright_expect
-
-    return playwright_expect(locator)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    _require_browser()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def page(browser: object) -> Iterator[object]:
-    context = browser.new_context(viewport={"width": 1100, "height": 900})  # type: ignore[attr-defined]
-    page = context.new_page()
-    page.add_init_script(WATCH)
-    problems: list[str] = []
-    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning")
-            else None)
-    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
-    page.on("request", lambda r: None if r.url.startswith(("file://", "data:")) else problems.append(r.url))
-    page.problems = problems
-    yield page
-    context.close()
-
-
-def assert_clean(page: object) -> None:
-    """No console errors, page errors, dialogs, non-local requests, CSP violations or injected calls."""
-    in_page = page.evaluate("window.__problems")  # type: ignore[attr-defined]
-    assert page.problems == [] and in_page == [], page.problems + in_page  # type: ignore[attr-defined]
-
 
 def tooltip(page: object) -> str:
     tip = page.locator("#tip")  # type: ignore[attr-defined]

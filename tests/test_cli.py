@@ -300,14 +300,15 @@ def test_the_options_default_to_the_settings_defaults(argv: list[str], expected:
 
 def test_the_demo_harvests_with_the_harvest_defaults_but_its_own() -> None:
     from featureatlas.cli import parser
-    from featureatlas.commands.demo import DEMO_SAE_STEPS, DEMO_TOKENS
+    from featureatlas.commands.demo import DEMO_HEADS, DEMO_SAE_STEPS, DEMO_TOKENS
     from featureatlas.commands.options import settings_from
     from featureatlas.harvest.config import HarvestConfig, TrainSaeConfig
 
     top, _ = parser("demo")
     args = top.parse_args(["demo"])
     config = settings_from(args, HarvestConfig, model="m", corpus=Path("c"))
-    assert config == HarvestConfig(model="m", corpus=Path("c"), out=Path("demo"), tokens=DEMO_TOKENS, resid="all")
+    assert config == HarvestConfig(model="m", corpus=Path("c"), out=Path("demo"), tokens=DEMO_TOKENS, resid="all",
+                                   heads=DEMO_HEADS)
     trained = TrainSaeConfig(hook="h", corpus=Path("c"), out=Path("o"), model="m")
     assert (args.sae_features, args.sae_k, args.sae_tokens, args.sae_steps) == (
         trained.features, trained.k, trained.tokens, DEMO_SAE_STEPS)
@@ -349,13 +350,12 @@ def test_bad_option_text_is_one_argparse_line(tiny, tmp_path: Path, capsys) -> N
 
 
 def test_the_command_line_starts_without_the_model_libraries() -> None:
-    """Listing the commands and reading the options of every command but verify and explain (whose settings live
-    beside the code that runs them) import neither torch nor transformers: they load when a command runs."""
+    """Listing the commands and reading the options of every command import neither torch nor transformers: they
+    load when a command runs."""
     import subprocess
 
     code = ("import sys\nfrom featureatlas.cli import COMMANDS, parser\n"
-            "for command in [None, *COMMANDS]:\n"
-            "    if command not in ('verify', 'explain'):\n        parser(command)\n"
+            "for command in [None, *COMMANDS]:\n    parser(command)\n"
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

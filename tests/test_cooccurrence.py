@@ -50,3 +50,68 @@ def test_memory_is_bounded_and_says_so() -> None:
     index, _ = acc.nearest(3)
     assert len(acc.keys) <= 10 and not acc.complete
     assert index[0, 0].item() == 1  # the most frequent pair survives the cut
+
+
+def random_batches(n: int, seed: int, count: int = 6, positions: int = 30) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        acts = (rng.random((positions, n)) < 0.15) * rng.random((positions, n))
+        out.append((torch.from_numpy(np.flatnonzero(acts)), torch.from_numpy(rng.random(positions) < 0.8)))
+    return out
+
+
+def test_past_the_budget_the_most_frequent_pairs_stay_ties_to_the_lower_key() -> None:
+    n, budget = 30, 40
+    acc = CoOccurrence(n, max_pairs=budget, flush=10**9)  # one merge, at the end: the cut is over every count
+    whole = CoOccurrence(n, flush=10**9)
+    for nonzeros, counted in random_batches(n, seed=1):
+        acc.update(nonzeros, counted)
+        whole.update(nonzeros, counted)
+    acc.nearest()
+    whole.nearest()
+    keys, counts = whole.keys.tolist(), whole.counts.tolist()
+    assert len(keys) > budget and whole.complete and not acc.complete
+    want = sorted(sorted(range(len(keys)), key=lambda i: (-counts[i], keys[i]))[:budget])
+    assert acc.keys.tolist() == [keys[i] for i in want] and acc.counts.tolist() == [counts[i] for i in want]
+
+
+@pytest.mark.parametrize("budget", [None, 25])  # every pair kept, and the rarest dropped along the way
+def test_state_saved_mid_run_and_restored_continues_as_if_never_stopped(budget: int | None) -> None:
+    n, batches = 30, random_batches(30, seed=2, count=8)
+    whole = CoOccurrence(n, max_pairs=budget, flush=300)
+    for nonzeros, counted in batches:
+        whole.update(nonzeros, counted)
+    first = CoOccurrence(n, max_pairs=budget, flush=300)
+    for nonzeros, counted in batches[:5]:
+        first.update(nonzeros, counted)
+    saved = {name: getattr(first, name) for name in CoOccurrence.STATE}
+    assert len(saved["keys"]) > 0 and len(saved["pending"]) > 0  # merged, and buffered: both are state
+    resumed = CoOccurrence(n, max_pairs=budget, flush=300)
+    for name, value in saved.items():
+        setattr(resumed, name, value.clone() if isinstance(value, torch.Tensor) else value)
+    resumed.check_state()
+    for nonzeros, counted in batches[5:]:
+        resumed.update(nonzeros, counted)
+    assert resumed.complete == whole.complete == (budget is None)
+    for got, want in zip(resumed.nearest(), whole.nearest(), strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda a: setattr(a, "keys", a.keys.flip(0)), "not sorted"),
+    (lambda a: (setattr(a, "keys", torch.tensor([2 * 31 + 1])), setattr(a, "counts", torch.tensor([1]))),
+     "pairs i < j"),  # (2, 1): j < i
+    (lambda a: setattr(a, "counts", a.counts + 10**6), "exceed"),
+    (lambda a: setattr(a, "counts", a.counts[:-1]), "wrong shape"),
+    (lambda a: setattr(a, "pending", torch.tensor([-5])), "pairs i < j"),
+])
+def test_restored_state_that_could_not_have_been_counted_is_refused(tamper, message: str) -> None:
+    acc = CoOccurrence(31, flush=10**9)
+    for nonzeros, counted in random_batches(31, seed=3):
+        acc.update(nonzeros, counted)
+    acc.nearest()
+    acc.check_state()
+    tamper(acc)
+    with pytest.raises(ValueError, match=message):
+        acc.check_state()

@@ -20,7 +20,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     code = main(["demo", "--out", str(out), "--tokens", "1500", "--layers", "0,29", "--resid", "29", "--top-k", "5",
                  "--batch-size", "8", "--sae-layer", "15", "--sae-features", "64", "--sae-k", "8",
-                 "--sae-tokens", "1500", "--sae-steps", "20"])
+                 "--sae-tokens", "1500", "--sae-steps", "20", "--heads", "0", "--explain", "1"])
     assert code == 0
     return out
 
@@ -31,15 +31,22 @@ def test_store_holds_neurons_residual_dimensions_sae_and_transcoder_features(dem
                       "FROM runs").fetchone()
     assert run == ("SmolLM2-135M-Instruct", 1500, 64, 5, [0, 29], "<|im_start|>", True)
     assert con.execute("SELECT source, layer, n_units, kind FROM sources ORDER BY source, layer").fetchall() == [
-        ("mlp", 0, 1536, "mlp"), ("mlp", 29, 1536, "mlp"), ("resid", 29, 576, "resid"), ("sae:res15", 15, 64, "sae"),
+        ("attn", 0, 9, "attn"), ("mlp", 0, 1536, "mlp"), ("mlp", 29, 1536, "mlp"), ("resid", 29, 576, "resid"),
+        ("sae:res15", 15, 64, "sae"),
         ("transcoder:mlp15", 15, 64, "transcoder")]
-    units = 3072 + 576 + 64 + 64
+    units = 9 + 3072 + 576 + 64 + 64
     assert con.execute("SELECT count(*), count(max_activation) FROM units").fetchone() == (units, units)
     kinds = dict(con.execute("SELECT example_kind, count(DISTINCT (source, layer, unit)) FROM examples "
                              "GROUP BY ALL").fetchall())
     assert kinds["top"] == units and kinds["bottom"] == 3072 + 576 and kinds["quantile"] > 0 and kinds["random"] > 0
     assert con.execute("SELECT count(*) FROM examples WHERE example_kind = 'top'").fetchone()[0] == units * 5
-    assert con.execute("SELECT count(DISTINCT (source, layer, unit)) FROM logit_effects").fetchone()[0] == units
+    assert con.execute("SELECT count(DISTINCT (source, layer, unit)) FROM logit_effects").fetchone()[0] == units - 9
+    assert con.execute("SELECT count(DISTINCT (source, layer, unit)), count(DISTINCT unit) FROM attributions "
+                       "WHERE source = 'attn'").fetchone() == (9, 9)  # where each head looked
+    explained = con.execute("SELECT source, score_kind, score FROM explanations ORDER BY score_kind").fetchall()
+    assert [(s, k) for s, k, _ in explained] == [("sae:res15", "detection balanced accuracy"),
+                                                 ("sae:res15", "fuzzing balanced accuracy")]
+    assert all(0 <= score <= 1 for _, _, score in explained)
     assert (demo / "sae" / "blocks.15.hook_resid_post" / "cfg.json").is_file()
     assert (demo / "transcoder" / "layers.15.mlp" / "sae.safetensors").is_file()  # sparsify's layout
     # every example's stored max is its activation at max_position, and no other counted position beats it
@@ -88,15 +95,17 @@ CRAWL = """async (units) => {
 
 # Tabs that draw the units side by side: one tab mostly waits for its frames; the others' drawing fills the wait.
 TABS = 4
+DRAW_ALL, DRAW_EVERY = 128, 10  # units drawn per page: the first DRAW_ALL, then every DRAW_EVERY-th
 
 
 @pytest.mark.browser
 def test_crawl_the_whole_site_in_a_browser(demo: Path) -> None:
-    """Every page and every unit of the demo site opened from file:// in Debian's chromium: no broken internal
-    link, no request outside the site, no console error or CSP violation, every unit drawn."""
-    from test_browser import LAUNCH_ARGS, WATCH, _require_browser
+    """Every page of the demo site opened from file:// in Debian's chromium: no broken internal link, no request
+    outside the site, no console error or CSP violation; every unit of a small source drawn, and of a large one
+    the first DRAW_ALL and every DRAW_EVERY-th after (all its shards: drawing is the same code for every unit)."""
+    from helpers.browser import LAUNCH_ARGS, WATCH, require_browser
 
-    _require_browser()
+    require_browser()
     from playwright.sync_api import sync_playwright
 
     site = (demo / "site").resolve()
@@ -124,13 +133,14 @@ def test_crawl_the_whole_site_in_a_browser(demo: Path) -> None:
             if path.name == "unit.html":
                 shards = sorted(path.parent.glob("d/*.js"))
                 units = [u["u"] for shard in shards for u in read_js(shard.read_text())[1]["units"]]
-                share = -(-len(units) // TABS)
+                drawn = units[:DRAW_ALL] + units[DRAW_ALL::DRAW_EVERY]
+                share = -(-len(drawn) // TABS)
                 for i, tab in enumerate(tabs):  # every tab draws its share of the units; all drawn, none missed
                     if tab is not page:
                         tab.goto(path.as_uri())
-                    tab.evaluate(f"units => {{ window.__crawl = ({CRAWL})(units); }}", units[i * share:(i + 1) * share])
+                    tab.evaluate(f"units => {{ window.__crawl = ({CRAWL})(units); }}", drawn[i * share:(i + 1) * share])
                 assert [u for tab in tabs for u in tab.evaluate("window.__crawl")] == []
-                assert len(units) == {"mlp": 1536, "resid": 576, "sae-res15": 64,
+                assert len(units) == {"attn": 9, "mlp": 1536, "resid": 576, "sae-res15": 64,
                                       "transcoder-mlp15": 64}[path.parent.parent.name]
                 for tab in tabs[1:]:
                     problems += tab.evaluate("window.__problems")
@@ -139,4 +149,4 @@ def test_crawl_the_whole_site_in_a_browser(demo: Path) -> None:
         page.locator("#results .results").first.wait_for()
         browser.close()
     assert problems == []
-    assert len(pages) == 2 + 2 * 5 + 2  # and a map page for each dictionary (the SAE and the transcoder)
+    assert len(pages) == 2 + 2 * 6 + 2  # and a map page for each dictionary (the SAE and the transcoder)

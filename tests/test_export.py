@@ -258,17 +258,18 @@ def test_filters(store: Path, tmp_path: Path) -> None:
     assert parse_layer_spec("0,3-5, 7") == {0, 3, 4, 5, 7}
 
 
+# The library names each setting as export_store's argument; the command line names its flag (test_command_line).
 @pytest.mark.parametrize("kwargs, message", [
-    ({"sources": ["nope"]}, "--source 'nope': the store has no such source; it has: mlp, resid, sae:res"),
+    ({"sources": ["nope"]}, "sources 'nope': the store has no such source; it has: mlp, resid, sae:res"),
     ({"layers": "1-x"}, "'1-x' is not a layer number or a range like 3-5"),
     ({"layers": "3-1"}, "is not a range of layers"),
     ({"layers": "0,7"}, "layer(s) 7 not in the store; it has layers 0-1"),
     ({"sources": ["sae:res"], "layers": "0"}, "layer(s) 0 not in the store for these sources; it has layers 1"),
     ({"set_name": "x"}, "--neuronpedia-set applies to --format neuronpedia only"),
-    ({"fmt": "neuronpedia", "set_name": "x"}, "--neuronpedia-set names one source set, but 3 sources"),
-    ({"fmt": "neuronpedia", "model_id": "a/b"}, "--neuronpedia-model-id 'a/b': use letters, digits"),
-    ({"fmt": "neuronpedia", "batch_size": 0}, "--batch-size 0"),
-    ({"fmt": "yaml"}, "--format 'yaml'"),
+    ({"fmt": "neuronpedia", "set_name": "x"}, "set_name names one source set, but 3 sources"),
+    ({"fmt": "neuronpedia", "model_id": "a/b"}, "model_id 'a/b': use letters, digits"),
+    ({"fmt": "neuronpedia", "batch_size": 0}, "batch_size 0"),
+    ({"fmt": "yaml"}, "fmt 'yaml'"),
 ])
 def test_bad_options_are_refused_before_writing(store: Path, tmp_path: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(UsageError) as err:
@@ -289,7 +290,7 @@ def test_existing_out_is_refused_then_replaced_with_overwrite(store: Path, tmp_p
     out = tmp_path / "out"
     export_store(store, out, progress=False, sources=["sae:res"])
     (out / "stale.txt").write_text("from before")
-    with pytest.raises(UsageError, match="already exists; pass --overwrite"):
+    with pytest.raises(UsageError, match="already exists; pass overwrite"):
         export_store(store, out, progress=False, sources=["mlp"])
     assert (out / "stale.txt").is_file()  # untouched
     export_store(store, out, progress=False, sources=["mlp"], layers="1", overwrite=True)
@@ -436,7 +437,7 @@ def test_two_models(tmp_path: Path) -> None:
     index = json.loads((tmp_path / "json" / "index.json").read_text(encoding="utf-8"))
     assert [(m["model"], m["slug"]) for m in index["models"]] == sorted(unique_slugs(models).items())
     assert len(index["runs"]) == 2 and index["n_units"] == 16
-    with pytest.raises(UsageError, match="--neuronpedia-model-id names one model, but the store has 2"):
+    with pytest.raises(UsageError, match="model_id names one model, but the store has 2"):
         export_store(store, tmp_path / "np", "neuronpedia", progress=False, model_id="tiny")
     export_store(store, tmp_path / "np", "neuronpedia", progress=False)
     assert sorted(p.name for p in (tmp_path / "np").iterdir() if not p.name.startswith(".")) == [

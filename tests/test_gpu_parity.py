@@ -1,17 +1,21 @@
 """The CUDA forms of the harvest against the CPU's, on a GPU: the device operations the updates rely on, the fused
-reducer, and a tiny model harvested on the CPU and on the device (float32 with CUDA graphs and without, compiled and
-not, through torchrun's launcher, and bfloat16), compared store against store and checked by `featureatlas verify`
-on the device and on the CPU.
+reducer, the Triton kernels' backend (harvest/kernels.py) against the CPU's tensor backend, and a tiny model harvested
+on the CPU and on the device (float32 with the Triton kernels, with CUDA graphs of the tensor steps and without
+either, compiled and not, through torchrun's launcher, and bfloat16), compared store against store and checked by
+`featureatlas verify` on the device and on the CPU.
 
 Skipped without CUDA. What of this runs on a CPU runs there in other files: every accumulator backend against the
 CPU's tensor code in test_backends.py (its CUDA cases are the accumulator parity checks), the fixed-shape and
-graphs' forms of a whole harvest in test_features.py, torchrun in test_scale_out.py, verify in test_verify.py.
+graphs' forms of a whole harvest in test_features.py, torchrun in test_scale_out.py, verify in test_verify.py, the
+Triton kernels under Triton's interpreter in test_triton_kernels.py.
 bench/device_check.sh runs this file and test_backends.py on a GPU machine before the benchmarks.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -19,11 +23,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_backends import SETTINGS, accumulators, assert_same_state, on
 
 from featureatlas.cli import main
+from featureatlas.harvest import kernels
+from featureatlas.harvest.accumulators import Backend, Settings, choose_backend
+from featureatlas.harvest.batchview import BatchView
 from featureatlas.harvest.reductions import reduce_eager, reducer
 from featureatlas.harvest.statistics import histogram_columns
 
+from helpers.batches import batches
 from helpers.stores import TIMING, assert_same_store, query
 from helpers.tiny_models import HIDDEN, saelens_sae, save_tiny_model, write_corpus
 
@@ -34,7 +43,11 @@ HARVESTS = {"cpu": ["--device", "cpu", "--dtype", "float32"],
             "cuda": ["--device", "cuda", "--dtype", "float32"],
             "cuda-no-graphs": ["--device", "cuda", "--dtype", "float32", "--cuda-graphs", "off"],
             "cuda-compiled": ["--device", "cuda", "--dtype", "float32", "--compile", "on"],
-            "cuda-bf16": ["--device", "cuda", "--dtype", "bfloat16"]}
+            "cuda-bf16": ["--device", "cuda", "--dtype", "bfloat16"],
+            "cuda-graphs": ["--device", "cuda", "--dtype", "float32"]}
+# Environment of a harvest beyond the process's own: cuda-graphs is the fixed-shape tensor step in CUDA graphs
+ENV = {"cuda-graphs": {"FEATUREATLAS_TRITON": "0"}}
+TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
 
 def test_the_device_ops_the_updates_rely_on_match_the_cpu() -> None:
@@ -74,6 +87,54 @@ def test_the_reducer_on_the_device_equals_the_cpus_eager_one(dtype: torch.dtype,
         assert ((g_sum.double() - w_sum.double()).abs() <= 1e-5 * size + 1e-30).all()
 
 
+@TRITON
+def test_cuda_chooses_the_triton_kernels() -> None:
+    """Where Triton imports, a CUDA harvest's default; asking for fixed shapes or turning graphs off does not."""
+    assert kernels.available(torch.device("cuda"))
+    assert choose_backend(torch.device("cuda")) is Backend.TRITON
+    assert choose_backend(torch.device("cuda"), fixed_shapes=True) is Backend.GRAPHS
+    assert choose_backend(torch.device("cuda"), cuda_graphs=False) is Backend.FIXED
+
+
+@TRITON
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("settings", SETTINGS, ids=["wide", "narrow"])
+def test_the_triton_kernels_keep_the_cpu_tensor_backends_state(dtype: torch.dtype, strided: bool,
+                                                               settings: Settings) -> None:
+    """test_backends.py's awkward batches (ties, padding, BOS, ranges growing, strided activations) through the
+    kernels on the device, twice: the second round (the same shapes, later contexts) replays recorded graphs."""
+    want = accumulators(Backend.TENSOR, "cpu", dtype, settings)
+    got = accumulators(Backend.TRITON, "cuda", dtype, settings)
+    assert type(got).__name__ == "TritonLists"
+    with torch.inference_mode():
+        for shift in (0, 1000):
+            for acts, view in batches(dtype, strided):
+                view = BatchView(view.counted, view.first_counted, view.padded, view.context_ids + shift, view.keys,
+                                 view.n_counted)
+                want.update(acts, view)
+                got.update(acts.cuda(), on(view, "cuda"))
+    assert got.graphs.record, "recording the updates as CUDA graphs failed (see its line on stderr)"
+    assert_same_state(got, want)
+
+
+@TRITON
+def test_the_triton_kernels_leave_nan_contexts_out_as_the_tensor_backend_does() -> None:
+    """A NaN among a context's counted tokens: its max and min are NaN, it enters no list (lists only: the tensor
+    backend's samples cannot bin a NaN max)."""
+    settings = Settings(top_k=4, bottom_k=3, intervals=0, per_interval=0, random=0, histogram_every=2, seed=7)
+    want = accumulators(Backend.TENSOR, "cpu", torch.bfloat16, settings)
+    got = accumulators(Backend.TRITON, "cuda", torch.bfloat16, settings)
+    with torch.inference_mode():
+        for i, (acts, view) in enumerate(batches(torch.bfloat16, False)):
+            if i in (1, 3):
+                acts = acts.clone()
+                acts[1, 4, 5] = acts[0, 2, 6] = float("nan")
+            want.update(acts, view)
+            got.update(acts.cuda(), on(view, "cuda"))
+    assert_same_state(got, want)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     """A llama (signed neurons: every example kind), its residual dimensions and a top-k SAE; the harvest options
@@ -96,7 +157,16 @@ class Stores(dict):
 
     def __missing__(self, name: str) -> Path:
         out = self.root / f"{name}.duckdb"
-        assert main(["harvest", *self.common, *HARVESTS[name], "--out", str(out)]) == 0, name
+        saved = {key: os.environ.get(key) for key in ENV.get(name, {})}
+        os.environ.update(ENV.get(name, {}))
+        try:
+            assert main(["harvest", *self.common, *HARVESTS[name], "--out", str(out)]) == 0, name
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
         self[name] = out
         return out
 
@@ -138,9 +208,11 @@ def test_float32_on_the_device_writes_the_cpus_store(stores) -> None:
     assert_close_stores(stores["cpu"], stores["cuda"])
 
 
-@pytest.mark.parametrize("other", ["cuda-no-graphs", "cuda-compiled"])
+@pytest.mark.parametrize("other", ["cuda-no-graphs", "cuda-compiled", "cuda-graphs"])
 def test_graphs_and_compiling_change_nothing_on_the_device(stores, other: str) -> None:
-    """The same device's forward passes, other update code: the very same store (sums to rounding)."""
+    """The same device's forward passes, other update code (the default: the Triton kernels where Triton imports;
+    the fixed-shape tensor step without graphs, compiled, and in graphs): the very same store (sums to
+    rounding)."""
     assert_same_store(stores["cuda"], stores[other], leave_out=TIMING | {"settings"})
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from featureatlas.harvest import logits
+from featureatlas.harvest import logits, native
 from featureatlas.harvest.run import HarvestConfig, harvest
 from featureatlas.load.models import model_cache_disabled
 
@@ -20,6 +20,7 @@ pytestmark = pytest.mark.model
 
 @pytest.fixture
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    native.library()  # loaded from the usual cache first: a fresh one would build it again
     monkeypatch.setenv("FEATUREATLAS_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache" / "logits"
 

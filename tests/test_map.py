@@ -4,10 +4,8 @@ the site draws it as a page that works from file:// (points, hover card, click, 
 from __future__ import annotations
 
 import math
-import os
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -26,11 +24,10 @@ from featureatlas.load.dictionaries import load_dictionaries
 from featureatlas.store.schema import open_store, open_store_for_update
 from featureatlas.store.writer import StoreWriter
 
+from helpers.browser import SHOTS, assert_clean
 from helpers.synthetic_store import DEAD_FEATURE, MODEL, make_store
 from helpers.tiny_models import HIDDEN, saelens_sae, tiny_config
 
-CHROMIUM = Path("/usr/bin/chromium")
-SHOTS = Path("/tmp/featureatlas-shots")
 HOSTILE = '<img src=x onerror=alert(1)> cats & "dogs" \u202eevil'
 EXPLAINED_UNIT = 6
 
@@ -303,48 +300,6 @@ def test_an_incremental_build_keeps_the_maps(mapped: tuple[Path, dict], tmp_path
 
 # --- in a browser -------------------------------------------------------------------------------------------------
 
-WATCH = """
-window.__problems = [];
-window.addEventListener('error', e => window.__problems.push('error: ' + e.message));
-document.addEventListener('securitypolicyviolation', e => window.__problems.push('csp: ' + e.violatedDirective));
-for (const name of ['alert', 'confirm', 'prompt']) window[name] = () => window.__problems.push(name + ' called');
-"""
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    reason = None
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        reason = "the playwright package is not installed (pip install playwright)"
-    if reason is None and not CHROMIUM.is_file():
-        reason = f"{CHROMIUM} is missing (apt-get install chromium)"
-    if reason is not None:
-        if os.environ.get("FEATUREATLAS_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"browser tests required but {reason}")
-        pytest.skip(reason)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def page(browser: object) -> Iterator[object]:
-    context = browser.new_context(viewport={"width": 1100, "height": 900})  # type: ignore[attr-defined]
-    page = context.new_page()
-    page.add_init_script(WATCH)
-    problems: list[str] = []
-    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning")
-            else None)
-    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    page.on("request", lambda r: None if r.url.startswith(("file://", "data:")) else problems.append(r.url))
-    page.problems = problems
-    yield page
-    context.close()
-
-
 def open_map(page: object, site: Path, fragment: str = "") -> None:
     page.goto(map_page(site, "sae:res", 1).as_uri() + fragment)  # type: ignore[attr-defined]
     page.wait_for_function("document.getElementById('map').getAttribute('data-points') !== '0'")  # type: ignore
@@ -353,10 +308,6 @@ def open_map(page: object, site: Path, fragment: str = "") -> None:
 def point(page: object, unit: int) -> tuple[float, float]:
     at = page.evaluate(f"FA.mapPoint({unit})")  # type: ignore[attr-defined]
     return at["x"], at["y"]
-
-
-def assert_clean(page: object) -> None:
-    assert page.problems == [] and page.evaluate("window.__problems") == []  # type: ignore[attr-defined]
 
 
 @pytest.mark.browser

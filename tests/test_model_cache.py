@@ -17,6 +17,7 @@ import torch
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from featureatlas.cli import COMMANDS, main
+from featureatlas.harvest import native
 from featureatlas.load import models
 from featureatlas.load.models import (
     ModelRef,
@@ -95,7 +96,8 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(autouse=True)
 def cache_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Never the real ~/.cache."""
+    """Never the real ~/.cache (the native loops are loaded from it first: a fresh cache would build them again)."""
+    native.library()
     monkeypatch.setenv("FEATUREATLAS_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("FEATUREATLAS_NO_MODEL_CACHE", raising=False)
     return tmp_path / "cache" / "models"

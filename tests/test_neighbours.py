@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from featureatlas.harvest import neighbours
-from featureatlas.harvest.neighbours import nearest, source_neighbours
+from featureatlas.harvest.neighbours import nearest, nearest_across, source_neighbours
 from featureatlas.harvest.sources import dictionary_sources, mlp_sources
 from featureatlas.load.dictionaries import load_dictionaries
 
@@ -48,6 +48,27 @@ def test_ties_go_to_the_lower_unit_and_duplicates_are_found() -> None:
     index, score = nearest(vectors, k=2)
     assert index.tolist() == [[1, 3], [0, 3], [4, 0], [0, 1], [2, 0]]
     assert score[0].tolist() == pytest.approx([1.0, 1.0])
+
+
+@pytest.mark.parametrize("sizes, k, block", [((30, 7, 45), 10, 8), ((3, 4), 10, 1024), ((12,), 5, 4)])
+def test_nearest_across_sets_is_the_brute_force_top_k_of_them_all(sizes: tuple[int, ...], k: int, block: int,
+                                                                  monkeypatch) -> None:
+    monkeypatch.setattr(neighbours, "BLOCK", block)
+    g = torch.Generator().manual_seed(sum(sizes))
+    vectors = torch.randn(25, 12, generator=g, dtype=torch.float64)
+    sets = [torch.randn(m, 12, generator=g, dtype=torch.float64) for m in sizes]
+    index, score = nearest_across(vectors, sets, k=k)
+    want_index, want_score = brute_force(vectors.numpy(), torch.cat(sets).numpy(), k)
+    assert index.shape == (25, min(k, sum(sizes)))
+    assert index.tolist() == want_index.tolist()
+    np.testing.assert_allclose(score.numpy(), want_score, rtol=1e-5, atol=1e-6)
+
+
+def test_nearest_across_ties_go_to_the_earlier_set_and_lower_row() -> None:
+    vectors = torch.tensor([[1.0, 0.0]])
+    sets = [torch.tensor([[0.0, 1.0], [2.0, 0.0]]), torch.tensor([[1.0, 0.0], [5.0, 0.0], [0.0, 3.0]])]
+    index, score = nearest_across(vectors, sets, k=4)
+    assert index.tolist() == [[1, 2, 3, 0]] and score[0, :3].tolist() == pytest.approx([1.0, 1.0, 1.0])
 
 
 @pytest.mark.model

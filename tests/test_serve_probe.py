@@ -103,9 +103,9 @@ def test_nothing_outside_the_site_is_served(served) -> None:
 
 @pytest.mark.browser
 def test_typing_into_the_box_highlights_the_text(served) -> None:
-    from test_browser import CHROMIUM, LAUNCH_ARGS, _require_browser
+    from helpers.browser import CHROMIUM, LAUNCH_ARGS, require_browser
 
-    _require_browser()
+    require_browser()
     from playwright.sync_api import expect, sync_playwright
 
     base, _, site = served

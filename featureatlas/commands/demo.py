@@ -1,6 +1,8 @@
 """`featureatlas demo`: the embedded model end to end. SmolLM2-135M-Instruct over Shakespeare; a top-k SAE on one
-layer's residual stream and a top-k transcoder of the same layer's MLP, trained on it; neurons, residual dimensions
-and both dictionaries' features harvested into one store; the site built from it. The model loads once."""
+layer's residual stream and a top-k transcoder of the same layer's MLP, trained on it; neurons, residual dimensions,
+attention heads of a few layers and both dictionaries' features harvested into one store, with neighbours and a map
+of each dictionary; a few SAE features explained and scored by the same model; the site built from it. The model
+loads once."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from featureatlas.settings import setting
 NAME = "demo"
 DEMO_TOKENS = 60_000
 DEMO_SAE_STEPS = 80  # about a minute on 2 CPU cores; the loss has flattened by then
+DEMO_HEADS = "0,8,15"  # attention heads of a few layers, with where each looked
 # The harvest settings a demo does not take: it reads the embedded corpus into one store of its own.
 NOT_FOR_DEMO = (*options.SHARED, "shard", "checkpoint_every", "resume")
 
@@ -25,22 +28,26 @@ class DemoSettings:
     out: Path = setting(Path("demo"), "folder for store.duckdb and site/")
     sae_layer: int = setting(15, "the demo trains its SAE on this layer's hook_resid_post and its transcoder on this "
                                  "layer's MLP")
+    explain: int = setting(4, "SAE features to explain and score with the embedded model (a 135M model: read its "
+                              "explanations as a demonstration; docs/explain.md)", metavar="N")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return sub.add_parser(NAME, help="harvest the embedded model over the embedded corpus and build the site",
                           description="The embedded default end to end: SmolLM2-135M-Instruct over Shakespeare "
                                       "(Project Gutenberg texts from the `shakespeare` package) → a top-k SAE and "
-                                      "a top-k transcoder trained on it → neurons, residual dimensions, SAE and "
-                                      "transcoder features harvested into one store → site.")
+                                      "a top-k transcoder trained on it → neurons, residual dimensions, attention "
+                                      "heads, SAE and transcoder features harvested into one store → a few SAE "
+                                      "features explained and scored → site.")
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
     from featureatlas.harvest.config import HarvestConfig, TrainSaeConfig
 
     options.add_settings(parser, DemoSettings, ["out"])
-    options.add_settings(parser, HarvestConfig, skip=NOT_FOR_DEMO, defaults={"tokens": DEMO_TOKENS, "resid": "all"})
-    options.add_settings(parser, DemoSettings, ["sae_layer"])
+    options.add_settings(parser, HarvestConfig, skip=NOT_FOR_DEMO,
+                         defaults={"tokens": DEMO_TOKENS, "resid": "all", "heads": DEMO_HEADS})
+    options.add_settings(parser, DemoSettings, ["sae_layer", "explain"])
     options.add_settings(parser, TrainSaeConfig, ["features", "k", "tokens", "steps"], prefix="sae_",
                          help_prefix="the SAE's and the transcoder's ", defaults={"steps": DEMO_SAE_STEPS})
     options.add_model(parser, HarvestConfig, names=("device", "dtype"), cache=True)
@@ -74,6 +81,13 @@ def run(args: argparse.Namespace) -> int:
     harvest_and_report(options.settings_from(args, HarvestConfig, model=EMBEDDED_MODEL, corpus=embedded_corpus(),
                                              out=store, saes=[f"{n}={folder}" for n, folder in trained.items()],
                                              overwrite=True), loaded)  # the demo remakes its own output
+    if args.explain:
+        from featureatlas.explain.client import LocalClient
+        from featureatlas.explain.run import ExplainConfig, explain_store
+
+        explainer = LocalClient(EMBEDDED_MODEL, loaded=loaded)
+        print(explain_store(ExplainConfig(store=store, source=f"sae:res{layer}", limit=args.explain, seed=args.seed),
+                            explainer=explainer, scorer=explainer).line())
     summary = build_and_report(store, args.out / "site")
     print(f"\nOpen file://{summary.index.resolve()}\nor run: featureatlas serve {args.out / 'site'}")
     return 0

@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
-    from featureatlas.harvest.verify import VerifyConfig
+    from featureatlas.harvest.config import VerifyConfig
 
     options.add_settings(parser, VerifyConfig, ["store", "sample", "seed", "rtol"], positional=["store"])
     parser.add_argument("--json", action="store_true", help="print the whole report as JSON instead")
@@ -28,7 +28,8 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from featureatlas.harvest.verify import VerifyConfig, verify
+    from featureatlas.harvest.config import VerifyConfig
+    from featureatlas.harvest.verify import verify
 
     report = verify(options.settings_from(args, VerifyConfig))
     if args.json:

@@ -9,6 +9,39 @@
   var SERVE_HINT = "Run your own text through this unit: start `featureatlas serve SITE --store STORE.duckdb` " +
     "and open this page from the address it prints.";
 
+  var asked = null;
+  /* The server's answer to GET /api/probe, asked once a page and shared by the boxes (steer.js, ablation.js):
+     a promise of [ok, body]; rejected where no server answers. */
+  FA.serverStatus = function () {
+    if (!asked) {
+      asked = fetch(FA.ROOT + "api/probe", { headers: { Accept: "application/json" } }).then(function (response) {
+        return response.json().then(function (body) { return [response.ok, body]; });
+      });
+    }
+    return asked;
+  };
+
+  /* Whether a server's GET /api/probe answer runs the page's source and layer. */
+  FA.serves = function (body, meta) {
+    return body.sources.some(function (s) { return s[0] === meta.source && s[1] === meta.layer; });
+  };
+
+  /* POSTs request as JSON to the server's endpoint ("api/..."); the answer, or null once status (a text node
+     holder) says what went wrong. */
+  FA.postJSON = function (endpoint, request, status) {
+    return fetch(FA.ROOT + endpoint, { method: "POST", headers: { "Content-Type": "application/json" },
+                                       body: JSON.stringify(request) })
+      .then(function (response) { return response.json(); })
+      .then(function (result) {
+        if (result.error) {
+          status.textContent = result.error;
+          return null;
+        }
+        status.textContent = "";
+        return result;
+      }, function () { status.textContent = "The server did not answer."; return null; });
+  };
+
   /* The section, filled once the server has said which model and layers it runs. */
   FA.probeBox = function (meta, unit) {
     var sec = FA.section("probe", "Try your own text");
@@ -19,11 +52,9 @@
       return sec;
     }
     note.textContent = "Checking for a model\u2026";
-    fetch(FA.ROOT + "api/probe", { headers: { Accept: "application/json" } }).then(function (response) {
-      return response.json().then(function (body) { return [response.ok, body]; });
-    }).then(function (answer) {
+    FA.serverStatus().then(function (answer) {
       var ok = answer[0], body = answer[1];
-      var served = ok && body.sources.some(function (s) { return s[0] === meta.source && s[1] === meta.layer; });
+      var served = ok && FA.serves(body, meta);
       if (!served) {
         note.textContent = ok ? "The server's model has no " + meta.source + " layer " + meta.layer + "." : SERVE_HINT;
         return;
@@ -61,17 +92,7 @@
       out.textContent = "";
       var request = { text: box.value, source: meta.source, layer: meta.layer };
       Object.keys(extra).forEach(function (k) { request[k] = extra[k]; });
-      return fetch(FA.ROOT + "api/probe", { method: "POST", headers: { "Content-Type": "application/json" },
-                                            body: JSON.stringify(request) })
-        .then(function (response) { return response.json(); })
-        .then(function (result) {
-          if (result.error) {
-            status.textContent = result.error;
-            return null;
-          }
-          status.textContent = "";
-          return result;
-        }, function () { status.textContent = "The server did not answer."; return null; });
+      return FA.postJSON("api/probe", request, status);
     }
     run.addEventListener("click", function () {
       ask({ unit: unit.u }).then(function (result) { if (result) drawActivations(out, result); });

@@ -153,6 +153,7 @@
       text += " \u00b7 " + Math.round((100 * info.value) / info.scale) + "% of " + info.relativeTo;
     }
     tip.appendChild(el("div", "val", text));
+    if (info.note) tip.appendChild(el("div", "val", info.note));
     tip.hidden = false;
     if (shown && shown !== token) shown.classList.remove("on");
     shown = token;
@@ -181,6 +182,14 @@
     }
   }
   FA.hideTip = hide;
+
+  /* A line more for a drawn token's tooltip (ablation.js: what removing the unit at the max does to it). */
+  FA.tokenNote = function (token, text) {
+    var info = tokenInfo.get(token);
+    if (!info) return;
+    info.note = text;
+    if (shown === token) show(token);
+  };
 
   document.addEventListener("mouseover", function (event) {
     var token = tokenOf(event.target);

@@ -1,6 +1,6 @@
 /* Unit pages: a layer's unit.html draws the unit its #fragment names from the layer's data shard
    (build/shards.py): heading and pager, statistics, histogram, logit effects, the probe box, the examples of
-   each kind, and the unit's data as JSON and SQL. Moving between units changes only the fragment. */
+   each kind, similar units (similar.js), and the unit's data as JSON and SQL. Moving between units changes only the fragment. */
 (function (FA) {
   "use strict";
   var el = FA.el, fmt = FA.fmt, section = FA.section;
@@ -203,7 +203,10 @@
     sec.appendChild(el("p", "note", spec[2]));
     var scale = colourScale(unit, kind), relativeTo = kind === "bottom" ? "min" : "max";
     if (kind === "quantile") appendIntervals(sec, shard, rows, s[0], scale);
-    else rows.forEach(function (ex, i) { sec.appendChild(exampleBlock(shard, ex, i + 1, scale, relativeTo)); });
+    else rows.forEach(function (ex, i) {
+      var block = sec.appendChild(exampleBlock(shard, ex, i + 1, scale, relativeTo));
+      if (kind === "top" && FA.ablationEffects) FA.ablationEffects(block, meta, shard, unit, i);  // ablation.js
+    });
     return sec;
   }
 
@@ -239,6 +242,7 @@
                                 { peak: p === ex[2], bos: p === 0 && bos !== null && raw === bos }));
     }
     block.appendChild(line);
+    if (FA.attentionRows) FA.attentionRows(block, shard, ex);  // attention.js: where a head looked
     return block;
   }
 
@@ -365,10 +369,13 @@
     listed("histogram", "Histogram");
     listed("logits", "Logit effects");
     add(FA.probeBox(meta, unit), "Try your own text");  // a hypothesis from the examples is one step from a test
+    if (FA.steerBox) host.appendChild(FA.steerBox(meta, unit));  // steer.js; lists itself once a server runs it
     if (KINDS.some(function (k) { return unit.ex[k] && unit.ex[k].length; })) host.appendChild(scaleBar());
     KINDS.forEach(function (kind) {
       if (kind !== "bottom" || meta.signed) add(exampleSection(meta, shard, unit, kind), SECTIONS[kind][1]);
     });
+    var similar = FA.similarSection ? FA.similarSection(meta, shard, unit) : null;  // similar.js
+    if (similar) add(similar, "Similar units");
     add(dataSection(meta, shard, unit), "Data");
   }
 

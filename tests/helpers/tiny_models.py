@@ -26,7 +26,8 @@ def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", pad_token="<pad>")
 
 
-def tiny_config(model_type: str) -> transformers.PretrainedConfig:
+def tiny_config(model_type: str, **overrides: object) -> transformers.PretrainedConfig:
+    """overrides: fields of a LLaMA-like config to change, e.g. num_attention_heads=4, num_key_value_heads=2."""
     common = dict(vocab_size=VOCAB, bos_token_id=0, pad_token_id=1, eos_token_id=0)
     if model_type == "gpt2":
         return transformers.GPT2Config(n_layer=LAYERS, n_embd=HIDDEN, n_head=2, n_inner=48, n_positions=128, **common)
@@ -37,7 +38,7 @@ def tiny_config(model_type: str) -> transformers.PretrainedConfig:
         return transformers.OPTConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=2,
                                       ffn_dim=48, word_embed_proj_dim=HIDDEN, max_position_embeddings=128, **common)
     llama_like = dict(hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=LAYERS, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=128, **common)
+                      num_key_value_heads=1, max_position_embeddings=128, **common) | overrides
     if model_type == "gemma":
         return transformers.GemmaConfig(head_dim=16, **llama_like)
     config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
@@ -48,9 +49,9 @@ def tiny_config(model_type: str) -> transformers.PretrainedConfig:
 MODEL_TYPES = ["gpt2", "gpt_neox", "opt", "llama", "mistral", "qwen2", "gemma"]
 
 
-def save_tiny_model(model_type: str, folder: Path, seed: int = 0) -> Path:
+def save_tiny_model(model_type: str, folder: Path, seed: int = 0, **overrides: object) -> Path:
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config(model_type))
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
     with torch.no_grad():  # random init is small; widen it so activations are varied and ties are rare
         for p in model.parameters():
             p.mul_(4.0)
