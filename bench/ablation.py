@@ -2,12 +2,13 @@
 
     python bench/ablation.py [--model smollm2-135m] [--corpus C] [--tokens 4000] [--layers 12] [--resid]
                              [--sae DIR] [--top-k 20] [--batch-size 64] [--dtype float32] [--device auto]
-                             [--repeats 2]
+                             [--repeats 2] [--threads N]
 
 The model is loaded once and handed to both harvests (harvest()'s `loaded`), which alternate --repeats times, each
 writing a temporary store; each side keeps its fastest wall time. Printed: both times, their ratio, and the
 post-pass alone: the top examples it ablated (units x top-k, two forward passes of one context each, batched) and
-their rate. The post-pass grows with the units and top-k, not with the tokens harvested.
+their rate. The post-pass grows with the units and top-k, not with the tokens harvested. On a CPU shared with other
+jobs, --threads 1 keeps torch's threads from waiting on each other (several times faster there).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import torch
 
 from featureatlas.harvest.config import HarvestConfig
 from featureatlas.harvest.run import harvest
@@ -38,7 +40,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's own choice)")
     args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     device = pick_device(args.device)
     ref = resolve_model(args.model)
@@ -63,7 +68,7 @@ def main() -> None:
     extra = best[True] - best[False]
     print(f"{device} {model.dtype}: {args.tokens:,} tokens, layers {args.layers}{' + resid' if args.resid else ''}"
           f"{f' + {len(args.sae)} dictionaries' if args.sae else ''}, top-{args.top_k}, batch {args.batch_size}, "
-          f"best of {args.repeats}")
+          f"best of {args.repeats}, {torch.get_num_threads()} threads")
     print(f"harvest {best[False]:.1f} s | with --ablation-effects {best[True]:.1f} s | ratio with/without "
           f"{best[True] / best[False]:.2f}")
     print(f"post-pass: {rows:,} top examples ablated in about {extra:.1f} s "

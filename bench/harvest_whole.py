@@ -2,7 +2,8 @@
 
     python bench/harvest_whole.py [--model smollm2-135m] [--corpus C] [--t1 20000] [--t2 60000]
                                   [--memory-tokens 10000] [--memory-factor 10] [--batch-size 64]
-                                  [--dtype auto] [--layers all] [--resid] [--sae DIR] [--compile on] [--repeats 1]
+                                  [--dtype auto|float32,bfloat16] [--layers all] [--resid] [--sae DIR]
+                                  [--compile on] [--repeats 1]
 
 Child processes, each started with subprocess and timed from outside (interpreter start to exit):
 - bare, at T1 and T2 tokens: bench/harvest_whole_child.py loads the model as the harvest does, tokenises the corpus
@@ -71,7 +72,9 @@ def main() -> None:
     ap.add_argument("--context-length", type=int, default=DEFAULTS.context_length)
     ap.add_argument("--top-k", type=int, default=DEFAULTS.top_k)
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    ap.add_argument("--dtype", default="auto", type=_dtypes,
+                    help="auto, float32, bfloat16 or float16, or several comma-separated (e.g. float32,bfloat16): "
+                         "each benched in turn, their rows printed side by side at the end")
     ap.add_argument("--layers", default=None, help="MLP neurons of these layers (default: all; none: no neurons)")
     ap.add_argument("--resid", action="store_true", help="also every layer's residual dimensions")
     ap.add_argument("--sae", action="append", default=[], help="a dictionary folder (repeatable)")
@@ -83,8 +86,29 @@ def main() -> None:
     if not 0 < args.t1 < args.t2:
         raise SystemExit("want 0 < --t1 < --t2")
     corpus = args.corpus or _embedded_corpus()
-    load_before = os.getloadavg()
+    rows = []
+    for dtype in args.dtype:
+        rows.append(_bench(argparse.Namespace(**{**vars(args), "dtype": dtype}), corpus))
+    if len(rows) > 1:
+        print(f"\nside by side (load average now {os.getloadavg()[0]:.1f})")
+        print(TABLE_HEAD.format(factor=args.memory_factor))
+        print("\n".join(rows))
 
+
+TABLE_HEAD = "| machine | dtype | units | bare marginal | harvest marginal | ratio | RSS 1x | RSS {factor}x |"
+
+
+def _dtypes(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [n for n in names if n not in ("auto", "float32", "bfloat16", "float16")]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"{value!r}: auto, float32, bfloat16 or float16, comma-separated")
+    return names
+
+
+def _bench(args: argparse.Namespace, corpus: str) -> str:
+    """One dtype's four timed processes (and memory runs); prints its report and returns its table row."""
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="featureatlas-bench-") as tmp:
         workdir = Path(tmp)
 
@@ -129,7 +153,7 @@ def main() -> None:
                 memory.append(harvest(tokens))
                 print(f"  [memory] harvest {tokens:>9,} tokens: {memory[-1].seconds:7.1f} s, "
                       f"peak RSS {_mb(memory[-1].max_rss)}", flush=True)
-    _print_results(args, corpus, runs, memory, load_before, os.getloadavg())
+    return _print_results(args, corpus, runs, memory, load_before, os.getloadavg())
 
 
 def harvest_args_example(args: argparse.Namespace, corpus: str) -> list[str]:
@@ -164,7 +188,7 @@ def _run_child(kind: str, tokens: int, argv: list[str], workdir: Path, keep_logs
 
 
 def _print_results(args: argparse.Namespace, corpus: str, runs: dict[tuple[str, int], Run], memory: list[Run],
-                   load_before: tuple[float, ...], load_after: tuple[float, ...]) -> None:
+                   load_before: tuple[float, ...], load_after: tuple[float, ...]) -> str:
     t1, t2 = args.t1, args.t2
     b1, b2, h1, h2 = runs["bare", t1], runs["bare", t2], runs["harvest", t1], runs["harvest", t2]
     device = b2.report.get("cuda_device") or "cpu"
@@ -240,10 +264,11 @@ def _print_results(args: argparse.Namespace, corpus: str, runs: dict[tuple[str, 
     ratio = f"{harvest_rate / bare_rate:.2f}" if bare_rate and harvest_rate else "n/a"
     mem = (f" | {_mb(memory[0].max_rss)} | {_mb(memory[1].max_rss)} ({memory[1].max_rss / memory[0].max_rss:.2f})"
            if memory else " | - | -")
-    print(f"| machine | dtype | units | bare marginal | harvest marginal | ratio | RSS 1x | "
-          f"RSS {args.memory_factor}x |")
-    print(f"| {_cpu_model() if device == 'cpu' else device} | {b2.report.get('dtype', '?')} | {units} | "
-          f"{_tok_s(bare_rate)} | {_tok_s(harvest_rate)} | {ratio}{mem} |")
+    row = (f"| {_cpu_model() if device == 'cpu' else device} | {b2.report.get('dtype', '?')} | {units} | "
+           f"{_tok_s(bare_rate)} | {_tok_s(harvest_rate)} | {ratio}{mem} |")
+    print(TABLE_HEAD.format(factor=args.memory_factor))
+    print(row)
+    return row
 
 
 def _loop_rate(run: Run) -> float | None:

@@ -105,10 +105,12 @@ def rebuild_sources(con: duckdb.DuckDBPyConnection, store: Path, run: Run, model
                          "WHERE model = ? ORDER BY source, layer", [run.model]).fetchall()
     mlp = [layer for _, layer, kind, *_ in stored if kind == "mlp"]
     resid = [layer for _, layer, kind, *_ in stored if kind == "resid"]
+    heads = [layer for _, layer, kind, *_ in stored if kind == "attn"]
     harvest_config = HarvestConfig(model=model_ref, corpus=Path("."), out=Path(store),
                                    context_length=run.context_length, batch_size=run.batch_size,
                                    layers=",".join(map(str, mlp)) or "none",
-                                   resid=",".join(map(str, resid)) or None, saes=specs, device=str(device))
+                                   resid=",".join(map(str, resid)) or None, heads=",".join(map(str, heads)) or None,
+                                   saes=specs, device=str(device))
     built = {(s.name, s.layer): s for s in build_sources(model, harvest_config, device)}
     keys = {(name, layer) for name, layer, *_ in stored}
     given = [Path(_spec_path(spec)).resolve() for spec in saes]

@@ -381,3 +381,21 @@ def test_a_server_without_a_store_says_so(harvested) -> None:
     prober = replace(load_prober(store=harvested["plain"], device="cpu"), store=None)  # as `serve --model` has it
     with pytest.raises(ValueError, match="no store to read contexts from"):
         answer(prober, {"source": "mlp", "layer": 1, "unit": 0, "context_id": 0, "position": 1})
+
+
+def test_on_the_embedded_model() -> None:
+    """SmolLM2-135M (its converted weights, as harvest loads them): a neuron and a residual dimension, by hand."""
+    from featureatlas.load.models import EMBEDDED_MODEL, load_model, resolve_model
+
+    model, tokenizer = load_model(resolve_model(EMBEDDED_MODEL), torch.device("cpu"), torch.float32)
+    ids = [tokenizer.bos_token_id] + tokenizer("To be, or not to be, that is the question",
+                                               add_special_tokens=False)["input_ids"]
+    (neurons,) = mlp_sources(model.base_model, model.config.model_type, [5])
+    (dimensions,) = resid_sources(model.base_model, model.config.model_type, [20], model.config.hidden_size)
+    for source, module, pre, rows in ((neurons, model.model.layers[5].mlp.down_proj, True, [(100, ids, 4),
+                                                                                             (1000, ids, 7)]),
+                                      (dimensions, model.model.layers[20], False, [(62, ids, 3), (300, ids, 8)])):
+        for (unit, _, position), effects in zip(rows, ablation_effects(model, source, rows), strict=True):
+            expected = effects_by_hand(model, ids, module, zero_at(position, unit), position, pre)
+            np.testing.assert_allclose(effects, expected, rtol=1e-3, atol=1e-4)
+            assert np.abs(expected).max() > 0

@@ -104,3 +104,17 @@ def test_a_harvest_with_heads_stores_them_without_logit_effects_and_with_neighbo
     assert con.execute("SELECT count(*) FROM logit_effects WHERE source = 'attn'").fetchone()[0] == 0
     assert con.execute("SELECT count(*), min(rank), max(rank) FROM neighbours WHERE source = 'mlp'").fetchone() \
         == (48 * 10, 1, 10)
+    top = con.execute("SELECT layer, unit, context_id, max_position, max_activation FROM examples "
+                      "WHERE source = 'attn' AND example_kind = 'top' AND rank = 1 ORDER BY layer, unit").fetchall()
+    ids = dict(con.execute("SELECT context_id, token_ids FROM contexts").fetchall())
+    con.close()
+
+    # A store with heads reopens (verify, probe, serve, steer): the probe of a stored context gives its max
+    from featureatlas.harvest.probe import load_prober
+
+    prober = load_prober(None, [], store=out, device="cpu")
+    assert {("attn", 0), ("attn", 1)} <= set(prober.sources)
+    for layer, unit, context_id, position, value in top:
+        probed = prober.unit(None, f"attn/{layer}/{unit}", token_ids=ids[context_id])
+        assert probed.max_position == position
+        assert probed.max_activation == pytest.approx(value, rel=1e-4)

@@ -6,9 +6,7 @@ equal a brute-force cosine ranking, every unit's data shard carries the `neighbo
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -29,7 +27,6 @@ from helpers.tiny_models import HIDDEN, saelens_sae, save_tiny_model, write_corp
 
 pytestmark = pytest.mark.model
 
-CHROMIUM = Path("/usr/bin/chromium")
 K, CONTEXT_LENGTH, BATCH_SIZE, TOKENS = 10, 16, 5, 500
 HOSTILE = '<img src=x onerror=alert(1)> "co-fires" & more'
 EXPLAINED = ("sae:a", 0, 7)  # a unit given an explanation, which its own layer's neighbour lists carry
@@ -293,48 +290,6 @@ def test_layers_with_a_map_link_to_it(site: Path) -> None:
 
 
 # --- in a browser -------------------------------------------------------------------------------------------------
-
-WATCH = """
-window.__problems = [];
-window.addEventListener('error', e => window.__problems.push('error: ' + e.message));
-document.addEventListener('securitypolicyviolation', e => window.__problems.push('csp: ' + e.violatedDirective));
-for (const name of ['alert', 'confirm', 'prompt']) window[name] = () => window.__problems.push(name + ' called');
-"""
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    reason = None
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        reason = "the playwright package is not installed (pip install playwright)"
-    if reason is None and not CHROMIUM.is_file():
-        reason = f"{CHROMIUM} is missing (apt-get install chromium)"
-    if reason is not None:
-        if os.environ.get("FEATUREATLAS_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"browser tests required but {reason}")
-        pytest.skip(reason)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def page(browser: object) -> Iterator[object]:
-    context = browser.new_context(viewport={"width": 1100, "height": 900})  # type: ignore[attr-defined]
-    page = context.new_page()
-    page.add_init_script(WATCH)
-    problems: list[str] = []
-    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning")
-            else None)
-    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    page.on("request", lambda r: None if r.url.startswith(("file://", "data:")) else problems.append(r.url))
-    page.problems = problems
-    yield page
-    context.close()
-
 
 def first_listed(store: Path, source: str, unit: int, kind: str) -> tuple[str, int, int]:
     return rows(store, """SELECT other_source, other_layer, other_unit FROM neighbours

@@ -17,6 +17,8 @@ NAME = "demo"
 DEMO_TOKENS = 60_000
 DEMO_SAE_STEPS = 80  # about a minute on 2 CPU cores; the loss has flattened by then
 DEMO_HEADS = "0,8,15"  # attention heads of a few layers, with where each looked
+# Short answers and few held-out examples: a 135M model on a CPU writes some 10 tokens a second.
+DEMO_EXPLAIN = {"examples": 10, "test_examples": 6, "batch": 6, "max_tokens": 60}
 # The harvest settings a demo does not take: it reads the embedded corpus into one store of its own.
 NOT_FOR_DEMO = (*options.SHARED, "shard", "checkpoint_every", "resume")
 
@@ -28,7 +30,7 @@ class DemoSettings:
     out: Path = setting(Path("demo"), "folder for store.duckdb and site/")
     sae_layer: int = setting(15, "the demo trains its SAE on this layer's hook_resid_post and its transcoder on this "
                                  "layer's MLP")
-    explain: int = setting(4, "SAE features to explain and score with the embedded model (a 135M model: read its "
+    explain: int = setting(3, "SAE features to explain and score with the embedded model (a 135M model: read its "
                               "explanations as a demonstration; docs/explain.md)", metavar="N")
 
 
@@ -86,8 +88,8 @@ def run(args: argparse.Namespace) -> int:
         from featureatlas.explain.run import ExplainConfig, explain_store
 
         explainer = LocalClient(EMBEDDED_MODEL, loaded=loaded)
-        print(explain_store(ExplainConfig(store=store, source=f"sae:res{layer}", limit=args.explain, seed=args.seed),
-                            explainer=explainer, scorer=explainer).line())
+        print(explain_store(ExplainConfig(store=store, source=f"sae:res{layer}", limit=args.explain, seed=args.seed,
+                                          **DEMO_EXPLAIN), explainer=explainer, scorer=explainer).line())
     summary = build_and_report(store, args.out / "site")
     print(f"\nOpen file://{summary.index.resolve()}\nor run: featureatlas serve {args.out / 'site'}")
     return 0

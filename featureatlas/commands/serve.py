@@ -33,7 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                           description="Serve a built site with Python's http.server, to this machine's browser and "
                                       "the site's own pages only (a site also works from file://). With --store (or "
                                       "--model), every unit page gets a box to run your own text through the unit, "
-                                      "and to list the units of its layer that fire most on it.")
+                                      "and to list the units of its layer that fire most on it, and a box to steer "
+                                      "the model with the unit; with --store, hovering a token after a top "
+                                      "example's max token shows what removing the unit there does to it.")
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
