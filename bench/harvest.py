@@ -1,7 +1,7 @@
 """Harvest cost against the bare forward pass, measured side by side on the same batches in one run.
 
     python bench/harvest.py [--model smollm2-135m] [--batches 60] [--batch-size 16] [--resid] [--sae DIR]
-                            [--cuda-graphs on|off] [--cooccurrence] [--profile N]
+                            [--cuda-graphs on|off] [--cooccurrence] [--heads LAYERS] [--profile N]
 
 For each batch it times the bare backbone forward (inference_mode, same dtype, device and input; all layers;
 no LM head) plus the bare encode of every --sae dictionary on its hooked tensor, and then the same forward
@@ -9,7 +9,8 @@ with every unit harvested (top and bottom examples, statistics, histograms, quan
 drift in machine speed hits both alike. It prints tokens/s for both and their ratio, over all batches and over
 the second half (once the examples are mostly settled, which is what a long harvest mostly runs in). With
 --cooccurrence, each batch also runs through a second harvester that counts the dictionaries' co-occurrence
-(harvest/cooccurrence.py), and the harvest's cost with it is printed against the same harvest without.
+(harvest/cooccurrence.py); with --heads, through one that harvests those layers' attention heads as well
+(harvest/heads.py); each one's cost is printed against the same harvest without, on the same batches.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from featureatlas.allocator import keep_freed_memory
 from featureatlas.harvest.accumulators import Settings, choose_backend
 from featureatlas.harvest.contexts import iter_batches, iter_contexts
 from featureatlas.harvest.harvester import Harvester
+from featureatlas.harvest.heads import head_sources
 from featureatlas.harvest.run import HarvestConfig, build_sources
+from featureatlas.harvest.sources import parse_layers
 from featureatlas.load.corpus import embedded_corpus, iter_documents
 from featureatlas.load.models import load_model, pick_device, pick_dtype, resolve_model
 
@@ -48,6 +51,8 @@ def main() -> None:
     ap.add_argument("--sae", action="append", default=[], help="a dictionary folder (repeatable)")
     ap.add_argument("--compile", choices=["on", "off"], default="on", help="fused reductions (reductions.py)")
     ap.add_argument("--cuda-graphs", choices=["on", "off"], default="on", help="as harvest's (graphs.py)")
+    ap.add_argument("--heads", default=None, metavar="LAYERS",
+                    help="also time a harvest with these layers' attention heads added, against the one without")
     ap.add_argument("--cooccurrence", action="store_true",
                     help="also time the harvest counting the dictionaries' co-occurrence, against it without")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
@@ -89,14 +94,19 @@ def main() -> None:
                         backend=choose_backend(device, cuda_graphs=args.cuda_graphs == "on"))
     with Harvester(model, sources, settings, args.context_length, int(has_bos)) as warm_up:
         warm_up.step(batches[0])  # compiles the fused reductions (once per process) before anything is timed
-    counting, t_counting = None, []
-    if args.cooccurrence:  # hooked only while it runs
-        counting = Harvester(model, sources, replace(settings, cooccurrence=True), args.context_length,
-                             int(has_bos))
-        counting.detach()
+    variants: dict[str, tuple[Harvester, list[float]]] = {}  # each hooked only while it runs
+    if args.cooccurrence:
+        variants["co-occurrence"] = (Harvester(model, sources, replace(settings, cooccurrence=True),
+                                               args.context_length, int(has_bos)), [])
+    if args.heads:
+        with_heads = sources + head_sources(model, parse_layers(args.heads, model.config.num_hidden_layers, "--heads"))
+        variants["heads"] = (Harvester(model, with_heads, settings, args.context_length, int(has_bos)), [])
+    for each, _ in variants.values():
+        each.detach()
+    counting = variants.get("co-occurrence", (None,))[0]
     harvester = Harvester(model, sources, settings, args.context_length, int(has_bos))
     harvester.detach()
-    timings = [(harvester, t_harvest)] + ([(counting, t_counting)] if counting is not None else [])
+    timings = [(harvester, t_harvest), *variants.values()]
     for i, batch in enumerate(batches):  # one set of accumulators for the whole run; hooks on only while it runs
         t_bare.append(timed(lambda b=batch: bare(b)))
         for each, times in timings if i % 2 == 0 else timings[::-1]:  # with and without, in turn first
@@ -114,10 +124,9 @@ def main() -> None:
         harvest_rate = tokens * len(t_harvest[part]) / sum(t_harvest[part])
         print(f"{label:>12}: bare forward {bare_rate:7.0f} tok/s | harvest {harvest_rate:7.0f} tok/s | "
               f"ratio harvest/bare {harvest_rate / bare_rate:.3f}")
-        if counting is not None:
-            counting_rate = tokens * len(t_counting[part]) / sum(t_counting[part])
-            print(f"{'':>12}  harvest with co-occurrence {counting_rate:7.0f} tok/s | ratio with/without "
-                  f"{counting_rate / harvest_rate:.3f}")
+        for name, (_, times) in variants.items():
+            rate = tokens * len(times[part]) / sum(times[part])
+            print(f"{'':>12}  harvest with {name} {rate:7.0f} tok/s | ratio with/without {rate / harvest_rate:.3f}")
     if counting is not None:
         for source, acc in zip(counting.sources, counting.accumulators, strict=True):
             pairs = acc.cooccurrence

@@ -44,11 +44,11 @@ class LayerInfo:
     config: str | None = None  # the dictionary's config, JSON text
 
 
-NOUNS = {"mlp": "Neuron", "resid": "Dimension", "sae": "Feature", "transcoder": "Feature"}
+NOUNS = {"mlp": "Neuron", "resid": "Dimension", "sae": "Feature", "transcoder": "Feature", "attn": "Head"}
 
 
 def noun(info: LayerInfo) -> str:
-    """What a unit of this source is called: Neuron, Dimension, Feature."""
+    """What a unit of this source is called: Neuron, Dimension, Feature, Head."""
     return NOUNS.get(info.kind or "", "Unit")
 
 

@@ -241,7 +241,7 @@ def test_dictionary_features_are_saelens_encode_of_the_hooked_tensor(tmp_path: P
     store = tmp_path / "store.duckdb"
     harvest(HarvestConfig(model=str(model_dir), corpus=corpus, out=store, context_length=CONTEXT_LENGTH, top_k=K,
                           batch_size=4, dtype="float32", device="cpu", progress=False, layers="none",
-                          saes=[str(tmp_path / "res"), f"tc={tmp_path / 'tc'}"], seed=SEED))
+                          saes=[str(tmp_path / "res"), f"tc={tmp_path / 'tc'}"], seed=SEED, compile="off"))
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     contexts, _ = run_contexts_alone(model_dir, corpus)
     seen: dict[str, torch.Tensor] = {}
@@ -285,7 +285,7 @@ def test_sparsify_run_folder_reads_module_outputs_and_transcoder_inputs(tmp_path
     store = tmp_path / "store.duckdb"
     harvest(HarvestConfig(model=str(model_dir), corpus=corpus, out=store, context_length=CONTEXT_LENGTH, top_k=K,
                           batch_size=4, dtype="float32", device="cpu", progress=False, layers="none",
-                          saes=[f"sp={run}"]))
+                          saes=[f"sp={run}"], compile="off"))
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     seen: dict[str, torch.Tensor] = {}
     model.base_model.layers[0].register_forward_hook(lambda m, a, out: seen.update(
@@ -338,7 +338,7 @@ def test_sparse_features_every_accumulator_from_the_non_zeros_alone(tmp_path: Pa
     harvest(HarvestConfig(model=str(model_dir), corpus=corpus, out=store, context_length=CONTEXT_LENGTH, top_k=K,
                           batch_size=3, dtype="float32", device="cpu", progress=False, layers="none",
                           saes=[f"f={folder}"], intervals=INTERVALS, per_interval=PER_INTERVAL,
-                          random_examples=RANDOM, seed=SEED))
+                          random_examples=RANDOM, seed=SEED, compile="off"))
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     seen: dict[str, torch.Tensor] = {}
     model.base_model.layers[1].register_forward_hook(lambda m, a, out: seen.update(
@@ -395,13 +395,13 @@ def test_sparse_features_every_accumulator_from_the_non_zeros_alone(tmp_path: Pa
 
 @pytest.mark.model
 def test_fixed_shapes_store_equals_the_list_form(tmp_path: Path) -> None:
-    """The CUDA forms of the dense accumulators (FIXED eagerly, GRAPHS through torch.compile and the CUDA graphs'
-    buffers and in-place state, run eagerly here) write exactly the store the CPU's native loops write, with the
-    histogram sampled one context in 2 and a padded batch."""
+    """The CUDA forms of the dense accumulators (FIXED, and GRAPHS through the CUDA graphs' buffers and in-place
+    state, run eagerly here; compiled, on CUDA, in tests/test_gpu_parity.py) write exactly the store the CPU's
+    native loops write, with the histogram sampled one context in 2 and a padded batch."""
     model_dir = save_tiny_model("llama", tmp_path / "model")
     corpus = write_corpus(tmp_path / "corpus")
     stores = []
-    for backend, compile_mode in ((Backend.NATIVE, "off"), (Backend.FIXED, "off"), (Backend.GRAPHS, "on")):
+    for backend, compile_mode in ((Backend.NATIVE, "off"), (Backend.FIXED, "off"), (Backend.GRAPHS, "off")):
         stores.append(tmp_path / f"{backend.value}-{compile_mode}.duckdb")
         harvest(HarvestConfig(model=str(model_dir), corpus=corpus, out=stores[-1], context_length=CONTEXT_LENGTH,
                               top_k=K, batch_size=7, dtype="float32", device="cpu", progress=False, resid="all",

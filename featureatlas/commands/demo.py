@@ -91,5 +91,6 @@ def run(args: argparse.Namespace) -> int:
         print(explain_store(ExplainConfig(store=store, source=f"sae:res{layer}", limit=args.explain, seed=args.seed,
                                           **DEMO_EXPLAIN), explainer=explainer, scorer=explainer).line())
     summary = build_and_report(store, args.out / "site")
-    print(f"\nOpen file://{summary.index.resolve()}\nor run: featureatlas serve {args.out / 'site'}")
+    print(f"\nOpen file://{summary.index.resolve()}\nor run: featureatlas serve {args.out / 'site'} --store {store}"
+          "   (every unit page can then probe your text, steer and ablate)")
     return 0

@@ -118,7 +118,7 @@
     return sec;
   }
 
-  function logitSection(shard, unit) {
+  function logitSection(meta, shard, unit) {
     var sec = section("logits", "Logit effects");
     if ((unit.lt && unit.lt.length) || (unit.lb && unit.lb.length)) {
       sec.appendChild(el("p", "note", "Tokens whose logits the unit's output direction raises most and lowers most."));
@@ -126,7 +126,9 @@
       tables.appendChild(logitTable("Promoted", shard, unit.lt || []));
       tables.appendChild(logitTable("Suppressed", shard, unit.lb || []));
       sec.appendChild(tables);
-    } else sec.appendChild(el("p", "empty", "No logit effects in this store for this unit."));
+    } else sec.appendChild(el("p", "empty", meta.source === "attn" ? "An attention head has no logit effects: what " +
+      "it writes depends on where it looks, not on one direction. See where it looked under each example." :
+      "No logit effects in this store for this unit."));
     return sec;
   }
 
@@ -364,7 +366,7 @@
     add(statsSection(meta, unit.s), "Statistics");
     var pair = el("div", "pair");
     pair.appendChild(histogramSection(meta, unit));
-    pair.appendChild(logitSection(shard, unit));
+    pair.appendChild(logitSection(meta, shard, unit));
     host.appendChild(pair);
     listed("histogram", "Histogram");
     listed("logits", "Logit effects");
