@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from sae_lens import SAE, TrainingSAE
 from safetensors.torch import load_file, save_file
 
 from featureatlas.load.dictionaries import Dictionary, DictionaryError, load_dictionaries
@@ -35,6 +34,8 @@ def saelens_folder(tmp_path: Path, architecture: str = "standard", name: str = "
                 **fields.pop("metadata", {})}
     cfg = {"architecture": architecture, "d_in": D_IN, "d_sae": D_SAE, "dtype": "float32", "device": "cpu",
            **({"d_out": D_OUT, "apply_b_dec_to_input": False} if transcoder else {}), **fields, "metadata": metadata}
+    from sae_lens import SAE  # imported where used: importing sae_lens takes seconds, paid by every test worker
+
     sae = SAE.from_dict(cfg)
     randomise(sae)
     sae.save_model(tmp_path / name)
@@ -52,6 +53,8 @@ def assert_same(ours: torch.Tensor, theirs: torch.Tensor) -> None:
 
 
 def assert_as_saelens(folder: Path, x: torch.Tensor, saelens_x: torch.Tensor | None = None) -> Dictionary:
+    from sae_lens import SAE
+
     (d,) = load_dictionaries(folder)
     reference = SAE.load_from_disk(folder)
     with torch.inference_mode():
@@ -122,6 +125,8 @@ def test_saelens_huggingface_module_hook(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka_batchtopk"])
 def test_saelens_batchtopk_is_saved_as_jumprelu(tmp_path: Path, architecture: str) -> None:
+    from sae_lens import TrainingSAE
+
     sae = TrainingSAE.from_dict({"architecture": architecture, "d_in": D_IN, "d_sae": D_SAE, "k": 4.0,
                                  "dtype": "float32", "device": "cpu", "metadata": {"hook_name": HOOK},
                                  **({"matryoshka_widths": [16, D_SAE]} if "matryoshka" in architecture else {})})
