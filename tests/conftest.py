@@ -12,9 +12,17 @@ import pytest
 from helpers.browser import launched, watched_page
 from helpers.synthetic_store import make_store
 
+# The longest modules first: pytest-xdist hands whole modules to its two processes in collection order, and one
+# started last would run on alone while the other process idles.
+LONGEST_FIRST = ("test_end_to_end.py", "test_features.py", "test_browser.py", "test_triton_kernels.py",
+                 "test_resume.py", "test_site.py", "test_scale_out.py", "test_ablation.py")
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test that takes a `browser` fixture must carry the browser marker, or `make check` would start chromium."""
+    """The longest modules first; and a test that takes a `browser` fixture must carry the browser marker, or
+    `make check` would start chromium."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     for item in items:
         if "browser" in getattr(item, "fixturenames", ()) and item.get_closest_marker("browser") is None:
             raise pytest.UsageError(f"{item.nodeid}: takes the browser fixture; mark it @pytest.mark.browser "
