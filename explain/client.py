@@ -16,7 +16,6 @@ written to a temporary file and renamed, so a crash leaves a whole entry or none
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import os
 import random
@@ -34,6 +33,7 @@ from typing import Protocol
 
 from featureatlas.cachedir import cache_root
 from featureatlas.errors import FeatureAtlasError, ModelLoadError, UsageError, setting_name
+from featureatlas.net import is_loopback
 
 MAX_RESPONSE_BYTES = 4 * 2**20  # a chat completion is a few KB; more is not an answer
 MAX_CACHE_BYTES = 4 * 2**20
@@ -111,7 +111,7 @@ class EndpointClient:
         self.cache_dir = (cache_dir or cache_root() / "explain") if cache else None
         self.counts = Counts()
         handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
-        if _loopback(parsed.hostname):
+        if is_loopback(parsed.hostname):
             handlers.append(urllib.request.ProxyHandler({}))  # a local server is never reached through a proxy
         self._opener = urllib.request.build_opener(*handlers)
         self.model = model if model is not None else self._only_model()
@@ -366,15 +366,6 @@ def open_model(spec: str, model_name: str | None, *, option: str, api_key_env: s
         return LocalClient(spec, device=device, dtype=dtype)
     except ModelLoadError as err:
         raise ModelLoadError(f"{setting_name(option)}: {getattr(err, 'marked', err)}") from None
-
-
-def _loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _read_some(err: urllib.error.HTTPError, safe: Callable[[str, int | None], str]) -> str:

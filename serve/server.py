@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from featureatlas.errors import SiteError, UsageError
+from featureatlas.net import is_loopback
 
 if TYPE_CHECKING:
     from featureatlas.harvest.probe import Prober
@@ -83,16 +84,6 @@ def _busy_answer() -> bytes:
 
 
 BUSY_ANSWER = _busy_answer()
-
-
-def is_loopback(host: str) -> bool:
-    """Whether binding `host` keeps the server on this machine (localhost, 127.0.0.0/8, ::1)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _host_and_port(value: str) -> tuple[str, int] | None:

@@ -54,6 +54,20 @@
     return s;
   };
 
+  /* A small <table class="lt"> with its caption and a header row of column names; rows go in its <tbody>. */
+  FA.table = function (caption, columns) {
+    var table = FA.el("table", "lt"), head = FA.el("thead"), tr = FA.el("tr");
+    table.appendChild(FA.el("caption", null, caption));
+    columns.forEach(function (name) {
+      var th = FA.el("th", null, name);
+      th.scope = "col";
+      tr.appendChild(th);
+    });
+    head.appendChild(tr);
+    table.appendChild(head);
+    return table;
+  };
+
   FA.fmt = function (v, digits) {
     if (typeof v !== "number" || isNaN(v)) return "\u2014";
     return String(parseFloat(v.toPrecision(digits || 4)));

@@ -27,17 +27,8 @@
   /* One kind's neighbours (rows: [page, unit, score, explanation?]), best first. */
   function kindTable(meta, shard, kind, rows) {
     var spec = KINDS[kind] || [kind, "Score"];
-    var table = el("table", "lt");
+    var table = FA.table(spec[0], [meta.noun, spec[1]]);
     table.setAttribute("data-kind", kind);
-    table.appendChild(el("caption", null, spec[0]));
-    var head = el("thead"), tr = el("tr");
-    [meta.noun, spec[1]].forEach(function (name) {
-      var th = el("th", null, name);
-      th.scope = "col";
-      tr.appendChild(th);
-    });
-    head.appendChild(tr);
-    table.appendChild(head);
     var body = el("tbody");
     rows.forEach(function (row) {
       var r = el("tr"), cell = el("td");

@@ -134,16 +134,7 @@
 
   /* rows: [token index in shard.toks or null, token id, effect]. */
   function logitTable(caption, shard, rows) {
-    var table = el("table", "lt");
-    table.appendChild(el("caption", null, caption));
-    var head = el("thead"), tr = el("tr");
-    ["Token", "Effect"].forEach(function (name) {
-      var th = el("th", null, name);
-      th.scope = "col";
-      tr.appendChild(th);
-    });
-    head.appendChild(tr);
-    table.appendChild(head);
+    var table = FA.table(caption, ["Token", "Effect"]);
     var body = el("tbody");
     rows.forEach(function (row) {
       var r = el("tr"), cell = el("td");
