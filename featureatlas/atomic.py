@@ -10,10 +10,12 @@ run does: a dead process's `.partial` is deleted, and its `.old` (the previous f
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from featureatlas.errors import SiteError
@@ -66,6 +68,21 @@ def durable_replace(temp: Path, target: Path) -> None:
     fsync_file(temp)
     os.replace(temp, target)
     fsync_folder(target.parent)
+
+
+@contextlib.contextmanager
+def written_whole(target: Path) -> Iterator[Path]:
+    """A path to write target's new content to, inside a staging folder of this process beside target (so a
+    writer with temporary files of its own, as safetensors has, leaves them there too); moved into place with
+    durable_replace when the block ends without an error; the folder is removed either way, and one a kill
+    left behind by remove_stale_temps."""
+    staging = temp_path_beside(target)
+    staging.mkdir(exist_ok=True)
+    try:
+        yield staging / target.name
+        durable_replace(staging / target.name, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def replace_folder(staging: Path, target: Path) -> None:

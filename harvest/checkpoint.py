@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from featureatlas.atomic import durable_replace, remove_stale_temps, temp_path_beside
+from featureatlas.atomic import remove_stale_temps, written_whole
 from featureatlas.errors import UsageError, setting_name
 
 FORMAT = "featureatlas-checkpoint"
@@ -142,13 +142,8 @@ class Checkpointer:
                   "sources": len(accumulators), "n_contexts": n_contexts, "n_tokens": n_tokens,
                   "elapsed": float(elapsed), "started_at": started_at.isoformat(), "saved_at": time.time(),
                   "values": values}
-        temp = temp_path_beside(self.path)
-        try:
+        with written_whole(self.path) as temp:
             save_file(tensors, str(temp), metadata={"format": FORMAT, "state": json.dumps(header)})
-            durable_replace(temp, self.path)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
         if self.every is not None:
             self._next = n_tokens + self.every
 

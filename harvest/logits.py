@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from featureatlas.atomic import durable_replace, temp_path_beside
+from featureatlas.atomic import written_whole
 from featureatlas.cachedir import cache_root
 from featureatlas.harvest.hooks import Hook, norm_gain
 from featureatlas.harvest.sources import UnitSource
@@ -136,13 +136,12 @@ def _read(path: Path, n_units: int, n: int) -> Effects | None:
 
 def _write(path: Path, effects: Effects) -> None:
     """Best effort (a read-only cache only costs the next run the recompute); whole or not at all."""
-    temp = temp_path_beside(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({str(i): t.cpu().contiguous() for i, t in enumerate(effects)}, temp)
-        durable_replace(temp, path)
+        with written_whole(path) as temp:  # a full disk mid-write leaves no partial file behind
+            save_file({str(i): t.cpu().contiguous() for i, t in enumerate(effects)}, temp)
     except OSError:
-        temp.unlink(missing_ok=True)  # a full disk mid-write leaves no partial file behind
+        pass
 
 
 def _logits_by_chunk(directions: torch.Tensor, readout: torch.Tensor, basis: bool) -> Iterator[torch.Tensor]:
