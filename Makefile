@@ -36,13 +36,18 @@ lint: $(STAMP)
 # Two test processes where pytest-xdist is installed, a module's tests kept in one (they share its fixtures).
 XDIST = $(shell $(BIN)/python -c "import xdist" 2>/dev/null && echo "-n 2 --dist loadfile")
 
-# Everything: fast unit tests, tests that load a model or harvest (marker `model`), browser tests (`browser`).
+# Python's bytecode cache, where the environment turns it off: the test processes and their children would
+# otherwise compile every module again (several seconds a process).
+unexport PYTHONDONTWRITEBYTECODE
+
+# Everything: fast unit tests, tests that load a model or harvest (marker `model`), browser tests (`browser`), and
+# tests that build or interpret kernels (`slow`).
 test: $(STAMP) browser lint
 	$(BIN)/python -m pytest -q $(XDIST)
 
 # The fast unit tests only, and the linter.
 check: $(STAMP) lint
-	$(BIN)/python -m pytest -q $(XDIST) -m "not model and not browser"
+	$(BIN)/python -m pytest -q $(XDIST) -m "not model and not browser and not slow"
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache *.egg-info build/lib build/bdist.* dist

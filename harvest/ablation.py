@@ -24,12 +24,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import tqdm
-from transformers import PreTrainedModel
 
 from featureatlas.errors import UsageError
 from featureatlas.harvest.hooks import Hook, read_hook
 from featureatlas.harvest.sources import UnitSource
 from featureatlas.load.architectures import get_submodule
+
+if TYPE_CHECKING:  # for type hints only: importing them takes seconds
+    from transformers import PreTrainedModel
 
 if TYPE_CHECKING:
     from featureatlas.store.writer import StoreWriter

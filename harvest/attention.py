@@ -41,7 +41,6 @@ import duckdb
 import numpy as np
 import torch
 import tqdm
-from transformers import PreTrainedModel
 
 from featureatlas.errors import FeatureAtlasError
 from featureatlas.harvest.contexts import Context, make_batch
@@ -49,6 +48,9 @@ from featureatlas.harvest.heads import n_query_heads
 from featureatlas.harvest.hooks import Hook, read_hook, resolve_hook
 from featureatlas.harvest.sources import UnitSource
 from featureatlas.load.architectures import blocks_of, get_submodule, input_to_output_matrix
+
+if TYPE_CHECKING:  # for type hints only: importing them takes seconds
+    from transformers import PreTrainedModel
 
 if TYPE_CHECKING:
     from featureatlas.load.dictionaries import Dictionary

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from featureatlas.load.corpus import CorpusError, Document
+
+if TYPE_CHECKING:  # for type hints only: importing them takes seconds
+    from transformers import PreTrainedTokenizerBase
 
 _DECODE_WINDOW = 4  # tokens of left context used to decode one token's display string (a UTF-8 char <= 4 bytes)
 _INCOMPLETE = "\ufffd"  # what decoders make of the bytes of a character whose last byte is yet to come

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from featureatlas.errors import UsageError, setting_name
 from featureatlas.harvest.ablation import Ablated, ablate
@@ -25,6 +25,9 @@ from featureatlas.harvest.steer import Steered, steer
 from featureatlas.load.architectures import blocks_of
 from featureatlas.load.models import ModelLoadError, check_length
 from featureatlas.store.addresses import AddressError, SourceLayer, describe_sources, format_address, parse_address
+
+if TYPE_CHECKING:  # for type hints only: importing them takes seconds
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MAX_CHARS = 20_000   # checked before tokenising, so a huge paste costs nothing
 MAX_TOKENS = 2_048   # one forward pass; seconds on a CPU for the embedded model

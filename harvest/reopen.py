@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from featureatlas.errors import UsageError, setting_name
 from featureatlas.harvest.config import HarvestConfig
@@ -21,6 +21,9 @@ from featureatlas.harvest.run import build_sources
 from featureatlas.harvest.sources import UnitSource
 from featureatlas.load.models import ModelLoadError, load_model, pick_device, pick_dtype, resolve_model
 from featureatlas.store.schema import open_store
+
+if TYPE_CHECKING:  # for type hints only: importing them takes seconds
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import tqdm
 import transformers
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from featureatlas.errors import UsageError, setting_name
 from featureatlas.harvest.accumulators import Settings, choose_backend
@@ -36,6 +35,9 @@ from featureatlas.load.architectures import blocks_of
 from featureatlas.load.corpus import CorpusError, iter_documents
 from featureatlas.load.models import ModelRef, check_length, load_model, pick_device, pick_dtype, resolve_model
 from featureatlas.store.writer import StoreWriter
+
+if TYPE_CHECKING:  # for type hints only: importing them takes seconds
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 if TYPE_CHECKING:
     from featureatlas.load.dictionaries import Dictionary

@@ -13,14 +13,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from featureatlas.errors import UsageError
 from featureatlas.harvest.hooks import Hook, read_hook
 from featureatlas.harvest.sources import UnitSource
 from featureatlas.load.architectures import architecture_of, get_submodule, input_to_output_matrix
+
+if TYPE_CHECKING:  # for type hints only: importing them takes seconds
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MODES = ("add", "clamp")
 MAX_NEW_TOKENS = 512

@@ -5,10 +5,10 @@ The settings and their defaults are TrainSaeConfig's (harvest/config.py)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from featureatlas.errors import UsageError, setting_name
 from featureatlas.harvest.config import TrainSaeConfig, validate_training
@@ -24,6 +24,9 @@ from featureatlas.harvest.train_sae import (
 from featureatlas.load.architectures import blocks_of
 from featureatlas.load.corpus import iter_documents
 from featureatlas.load.models import ModelRef, load_model, pick_device, pick_dtype, resolve_model
+
+if TYPE_CHECKING:  # for type hints only: importing them takes seconds
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class _Stop(Exception):

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from featureatlas.harvest.accumulators import Accumulators
 from featureatlas.harvest.contexts import Context
 from featureatlas.harvest.sources import UnitSource
 from featureatlas.store.writer import StoreWriter
+
+if TYPE_CHECKING:  # for type hints only: importing them takes seconds
+    from transformers import PreTrainedTokenizerBase
 
 
 class ContextLengths:

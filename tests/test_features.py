@@ -414,6 +414,7 @@ def test_fixed_shapes_store_equals_the_list_form(tmp_path: Path) -> None:
     assert len(got[0][0]) > 1000 and got[0] == got[1] == got[2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tokens", [64, 48, 13])
 def test_compiled_reductions_equal_the_eager_ones_for_any_context_length(tokens: int) -> None:
     """The compiled reducer splits tokens into chunks (16 for 64 and 48; one chunk of 13, a prime): the extremes

@@ -95,6 +95,15 @@ def test_anything_but_this_versions_schema_is_refused(store: Path, statements: l
     assert expected in str(err.value) and str(store) in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_store_changed_after_it_was_checked_is_checked_again(store: Path) -> None:
+    """Each process checks a store once while its files stay as they were (schema._CHECKED); any write is seen."""
+    for _ in range(2):
+        open_store(store).close()
+    craft(store, "CREATE MACRO leak(x) AS x + 1")
+    with pytest.raises(StoreError, match="defines a macro main.leak"):
+        open_store(store)
+
+
 def test_a_table_of_other_types_is_refused_before_anything_renders_it(store: Path, capsys) -> None:
     craft(store, "DROP VIEW examples", "DROP VIEW statistics", "DROP VIEW units",
           "ALTER TABLE t_units ALTER unit TYPE VARCHAR",

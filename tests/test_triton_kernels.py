@@ -42,6 +42,7 @@ NARROW = Settings(top_k=3, bottom_k=2, intervals=4, per_interval=1, random=1, hi
 LISTS_ONLY = Settings(top_k=4, bottom_k=3, intervals=0, per_interval=0, random=0, histogram_every=2, seed=7)
 
 
+@pytest.mark.slow
 def test_the_interpreter_cases() -> None:
     """Every case of this file in a child process whose Triton interprets (see the docstring); all must run."""
     if CHILD:
