@@ -214,7 +214,8 @@ struct Samples {  // one unit's reservoir: [bins, per] entries, each with [width
 
 
 // N rows into the running extremes, sums and firing counts (N > 1: those are loaded and stored once per N rows,
-// not per row; they, not the activations, bound the one-row loop). NaN never enters an extreme.
+// not per row; they, not the activations, bound the one-row loop). NaN never enters an extreme here: reduce_rows
+// makes a context's extremes NaN after, from its sum of squares.
 template <typename T, int N>
 void accumulate_rows(const T* const* rows, int64_t units, float* __restrict high, float* __restrict low,
                      float* __restrict s1, float* __restrict s2, int32_t* __restrict fires) {
@@ -263,6 +264,8 @@ void reduce_rows(const T* data, int64_t b0, int64_t b1, int64_t tokens, int64_t 
     for (; r < rows.size(); ++r)
       accumulate_rows<T, 1>(&rows[r], units, high, low, s1.data(), s2.data(), fires.data());
     for (int64_t u = 0; u < units; ++u) {
+      if (std::isnan(s2[u]))  // a sum of squares is NaN only from a NaN: then the extremes are, as torch's amax
+        high[u] = low[u] = std::numeric_limits<float>::quiet_NaN();
       sum[u] += s1[u];
       squares[u] += s2[u];
       firing[u] += fires[u];
@@ -457,7 +460,8 @@ void histogram_update(const void* acts, int dtype, int64_t /*item*/, int64_t bat
 }
 
 // Per-context extremes and per-unit sums of dense units (reductions.reduce_eager's results): for each context,
-// the max and min over its counted positions (-inf and inf where none); per unit, the counted tokens' sum and sum
+// the max and min over its counted positions (-inf and inf where none, NaN where one is NaN); per unit, the counted
+// tokens' sum and sum
 // of squares (in double: float32 within a context, then added up) and firing count (activation > 0). The units
 // must be innermost (unit stride 1), so each thread streams whole rows of its own contexts.
 void reduce(const void* acts, int dtype, int64_t batch, int64_t tokens, int64_t units, int64_t sb, int64_t st,

@@ -36,7 +36,9 @@ def merge_fixed(values: torch.Tensor, context_ids: torch.Tensor, positions: torc
     """TopK.update_fixed's merge as a pure function of tensors (for torch.compile): the new values, context ids,
     positions and rank-ordered activations [units, k, width]."""
     k, (_, tokens, n_units), width = values.shape[1], acts.shape, activations.shape[2]
-    candidates = torch.cat([values, context_max.T.float()], dim=1)               # [units, k + batch]
+    batch_scores = context_max.T.float()
+    batch_scores = batch_scores.masked_fill(batch_scores.isnan(), float("-inf"))  # a NaN context never enters
+    candidates = torch.cat([values, batch_scores], dim=1)                         # [units, k + batch]
     order = candidates.sort(dim=1, descending=True, stable=True).indices[:, :k]
     entering, kept, rows = order >= k, order.clamp(max=k - 1), (order - k).clamp(min=0)
     units = torch.arange(n_units, device=acts.device)[:, None]
