@@ -11,8 +11,8 @@ the store is written from (write.py). A backend is how they update; every backen
 - FIXED   dense units' lists merged in shapes that never depend on the data, so a GPU never waits for the host.
 - GRAPHS  FIXED, each source's update replayed as one CUDA graph (graphs.py) instead of a hundred-odd launches.
 - TRITON  on CUDA, Triton kernels (kernels.py): one fused read of the activations for the extremes, sums, histogram
-          and the few candidates that can enter the top and bottom lists, then merges of those alone; samples as
-          FIXED; replayed as CUDA graphs like GRAPHS.
+          and the few candidates that can enter the top and bottom lists, then merges of those alone, and of the
+          samples' candidates; replayed as CUDA graphs like GRAPHS.
 
 Sparse units (dictionary features) update from their non-zeros: natively under NATIVE, by tensor operations under
 the others (their work is small and data-shaped, which fixed shapes cannot help). choose_backend picks the backend
@@ -219,8 +219,8 @@ class Graphed(FixedShapes):
 
 
 class TritonLists(Graphed):
-    """Dense units, TRITON: kernels.py's fused pass and candidate merges for the extremes, statistics, histogram and
-    lists, sample_fixed for the samples; no host synchronisation, replayed as GRAPHS' are. Where the kernels do
+    """Dense units, TRITON: kernels.py's fused pass and candidate merges for the extremes, statistics, histogram,
+    lists and samples; no host synchronisation, replayed as GRAPHS' are. Where the kernels do
     not run (no Triton; a CPU outside Triton's interpreter), FixedShapes' step."""
 
     def __init__(self, source: UnitSource, settings: Settings, context_length: int, device: torch.device,
@@ -238,7 +238,7 @@ class TritonLists(Graphed):
             kernels.merge(self.bottom, self.candidates[1], acts, view, passed, largest=False)
         self.statistics.update(passed.context_max, passed.context_min, passed.sums)  # the histogram is counted
         for reservoir in self.reservoirs:
-            reservoir.update_fixed(acts, view, passed.context_max, self.kernels.sample_fixed)
+            kernels.merge_samples(reservoir, acts, view, passed)
 
 
 class TensorPairs(Accumulators):

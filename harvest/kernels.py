@@ -25,11 +25,13 @@ from types import ModuleType
 import torch
 
 from featureatlas.harvest.batchview import BatchView
+from featureatlas.harvest.reservoir import Reservoir
 from featureatlas.harvest.statistics import FIRST_CODE, HALF, Statistics
 from featureatlas.harvest.topk import TopK
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK_T, _BLOCK_U, _CHUNK = 16, 128, 32
+_TILE = 2048  # merge_samples copies rows in blocks of at most this many activations
 
 
 def _off() -> bool:
@@ -86,14 +88,19 @@ def _runs_on_gpu(index: int) -> bool:
 
 
 def self_check(device: torch.device) -> str | None:
-    """Both kernels on a two-context batch: None where they give the right list, else what went wrong."""
+    """The kernels on a two-context batch: None where they give the right lists, else what went wrong."""
     try:
         acts = torch.arange(24, dtype=torch.float32, device=device).reshape(2, 3, 4)
         view = BatchView(torch.ones((2, 3), dtype=torch.bool, device=device), 0, False,
                          torch.arange(2, device=device), torch.zeros(2, dtype=torch.int64, device=device), 6)
         top, scratch = TopK(4, 1, 3, device, torch.float32), Candidates()
-        merge(top, scratch, acts, view, fused_pass(acts, view, Statistics(4, device, sparse=False), top, scratch))
-        if top.context_ids.eq(1).all() and top.positions.eq(2).all():  # the later context, at its last token
+        samples = Reservoir(4, 2, 1, 3, device, torch.float32)
+        passed = fused_pass(acts, view, Statistics(4, device, sparse=False), top, scratch)
+        merge(top, scratch, acts, view, passed)
+        merge_samples(samples, acts, view, passed)
+        # the later context, at its last token; in the samples, each context in its half of W = 32
+        if (top.context_ids.eq(1).all() and top.positions.eq(2).all() and samples.positions.eq(2).all()
+                and samples.context_ids[:, :, 0].eq(torch.tensor([0, 1], device=device)).all()):
             return None
         return "they gave wrong lists in a check"
     except Exception as err:  # noqa: BLE001 - Triton's compile and launch failures come as many types
@@ -183,6 +190,22 @@ def merge(top: TopK, scratch: Candidates, acts: torch.Tensor, view: BatchView, p
         top.slot_activations, batch, tokens, units, top.k, width,
         NEGATE=not largest, BLOCK_B=next_power_of_2(batch), BLOCK_K=next_power_of_2(top.k),
         BLOCK_W=next_power_of_2(max(width, tokens)), CHUNK=min(_CHUNK, next_power_of_2(batch)))
+
+
+def merge_samples(samples: Reservoir, acts: torch.Tensor, view: BatchView, passed: Passed) -> None:
+    """Reservoir.update of `samples` in place, from fused_pass's context maxima and their first positions."""
+    kernels = _loaded()
+    batch, tokens, units = acts.shape
+    for name in samples.STATE:
+        _contiguous(samples, name)
+    width = samples.activations.shape[-1]
+    block_b, block_w = next_power_of_2(batch), next_power_of_2(max(width, tokens))
+    kernels.merge_samples[(units,)](
+        passed.context_max, passed.max_at, view.keys, view.context_ids, acts, *acts.stride(), samples.exponent,
+        samples.keys, samples.context_ids, samples.positions, samples.values, samples.activations, batch, tokens,
+        units, width, N_BINS=samples.n_bins, PER=samples.per_bin, BLOCK_B=block_b,
+        BLOCK_E=next_power_of_2(samples.n_bins * samples.per_bin), BLOCK_W=block_w, CHUNK=min(_CHUNK, block_b),
+        ROWS=max(1, min(next_power_of_2(samples.n_bins * samples.per_bin), _TILE // block_w)))
 
 
 def next_power_of_2(n: int) -> int:

@@ -6,7 +6,11 @@ them, the counted tokens' sum, sum of squares and firing count, and counting a s
 histogram. Its last step compares each context's max (and minus its min) with its unit's k-th kept score, read
 on the device, and appends the contexts that beat it to the unit's short list of candidates.
 
-`merge_candidates` then runs a program per unit that returns at once unless the unit has candidates: it ranks
+`merge_samples` runs a program per unit for each sample (quantile intervals, random): W grows with the unit's max,
+re-binning the kept entries in place, then the batch's contexts that fire and beat their bin's largest kept key
+are ranked as reservoir.py's tensor code ranks them, and each entering one takes the slot of a kept one it pushes
+out, its tokens' activations copied. `merge_candidates` runs a program per unit that returns at once unless the
+unit has candidates: it ranks
 them against the kept list and each other exactly as topk.py's tensor merge does (a higher score first; a tie
 goes to the kept context, then to the lower batch row), moves the kept contexts down, writes the entering ones
 in their slots and copies their tokens' activations. Nothing is read back by the host, so a CUDA graph can
@@ -175,3 +179,152 @@ def merge_candidates(scores, at, count, candidate_rows, context_ids_in, acts, st
                                 other=0.0)
             tl.store(slot_activations + (u * k + slot) * width + w,
                      tokens_of.to(slot_activations.dtype.element_ty), mask=w < width)
+
+
+@triton.jit
+def frexp_exponent(x):
+    """torch.frexp's exponent of a float32 x > 0 (x = m * 2^e, 0.5 <= m < 1; subnormals too; 0 for infinity)."""
+    small = x < 1.1754943508222875e-38  # subnormal: scaled by 2^64 into the normals first
+    y = tl.where(small, x * 18446744073709551616.0, x)
+    biased = ((y.to(tl.int32, bitcast=True) >> 23) & 255).to(tl.int64)
+    return tl.where(biased == 255, 0, biased - 126 - tl.where(small, 64, 0))
+
+
+@triton.jit
+def power_of_two(exponent):
+    """2.0^exponent as float32 from its bits (exponent within [-126, 127]), as reservoir._power_of_two."""
+    return ((exponent + 127) << 23).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def merge_samples(context_max, max_at, batch_keys, batch_ids, acts, stride_b, stride_t, stride_u,
+                  exponent, keys, context_ids, positions, values, activations,
+                  batch, tokens, units, width,
+                  N_BINS: tl.constexpr, PER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr,
+                  BLOCK_W: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr):
+    """One program per unit u: Reservoir.update for its samples (N_BINS bins of PER entries, [u, :, :] of each
+    state tensor), from context_max/max_at [batch, units] (each context's max, NaN where one is, and the first
+    position reaching it). W grows first (kept entries re-binned in place), then the batch's candidates (firing,
+    with a key below their bin's largest kept key) are ranked among the kept keys and each other; an entering
+    context takes the slot of a kept one it displaces (within a bin the order of entries is free)."""
+    u = tl.program_id(0).to(tl.int64)
+    b = tl.arange(0, BLOCK_B)
+    in_batch = b < batch
+    x = tl.load(context_max + b * units + u, mask=in_batch, other=float("-inf"))
+    e = tl.arange(0, BLOCK_E)
+    in_state = e < N_BINS * PER
+    state = u * N_BINS * PER
+    w = tl.arange(0, BLOCK_W)
+    if N_BINS > 1:
+        # W: the smallest power of two above the unit's max (none while a NaN is in the batch, as amax gives)
+        has_nan = tl.max(tl.where(in_batch & (x != x), 1, 0), axis=0) > 0
+        batch_max = tl.max(tl.where(x != x, float("-inf"), x), axis=0)
+        needed = tl.where(~has_nan & (batch_max > 0), frexp_exponent(batch_max), -(1 << 20))
+        old = tl.load(exponent + u)
+        if needed > old:
+            tl.store(exponent + u, needed)
+            if old != -(1 << 20):
+                # d doublings merge bins in pairs d times: new bin i keeps the PER smallest keys of old bins
+                # [i * 2^d, (i + 1) * 2^d), kept here in slot order, so each row moves down or stays
+                d = tl.minimum(needed - old, 16)
+                old_keys = tl.load(keys + state + e, mask=in_state, other=0x7FFFFFFFFFFFFFFF)
+                ids = tl.load(context_ids + state + e, mask=in_state, other=-1)
+                at = tl.load(positions + state + e, mask=in_state, other=0)
+                value = tl.load(values + state + e, mask=in_state, other=0.0)
+                new_bin = (e // PER).to(tl.int64) >> d
+                together = (new_bin[:, None] == new_bin[None, :]) & in_state[None, :]
+                chosen = in_state & (tl.sum(tl.where(together & ahead_of(old_keys, e), 1, 0), axis=1) < PER)
+                order = tl.sum(tl.where(together & chosen[None, :] & (e[None, :] < e[:, None]), 1, 0), axis=1)
+                to = new_bin * PER + order
+                n_kept = ((N_BINS - 1) >> d) * PER + PER  # the slots of the bins that have any source
+                tl.debug_barrier()
+                tl.store(keys + state + to, old_keys, mask=chosen)
+                tl.store(context_ids + state + to, ids, mask=chosen)
+                tl.store(positions + state + to, at, mask=chosen)
+                tl.store(values + state + to, value, mask=chosen)
+                emptied = in_state & (e >= n_kept)
+                tl.store(keys + state + e, tl.full([BLOCK_E], 0x7FFFFFFFFFFFFFFF, tl.int64), mask=emptied)
+                tl.store(context_ids + state + e, tl.full([BLOCK_E], -1, tl.int64), mask=emptied)
+                tl.store(positions + state + e, tl.zeros([BLOCK_E], tl.int64), mask=emptied)
+                tl.store(values + state + e, tl.zeros([BLOCK_E], tl.float32), mask=emptied)
+                # rows in blocks of ROWS, each block read whole before it is written (a later block's sources
+                # lie above every slot written before it); then the emptied bins' rows are zeroed
+                for r0 in range(0, N_BINS * PER, ROWS):
+                    r = r0 + tl.arange(0, ROWS)
+                    source = tl.sum(tl.where(chosen[None, :] & (to[None, :] == r[:, None]), e[None, :], 0), axis=1)
+                    move = (r < n_kept) & (source != r)
+                    cells = (state + r.to(tl.int64))[:, None] * width + w[None, :]
+                    inside = (w < width)[None, :] & (r < N_BINS * PER)[:, None]
+                    row = tl.load(activations + (state + source.to(tl.int64))[:, None] * width + w[None, :],
+                                  mask=move[:, None] & inside, other=0.0)
+                    tl.debug_barrier()
+                    tl.store(activations + cells, row, mask=(move | (r >= n_kept))[:, None] & inside)
+                    tl.debug_barrier()
+        tl.debug_barrier()
+    kept = tl.load(keys + state + e, mask=in_state, other=0x7FFFFFFFFFFFFFFF)
+    kept_bin = (e // PER).to(tl.int64)
+    key = tl.load(batch_keys + b, mask=in_batch, other=0)
+    bin = sample_bin(x, tl.load(exponent + u), N_BINS)
+    # a candidate fires and beats the largest kept key of its bin
+    worst = tl.max(tl.where(kept_bin[None, :] == bin[:, None], kept[None, :], -1), axis=1)
+    candidate = in_batch & (x > 0) & (key < worst)
+    if tl.sum(tl.where(candidate, 1, 0), axis=0) > 0:
+        in_bin = (kept_bin[None, :] == bin[:, None]) & in_state[None, :]
+        among_kept = tl.sum(tl.where(in_bin & (kept[None, :] < key[:, None]), 1, 0), axis=1)
+        among_batch = tl.zeros([BLOCK_B], tl.int32)
+        for o0 in range(0, batch, CHUNK):
+            o = o0 + tl.arange(0, CHUNK)
+            is_other = o < batch
+            other_x = tl.load(context_max + o * units + u, mask=is_other, other=float("-inf"))
+            other_key = tl.load(batch_keys + o, mask=is_other, other=0)
+            other_bin = sample_bin(other_x, tl.load(exponent + u), N_BINS)
+            other_worst = tl.max(tl.where(kept_bin[None, :] == other_bin[:, None], kept[None, :],
+                                          -1), axis=1)
+            other_candidate = is_other & (other_x > 0) & (other_key < other_worst)
+            smaller = (other_key[None, :] < key[:, None]) | ((other_key[None, :] == key[:, None]) &
+                                                             (o[None, :] < b[:, None]))
+            ahead = (other_bin[None, :] == bin[:, None]) & other_candidate[None, :] & smaller
+            among_batch += tl.sum(tl.where(ahead, 1, 0), axis=1)
+        enters = candidate & (among_kept + among_batch < PER)
+        # The entering ones of a bin are its candidates of smallest keys (among_batch 0, 1, ...); the kept ones
+        # they push out are its largest keys: the one of kept rank PER - 1 - among_batch makes room
+        same = (kept_bin[:, None] == kept_bin[None, :]) & in_state[None, :]
+        kept_rank = tl.sum(tl.where(same & ahead_of(kept, e), 1, 0), axis=1)
+        makes_room = in_bin & (kept_rank[None, :] == (PER - 1 - among_batch)[:, None])
+        slot = tl.sum(tl.where(makes_room, e[None, :], 0), axis=1)
+        tl.debug_barrier()  # every thread has read the kept keys before any is replaced
+        tl.store(keys + state + slot, key, mask=enters)
+        tl.store(context_ids + state + slot, tl.load(batch_ids + b, mask=enters, other=0), mask=enters)
+        tl.store(positions + state + slot, tl.load(max_at + b * units + u, mask=enters, other=0).to(tl.int64),
+                 mask=enters)
+        tl.store(values + state + slot, x, mask=enters)
+        for r0 in range(0, N_BINS * PER, ROWS):  # the entering contexts' rows, into the slots they took
+            r = r0 + tl.arange(0, ROWS)
+            hit = enters[None, :] & (slot[None, :] == r[:, None])  # [ROWS, BLOCK_B]
+            taken = tl.sum(tl.where(hit, 1, 0), axis=1) > 0
+            row = tl.sum(tl.where(hit, b[None, :], 0), axis=1).to(tl.int64)
+            inside = taken[:, None] & (w < width)[None, :]
+            tokens_of = tl.load(acts + row[:, None] * stride_b + w[None, :].to(tl.int64) * stride_t + u * stride_u,
+                                mask=inside & (w < tokens)[None, :], other=0.0)
+            tl.store(activations + (state + r.to(tl.int64))[:, None] * width + w[None, :],
+                     tokens_of.to(activations.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def ahead_of(key, index):
+    """[n, n]: whether entry i (column) comes before entry j (row): a smaller key, or the same at a lower index."""
+    return (key[None, :] < key[:, None]) | ((key[None, :] == key[:, None]) & (index[None, :] < index[:, None]))
+
+
+@triton.jit
+def sample_bin(x, exponent, N_BINS: tl.constexpr):
+    """reservoir._bin: each context max's interval under W = 2^exponent (NaN and anything at or below 0: bin 0)."""
+    if N_BINS > 1:
+        scale = tl.minimum(-exponent, 126)  # never-fired units: finite
+        half = scale >> 1  # floor division
+        scaled = x * power_of_two(half) * power_of_two(scale - half)
+        y = tl.floor(scaled * N_BINS)
+        y = tl.where(y != y, 0.0, y)
+        return tl.minimum(tl.maximum(y, 0.0), N_BINS - 1).to(tl.int64)
+    else:
+        return tl.zeros(x.shape, tl.int64)

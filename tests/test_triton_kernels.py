@@ -141,8 +141,8 @@ def test_edge_values_count_alike(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_nan_activations_never_enter_a_list_and_make_the_extremes_nan(dtype: torch.dtype) -> None:
     """A NaN at a counted position makes its context's max and min NaN (torch's amax), so the context enters no
-    list, and makes its unit's sums NaN; firing counts leave it out. Without samples: the tensor backend's
-    samples cannot bin a NaN max (reservoir.candidates indexes out of range)."""
+    list or sample (and W does not grow in that batch), and makes its unit's sums NaN; firing counts leave it
+    out."""
     feed = []
     for i, (acts, view) in enumerate(batches(dtype, False)):
         acts = acts.clone()
@@ -150,7 +150,7 @@ def test_nan_activations_never_enter_a_list_and_make_the_extremes_nan(dtype: tor
             acts[1, 4, 5] = float("nan")
             acts[0, 2:4, 6] = float("nan")
         feed.append((acts, view))
-    got, want = harvest_both(dtype, LISTS_ONLY, feed)
+    got, want = harvest_both(dtype, NARROW, feed)
     assert_same_state(got, want)
     stats = got.statistics.finish()
     assert stats["max_activation"][5:7].isnan().all() and stats["sum_activation"][5:7].isnan().all()
@@ -193,6 +193,20 @@ def test_ties_go_to_the_first_position_and_the_lower_context() -> None:
             expected = sorted(rows)[:part.k]
             assert part.context_ids[unit].tolist() == [c for _, c, _ in expected], (name, unit)
             assert part.positions[unit].tolist() == [p for _, _, p in expected], (name, unit)
+
+
+@case
+@pytest.mark.parametrize("per", [1, 3])
+def test_samples_follow_a_range_growing_one_doubling_at_a_time(per: int) -> None:
+    """The samples' W doubles once, twice, then many times between batches (re-binning kept entries in place,
+    each bin keeping the smallest keys of the bins it merges), against the tensor backend; ties across bins."""
+    feed = []
+    for i, scale in enumerate([1.0, 2.0, 4.5, 9.5, 40.0, 41.0, 2000.0]):
+        acts, view = tied_batch(5, 12, 9, seed=i, first_id=20 * i)
+        acts = (acts + torch.rand(acts.shape, generator=torch.Generator().manual_seed(i)).round(decimals=1)) * scale
+        feed.append((acts, view))
+    settings = Settings(top_k=2, bottom_k=1, intervals=8, per_interval=per, random=per, histogram_every=3, seed=7)
+    assert_same_state(*harvest_both(torch.float32, settings, feed, units=9, width=12))
 
 
 @case
