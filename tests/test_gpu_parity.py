@@ -120,11 +120,10 @@ def test_the_triton_kernels_keep_the_cpu_tensor_backends_state(dtype: torch.dtyp
 
 @TRITON
 def test_the_triton_kernels_leave_nan_contexts_out_as_the_tensor_backend_does() -> None:
-    """A NaN among a context's counted tokens: its max and min are NaN, it enters no list (lists only: the tensor
-    backend's samples cannot bin a NaN max)."""
-    settings = Settings(top_k=4, bottom_k=3, intervals=0, per_interval=0, random=0, histogram_every=2, seed=7)
-    want = accumulators(Backend.TENSOR, "cpu", torch.bfloat16, settings)
-    got = accumulators(Backend.TRITON, "cuda", torch.bfloat16, settings)
+    """A NaN among a context's counted tokens: its max and min are NaN, it enters no list or sample, and W does not
+    grow in that batch."""
+    want = accumulators(Backend.TENSOR, "cpu", torch.bfloat16, SETTINGS[1])
+    got = accumulators(Backend.TRITON, "cuda", torch.bfloat16, SETTINGS[1])
     with torch.inference_mode():
         for i, (acts, view) in enumerate(batches(torch.bfloat16, False)):
             if i in (1, 3):
@@ -133,6 +132,26 @@ def test_the_triton_kernels_leave_nan_contexts_out_as_the_tensor_backend_does() 
             want.update(acts, view)
             got.update(acts.cuda(), on(view, "cuda"))
     assert_same_state(got, want)
+
+
+@TRITON
+def test_replayed_updates_never_wait_for_the_gpu() -> None:
+    """Once each batch shape has run and been recorded, an update only launches work: nothing in it reads a value
+    back from the GPU (torch's sync debug mode makes any such read an error)."""
+    got = accumulators(Backend.TRITON, "cuda", torch.bfloat16, SETTINGS[0])
+    feed = [(acts.cuda(), on(view, "cuda")) for acts, view in batches(torch.bfloat16, False)]
+    with torch.inference_mode():
+        for shift in (0, 1000, 2000):
+            if shift == 2000:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                for acts, view in feed:
+                    got.update(acts, BatchView(view.counted, view.first_counted, view.padded,
+                                               view.context_ids + shift, view.keys, view.n_counted))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    assert got.graphs.record and got.graphs._graphs, "no update was recorded as a CUDA graph"
 
 
 @pytest.fixture(scope="module")
