@@ -33,8 +33,9 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# Two test processes where pytest-xdist is installed, a module's tests kept in one (they share its fixtures).
-XDIST = $(shell $(BIN)/python -c "import xdist" 2>/dev/null && echo "-n 2 --dist loadfile")
+# Two test processes where pytest-xdist is installed, a module's tests kept in one (they share its fixtures), the
+# longest modules first (tests/conftest.py).
+XDIST = $(shell $(BIN)/python -c "import xdist" 2>/dev/null && echo "-n 2 --dist loadfile --no-loadscope-reorder")
 
 # Python's bytecode cache, where the environment turns it off: the test processes and their children would
 # otherwise compile every module again (several seconds a process).

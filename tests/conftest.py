@@ -12,10 +12,14 @@ import pytest
 from helpers.browser import launched, watched_page
 from helpers.synthetic_store import make_store
 
-# The longest modules first: pytest-xdist hands whole modules to its two processes in collection order, and one
-# started last would run on alone while the other process idles.
-LONGEST_FIRST = ("test_end_to_end.py", "test_features.py", "test_browser.py", "test_triton_kernels.py",
-                 "test_resume.py", "test_site.py", "test_scale_out.py", "test_ablation.py")
+# The longest modules first (measured: bench/RESULTS.md, "Fresh clone"), so that neither test process runs the last
+# long one alone at the end; pytest-xdist hands whole modules out in this order (the Makefile turns off its own
+# reordering by test count).
+LONGEST_FIRST = ("test_end_to_end.py", "test_triton_kernels.py", "test_features.py", "test_browser.py",
+                 "test_resume.py", "test_scale_out.py", "test_site.py", "test_harvest.py", "test_ablation.py",
+                 "test_relations_site.py", "test_security_inputs.py", "test_attention.py", "test_cli.py",
+                 "test_map.py", "test_export.py", "test_annotate.py", "test_dictionary_formats.py",
+                 "test_model_cache.py", "test_steer_serve.py", "test_security_server.py", "test_fuzz_parsers.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
