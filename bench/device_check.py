@@ -10,6 +10,8 @@ small sizes.
 
 Stages, in order (--only/--skip take stage names; each runs as a subprocess under its own time limit, and none
 starts when less of the budget is left than it needs):
+  goals     the goal rows first: a model shaped as SmolLM2-135M with all neurons, residual dimensions and a 16k SAE,
+            and a ~1B LLaMA's neurons with a 16k SAE, each at batch 64 and 256; ratios against each goal
   neurons   bench/harvest.py on a model shaped as SmolLM2-135M, all MLP neurons
   backends  neurons and residual dimensions at batch 64 and 256, each with the Triton kernels (CUDA's default where
             Triton imports) and with the fixed-shape tensor step in CUDA graphs (FEATUREATLAS_TRITON=0): ratios
@@ -55,17 +57,16 @@ class Sizes:
     compile: str              # bench/harvest.py's and harvest_whole.py's --compile
     sae_features: int
     sae_k: int
-    sae_layer: int
     whole: tuple[int, int, int, int]  # harvest_whole.py's --t1, --t2, --memory-tokens, --memory-factor
 
 
 FULL = Sizes(dtype="bfloat16", batch=64, batches=40, big_batches=20, compile="on", sae_features=16384, sae_k=32,
-             sae_layer=15, whole=(200_000, 600_000, 100_000, 10))
+             whole=(200_000, 600_000, 100_000, 10))
 SMALL = Sizes(dtype="float32", batch=8, batches=4, big_batches=2, compile="off", sae_features=256, sae_k=16,
-              sae_layer=1, whole=(1_000, 3_000, 1_000, 2))
+              whole=(1_000, 3_000, 1_000, 2))
 # name: (the most seconds it may run, the seconds it needs to be worth starting)
-STAGES = {"neurons": (150, 30), "backends": (120, 60), "wide": (120, 30), "whole": (240, 60), "profile": (90, 30),
-          "sae": (90, 30), "1b": (150, 45), "resid": (90, 30)}
+STAGES = {"goals": (420, 150), "neurons": (150, 30), "backends": (120, 60), "wide": (120, 30), "whole": (240, 60),
+          "profile": (90, 30), "sae": (90, 30), "1b": (150, 45), "resid": (90, 30)}
 BENCH_LINE = re.compile(r"^\s*(all batches|last \d+): bare forward\s+(\d+) tok/s \| harvest\s+(\d+) tok/s \| "
                         r"ratio harvest/bare ([\d.]+)", re.M)
 
@@ -139,11 +140,12 @@ class Bench:
         return self.made(shape, ["model", "--shape", shape, "--device", self.args.device, "--dtype", self.sizes.dtype,
                                  *(["--small"] if self.args.small else [])])
 
-    def sae(self) -> Path:
+    def sae(self, shape: str = "smollm2-135m") -> Path:
+        """A random top-k dictionary on a middle layer's residual stream of a model of `shape`."""
         s = self.sizes
-        d_in = 64 if self.args.small else 576
-        return self.made("sae", ["sae", "--d-in", str(d_in), "--d-sae", str(s.sae_features), "--k", str(s.sae_k),
-                                 "--hook", f"blocks.{s.sae_layer}.hook_resid_post"])
+        d_in, layer = SAE_SITES[shape][self.args.small]
+        return self.made(f"sae-{shape}", ["sae", "--d-in", str(d_in), "--d-sae", str(s.sae_features), "--k",
+                                          str(s.sae_k), "--hook", f"blocks.{layer}.hook_resid_post"])
 
     def harvest(self, rec: dict, model: Path, extra: list[str], batches: int, batch: int | None = None,
                 extra_env: dict[str, str] | None = None) -> None:
@@ -159,6 +161,44 @@ class Bench:
         rec["what"] = next((line for line in output.splitlines() if " batches of " in line), None)
         if rc != 0:
             raise StageFailed(f"bench/harvest.py exit {rc}")
+
+
+# The goal rows: (model shape, bench/harvest.py options besides the SAE, the goal ratio)
+GOALS = {"all units of SmolLM2-135M": ("smollm2-135m", ["--resid"], 0.90),
+         "1B LLaMA, all neurons and a 16k SAE": ("llama-1b", [], 0.95)}
+# (residual width, layer) of the dictionary on each shape, full size and --small
+SAE_SITES = {"smollm2-135m": {False: (576, 15), True: (64, 1)}, "llama-1b": {False: (2048, 8), True: (128, 1)}}
+
+
+def stage_goals(b: Bench, rec: dict) -> None:
+    """The goal rows on this device, with the default backend (the Triton kernels where Triton imports): all
+    neurons, (for SmolLM2's shape) residual dimensions and a 16k-feature SAE, at the usual batch and four times
+    it; the SAE's encode counts as part of the bare forward. A table of ratios against the goals."""
+    failed = []
+    for case, (shape, extra, goal) in GOALS.items():
+        try:
+            model, sae = b.model(shape), b.sae(shape)
+            for batch, batches in ((b.sizes.batch, max(b.sizes.batches // 2, 4)),
+                                   (4 * b.sizes.batch, max(b.sizes.batches // 6, 3))):
+                run = rec.setdefault(case, {}).setdefault(f"batch {batch}", {"goal": goal})
+                try:
+                    b.harvest(run, model, [*extra, "--sae", str(sae)], batches, batch=batch)
+                except StageFailed as err:
+                    failed.append(f"{case} at batch {batch}: {err}")
+        except StageFailed as err:
+            failed.append(f"{case}: {err}")
+        finally:
+            if shape == "llama-1b":
+                shutil.rmtree(b.work / shape, ignore_errors=True)  # gigabytes of scratch
+                b._made.pop(shape, None)
+    print("\n  case                                  batch  ratio all  ratio last  goal", flush=True)
+    for case, runs in rec.items():
+        for batch, run in runs.items():
+            last = next((v for k, v in run.items() if k.startswith("last ")), {})
+            print(f"  {case:<36}  {batch.split()[-1]:>5}  {run.get('all batches', {}).get('ratio', float('nan')):>9.3f}"
+                  f"  {last.get('ratio', float('nan')):>10.3f}  >= {run['goal']}", flush=True)
+    if failed:
+        raise StageFailed("; ".join(failed))
 
 
 def stage_neurons(b: Bench, rec: dict) -> None:
@@ -243,7 +283,7 @@ def stage_whole(b: Bench, rec: dict) -> None:
         raise StageFailed(f"bench/harvest_whole.py exit {rc}")
 
 
-STAGE_FUNCTIONS = {"neurons": stage_neurons, "backends": stage_backends,
+STAGE_FUNCTIONS = {"goals": stage_goals, "neurons": stage_neurons, "backends": stage_backends,
                    "wide": stage_wide, "whole": stage_whole, "profile": stage_profile,
                    "sae": stage_sae, "1b": stage_1b, "resid": stage_resid}
 

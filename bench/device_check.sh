@@ -51,7 +51,7 @@ if ! "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-comp
   echo "!! pip install of the package failed; linking the source folders into $SITE/featureatlas instead"
   rm -rf "$SITE/featureatlas" && mkdir -p "$SITE/featureatlas"
   for f in featureatlas/*; do ln -s "$PWD/$f" "$SITE/featureatlas/"; done
-  for part in load harvest store build export annotate serve site_templates; do
+  for part in load harvest store build export annotate serve explain site_templates; do
     ln -s "$PWD/$part" "$SITE/featureatlas/$part"
   done
 fi
