@@ -322,18 +322,18 @@ class _Context:
         for value in sources:
             if value in known or "=" not in value:
                 if value not in known:
-                    raise AnnotationError(f"{setting_name('source')} {value!r}: {self.store} has no such "
+                    raise AnnotationError(f"{setting_name('sources')} {value!r}: {self.store} has no such "
                                           f"source; it has "
                                           f"{describe_sources(self.table)}")
                 if self.default_source not in (None, value):
-                    raise AnnotationError(f"{setting_name('source')} {value!r}: a default source "
+                    raise AnnotationError(f"{setting_name('sources')} {value!r}: a default source "
                                           f"({self.default_source!r}) was "
-                                          "given already; map names with --source NAME=SOURCE")
+                                          f"given already; map names with {setting_name('sources')} NAME=SOURCE")
                 self.default_source = value
             else:
                 name, _, target = value.rpartition("=")
                 if target not in known:
-                    raise AnnotationError(f"{setting_name('source')} {value!r}: {self.store} has no source "
+                    raise AnnotationError(f"{setting_name('sources')} {value!r}: {self.store} has no source "
                                           f"{target!r}; it has "
                                           f"{describe_sources(self.table)}")
                 self.source_map[name.strip()] = target

@@ -99,7 +99,7 @@ def main() -> None:
         variants["co-occurrence"] = (Harvester(model, sources, replace(settings, cooccurrence=True),
                                                args.context_length, int(has_bos)), [])
     if args.heads:
-        with_heads = sources + head_sources(model, parse_layers(args.heads, model.config.num_hidden_layers, "--heads"))
+        with_heads = sources + head_sources(model, parse_layers(args.heads, model.config.num_hidden_layers, "heads"))
         variants["heads"] = (Harvester(model, with_heads, settings, args.context_length, int(has_bos)), [])
     for each, _ in variants.values():
         each.detach()

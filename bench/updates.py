@@ -48,7 +48,7 @@ def main() -> None:
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     model, tokenizer = load_model(resolve_model(args.model), torch.device("cpu"), torch.float32)
     has_bos = tokenizer.bos_token_id is not None
-    layers = parse_layers(args.layers, model.config.num_hidden_layers, "--layers")
+    layers = parse_layers(args.layers, model.config.num_hidden_layers)
     contexts = iter_contexts(iter_documents(embedded_corpus()), tokenizer, args.context_length,
                              2 * args.batches * args.batch_size * args.context_length, lambda d: None)
     batches = [b for b, _ in iter_batches(contexts, args.batch_size, has_bos, 0) if not b.padded][: args.batches]

@@ -110,7 +110,7 @@ def link_tree(source: Path, target: Path, site: Path) -> tuple[int, int]:
         for name in dirs + files:
             if (Path(folder) / name).is_symlink():
                 raise SiteError(f"{Path(folder) / name}: is a symbolic link; an earlier build writes none, so "
-                                "build without --incremental")
+                                f"build without {setting_name('incremental')}")
         destination = target / Path(folder).relative_to(source)
         destination.mkdir(parents=True, exist_ok=True)
         for name in files:

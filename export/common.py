@@ -33,8 +33,6 @@ from featureatlas.store.schema import StoreError, open_store
 from featureatlas.text import visible
 
 FORMATS = ("json", "neuronpedia")
-NEURONPEDIA_OPTIONS = {"model_id": "--neuronpedia-model-id", "set_name": "--neuronpedia-set",
-                       "creator_id": "--neuronpedia-creator-id", "batch_size": "--batch-size"}
 MARKER = ".featureatlas-export"  # lets --overwrite tell a previous export from a folder it must not delete
 CHUNK_UNITS = 2048  # at most this many units per bulk query
 CHUNK_BYTES = 24_000_000  # and about this much JSON text: memory per thread stays at a few hundred MB
@@ -284,7 +282,7 @@ def check_target(out_dir: Path, overwrite: bool) -> None:
         if any(out_dir.iterdir()) and not (out_dir / MARKER).is_file():
             raise UsageError(f"{out_dir}: is not empty and is not a featureatlas export, so "
                              f"{setting_name('overwrite')} will not "
-                             "delete it; choose another --out or empty it first")
+                             f"delete it; choose another {setting_name('out')} or empty it first")
     parent = out_dir.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -373,8 +371,7 @@ def export_store(store_path: Path, out_dir: Path, fmt: str = "json", sources: li
         from featureatlas.export.json_files import write_json as write
         unexpected = [name for name, value in options.items() if value is not None]
         if unexpected:
-            raise UsageError(f"{NEURONPEDIA_OPTIONS.get(unexpected[0], unexpected[0])} applies to "
-                             "--format neuronpedia only")
+            raise UsageError(f"{setting_name(unexpected[0])} applies to {setting_name('fmt')} neuronpedia only")
     else:
         from featureatlas.export.neuronpedia import check_options
         from featureatlas.export.neuronpedia import write_neuronpedia as write

@@ -154,7 +154,7 @@ class Checkpointer:
         if not self.path.is_file():
             raise UsageError(f"{self.path}: no checkpoint to resume from; run without {setting_name('resume')} "
                              f"(a checkpoint is "
-                             "written every --checkpoint-every tokens)")
+                             f"written every {setting_name('checkpoint_every')} tokens)")
         try:
             with safe_open(str(self.path), framework="pt", device="cpu") as f:
                 header = self._header(f.metadata() or {})

@@ -170,7 +170,8 @@ class Prober:
     def context_token_ids(self, context_id: int) -> list[int]:
         """A stored context's token ids (BOS included), if an example of this model shows it."""
         if self.store is None:
-            raise UsageError("no store to read contexts from: start with --store STORE (open_atlas in a notebook)")
+            raise UsageError(f"no store to read contexts from: start with {setting_name('store')} STORE "
+                             "(open_atlas in a notebook)")
         from featureatlas.store.schema import open_store
         con = open_store(self.store)
         try:
@@ -236,7 +237,7 @@ class Prober:
         """The n units of (source, layer) with the largest max over the text's counted tokens (ties: lower unit
         first)."""
         if n < 1:
-            raise UsageError("--top must be at least 1")
+            raise UsageError(f"{setting_name('top')} must be at least 1")
         name, layer = self.resolve_source(source, layer)
         ids = token_ids if token_ids is not None else self.token_ids(text)
         acts = self.activations(ids, [(name, layer)])[(name, layer)]
@@ -262,7 +263,7 @@ def load_prober(model: str | None = None, saes: list[str] | None = None, *, stor
         reopened = reopen_store(store, model_name=model_name, model=model, saes=list(saes or []), device=device)
         return Prober(reopened.model, reopened.tokenizer, reopened.run.model, reopened.sources, Path(store))
     if model is None:
-        raise UsageError("pass --model MODEL or --store STORE")
+        raise UsageError(f"pass {setting_name('model')} MODEL or {setting_name('store')} STORE")
     from featureatlas.harvest.config import HarvestConfig
     from featureatlas.harvest.run import build_sources
     from featureatlas.load.models import load_model, pick_device, pick_dtype, resolve_model

@@ -125,7 +125,7 @@ def rebuild_sources(con: duckdb.DuckDBPyConnection, store: Path, run: Run, model
             raise UsageError(f"{setting_name('saes')}: {source.dictionary.path} gives source {source.name} "
                              f"(layer {source.layer}), "
                              f"which this store does not hold (its dictionary sources: {held}); name it as the "
-                             "store does, --sae NAME=PATH")
+                             f"store does, {setting_name('saes')} NAME=PATH")
     sources = {}
     for name, layer, kind, hook_name, n_units in stored:
         source = built.get((name, layer))

@@ -61,10 +61,10 @@ def build_sources(model: torch.nn.Module, config: HarvestConfig, device: torch.d
     n_layers = len(blocks_of(backbone, model_type))
     sources = mlp_sources(backbone, model_type, parse_layers(config.layers, n_layers))
     if config.resid is not None:
-        sources += resid_sources(backbone, model_type, parse_layers(config.resid, n_layers, "--resid"),
+        sources += resid_sources(backbone, model_type, parse_layers(config.resid, n_layers, "resid"),
                                  model.config.hidden_size)
     if config.heads is not None:
-        sources += head_sources(model, parse_layers(config.heads, n_layers, "--heads"))
+        sources += head_sources(model, parse_layers(config.heads, n_layers, "heads"))
     named: list[tuple[str, Dictionary]] = []
     if config.saes:
         from featureatlas.load.dictionaries import load_dictionaries  # only a harvest with --sae needs it
@@ -83,7 +83,8 @@ def build_sources(model: torch.nn.Module, config: HarvestConfig, device: torch.d
             named.append((label, dictionary))
     sources += dictionary_sources(named, backbone, model_type, device)
     if not sources:
-        raise UsageError("nothing to harvest: --layers none and no --resid or --sae; ask for some units")
+        raise UsageError(f"nothing to harvest: {setting_name('layers')} none and no {setting_name('resid')} or "
+                         f"{setting_name('saes')}; ask for some units")
     check_widths(model, sources)
     return sources
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from featureatlas.errors import UsageError
+from featureatlas.errors import UsageError, setting_name
 from featureatlas.harvest.hooks import Hook, resolve_hook
 from featureatlas.load.architectures import architecture_of, neurons_of
 
@@ -84,8 +84,8 @@ def dictionary_sources(dictionaries: list[tuple[str, Dictionary]], backbone: tor
     return sources
 
 
-def parse_layers(spec: str | None, n_layers: int, option: str = "--layers") -> list[int]:
-    """'0,5,10-12' -> [0, 5, 10, 11, 12]; None or 'all' -> every layer."""
+def parse_layers(spec: str | None, n_layers: int, setting: str = "layers") -> list[int]:
+    """'0,5,10-12' -> [0, 5, 10, 11, 12]; None or 'all' -> every layer. setting: what errors name it."""
     if spec is None or spec.strip() in ("", "all"):
         return list(range(n_layers))
     if spec.strip() == "none":
@@ -97,9 +97,11 @@ def parse_layers(spec: str | None, n_layers: int, option: str = "--layers") -> l
             lo, _, hi = part.partition("-")
             first, last = int(lo), int(hi) if hi else int(lo)
         except ValueError:
-            raise UsageError(f"{option} {spec!r}: {part!r} is not a layer number or range like 10-12") from None
+            raise UsageError(f"{setting_name(setting)} {spec!r}: {part!r} is not a layer number or range like "
+                             "10-12") from None
         if not 0 <= first <= last < n_layers:
-            raise UsageError(f"{option} {spec!r}: {part!r} is out of range; this model has layers 0-{n_layers - 1}")
+            raise UsageError(f"{setting_name(setting)} {spec!r}: {part!r} is out of range; this model has layers "
+                             f"0-{n_layers - 1}")
         layers.update(range(first, last + 1))
     return sorted(layers)
 

@@ -107,7 +107,7 @@ def _rank(m: Mismatch) -> str:
 def verify(config: VerifyConfig) -> VerifyReport:
     """Sample, recompute, compare; the report lists every mismatch (an empty list: the store checks out)."""
     if config.sample < 0:
-        raise UsageError("--sample must be at least 0")
+        raise UsageError(f"{setting_name('sample')} must be at least 0")
     con = open_store(config.store)
     try:
         runs: dict[str, list[Run]] = defaultdict(list)  # merged stores may hold several runs of one model

@@ -54,7 +54,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from featureatlas.errors import SiteError, UsageError
+from featureatlas.errors import SiteError, UsageError, setting_name
 from featureatlas.net import is_loopback
 
 if TYPE_CHECKING:
@@ -454,8 +454,9 @@ def make_server(site_dir: Path, port: int = 8000, host: str = "127.0.0.1", probe
     if not (site_dir / "index.html").is_file():
         raise SiteError(f"{site_dir}: no index.html here; build a site first with `featureatlas build`")
     if not is_loopback(host) and not allow_remote:
-        raise UsageError(f"--host {host or repr(host)}: not a loopback address, so other machines could read the site "
-                         "and run the model; use --host 127.0.0.1, or add --allow-remote to serve it anyway")
+        raise UsageError(f"{setting_name('host')} {host or repr(host)}: not a loopback address, so other machines "
+                         f"could read the site and run the model; use {setting_name('host')} 127.0.0.1, or add "
+                         f"{setting_name('allow_remote')} to serve it anyway")
     root = os.path.realpath(site_dir)
     handler_class = type("Handler", (_Handler,), {"prober": prober, "site_root": root, "timeout": timeout,
                                                   "slots": threading.BoundedSemaphore(MAX_AT_ONCE)})
@@ -463,7 +464,8 @@ def make_server(site_dir: Path, port: int = 8000, host: str = "127.0.0.1", probe
     try:
         server = server_class((host, port), functools.partial(handler_class, directory=root), max_connections)
     except OSError as err:
-        raise SiteError(f"{host}:{port}: cannot listen ({err.strerror}); choose another --port") from None
+        raise SiteError(f"{host}:{port}: cannot listen ({err.strerror}); choose another {setting_name('port')}"
+                        ) from None
     handler_class.hosts = _Hosts(host, server.server_address[1], str(server.server_address[0]))
     return server
 

@@ -144,7 +144,7 @@ def _families(parts: list[Part]) -> list[Family]:
                 model, source, layer = sorted(overlap)[0]
                 raise StoreError(f"{b.first.path}: holds {source} layer {layer} of {model} like {a.first.path}, but "
                                  f"their runs differ in {_difference(a.first, b.first)}; only shards of one run merge "
-                                 "(same model, tokenizer and options, different --shard)")
+                                 "(same model, tokenizer and options; `featureatlas harvest --shard` parts)")
     return result
 
 

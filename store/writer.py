@@ -35,7 +35,7 @@ def check_writable_target(path: Path) -> None:
         os.unlink(probe)
     except OSError as err:
         raise StoreError(f"{path}: cannot create files in folder {parent} ({err.strerror}); choose another "
-                         "--out") from None
+                         f"{setting_name('out')}") from None
 
 
 class StoreWriter:

@@ -376,8 +376,8 @@ def test_unreadable_inputs(store: Path, tmp_path: Path) -> None:
 
 def test_bad_options(store: Path, tmp_path: Path) -> None:
     notes = write(tmp_path / "n.csv", "unit,text\nmlp/1/1,x\n")
-    for kwargs, message in [({"sources": ["sae:nope"]}, "source 'sae:nope': .* has no such source; it has mlp"),
-                            ({"sources": ["a=sae:nope"]}, "source 'a=sae:nope': .* has no source 'sae:nope'"),
+    for kwargs, message in [({"sources": ["sae:nope"]}, "sources 'sae:nope': .* has no such source; it has mlp"),
+                            ({"sources": ["a=sae:nope"]}, "sources 'a=sae:nope': .* has no source 'sae:nope'"),
                             ({"sources": ["mlp", "resid"]}, "a default source \\('mlp'\\) was given already"),
                             ({"model": "other"}, "model 'other': .* holds no such model; it holds 'm'"),
                             ({"author": " "}, "author ' ': give a name of 1 to 200 characters")]:
@@ -509,6 +509,8 @@ def test_cli(store: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None
                    "not hold"]
     assert main(["annotate", str(store), "--explanations", str(notes), "--skip-unknown"]) == 0
     assert "skipped 1 for units not in the store" in capsys.readouterr().out
+    assert main(["annotate", str(store), "--explanations", str(notes), "--source", "sae:nope"]) == 2
+    assert "error: --source 'sae:nope': " in capsys.readouterr().err  # the library's `sources`, as its flag
     delphi = delphi_run(tmp_path)
     assert main(["annotate", str(store), "--explanations", str(delphi), "--source", "sae:res"]) == 0
     assert capsys.readouterr().out.startswith("added 2 explanations of 2 units from run1/explanations to")

@@ -359,3 +359,32 @@ def test_the_command_line_starts_without_the_model_libraries() -> None:
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_library_errors_spell_no_flags() -> None:
+    """The library's own error messages name settings (setting_name), never a command line's flags: a notebook
+    user has no flags, and the command line maps each setting to its own. Text in backquotes (a whole command to
+    run, e.g. `featureatlas harvest --shard ...`) is left alone; errors that are not FeatureAtlasErrors too."""
+    import ast
+    import re
+
+    from featureatlas import errors
+
+    ours = {name for name, value in vars(errors).items()
+            if isinstance(value, type) and issubclass(value, errors.FeatureAtlasError)}
+    ours |= {"CorpusError", "DictionaryError", "AnnotationError", "ModelLoadError", "SiteError", "StoreError"}
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for folder in ("harvest", "load", "store", "build", "export", "annotate", "explain", "serve"):
+        for path in sorted((root / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)):
+                    continue
+                name = getattr(node.exc.func, "id", getattr(node.exc.func, "attr", ""))
+                if name not in ours or not node.exc.args:
+                    continue
+                text = "".join(part.value for part in ast.walk(node.exc.args[0])
+                               if isinstance(part, ast.Constant) and isinstance(part.value, str))
+                if re.search(r"(?<![\w-])--[a-z]", re.sub(r"`[^`]*`", "", text)):
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: {text[:80]!r}")
+    assert not found, "\n".join(found)

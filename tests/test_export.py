@@ -265,7 +265,7 @@ def test_filters(store: Path, tmp_path: Path) -> None:
     ({"layers": "3-1"}, "is not a range of layers"),
     ({"layers": "0,7"}, "layer(s) 7 not in the store; it has layers 0-1"),
     ({"sources": ["sae:res"], "layers": "0"}, "layer(s) 0 not in the store for these sources; it has layers 1"),
-    ({"set_name": "x"}, "--neuronpedia-set applies to --format neuronpedia only"),
+    ({"set_name": "x"}, "set_name applies to fmt neuronpedia only"),
     ({"fmt": "neuronpedia", "set_name": "x"}, "set_name names one source set, but 3 sources"),
     ({"fmt": "neuronpedia", "model_id": "a/b"}, "model_id 'a/b': use letters, digits"),
     ({"fmt": "neuronpedia", "batch_size": 0}, "batch_size 0"),
@@ -459,6 +459,8 @@ def test_cli(store: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None
                    "another --out"]
     assert main(["export", str(store), "--out", str(out), "--layers", "9"]) == 2
     assert "layer(s) 9 not in the store" in capsys.readouterr().err
+    assert main(["export", str(store), "--out", str(tmp_path / "other"), "--neuronpedia-set", "x"]) == 2
+    assert "error: --neuronpedia-set applies to --format neuronpedia only" in capsys.readouterr().err
 
     np_dir = tmp_path / "np"
     assert main(["export", str(store), "--format", "neuronpedia", "--out", str(np_dir), "--source", "sae:res",
