@@ -6,6 +6,7 @@ subtracted, a head's slice of z zeroed, each at one position only; then the same
 from __future__ import annotations
 
 import json
+import re
 import threading
 import urllib.error
 import urllib.request
@@ -362,6 +363,11 @@ def test_hovering_a_token_after_the_max_shows_the_effect(harvested, site, served
             expect(page.locator("#tip")).to_contain_text(line)
             shown = float(page.locator("#tip").inner_text().split(line)[1].split()[0])
             assert shown == pytest.approx(first, rel=1e-2, abs=1e-5)
+            if url.startswith("file:"):  # the page's JSON download carries them too
+                with page.expect_download() as download:
+                    page.get_by_role("link", name=re.compile("Download this unit")).click()
+                data = json.loads(Path(download.value.path()).read_text())
+                assert data["examples"][0]["ablation_effects"][0] == pytest.approx(first, rel=1e-2, abs=1e-5)
             page.locator("#top .ex").first.locator(".ctx > b.m").hover()  # the max itself: no such line
             expect(page.locator("#tip")).not_to_contain_text(line)
         buttons = page.get_by_role("button", name="Ablation effects")  # served: the other examples offer it

@@ -4,6 +4,7 @@ projection taken by hand, each context run alone; the store's rows, and a head's
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -404,6 +405,13 @@ def test_a_heads_page_shows_where_it_looked_with_tooltips(page: object, site: Pa
     assert float(match.group(1)) == pytest.approx(weights[strongest], rel=1e-2)  # three significant digits
     assert float(match.group(2)) == pytest.approx(shares[strongest], rel=1e-2)  # three significant digits
     assert "a9" in tokens.nth(strongest - lo).get_attribute("class").split()  # the darkest shade
+    with page.expect_download() as download:  # type: ignore[attr-defined]
+        page.get_by_role("link", name=re.compile("Download this unit")).click()  # type: ignore[attr-defined]
+    attribution = json.loads(Path(download.value.path()).read_text())["examples"][0]["attribution"]
+    assert attribution["kind"] == "attention" and len(attribution["weights"]) == position + 1 - lo
+    for got, want in ((attribution["weights"], weights), (attribution["shares_of_the_write"], shares)):
+        want = np.asarray(want[lo:position + 1])  # 16-bit codes: within a 32,767th of the largest
+        np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-3 * float(np.abs(want).max()))
     assert page.problems == [] and page.evaluate("window.__problems") == []  # type: ignore[attr-defined]
     violations = [f"{v['id']} ({v['impact']}): {v['nodes'][0]['target']}" for v in Axe().run(page).response[
         "violations"] if v["impact"] in ("serious", "critical")]

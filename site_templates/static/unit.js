@@ -298,13 +298,24 @@
 
   /* What the page shows of the unit, as the JSON a reader downloads. */
   function unitJSON(meta, shard, unit) {
-    var ctxOf = function (ex, kind) {
+    var ctxOf = function (ex, kind, rank) {
       var ctx = shard.ctx[ex[0]], acts = FA.decodeActivations(ex[4]), tokens = [];
       var indices = FA.contextTokens(shard, ex[0]);
       for (var i = 0; i < acts.length; i++) tokens.push(shard.toks[indices[ex[1] + i - ctx[2]]]);
       var out = { kind: kind, max_activation: ex[3], max_position: ex[2], first_position: ex[1],
                   document: shard.docs[ctx[0]], start_token: ctx[1], tokens: tokens, activations: acts };
       if (kind === "quantile") out.interval = [ex[5], ex[6]];
+      var at = ex[ex.length - 1];  // attributions (attention.js), from the first shown token to the max token
+      if (at && typeof at === "object" && !Array.isArray(at) && typeof at.s === "string") {
+        out.attribution = typeof at.w === "string" ?
+          { kind: "attention", weights: FA.decodeActivations(at.w), shares_of_the_write: FA.decodeActivations(at.s),
+            before_shown: { weight: (at.b || [])[0], share: (at.b || [])[1] } } :
+          { kind: "direct feature attribution", contributions: FA.decodeActivations(at.s), constant: at.c,
+            before_shown: (at.b || [])[1] };
+      }
+      if (kind === "top" && unit.ab && unit.ab[rank]) {  // ablation.js: each following token's change in log p
+        out.ablation_effects = FA.decodeActivations(unit.ab[rank]);
+      }
       return out;
     };
     var logits = function (rows) {
@@ -320,7 +331,9 @@
       });
     };
     var s = unit.s, examples = [];
-    KINDS.forEach(function (k) { (unit.ex[k] || []).forEach(function (ex) { examples.push(ctxOf(ex, k)); }); });
+    KINDS.forEach(function (k) {
+      (unit.ex[k] || []).forEach(function (ex, rank) { examples.push(ctxOf(ex, k, rank)); });
+    });
     return {
       format: "featureatlas.page-unit", version: 1, model: meta.model, source: meta.source, layer: meta.layer,
       unit: unit.u, note: "What this page shows: examples are windows around their max token; " +
