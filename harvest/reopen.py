@@ -74,8 +74,9 @@ def dictionary_specs(con: duckdb.DuckDBPyConnection, model: str, saes: list[str]
     source and the fix. Cheap: call it before loading any model, so a moved folder costs seconds, not minutes."""
     claimed = {_spec_label(spec) for spec in saes}  # a folder of several gives NAME/SUBFOLDER labels
     specs = list(saes)
-    for source, layer, path in con.execute(
-            "SELECT source, min(layer), dictionary_path FROM sources WHERE model = ? AND dictionary_path IS NOT NULL "
+    for source, layer, path, hooks in con.execute(
+            "SELECT source, min(layer), dictionary_path, list(DISTINCT hook_name) FILTER (WHERE dictionary_format = "
+            "'gemma_scope' AND kind = 'sae') FROM sources WHERE model = ? AND dictionary_path IS NOT NULL "
             "GROUP BY source, dictionary_path ORDER BY source", [model]).fetchall():
         label = source.split(":", 1)[1]
         if any(label == c or label.startswith(c + "/") for c in claimed):
@@ -83,7 +84,8 @@ def dictionary_specs(con: duckdb.DuckDBPyConnection, model: str, saes: list[str]
         if not Path(path).exists():
             raise UsageError(f"source {source} (layer {layer}): its dictionary folder {path} is gone; pass "
                              f"{setting_name('saes')} {label}=PATH with the folder's new place")
-        specs.append(f"{label}={path}")
+        # a Gemma Scope SAE reads the hook it was harvested on, whether or not its folder's place says it (@HOOK)
+        specs.append(f"{label}={path}" + (f"@{hooks[0]}" if hooks and len(hooks) == 1 else ""))
     return specs
 
 

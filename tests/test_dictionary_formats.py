@@ -655,3 +655,14 @@ def test_harvest_reads_gemma_and_llama_scope_folders(tmp_path: Path, monkeypatch
         for unit, n, top in stored:
             if n:
                 assert math.isclose(top, max(float(f[:, unit].max()) for f in features), rel_tol=1e-4), (source, unit)
+    # Reopened from the store alone (verify, probe, serve): the Gemma Scope folder's hook comes from the store
+    con.close()
+    from featureatlas.harvest.config import VerifyConfig
+    from featureatlas.harvest.reopen import dictionary_specs
+    from featureatlas.harvest.verify import verify
+
+    with duckdb.connect(str(store), read_only=True) as con:
+        specs = dictionary_specs(con, con.execute("SELECT model FROM runs").fetchone()[0], [])
+    assert f"gs={gemma}@blocks.1.hook_resid_post" in specs and not any("@" in s for s in specs if "gs=" not in s)
+    report = verify(VerifyConfig(store=store, sample=30, device="cpu", progress=False))
+    assert report.mismatches == [] and report.n_examples > 0
