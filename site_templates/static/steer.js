@@ -47,13 +47,10 @@
   function labelled(id, text, control) {
     var label = el("label", null, text);
     label.htmlFor = id;
-    label.style.display = "block";
-    label.style.fontWeight = "600";
     control.id = id;
-    var row = el("div");
+    var row = el("div", "field");
     row.appendChild(label);
     row.appendChild(control);
-    row.style.marginBottom = ".5rem";
     return row;
   }
 
@@ -64,19 +61,14 @@
     box.rows = 2;
     box.maxLength = 2000;
     box.value = promptText;
-    box.style.width = "100%";
     var slider = el("input");
     slider.type = "range";
     slider.min = String(-range);
     slider.max = String(range);
     slider.step = String(step);
     slider.value = String(Number((Math.round((4 * scale) / step) * step).toPrecision(6)));  // four times the max
-    slider.style.width = "min(24rem, 100%)";
-    slider.style.verticalAlign = "middle";
     var shown = el("output");
     shown.htmlFor = "steer-strength";
-    shown.style.marginLeft = ".6rem";
-    shown.style.fontVariantNumeric = "tabular-nums";
     var showStrength = function () {
       shown.textContent = FA.signed(Number(slider.value)) + " (" + fmt(Number(slider.value) / scale, 3) +
         "\u00d7 the max)";
@@ -90,19 +82,17 @@
     newTokens.min = "1";
     newTokens.max = String(MAX_NEW_TOKENS);
     newTokens.value = "30";
-    newTokens.style.width = "5rem";
     var rows = [labelled("steer-text", "Prompt", box), strengthRow, labelled("steer-new", "New tokens", newTokens)];
     var clamp = null;
     if (meta.noun === "Feature") {  // a dictionary feature's activation can be set instead of added to
       clamp = el("input");
       clamp.type = "checkbox";
-      var clampRow = el("div"), clampLabel = el("label", null, " Clamp: set the feature's activation to the " +
+      var clampRow = el("div", "field"), clampLabel = el("label", null, " Clamp: set the feature's activation to the " +
         "strength instead of adding its direction");
       clamp.id = "steer-clamp";
       clampLabel.htmlFor = "steer-clamp";
       clampRow.appendChild(clamp);
       clampRow.appendChild(clampLabel);
-      clampRow.style.marginBottom = ".5rem";
       rows.push(clampRow);
     }
     var run = el("button", "button", "Steer " + meta.noun.toLowerCase() + " " + unit.u);
@@ -128,20 +118,14 @@
 
   /* The two continuations in columns, after the prompt (all of it text: set with textContent). */
   function drawContinuations(out, result) {
-    out.style.display = "grid";
-    out.style.gridTemplateColumns = "repeat(auto-fit, minmax(16rem, 1fr))";
-    out.style.gap = ".5rem 1.5rem";
     var pushed = result.mode === "clamp" ? "clamped to " + fmt(result.strength) : "strength " +
       FA.signed(result.strength);
     [["steer-unsteered", "Unsteered", result.unsteered], ["steer-steered", "Steered (" + pushed + ")",
                                                           result.steered]].forEach(function (column) {
       var figure = el("figure");
-      figure.style.margin = "0";
       figure.appendChild(el("figcaption", "meta", column[1]));
       var text = el("p");
       text.id = column[0];
-      text.style.whiteSpace = "pre-wrap";
-      text.style.overflowWrap = "anywhere";
       text.appendChild(el("span", "muted", result.prompt));
       text.appendChild(el("span", null, column[2]));
       figure.appendChild(text);
