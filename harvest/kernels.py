@@ -1,12 +1,13 @@
 """The TRITON backend's per-layer update (accumulators.py): one fused read of the activations, then merges of the
-few contexts that can enter a list, both as Triton kernels (triton_kernels.py) on the device.
+few contexts that can enter a list or a sample, all as Triton kernels (triton_kernels.py) on the device.
 
 The tensor forms read a layer's activations several times a batch (the reduction, the histogram's columns, the
 fixed-shape merges' gathers) and merge every unit's list every batch in fixed shapes. Here `fused_pass` reads them
 once for each context's max and min with their first positions, each unit's sums and firing count, the histogram
 of the sampled contexts, and the short lists of candidates: the contexts whose score beats their unit's k-th kept
-score, compared on the device. `merge` then touches only units with candidates. Nothing waits for the host, so
-the GRAPHS machinery replays the whole update as one CUDA graph.
+score, compared on the device. `merge` then touches only units with candidates, and `merge_samples` ranks only
+the contexts that fire and beat their bin's largest kept key. Nothing waits for the host, so the GRAPHS machinery
+replays the whole update as one CUDA graph.
 
 Triton is imported at first use, never at import: without it (CPU-only installs), or on a CPU without Triton's
 interpreter, `runs_on` is False and the backend runs the fixed-shape tensor step instead. TRITON_INTERPRET=1 runs
