@@ -208,8 +208,12 @@ def _merge_family(con: duckdb.DuckDBPyConnection, family: Family, run_id: int) -
     # (each holds its top k, not every count), so a merge leaves them out.
     _merge_optional(con, family, "t_neighbours", "model, source, layer, unit, kind, rank", "kind <> 'cooccurrence'")
     _merge_optional(con, family, "t_layout", "model, source, layer, unit, kind")
-    _merge_ablations(con, family)
-    _merge_attributions(con, family)
+    example = ["model", "source", "layer", "unit", "context_id"]
+    # ablation effects of top examples; attributions of a head's examples of any kind and a dictionary's top ones,
+    # as a single run writes them (harvest/ablation.py, harvest/attention.py)
+    _merge_per_example(con, family, "t_ablations", example, "e.example_kind = 'top'")
+    _merge_per_example(con, family, "t_attributions", [*example, "position"],
+                       "(x.kind = 'head' OR e.example_kind = 'top')")
     _merge_run(con, family, run_id)
 
 
@@ -294,11 +298,16 @@ def _resample(con: duckdb.DuckDBPyConnection, examples: str, kind: str, key: str
                      "hi": pa.array(hi[keep], from_pandas=True) if n_bins > 1 else pa.nulls(len(keep), pa.float32())})
 
 
+def _parts_with(con: duckdb.DuckDBPyConnection, family: Family, table: str) -> list:
+    """The parts whose store has `table` (the optional tables are absent from older stores)."""
+    return [p for p in family.parts
+            if con.execute("SELECT count(*) FROM duckdb_tables() WHERE database_name = ? AND table_name = ?",
+                           [p.alias, table]).fetchall()[0][0]]
+
+
 def _merge_optional(con: duckdb.DuckDBPyConnection, family: Family, table: str, key: str, where: str = "") -> None:
-    """Rows of an optional table (absent from older stores) from every part that has it, each `key` once."""
-    with_table = [p for p in family.parts
-                  if con.execute("SELECT count(*) FROM duckdb_tables() WHERE database_name = ? AND table_name = ?",
-                                 [p.alias, table]).fetchall()[0][0]]
+    """Rows of an optional table from every part that has it, each `key` once."""
+    with_table = _parts_with(con, family, table)
     if not with_table:
         return
     clause = f" WHERE {where}" if where else ""
@@ -308,46 +317,24 @@ def _merge_optional(con: duckdb.DuckDBPyConnection, family: Family, table: str, 
                     WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE {match})""")
 
 
-def _merge_ablations(con: duckdb.DuckDBPyConnection, family: Family) -> None:
-    """Ablation effects of the top examples the merge keeps (each computed by the shard that found the example),
-    their context ids shifted as the examples' are."""
-    with_table = [p for p in family.parts
-                  if con.execute("SELECT count(*) FROM duckdb_tables() WHERE database_name = ? AND table_name = ?",
-                                 [p.alias, "t_ablations"]).fetchall()[0][0]]
+def _merge_per_example(con: duckdb.DuckDBPyConnection, family: Family, table: str, key: list[str], kept: str
+                       ) -> None:
+    """Rows of an optional table about examples (at their max position), for the examples the merge keeps (`kept`:
+    which of them, in SQL on the example e and the row x), each computed by the shard that found the example,
+    their context ids shifted as the examples' are; each `key` once."""
+    with_table = _parts_with(con, family, table)
     if not with_table:
         return
     offset = family.context_offset
-    union = " UNION ALL ".join(f"SELECT * REPLACE (context_id + {offset} AS context_id) FROM {p.alias}.t_ablations"
+    union = " UNION ALL ".join(f"SELECT * REPLACE (context_id + {offset} AS context_id) FROM {p.alias}.{table}"
                                for p in with_table)
-    con.execute(f"""INSERT INTO t_ablations
-        SELECT DISTINCT ON (model, source, layer, unit, context_id) * FROM ({union}) x
-        WHERE EXISTS (SELECT 1 FROM t_examples e WHERE e.example_kind = 'top' AND e.model = x.model
-                      AND e.source = x.source AND e.layer = x.layer AND e.unit = x.unit
-                      AND e.context_id = x.context_id AND e.max_position = x.position)
-          AND NOT EXISTS (SELECT 1 FROM t_ablations t WHERE t.model = x.model AND t.source = x.source
-                          AND t.layer = x.layer AND t.unit = x.unit AND t.context_id = x.context_id)""")
-
-
-def _merge_attributions(con: duckdb.DuckDBPyConnection, family: Family) -> None:
-    """Attributions of the examples the merge keeps (a head's of any kind, a dictionary's top ones, as a single
-    run writes them: harvest/attention.py), each computed by the shard that found the example, their context ids
-    shifted as the examples' are."""
-    with_table = [p for p in family.parts
-                  if con.execute("SELECT count(*) FROM duckdb_tables() WHERE database_name = ? AND table_name = ?",
-                                 [p.alias, "t_attributions"]).fetchall()[0][0]]
-    if not with_table:
-        return
-    offset = family.context_offset
-    union = " UNION ALL ".join(f"SELECT * REPLACE (context_id + {offset} AS context_id) FROM {p.alias}.t_attributions"
-                               for p in with_table)
-    con.execute(f"""INSERT INTO t_attributions
-        SELECT DISTINCT ON (model, source, layer, unit, context_id, position) * FROM ({union}) x
+    match = " AND ".join(f"t.{c} = x.{c}" for c in key)
+    con.execute(f"""INSERT INTO {table}
+        SELECT DISTINCT ON ({", ".join(key)}) * FROM ({union}) x
         WHERE EXISTS (SELECT 1 FROM t_examples e WHERE e.model = x.model AND e.source = x.source
                       AND e.layer = x.layer AND e.unit = x.unit AND e.context_id = x.context_id
-                      AND e.max_position = x.position AND (x.kind = 'head' OR e.example_kind = 'top'))
-          AND NOT EXISTS (SELECT 1 FROM t_attributions t WHERE t.model = x.model AND t.source = x.source
-                          AND t.layer = x.layer AND t.unit = x.unit AND t.context_id = x.context_id
-                          AND t.position = x.position)""")
+                      AND e.max_position = x.position AND {kept})
+          AND NOT EXISTS (SELECT 1 FROM {table} t WHERE {match})""")
 
 
 def _merge_run(con: duckdb.DuckDBPyConnection, family: Family, run_id: int) -> None:

@@ -25,17 +25,11 @@ from featureatlas.harvest.heads import head_sources
 from featureatlas.harvest.sources import dictionary_sources, mlp_sources, resid_sources
 from featureatlas.load.dictionaries import load_dictionaries
 
-from helpers.tiny_models import HIDDEN, saelens_sae, save_tiny_model
+from helpers.tiny_models import HIDDEN, one_thread, saelens_sae, save_tiny_model
 
 pytestmark = pytest.mark.model
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matrices gain nothing from threads, and lose a lot when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+torch_on_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 CONTEXTS = [[0, 5, 9, 14, 3, 22, 7, 40, 41], [0, 17, 2, 99, 150, 6, 8, 23, 11], [0, 64, 12, 12, 201, 7]]
@@ -337,12 +331,9 @@ def test_the_site_shows_stored_effects_of_the_window(harvested, site) -> None:
 
 
 @pytest.mark.browser
-def test_hovering_a_token_after_the_max_shows_the_effect(harvested, site, served) -> None:
+def test_hovering_a_token_after_the_max_shows_the_effect(harvested, site, served, page) -> None:
     """From the shard on a static page (file://); asked of the server on a served page whose store has none."""
-    from helpers.browser import CHROMIUM, LAUNCH_ARGS, require_browser
-
-    require_browser()
-    from playwright.sync_api import expect, sync_playwright
+    from helpers.browser import assert_clean, expect
 
     with duckdb.connect(str(harvested["store"]), read_only=True) as con:
         unit, context_id = con.execute("""SELECT unit, context_id FROM examples WHERE source = 'mlp' AND layer = 1
@@ -350,32 +341,25 @@ def test_hovering_a_token_after_the_max_shows_the_effect(harvested, site, served
     first = float(stored(harvested["store"])[("mlp", 1, unit, context_id)][1][0])
     folder = next(site.glob("*/mlp/1")).relative_to(site).as_posix()
     line = "ablating the max token changes log p(this token) by "
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
-        page = browser.new_page()
-        errors: list[str] = []
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        for url in ((site / folder / "unit.html").as_uri() + f"#{unit}", f"{served['base']}{folder}/unit.html#{unit}"):
-            page.goto(url)
-            after = page.locator("#top .ex").first.locator(".ctx > b.m + b")
-            after.hover()
-            expect(page.locator("#tip")).to_contain_text(line)
-            shown = float(page.locator("#tip").inner_text().split(line)[1].split()[0])
-            assert shown == pytest.approx(first, rel=1e-2, abs=1e-5)
-            if url.startswith("file:"):  # the page's JSON download carries them too
-                with page.expect_download() as download:
-                    page.get_by_role("link", name=re.compile("Download this unit")).click()
-                data = json.loads(Path(download.value.path()).read_text())
-                assert data["examples"][0]["ablation_effects"][0] == pytest.approx(first, rel=1e-2, abs=1e-5)
-            page.locator("#top .ex").first.locator(".ctx > b.m").hover()  # the max itself: no such line
-            expect(page.locator("#tip")).not_to_contain_text(line)
-        buttons = page.get_by_role("button", name="Ablation effects")  # served: the other examples offer it
-        assert buttons.count() >= 1
-        buttons.first.click()
-        expect(page.get_by_text("ablation effects: hover a token after the max")).to_have_count(2)
-        browser.close()
-    assert errors == []
+    for url in ((site / folder / "unit.html").as_uri() + f"#{unit}", f"{served['base']}{folder}/unit.html#{unit}"):
+        page.goto(url)
+        after = page.locator("#top .ex").first.locator(".ctx > b.m + b")
+        after.hover()
+        expect(page.locator("#tip")).to_contain_text(line)
+        shown = float(page.locator("#tip").inner_text().split(line)[1].split()[0])
+        assert shown == pytest.approx(first, rel=1e-2, abs=1e-5)
+        if url.startswith("file:"):  # the page's JSON download carries them too
+            with page.expect_download() as download:
+                page.get_by_role("link", name=re.compile("Download this unit")).click()
+            data = json.loads(Path(download.value.path()).read_text())
+            assert data["examples"][0]["ablation_effects"][0] == pytest.approx(first, rel=1e-2, abs=1e-5)
+        page.locator("#top .ex").first.locator(".ctx > b.m").hover()  # the max itself: no such line
+        expect(page.locator("#tip")).not_to_contain_text(line)
+    buttons = page.get_by_role("button", name="Ablation effects")  # served: the other examples offer it
+    assert buttons.count() >= 1
+    buttons.first.click()
+    expect(page.get_by_text("ablation effects: hover a token after the max")).to_have_count(2)
+    assert_clean(page)
 
 
 def test_a_server_without_a_store_says_so(harvested) -> None:

@@ -8,19 +8,7 @@ import torch
 
 from featureatlas.harvest.cooccurrence import CoOccurrence
 
-
-def brute_force(firing: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """firing [tokens, n] bool -> each feature's k nearest by Jaccard (ties: lower feature first)."""
-    f = firing.astype(np.int64)
-    both = f.T @ f
-    either = f.sum(0)[:, None] + f.sum(0)[None, :] - both
-    n = firing.shape[1]
-    index, score = np.full((n, k), -1), np.zeros((n, k))
-    for a in range(n):
-        partners = [(-(both[a, b] / either[a, b]), b) for b in range(n) if b != a and both[a, b] > 0]
-        for r, (s, b) in enumerate(sorted(partners)[:k]):
-            index[a, r], score[a, r] = b, -s
-    return index, score
+from helpers.reference import nearest_by_jaccard
 
 
 @pytest.mark.parametrize("flush", [10**9, 50])  # merged once at the end, and many times along the way
@@ -37,7 +25,7 @@ def test_counts_and_nearest_are_exact(flush: int) -> None:
         seen.append((acts > 0) & counted[:, None])
     firing = np.concatenate(seen)
     index, score = acc.nearest(k)
-    want_index, want_score = brute_force(firing, k)
+    want_index, want_score = nearest_by_jaccard(firing, k)
     assert acc.complete and acc.firing.tolist() == firing.sum(0).tolist()
     assert index.tolist() == want_index.tolist()
     np.testing.assert_allclose(score.numpy(), want_score, rtol=1e-6)

@@ -22,6 +22,7 @@ from featureatlas.export.neuronpedia import neuronpedia_id
 from featureatlas.slugs import unique_slugs
 from featureatlas.store.schema import StoreError
 
+from helpers.stores import query
 from helpers.synthetic_store import (
     BOS,
     DEAD_FEATURE,
@@ -100,14 +101,6 @@ def np_out(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def sql(store: Path, query: str, params: list | None = None) -> list[tuple]:
-    con = duckdb.connect(str(store), read_only=True)
-    try:
-        return con.execute(query, params or []).fetchall()
-    finally:
-        con.close()
-
-
 def unit_file(out: Path, source: str, layer: int, unit: int) -> dict:
     model_slug = unique_slugs([MODEL])[MODEL]
     return json.loads((out / model_slug / unique_slugs(["mlp", "resid", "sae:res"])[source] / str(layer)
@@ -128,7 +121,7 @@ def test_json_layout_and_index(store: Path, json_out: Path) -> None:
     index = json.loads((json_out / "index.json").read_text(encoding="utf-8"))
     assert (index["format"], index["version"]) == ("featureatlas.index", 1)
     assert (index["unit_format"], index["unit_version"]) == ("featureatlas.unit", 1)
-    counts = {(s, layer): n for s, layer, n in sql(store, "SELECT source, layer, count(*) FROM units GROUP BY ALL")}
+    counts = {(s, layer): n for s, layer, n in query(store, "SELECT source, layer, count(*) FROM units GROUP BY ALL")}
     assert index["n_units"] == sum(counts.values()) == 300
     [model] = index["models"]
     assert model["model"] == MODEL and model["slug"] == unique_slugs([MODEL])[MODEL]
@@ -143,7 +136,7 @@ def test_json_layout_and_index(store: Path, json_out: Path) -> None:
     sae_layer = next(s for s in model["sources"] if s["source"] == "sae:res")["layers"][0]
     assert sae_layer["config"]["note"] == "</pre><script>alert(3)</script>"  # parsed JSON, not a string
     [run] = index["runs"]
-    stored = sql(store, "SELECT model, n_tokens, context_length, bos_token, corpus FROM runs")[0]
+    stored = query(store, "SELECT model, n_tokens, context_length, bos_token, corpus FROM runs")[0]
     assert (run["model"], run["n_tokens"], run["context_length"], run["bos_token"], run["corpus"]) == stored
     assert run["settings"] == {"seed": 0} and run["started_at"] == "2025-01-02T03:04:00"
     assert (json_out / MARKER).is_file()
@@ -160,7 +153,7 @@ def test_json_unit_round_trips_the_store(store: Path, json_out: Path, source: st
         "featureatlas.unit", 1, MODEL, source, layer, unit)
 
     names = ["n_tokens", "n_firing", "frequency", "mean", "std", "min_activation", "max_activation"]
-    row = sql(store, f"SELECT {', '.join(names)} FROM statistics WHERE model = ? AND source = ? AND layer = ? "
+    row = query(store, f"SELECT {', '.join(names)} FROM statistics WHERE model = ? AND source = ? AND layer = ? "
                      "AND unit = ?", key)[0]
     stats = doc["statistics"]
     for name, value in zip(names, row, strict=True):
@@ -170,22 +163,22 @@ def test_json_unit_round_trips_the_store(store: Path, json_out: Path, source: st
             assert stats[name] is None, name
         else:
             assert stats[name] == value, name  # DOUBLEs and integers: exactly
-    assert stats["n_examples"] == sql(store, "SELECT n_examples FROM units WHERE model = ? AND source = ? AND "
+    assert stats["n_examples"] == query(store, "SELECT n_examples FROM units WHERE model = ? AND source = ? AND "
                                              "layer = ? AND unit = ?", key)[0][0]
 
-    bins = sql(store, "SELECT bin, lo, hi, count FROM histograms WHERE model = ? AND source = ? AND layer = ? AND "
+    bins = query(store, "SELECT bin, lo, hi, count FROM histograms WHERE model = ? AND source = ? AND layer = ? AND "
                       "unit = ? ORDER BY bin", key)
     assert [(b["bin"], b["lo"], b["hi"], b["count"]) for b in doc["histogram"]] == [
         (b, lo, hi if np.isfinite(hi) else None, n) for b, lo, hi, n in bins]
 
     for polarity in ("top", "bottom"):
-        stored = sql(store, "SELECT token_id, token, effect FROM logit_effects WHERE model = ? AND source = ? AND "
+        stored = query(store, "SELECT token_id, token, effect FROM logit_effects WHERE model = ? AND source = ? AND "
                             "layer = ? AND unit = ? AND polarity = ? ORDER BY rank", [*key, polarity])
         exported = doc["logits"][polarity]
         assert [(e["token_id"], e["token"]) for e in exported] == [(i, t) for i, t, _ in stored]
         assert all(same_f32(e["effect"], s[2]) for e, s in zip(exported, stored, strict=True))
 
-    stored = sql(store, """
+    stored = query(store, """
         SELECT e.example_kind, e.rank, e.interval_lo, e.interval_hi, e.max_activation, e.max_position, e.context_id,
                d.name, c.start_token, c.tokens, e.activations
         FROM examples e JOIN contexts c USING (context_id) JOIN documents d USING (document_id)
@@ -376,23 +369,23 @@ def test_neuronpedia_values_match_the_store(store: Path, np_out: Path, source: s
     for unit in (0, 1, NEVER_SEEN, ONLY_NEGATIVE, FEW_EXAMPLES):
         key = [MODEL, source, layer, unit]
         feature = features[unit]
-        frequency, max_activation = sql(store, "SELECT frequency, max_activation FROM statistics WHERE model = ? "
+        frequency, max_activation = query(store, "SELECT frequency, max_activation FROM statistics WHERE model = ? "
                                                "AND source = ? AND layer = ? AND unit = ?", key)[0]
         assert same_f32(feature["maxActApprox"], max_activation)
         assert feature["frac_nonzero"] == (frequency if frequency is not None else 0)
         for polarity, names in (("top", ("pos_str", "pos_values")), ("bottom", ("neg_str", "neg_values"))):
-            stored = sql(store, "SELECT token, effect FROM logit_effects WHERE model = ? AND source = ? AND "
+            stored = query(store, "SELECT token, effect FROM logit_effects WHERE model = ? AND source = ? AND "
                                 "layer = ? AND unit = ? AND polarity = ? AND token IS NOT NULL ORDER BY rank",
                          [*key, polarity])
             assert feature[names[0]] == [t for t, _ in stored]
             assert all(same_f32(v, e) for v, (_, e) in zip(feature[names[1]], stored, strict=True))
-        bins = sql(store, "SELECT lo, hi, count FROM histograms WHERE model = ? AND source = ? AND layer = ? AND "
+        bins = query(store, "SELECT lo, hi, count FROM histograms WHERE model = ? AND source = ? AND layer = ? AND "
                           "unit = ? AND bin > 0 AND count > 0 ORDER BY bin", key)
         assert feature["freq_hist_data_bar_heights"] == [n for _, _, n in bins]
         assert feature["freq_hist_data_bar_values"] == [(lo + hi) / 2 if np.isfinite(hi) else lo for lo, hi, _ in bins]
         assert feature["logits_hist_data_bar_heights"] == feature["logits_hist_data_bar_values"] == []
 
-        stored = sql(store, """
+        stored = query(store, """
             SELECT e.example_kind, e.interval_lo, e.interval_hi, e.max_activation, e.max_position, c.tokens,
                    e.activations
             FROM examples e JOIN contexts c USING (context_id)

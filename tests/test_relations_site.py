@@ -9,7 +9,6 @@ import json
 import shutil
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pytest
 import torch
@@ -23,6 +22,8 @@ from featureatlas.load.corpus import iter_documents
 from featureatlas.load.dictionaries import load_dictionaries
 from featureatlas.store.schema import open_store_for_update
 
+from helpers.reference import nearest_by_jaccard
+from helpers.stores import query
 from helpers.tiny_models import HIDDEN, saelens_sae, save_tiny_model, write_corpus
 
 pytestmark = pytest.mark.model
@@ -57,18 +58,10 @@ def harvested(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def rows(store: Path, sql: str, params: list | None = None) -> list[tuple]:
-    con = duckdb.connect(str(store), read_only=True)
-    try:
-        return con.execute(sql, params or []).fetchall()
-    finally:
-        con.close()
-
-
 def stored_lists(store: Path, source: str, kind: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     """[n, K] other units and scores of one kind of neighbour, -1 and 0 where a unit has fewer."""
     index, score = np.full((n, K), -1), np.zeros((n, K))
-    for unit, rank, other, value in rows(store, """SELECT unit, rank, other_unit, score FROM neighbours
+    for unit, rank, other, value in query(store, """SELECT unit, rank, other_unit, score FROM neighbours
                                                    WHERE source = ? AND kind = ?""", [source, kind]):
         index[unit, rank - 1], score[unit, rank - 1] = other, value
     return index, score
@@ -104,47 +97,33 @@ def dictionary_firing(root: Path) -> dict[str, np.ndarray]:
     return {name: np.concatenate(parts) for name, parts in fired.items()}
 
 
-def brute_force_jaccard(firing: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each feature's k nearest by Jaccard index over tokens, best first, ties to the lower feature."""
-    f = firing.astype(np.int64)
-    both = f.T @ f
-    either = f.sum(0)[:, None] + f.sum(0)[None, :] - both
-    n = f.shape[1]
-    index, score = np.full((n, k), -1), np.zeros((n, k))
-    for a in range(n):
-        partners = sorted((-(both[a, b] / either[a, b]), b) for b in range(n) if b != a and both[a, b] > 0)[:k]
-        for r, (s, b) in enumerate(partners):
-            index[a, r], score[a, r] = b, -s
-    return index, score
-
-
 def test_cooccurrence_counted_in_the_harvest_is_the_brute_force_count(harvested: Path) -> None:
     store = harvested / "store.duckdb"
     firing = dictionary_firing(harvested)
-    n_tokens = rows(store, "SELECT n_tokens FROM runs")[0][0]
+    n_tokens = query(store, "SELECT n_tokens FROM runs")[0][0]
     for name, fired in firing.items():
         assert fired.shape == (n_tokens, 40) and fired.sum(1).max() <= 4  # top-4 dictionaries, counted tokens only
         source = f"sae:{name}"
-        stored_firing = dict(rows(store, "SELECT unit, n_firing FROM statistics WHERE source = ?", [source]))
+        stored_firing = dict(query(store, "SELECT unit, n_firing FROM statistics WHERE source = ?", [source]))
         assert [stored_firing[u] for u in range(40)] == fired.sum(0).tolist()
         index, score = stored_lists(store, source, "cooccurrence", 40)
-        want_index, want_score = brute_force_jaccard(fired, K)
+        want_index, want_score = nearest_by_jaccard(fired, K)
         assert (index >= 0).sum() > 100  # the lists are not all empty
         assert index.tolist() == want_index.tolist()
         np.testing.assert_allclose(score, want_score, rtol=1e-6)
-    settings = json.loads(rows(store, "SELECT settings FROM runs")[0][0])
+    settings = json.loads(query(store, "SELECT settings FROM runs")[0][0])
     assert settings["cooccurrence"] is True
     assert sorted(map(tuple, settings["cooccurrence_complete"])) == [("sae:a", 0, True), ("sae:b", 1, True),
                                                                    ("sae:m", 1, True)]
-    assert rows(store, "SELECT count(*) FROM neighbours WHERE source = 'mlp' AND kind = 'cooccurrence'") == [(0,)]
+    assert query(store, "SELECT count(*) FROM neighbours WHERE source = 'mlp' AND kind = 'cooccurrence'") == [(0,)]
 
 
 def test_without_the_setting_nothing_is_counted(harvested: Path, tmp_path: Path) -> None:
     out = tmp_path / "s.duckdb"
     assert main(harvest_argv(harvested, out, "--cooccurrence", "off")) == 0
-    assert rows(out, "SELECT DISTINCT kind FROM neighbours ORDER BY kind") == [("decoder",), ("encoder",),
+    assert query(out, "SELECT DISTINCT kind FROM neighbours ORDER BY kind") == [("decoder",), ("encoder",),
                                                                                ("output",)]
-    assert "cooccurrence_complete" not in json.loads(rows(out, "SELECT settings FROM runs")[0][0])
+    assert "cooccurrence_complete" not in json.loads(query(out, "SELECT settings FROM runs")[0][0])
 
 
 def test_a_resumed_harvest_counts_as_an_uninterrupted_one(harvested: Path, tmp_path: Path,
@@ -165,11 +144,11 @@ def test_a_resumed_harvest_counts_as_an_uninterrupted_one(harvested: Path, tmp_p
             main(harvest_argv(harvested, out, "--checkpoint-every", "150"))
     assert (tmp_path / "s.duckdb.checkpoint").is_file() and not out.exists()
     assert main(harvest_argv(harvested, out, "--checkpoint-every", "150", "--resume")) == 0
-    query = "SELECT * FROM neighbours WHERE kind = 'cooccurrence' ORDER BY ALL"
-    assert rows(out, query) == rows(whole, query) and len(rows(whole, query)) > 0
-    settings = json.loads(rows(out, "SELECT settings FROM runs")[0][0])
+    cooccurring = "SELECT * FROM neighbours WHERE kind = 'cooccurrence' ORDER BY ALL"
+    assert query(out, cooccurring) == query(whole, cooccurring) and len(query(whole, cooccurring)) > 0
+    settings = json.loads(query(out, "SELECT settings FROM runs")[0][0])
     assert [complete for _, _, complete in settings["cooccurrence_complete"]] == [False, False, False]
-    assert settings == json.loads(rows(whole, "SELECT settings FROM runs")[0][0])
+    assert settings == json.loads(query(whole, "SELECT settings FROM runs")[0][0])
 
 
 def test_a_tampered_checkpoint_is_refused(harvested: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -213,11 +192,11 @@ def test_neighbours_across_dictionaries_of_the_same_width(harvested: Path) -> No
         want_index, want_score = brute_force_cosine(decoders[name], decoders[other], K)
         assert index.tolist() == want_index.tolist()
         np.testing.assert_allclose(score, want_score, rtol=1e-5, atol=1e-6)
-        assert rows(store, """SELECT DISTINCT other_source, other_layer FROM neighbours
+        assert query(store, """SELECT DISTINCT other_source, other_layer FROM neighbours
                               WHERE source = ? AND kind = 'decoder_across'""", [f"sae:{name}"]) == [
             (f"sae:{other}", other_layer)]
     # m's decoder rows are 48 wide, not the residual stream's 32: it has no list, and is in none
-    assert rows(store, """SELECT count(*) FROM neighbours WHERE kind = 'decoder_across'
+    assert query(store, """SELECT count(*) FROM neighbours WHERE kind = 'decoder_across'
                           AND (source = 'sae:m' OR other_source = 'sae:m')""") == [(0,)]
 
 
@@ -269,7 +248,7 @@ def shard_neighbours(site: Path, source: str, layer: int) -> dict[tuple, float]:
 def test_every_shard_carries_its_units_neighbours(site: Path) -> None:
     store = site.parent / "store.duckdb"
     for source, layer in (("sae:a", 0), ("sae:b", 1), ("sae:m", 1), ("mlp", 1)):
-        view = rows(store, """SELECT unit, kind, rank, other_source, other_layer, other_unit, score FROM neighbours
+        view = query(store, """SELECT unit, kind, rank, other_source, other_layer, other_unit, score FROM neighbours
                               WHERE source = ? AND layer = ? AND rank <= 10""", [source, layer])
         assert len(view) > 100
         shown = shard_neighbours(site, source, layer)
@@ -292,7 +271,7 @@ def test_layers_with_a_map_link_to_it(site: Path) -> None:
 # --- in a browser -------------------------------------------------------------------------------------------------
 
 def first_listed(store: Path, source: str, unit: int, kind: str) -> tuple[str, int, int]:
-    return rows(store, """SELECT other_source, other_layer, other_unit FROM neighbours
+    return query(store, """SELECT other_source, other_layer, other_unit FROM neighbours
                           WHERE source = ? AND unit = ? AND kind = ? AND rank = 1""", [source, unit, kind])[0]
 
 
@@ -319,7 +298,7 @@ def test_the_panel_opens_the_right_units_and_the_map_rings_the_unit(page: object
     assert page.url.endswith(f"/sae-a/0/unit.html#{other}")  # type: ignore[attr-defined]
 
     # one whose own list holds the explained unit shows its explanation, as text
-    explained_by = rows(store, """SELECT unit FROM neighbours WHERE source = ? AND kind = 'decoder'
+    explained_by = query(store, """SELECT unit FROM neighbours WHERE source = ? AND kind = 'decoder'
                                   AND other_unit = ? ORDER BY unit LIMIT 1""", [source, unit])[0][0]
     page.goto(f"{start.as_uri()}#{explained_by}")  # type: ignore[attr-defined]
     expect(page.locator("h1")).to_have_text(f"Feature {explained_by}")  # type: ignore[attr-defined]

@@ -102,30 +102,22 @@ def test_nothing_outside_the_site_is_served(served) -> None:
 
 
 @pytest.mark.browser
-def test_typing_into_the_box_highlights_the_text(served) -> None:
-    from helpers.browser import CHROMIUM, LAUNCH_ARGS, require_browser
-
-    require_browser()
-    from playwright.sync_api import expect, sync_playwright
+def test_typing_into_the_box_highlights_the_text(served, page) -> None:
+    from helpers.browser import SHOTS, assert_clean, expect
 
     base, _, site = served
     folder = next(site.glob("*/resid/1")).relative_to(site).as_posix()
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
-        page = browser.new_page()
-        errors: list[str] = []
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.goto(f"{base}{folder}/unit.html#7")
-        page.locator("#probe-text").fill(TEXT)
-        page.get_by_role("button", name="Run through dimension 7").click()
-        line = page.locator("#probe-result")
-        expect(line).to_be_visible()
-        tokens = line.locator(":scope > b")
-        assert tokens.count() > 5 and line.locator("b.m").count() == 1
-        line.locator("b.m").hover()
-        expect(page.locator("#tip")).to_contain_text("activation")
-        page.get_by_role("button", name="Top units of this layer").click()
-        expect(page.locator("#probe-top li")).to_have_count(10)
-        page.screenshot(path="/tmp/featureatlas-shots/probe.png", full_page=False)
-        browser.close()
-    assert errors == []
+    page.goto(f"{base}{folder}/unit.html#7")
+    page.locator("#probe-text").fill(TEXT)
+    page.get_by_role("button", name="Run through dimension 7").click()
+    line = page.locator("#probe-result")
+    expect(line).to_be_visible()
+    tokens = line.locator(":scope > b")
+    assert tokens.count() > 5 and line.locator("b.m").count() == 1
+    line.locator("b.m").hover()
+    expect(page.locator("#tip")).to_contain_text("activation")
+    page.get_by_role("button", name="Top units of this layer").click()
+    expect(page.locator("#probe-top li")).to_have_count(10)
+    SHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SHOTS / "probe.png"), full_page=False)
+    assert_clean(page)

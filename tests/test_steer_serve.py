@@ -23,20 +23,14 @@ from featureatlas.harvest.steer import steer
 from featureatlas.load.dictionaries import load_dictionaries
 from featureatlas.serve.server import MAX_NEW_TOKENS, make_server
 
-from helpers.tiny_models import HIDDEN, harvest_small_store
+from helpers.tiny_models import HIDDEN, harvest_small_store, one_thread
 
 pytestmark = pytest.mark.model
 
 PROMPT = "The quick brown fox"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matrices gain nothing from threads, and lose a lot when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+torch_on_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 @pytest.fixture(scope="module")
@@ -137,49 +131,39 @@ def serious_violations(page: object) -> list[str]:
 
 
 @pytest.mark.browser
-def test_the_steering_box_shows_both_continuations(served) -> None:
-    from helpers.browser import CHROMIUM, LAUNCH_ARGS, SHOTS, require_browser
-
-    require_browser()
-    from playwright.sync_api import expect, sync_playwright
+def test_the_steering_box_shows_both_continuations(served, page) -> None:
+    from helpers.browser import SHOTS, assert_clean, expect
 
     site: Path = served["site"]
     neurons = next(site.glob("*/mlp/1")).relative_to(site).as_posix()
     features = next(site.glob("*/sae-res1/1")).relative_to(site).as_posix()
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
-        page = browser.new_page()
-        errors: list[str] = []
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(f"{served['base']}{neurons}/unit.html#7")
-        expect(page.locator("#steer")).to_be_visible()
-        expect(page.locator("nav.toc [data-target=steer]")).to_have_count(1)
-        assert page.locator("#steer-clamp").count() == 0  # neurons are only pushed
-        page.get_by_label("Prompt").fill("<b>The quick</b> brown fox")  # shown as text, never parsed
-        slider = page.get_by_label("Strength")
-        assert 0 < float(slider.input_value()) < float(slider.get_attribute("max"))  # a push of a few times the max
-        slider.fill(str(float(slider.get_attribute("max")) / 2))
-        strength = float(slider.input_value())
-        page.get_by_label("New tokens").fill("8")
-        expect(page.locator("#steer output")).to_contain_text(f"+{strength:g}")
-        page.get_by_role("button", name="Steer neuron 7").click()
-        expect(page.locator("#steer-steered")).to_be_visible()
-        unsteered, steered = page.locator("#steer-unsteered").inner_text(), page.locator("#steer-steered").inner_text()
-        assert unsteered.startswith("<b>The quick</b> brown fox") and steered.startswith("<b>The quick</b>")
-        assert page.locator("#steer-out b, .steer-out b").count() == 0 and unsteered != steered
-        box = page.locator("#steer-unsteered").bounding_box(), page.locator("#steer-steered").bounding_box()
-        assert box[1]["x"] > box[0]["x"] + box[0]["width"] - 1 and abs(box[1]["y"] - box[0]["y"]) < 2  # side by side
-        expect(page.locator("#steer figcaption").nth(1)).to_contain_text(f"strength +{strength:g}")
-        assert serious_violations(page) == []  # with the box drawn and answered
-        SHOTS.mkdir(exist_ok=True)
-        page.locator("#steer").screenshot(path=str(SHOTS / "steer.png"))
-        page.goto(f"{served['base']}{features}/unit.html#2")
-        expect(page.locator("#steer-clamp")).to_be_visible()
-        page.get_by_label("Prompt").fill(PROMPT)  # another layer's page: a new page
-        page.get_by_label("Clamp", exact=False).check()
-        page.get_by_role("button", name="Steer feature 2").click()
-        expect(page.locator("#steer-steered")).to_be_visible()
-        expect(page.locator("#steer figcaption").nth(1)).to_contain_text("clamped to")
-        browser.close()
-    assert errors == []
+    page.goto(f"{served['base']}{neurons}/unit.html#7")
+    expect(page.locator("#steer")).to_be_visible()
+    expect(page.locator("nav.toc [data-target=steer]")).to_have_count(1)
+    assert page.locator("#steer-clamp").count() == 0  # neurons are only pushed
+    page.get_by_label("Prompt").fill("<b>The quick</b> brown fox")  # shown as text, never parsed
+    slider = page.get_by_label("Strength")
+    assert 0 < float(slider.input_value()) < float(slider.get_attribute("max"))  # a push of a few times the max
+    slider.fill(str(float(slider.get_attribute("max")) / 2))
+    strength = float(slider.input_value())
+    page.get_by_label("New tokens").fill("8")
+    expect(page.locator("#steer output")).to_contain_text(f"+{strength:g}")
+    page.get_by_role("button", name="Steer neuron 7").click()
+    expect(page.locator("#steer-steered")).to_be_visible()
+    unsteered, steered = page.locator("#steer-unsteered").inner_text(), page.locator("#steer-steered").inner_text()
+    assert unsteered.startswith("<b>The quick</b> brown fox") and steered.startswith("<b>The quick</b>")
+    assert page.locator("#steer-out b, .steer-out b").count() == 0 and unsteered != steered
+    box = page.locator("#steer-unsteered").bounding_box(), page.locator("#steer-steered").bounding_box()
+    assert box[1]["x"] > box[0]["x"] + box[0]["width"] - 1 and abs(box[1]["y"] - box[0]["y"]) < 2  # side by side
+    expect(page.locator("#steer figcaption").nth(1)).to_contain_text(f"strength +{strength:g}")
+    assert serious_violations(page) == []  # with the box drawn and answered
+    SHOTS.mkdir(exist_ok=True)
+    page.locator("#steer").screenshot(path=str(SHOTS / "steer.png"))
+    page.goto(f"{served['base']}{features}/unit.html#2")
+    expect(page.locator("#steer-clamp")).to_be_visible()
+    page.get_by_label("Prompt").fill(PROMPT)  # another layer's page: a new page
+    page.get_by_label("Clamp", exact=False).check()
+    page.get_by_role("button", name="Steer feature 2").click()
+    expect(page.locator("#steer-steered")).to_be_visible()
+    expect(page.locator("#steer figcaption").nth(1)).to_contain_text("clamped to")
+    assert_clean(page)

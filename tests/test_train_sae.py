@@ -22,18 +22,14 @@ from featureatlas.harvest.train_sae import (
     train_topk_sae,
 )
 
+from helpers.tiny_models import one_thread
+
 CONFIG = TrainConfig(n_features=128, k=4, batch_size=1024, steps=300)
 SAVE_ARGS = dict(hook_name="blocks.1.hook_resid_post", model_name="tiny/lm", context_size=64, prepend_bos=True,
                  dataset_path="corpus/")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and lose a lot when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+torch_on_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 def sparse_data(n: int = 20_000, d: int = 32, n_true: int = 64, active: int = 3, seed: int = 0) -> torch.Tensor:

@@ -7,8 +7,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
+
+from featureatlas.net import is_loopback
 
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = Path("/tmp/featureatlas-shots")
@@ -52,7 +55,8 @@ def launched() -> Iterator[object]:
 
 
 def watched_page(browser: object) -> Iterator[object]:
-    """A fresh page whose console errors, page errors, dialogs and non-local requests land in page.problems."""
+    """A fresh page whose console errors, page errors, dialogs and requests leaving the machine (anything but
+    files, data and `featureatlas serve` on a loopback address) land in page.problems."""
     context = browser.new_context(viewport={"width": 1100, "height": 900})  # type: ignore[attr-defined]
     page = context.new_page()
     page.add_init_script(WATCH)
@@ -61,10 +65,15 @@ def watched_page(browser: object) -> Iterator[object]:
             else None)
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
     page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
-    page.on("request", lambda r: None if r.url.startswith(("file://", "data:")) else problems.append(r.url))
+    page.on("request", lambda r: None if _local(r.url) else problems.append(r.url))
     page.problems = problems
     yield page
     context.close()
+
+
+def _local(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in ("file", "data") or (parts.scheme == "http" and is_loopback(parts.hostname or ""))
 
 
 def expect(locator: object) -> object:

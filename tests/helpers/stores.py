@@ -16,10 +16,11 @@ VIEWS = ("runs", "sources", "units", "statistics", "histograms", "examples", "lo
          "documents", "vocabulary")
 
 
-def query(path: Path, sql: str) -> list[tuple]:
+def query(path: Path, sql: str, params: list | None = None) -> list[tuple]:
+    """A store's rows for `sql`, read with plain DuckDB on a connection of its own."""
     con = duckdb.connect(str(path), read_only=True)
     try:
-        return con.execute(sql).fetchall()
+        return con.execute(sql, params or []).fetchall()
     finally:
         con.close()
 

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+
+def one_thread() -> Iterator[None]:
+    """Torch on one thread while a module's tests run (use as a module fixture): tiny matrices gain nothing from
+    threads, and lose a lot when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 TRAINING_TEXT = """The quick brown fox jumps over the lazy dog. To be, or not to be, that is the question.
 Whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune,
