@@ -263,9 +263,13 @@ void reduce_rows(const T* data, int64_t b0, int64_t b1, int64_t tokens, int64_t 
       accumulate_rows<T, 8>(&rows[r], units, high, low, s1.data(), s2.data(), fires.data());
     for (; r < rows.size(); ++r)
       accumulate_rows<T, 1>(&rows[r], units, high, low, s1.data(), s2.data(), fires.data());
+    // A sum of squares is NaN only from a NaN: then the extremes are too, as torch's amax gives (checked in a loop
+    // of its own, which vectorises; NaN is rare)
+    bool nan = false;
+    for (int64_t u = 0; u < units; ++u) nan |= s2[u] != s2[u];
+    for (int64_t u = 0; nan && u < units; ++u)
+      if (s2[u] != s2[u]) high[u] = low[u] = std::numeric_limits<float>::quiet_NaN();
     for (int64_t u = 0; u < units; ++u) {
-      if (std::isnan(s2[u]))  // a sum of squares is NaN only from a NaN: then the extremes are, as torch's amax
-        high[u] = low[u] = std::numeric_limits<float>::quiet_NaN();
       sum[u] += s1[u];
       squares[u] += s2[u];
       firing[u] += fires[u];
