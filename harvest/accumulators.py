@@ -15,7 +15,9 @@ the store is written from (write.py). A backend is how they update; every backen
           samples' candidates; replayed as CUDA graphs like GRAPHS.
 
 Sparse units (dictionary features) update from their non-zeros: natively under NATIVE, by tensor operations under
-the others (their work is small and data-shaped, which fixed shapes cannot help). choose_backend picks the backend
+TENSOR, FIXED and GRAPHS (their work is small and data-shaped, which fixed shapes cannot help). Under TRITON the
+fused pass reads the encode's dense output instead, as it reads neurons: finding the non-zeros would wait for the
+host, and one more read of the encode's output costs about what writing it did. choose_backend picks the backend
 once per run; make_accumulators builds every source's accumulators for it.
 """
 
@@ -115,9 +117,11 @@ class Accumulators:
         self.reservoirs = [r for r in (self.quantiles, self.random) if r is not None]
         self.cooccurrence = CoOccurrence(n, device=device) if source.sparse and settings.cooccurrence else None
 
+    wants_nonzeros = False  # whether update reads a sparse source's non-zeros (the Reader finds them with the encode)
+
     def update(self, acts: torch.Tensor, view: BatchView, nonzeros: torch.Tensor | None = None) -> None:
         """One batch. acts [batch, tokens, units] may be a view of the hooked tensor, valid only during the call;
-        nonzeros: a sparse source's flat non-zero indices (None: found here)."""
+        nonzeros: a sparse source's flat non-zero indices (None: found here where needed)."""
         raise NotImplementedError
 
     def referenced_context_ids(self) -> torch.Tensor:
@@ -215,7 +219,8 @@ class Graphed(FixedShapes):
 
     def update(self, acts: torch.Tensor, view: BatchView, nonzeros: torch.Tensor | None = None) -> None:
         self.statistics.count(view)
-        self.graphs.update(self.key, acts, view, list(self.parts().values()), self.step)
+        parts = [part for part in self.parts().values() if not isinstance(part, CoOccurrence)]  # data-shaped
+        self.graphs.update(self.key, acts, view, parts, self.step)
 
 
 class TritonLists(Graphed):
@@ -238,7 +243,25 @@ class TritonLists(Graphed):
             kernels.merge(self.bottom, self.candidates[1], acts, view, passed, largest=False)
         self.statistics.update(passed.context_max, passed.context_min, passed.sums)  # the histogram is counted
         for reservoir in self.reservoirs:
-            kernels.merge_samples(reservoir, acts, view, passed)
+            kernels.merge_samples(reservoir, acts, view, passed, self.statistics.sparse)
+
+
+class TritonPairs(TritonLists):
+    """Sparse units, TRITON: TritonLists' kernels on the encode's dense output, with sparse statistics (the
+    histogram counts the non-zeros alone) and only contexts where a unit fires as candidates, keeping what
+    TensorPairs keeps without waiting for the host. Only co-occurrence needs the non-zeros (and waits for them).
+    make_accumulators builds it only where the kernels read the source's dtype."""
+
+    @property
+    def wants_nonzeros(self) -> bool:  # type: ignore[override]
+        return self.cooccurrence is not None
+
+    def update(self, acts: torch.Tensor, view: BatchView, nonzeros: torch.Tensor | None = None) -> None:
+        super().update(acts, view)
+        if self.cooccurrence is not None:
+            if nonzeros is None:
+                nonzeros = acts.contiguous().view(-1).nonzero().squeeze(1)
+            self.cooccurrence.update(nonzeros, view.counted)
 
 
 class TensorPairs(Accumulators):
@@ -249,6 +272,8 @@ class TensorPairs(Accumulators):
                  dtype: torch.dtype):
         super().__init__(source, settings, context_length, device, dtype)
         self._table: torch.Tensor | None = None
+
+    wants_nonzeros = True
 
     def update(self, acts: torch.Tensor, view: BatchView, nonzeros: torch.Tensor | None = None) -> None:
         self.statistics.count(view)
@@ -301,7 +326,10 @@ def make_accumulators(sources: list[UnitSource], settings: Settings, context_len
     graphs = GraphedUpdates(device) if settings.backend in (Backend.GRAPHS, Backend.TRITON) else None
     made: list[Accumulators] = []
     for key, (source, dtype) in enumerate(zip(sources, dtypes, strict=True)):
-        if source.sparse:
+        if source.sparse and graphs is not None and settings.backend is Backend.TRITON and settings.top_k \
+                and kernels.reads(dtype, device):
+            made.append(TritonPairs(source, settings, context_length, device, dtype, graphs, key))
+        elif source.sparse:
             made.append(_SPARSE.get(settings.backend, TensorPairs)(source, settings, context_length, device, dtype))
         elif graphs is not None:
             graphed = TritonLists if settings.backend is Backend.TRITON else Graphed

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 
@@ -33,7 +33,8 @@ class Harvester:
         self.accumulators = make_accumulators(sources, settings, context_length, self.device,
                                               [_activation_dtype(s, model) for s in sources])
         self._view: BatchView | None = None
-        self.reader = Reader(model, sources, self._consume, nonzeros=True)
+        self.reader = Reader(model, sources, self._consume,
+                             nonzeros={i for i, acc in enumerate(self.accumulators) if acc.wants_nonzeros})
 
     def attach(self) -> None:
         """Hook the model (see Reader)."""
@@ -64,11 +65,12 @@ class Reader:
     """The one path from token ids to every source's [batch, tokens, units] activations, shared by harvest and
     `verify` so that what is checked is what was harvested. Hooks each (module, reads) once, however many sources
     read it, and stops the forward pass after the last hooked block. consume(i, acts) gets sources[i]'s
-    activations; they may be a view of the hooked tensor, valid only during the call. With nonzeros=True it is
-    consume(i, acts, nonzeros), nonzeros being a dictionary's non-zero flat indices (None for dense units)."""
+    activations; they may be a view of the hooked tensor, valid only during the call. Given nonzeros (a set of
+    source indices) it is consume(i, acts, nonzeros), nonzeros being the dictionary's non-zero flat indices for
+    those sources (found with the encode) and None for the others."""
 
     def __init__(self, model: torch.nn.Module, sources: list[UnitSource], consume: Callable[..., None],
-                 nonzeros: bool = False):
+                 nonzeros: Collection[int] | None = None):
         self.backbone = model.base_model
         self.device = next(model.parameters()).device
         self.sources = sources
@@ -110,10 +112,12 @@ class Reader:
 
     def _read(self, consumers: list[tuple[int, UnitSource]], tensor: torch.Tensor) -> None:
         for index, source in consumers:
-            if self.nonzeros:
+            if self.nonzeros is None:
+                self.consume(index, source.activations(tensor, *self._shape))
+            elif index in self.nonzeros:
                 self.consume(index, *source.activations_and_nonzeros(tensor, *self._shape))
             else:
-                self.consume(index, source.activations(tensor, *self._shape))
+                self.consume(index, source.activations(tensor, *self._shape), None)
 
 
 def check_widths(model: torch.nn.Module, sources: list[UnitSource]) -> None:

@@ -111,8 +111,12 @@ def self_check(device: torch.device) -> str | None:
 def runs_on(acts: torch.Tensor, *lists: TopK | None) -> bool:
     """Whether these activations (of a dtype the kernels read) and lists (k of at least 1) go through the
     kernels; elsewhere the backend runs the tensor step."""
-    return (acts.dtype in _DTYPES and acts.dim() == 3 and all(t is None or t.k >= 1 for t in lists)
-            and available(acts.device))
+    return acts.dim() == 3 and reads(acts.dtype, acts.device, *lists)
+
+
+def reads(dtype: torch.dtype, device: torch.device, *lists: TopK | None) -> bool:
+    """Whether activations of this dtype on this device, and these lists, go through the kernels."""
+    return dtype in _DTYPES and all(t is None or t.k >= 1 for t in lists) and available(device)
 
 
 @dataclass(frozen=True)
@@ -144,7 +148,8 @@ class Candidates:
 def fused_pass(acts: torch.Tensor, view: BatchView, statistics: Statistics, top: TopK, top_scratch: Candidates,
                bottom: TopK | None = None, bottom_scratch: Candidates | None = None) -> Passed:
     """One read of acts [batch, tokens, units] (any strides; runs_on(acts)): the batch's extremes and sums, the
-    histogram counted into statistics.counts, and each list's candidates into its scratch."""
+    histogram counted into statistics.counts, and each list's candidates into its scratch. Sparse statistics
+    (dictionary features) count only the non-zeros in the histogram and list only contexts that fire."""
     kernels = _loaded()
     batch, tokens, units = acts.shape
     device = acts.device
@@ -168,7 +173,8 @@ def fused_pass(acts: torch.Tensor, view: BatchView, statistics: Statistics, top:
         acts, *acts.stride(), counted, view.keys, statistics.histogram_every,
         context_max, context_min, max_at, min_at, partial, statistics.counts,
         top.values, top_count, top_rows, bottom_list.values, bottom_count, bottom_rows, batch, tokens, units, top.k,
-        bottom_list.k, BF16=acts.dtype == torch.bfloat16, BOTTOM=bottom_list is not top, HALF=HALF,
+        bottom_list.k, BF16=acts.dtype == torch.bfloat16, BOTTOM=bottom_list is not top, SPARSE=statistics.sparse,
+        HALF=HALF,
         FIRST_CODE=FIRST_CODE, BLOCK_T=min(_BLOCK_T, next_power_of_2(tokens)), BLOCK_U=block_u)
     sums = [partial[0].sum(dim=0, dtype=torch.float64), partial[1].sum(dim=0, dtype=torch.float64),
             partial[2].sum(dim=0, dtype=torch.float64).long()]
@@ -193,8 +199,10 @@ def merge(top: TopK, scratch: Candidates, acts: torch.Tensor, view: BatchView, p
         BLOCK_W=next_power_of_2(max(width, tokens)), CHUNK=min(_CHUNK, next_power_of_2(batch)))
 
 
-def merge_samples(samples: Reservoir, acts: torch.Tensor, view: BatchView, passed: Passed) -> None:
-    """Reservoir.update of `samples` in place, from fused_pass's context maxima and their first positions."""
+def merge_samples(samples: Reservoir, acts: torch.Tensor, view: BatchView, passed: Passed, sparse: bool = False
+                  ) -> None:
+    """Reservoir.update of `samples` in place, from fused_pass's context maxima and their first positions (sparse:
+    update_pairs', whose W grows with the contexts that fire even where another context has a NaN)."""
     kernels = _loaded()
     batch, tokens, units = acts.shape
     for name in samples.STATE:
@@ -204,7 +212,7 @@ def merge_samples(samples: Reservoir, acts: torch.Tensor, view: BatchView, passe
     kernels.merge_samples[(units,)](
         passed.context_max, passed.max_at, view.keys, view.context_ids, acts, *acts.stride(), samples.exponent,
         samples.keys, samples.context_ids, samples.positions, samples.values, samples.activations, batch, tokens,
-        units, width, N_BINS=samples.n_bins, PER=samples.per_bin, BLOCK_B=block_b,
+        units, width, N_BINS=samples.n_bins, PER=samples.per_bin, SPARSE=sparse, BLOCK_B=block_b,
         BLOCK_E=next_power_of_2(samples.n_bins * samples.per_bin), BLOCK_W=block_w, CHUNK=min(_CHUNK, block_b),
         ROWS=max(1, min(next_power_of_2(samples.n_bins * samples.per_bin), _TILE // block_w)))
 

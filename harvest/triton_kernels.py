@@ -41,12 +41,15 @@ def fused_pass(acts, stride_b, stride_t, stride_u, counted, keys, every,
                context_max, context_min, max_at, min_at, partial, counts,
                top_values, top_count, top_rows, bottom_values, bottom_count, bottom_rows,
                batch, tokens, units, top_k, bottom_k,
-               BF16: tl.constexpr, BOTTOM: tl.constexpr, HALF: tl.constexpr, FIRST_CODE: tl.constexpr,
-               BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr):
+               BF16: tl.constexpr, BOTTOM: tl.constexpr, SPARSE: tl.constexpr, HALF: tl.constexpr,
+               FIRST_CODE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr):
     """One program per (context b, block of units). Writes context_max/min and max_at/min_at [batch, units],
     partial [3, batch, units] (sum, sum of squares, firing count: float32), adds the histogram into counts
     [2 * HALF + 2, units] (int64; the last row takes uncounted positions, as the tensor code's does) when b's key
-    is a multiple of every, and appends b to top_rows[u] (and bottom_rows[u]) where it is a candidate."""
+    is a multiple of every, and appends b to top_rows[u] (and bottom_rows[u]) where it is a candidate. SPARSE
+    (dictionary features, as the sparse tensor code keeps them): the histogram counts only counted non-zeros
+    (the zeros are implied by the token count), and only a context where the unit fires (max > 0) is a
+    candidate."""
     b = tl.program_id(0).to(tl.int64)
     unit = tl.program_id(1).to(tl.int64) * BLOCK_U + tl.arange(0, BLOCK_U)
     in_layer = unit < units
@@ -85,7 +88,11 @@ def fused_pass(acts, stride_b, stride_t, stride_u, counted, keys, every,
         total += tl.sum(value, axis=0)
         squares += tl.sum(value * value, axis=0)
         firing += tl.sum(tl.where(value > 0, 1.0, 0.0), axis=0)
-        if sampled:
+        if SPARSE:  # every context, non-zeros alone: a token fires a few features of thousands
+            column = histogram_column(raw, BF16, HALF, FIRST_CODE)
+            tl.atomic_add(counts + column.to(tl.int64) * units + unit[None, :], tl.full(column.shape, 1, tl.int64),
+                          mask=keep & (x != 0))
+        elif sampled:
             column = tl.where(keep, histogram_column(raw, BF16, HALF, FIRST_CODE), 2 * HALF + 1)
             tl.atomic_add(counts + column.to(tl.int64) * units + unit[None, :], tl.full(column.shape, 1, tl.int64),
                           mask=in_context[:, None] & in_layer[None, :])
@@ -101,8 +108,10 @@ def fused_pass(acts, stride_b, stride_t, stride_u, counted, keys, every,
     tl.store(partial + batch * units + out, squares, mask=in_layer)
     tl.store(partial + 2 * batch * units + out, firing, mask=in_layer)
     # Candidates: only a context beating its unit's k-th score can enter (a tie loses to the kept context, whose
-    # id is lower); NaN never does
+    # id is lower); NaN never does; a sparse unit's only where it fires
     enters = in_layer & (high > tl.load(top_values + unit * top_k + top_k - 1, mask=in_layer, other=float("inf")))
+    if SPARSE:
+        enters = enters & (high > 0)
     slot = tl.atomic_add(top_count + unit, 1, mask=enters)
     tl.store(top_rows + unit * batch + slot, b.to(tl.int32), mask=enters & (slot < batch))  # (a batch at most)
     if BOTTOM:
@@ -200,8 +209,8 @@ def power_of_two(exponent):
 def merge_samples(context_max, max_at, batch_keys, batch_ids, acts, stride_b, stride_t, stride_u,
                   exponent, keys, context_ids, positions, values, activations,
                   batch, tokens, units, width,
-                  N_BINS: tl.constexpr, PER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr,
-                  BLOCK_W: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr):
+                  N_BINS: tl.constexpr, PER: tl.constexpr, SPARSE: tl.constexpr, BLOCK_B: tl.constexpr,
+                  BLOCK_E: tl.constexpr, BLOCK_W: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr):
     """One program per unit u: Reservoir.update for its samples (N_BINS bins of PER entries, [u, :, :] of each
     state tensor), from context_max/max_at [batch, units] (each context's max, NaN where one is, and the first
     position reaching it). W grows first (kept entries re-binned in place), then the batch's candidates (firing,
@@ -216,8 +225,9 @@ def merge_samples(context_max, max_at, batch_keys, batch_ids, acts, stride_b, st
     state = u * N_BINS * PER
     w = tl.arange(0, BLOCK_W)
     if N_BINS > 1:
-        # W: the smallest power of two above the unit's max (none while a NaN is in the batch, as amax gives)
-        has_nan = tl.max(tl.where(in_batch & (x != x), 1, 0), axis=0) > 0
+        # W: the smallest power of two above the unit's max. A dense unit's grows not at all while a NaN is in
+        # the batch, as amax gives; a sparse unit's follows the contexts that fire, which a NaN context does not
+        has_nan = tl.max(tl.where(in_batch & (x != x), 0 if SPARSE else 1, 0), axis=0) > 0
         batch_max = tl.max(tl.where(x != x, float("-inf"), x), axis=0)
         needed = tl.where(~has_nan & (batch_max > 0), frexp_exponent(batch_max), -(1 << 20))
         old = tl.load(exponent + u)

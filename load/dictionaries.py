@@ -107,12 +107,23 @@ class Dictionary:
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """[..., d_in] -> [..., d_sae]: the format's own encode, step for step (SAELens's process_sae_in, then
-        the architecture's encode; sparsify's SparseCoder.encode, scattered back to a dense tensor)."""
-        return self.encode_with_nonzeros(x)[0]
+        the architecture's encode; sparsify's SparseCoder.encode, scattered back to a dense tensor). It never
+        waits for the host."""
+        return self._encoded(x)[0]
 
     def encode_with_nonzeros(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """encode(x), and the flat indices of its non-zero entries (in no particular order): a top-k encode knows
-        them already, any other takes one pass to find them. The harvest's accumulators work from these."""
+        them already, any other takes one pass to find them. The harvest's accumulators work from these (on a
+        GPU, listing them waits for the host)."""
+        dense, chosen = self._encoded(x)
+        flat = dense.view(-1)
+        if chosen is None:
+            return dense, flat.nonzero().squeeze(1)
+        chosen = chosen.reshape(-1, chosen.shape[-1])  # [positions, k] indices into each position's features
+        index = (chosen + torch.arange(chosen.shape[0], device=chosen.device)[:, None] * self.d_sae).view(-1)
+        return dense, index[flat[index] != 0]
+
+    def _encoded(self, x: torch.Tensor) -> Encoded:
         x = x.to(self.dtype)
         if self.normalize == "constant_norm_rescale":
             x = x * (self.d_in**0.5 / x.norm(dim=-1, keepdim=True))
@@ -121,13 +132,7 @@ class Dictionary:
             x = x / (x.std(dim=-1, keepdim=True) + 1e-5)
         if self.subtract_b_dec:
             x = x - self.tensors["b_dec"]
-        dense, chosen = ENCODERS[self.activation](self, x)
-        flat = dense.view(-1)
-        if chosen is None:
-            return dense, flat.nonzero().squeeze(1)
-        chosen = chosen.reshape(-1, chosen.shape[-1])  # [positions, k] indices into each position's features
-        index = (chosen + torch.arange(chosen.shape[0], device=chosen.device)[:, None] * self.d_sae).view(-1)
-        return dense, index[flat[index] != 0]
+        return ENCODERS[self.activation](self, x)
 
     @property
     def decoder(self) -> torch.Tensor:

@@ -21,7 +21,7 @@ from featureatlas.harvest.reservoir import Reservoir
 from featureatlas.harvest.statistics import HALF
 from featureatlas.harvest.topk import TopK
 
-from helpers.batches import UNITS, WIDTH, batches
+from helpers.batches import UNITS, WIDTH, batches, sparse_batches
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 NATIVE = pytest.mark.skipif(native.find_compiler() is None, reason="no C++ compiler to build harvest/native.cpp")
@@ -39,27 +39,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Samples in bins that keep every firing context, keep one, and one bin for all (random examples)
 SETTINGS = [Settings(top_k=5, bottom_k=5, intervals=6, per_interval=8, random=3, histogram_every=2, seed=7),
             Settings(top_k=3, bottom_k=2, intervals=4, per_interval=1, random=1, histogram_every=1, seed=7)]
-
-
-def sparse_batches(dtype: torch.dtype) -> list[tuple[torch.Tensor, BatchView, torch.Tensor]]:
-    """Dictionary features: mostly zeros; unit 2 has only negative counted non-zeros, unit 3 fires at BOS only,
-    a NaN in one context; non-zeros listed position by position in a scrambled order within each (a top-k
-    encode's order) in every other batch."""
-    generator = torch.Generator().manual_seed(1)
-    out = []
-    for i, (acts, view) in enumerate(batches(dtype, False)):
-        acts = acts.float().nan_to_num(posinf=0, neginf=0)
-        acts = torch.where(torch.rand(acts.shape, generator=generator) < 0.6, 0, acts.abs()).to(dtype)
-        acts[:, 1:, 2] = -acts[:, 1:, 2]
-        acts[:, 1:, 3], acts[:, 0, 3] = 0, 7
-        acts[0, 2, 4] = float("nan")  # a context with a NaN never fires
-        nonzeros = acts.reshape(-1).nonzero().squeeze(1)
-        if i % 2:
-            position = nonzeros // UNITS
-            scramble = torch.rand(nonzeros.shape, generator=generator)
-            nonzeros = nonzeros[torch.argsort(position.double() + scramble * 0.5)]
-        out.append((acts, view, nonzeros))
-    return out
 
 
 def accumulators(backend: Backend, device: str, dtype: torch.dtype, settings: Settings, sparse: bool = False

@@ -32,7 +32,7 @@ from featureatlas.harvest.batchview import BatchView
 from featureatlas.harvest.reductions import reduce_eager, reducer
 from featureatlas.harvest.statistics import histogram_columns
 
-from helpers.batches import batches
+from helpers.batches import batches, sparse_batches
 from helpers.stores import TIMING, assert_same_store, query
 from helpers.tiny_models import HIDDEN, saelens_sae, save_tiny_model, write_corpus
 
@@ -135,11 +135,33 @@ def test_the_triton_kernels_leave_nan_contexts_out_as_the_tensor_backend_does() 
 
 
 @TRITON
-def test_replayed_updates_never_wait_for_the_gpu() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dictionary_features_under_the_kernels_keep_the_cpu_tensor_backends_state(dtype: torch.dtype) -> None:
+    """Dictionary features from the encode's dense output alone (no non-zeros given), twice: the second round
+    replays recorded graphs."""
+    want = accumulators(Backend.TENSOR, "cpu", dtype, SETTINGS[0], sparse=True)
+    got = accumulators(Backend.TRITON, "cuda", dtype, SETTINGS[0], sparse=True)
+    assert type(got).__name__ == "TritonPairs" and not got.wants_nonzeros
+    with torch.inference_mode():
+        for shift in (0, 1000):
+            for acts, view, nonzeros in sparse_batches(dtype):
+                view = BatchView(view.counted, view.first_counted, view.padded, view.context_ids + shift, view.keys,
+                                 view.n_counted)
+                want.update(acts, view, nonzeros)
+                got.update(acts.cuda(), on(view, "cuda"))
+    assert got.graphs.record, "recording the updates as CUDA graphs failed (see its line on stderr)"
+    assert_same_state(got, want)
+
+
+@TRITON
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "dictionary"])
+def test_replayed_updates_never_wait_for_the_gpu(sparse: bool) -> None:
     """Once each batch shape has run and been recorded, an update only launches work: nothing in it reads a value
-    back from the GPU (torch's sync debug mode makes any such read an error)."""
-    got = accumulators(Backend.TRITON, "cuda", torch.bfloat16, SETTINGS[0])
-    feed = [(acts.cuda(), on(view, "cuda")) for acts, view in batches(torch.bfloat16, False)]
+    back from the GPU (torch's sync debug mode makes any such read an error). Dictionary features too, where
+    co-occurrence is off (it counts pairs from the non-zeros, whose number only the host can size buffers by)."""
+    got = accumulators(Backend.TRITON, "cuda", torch.bfloat16, SETTINGS[0], sparse=sparse)
+    feed = [(acts.cuda(), on(view, "cuda")) for acts, view, _ in sparse_batches(torch.bfloat16)] if sparse else \
+        [(acts.cuda(), on(view, "cuda")) for acts, view in batches(torch.bfloat16, False)]
     with torch.inference_mode():
         for shift in (0, 1000, 2000):
             if shift == 2000:

@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,7 +30,7 @@ from featureatlas.harvest.statistics import N_BINS, Statistics, counted_columns
 from featureatlas.harvest.topk import TopK
 from featureatlas.store.sampling import sampling_keys
 
-from helpers.batches import UNITS, WIDTH, batches
+from helpers.batches import UNITS, WIDTH, batches, sparse_batches
 
 pytest.importorskip("triton", reason="Triton is not installed (pip install -e .[test] on Linux x86-64)")
 
@@ -65,8 +66,8 @@ def interpreter() -> None:
 
 
 def accumulators(backend: Backend, dtype: torch.dtype, settings: Settings, units: int = UNITS,
-                 width: int = WIDTH) -> Accumulators:
-    source = SimpleNamespace(n_units=units, signed=True, sparse=False)
+                 width: int = WIDTH, sparse: bool = False) -> Accumulators:
+    source = SimpleNamespace(n_units=units, signed=not sparse, sparse=sparse)
     settings = Settings(**{**vars(settings), "backend": backend})
     return make_accumulators([source], settings, width, torch.device("cpu"), [dtype])[0]  # type: ignore[list-item]
 
@@ -157,6 +158,44 @@ def test_nan_activations_never_enter_a_list_and_make_the_extremes_nan(dtype: tor
     assert not stats["max_activation"][7:].isnan().any()
     nan_contexts = {int(feed[1][1].context_ids[1]), int(feed[1][1].context_ids[0])}
     assert not nan_contexts & set(got.top.context_ids[5:7].flatten().tolist())
+
+
+@case
+@pytest.mark.parametrize("dtype, settings", [(torch.float32, WIDE), (torch.bfloat16, NARROW), (torch.float16, WIDE)],
+                         ids=["float32-wide", "bfloat16-narrow", "float16-wide"])
+def test_dictionary_features_keep_the_sparse_tensor_backends_state(dtype: torch.dtype, settings: Settings) -> None:
+    """Dictionary features through the kernels from the encode's dense output alone, against the tensor backend
+    fed their non-zeros: only contexts that fire enter (a unit whose counted non-zeros are all negative, one
+    firing at BOS only, a context with a NaN), and the histogram counts the non-zeros alone."""
+    want = accumulators(Backend.TENSOR, dtype, settings, sparse=True)
+    got = accumulators(Backend.TRITON, dtype, settings, sparse=True)
+    assert type(got).__name__ == "TritonPairs" and not got.wants_nonzeros and want.wants_nonzeros
+    with torch.inference_mode():
+        for acts, view, nonzeros in sparse_batches(dtype):
+            want.update(acts, view, nonzeros)
+            got.update(acts, view)
+    assert_same_state(got, want)
+    assert (got.top.context_ids[1] >= 0).all() and (got.top.context_ids[2:4] == -1).all()
+    assert got.statistics.counts[-1].sum() == 0 and got.statistics.counts[:, 0].sum() == 0  # zeros are implied
+
+
+@case
+def test_dictionary_co_occurrence_under_the_kernels_counts_the_non_zeros() -> None:
+    """With co-occurrence, the non-zeros are asked for (and found where not given) and counted as the tensor
+    backend counts them."""
+    settings = replace(NARROW, cooccurrence=True)
+    want = accumulators(Backend.TENSOR, torch.float32, settings, sparse=True)
+    got = accumulators(Backend.TRITON, torch.float32, settings, sparse=True)
+    assert type(got).__name__ == "TritonPairs" and got.wants_nonzeros
+    with torch.inference_mode():
+        for i, (acts, view, nonzeros) in enumerate(sparse_batches(torch.float32)):
+            want.update(acts, view, nonzeros)
+            got.update(acts, view, nonzeros if i % 2 else None)
+    assert_same_state(got, want)
+    assert got.cooccurrence is not None and want.cooccurrence is not None and len(want.cooccurrence.pending) > 0
+    for name in got.cooccurrence.STATE:
+        assert torch.equal(torch.as_tensor(getattr(got.cooccurrence, name)),
+                           torch.as_tensor(getattr(want.cooccurrence, name))), name
 
 
 def tied_batch(batch: int, tokens: int, units: int, seed: int, first_id: int) -> tuple[torch.Tensor, BatchView]:

@@ -44,3 +44,24 @@ def batches(dtype: torch.dtype, strided: bool, edges: bool = False) -> list[tupl
                          int(counted.sum()))
         out.append((acts, view))
     return out
+
+
+def sparse_batches(dtype: torch.dtype) -> list[tuple[torch.Tensor, BatchView, torch.Tensor]]:
+    """Dictionary features: mostly zeros; unit 2 has only negative counted non-zeros, unit 3 fires at BOS only,
+    a NaN in one context; non-zeros listed position by position in a scrambled order within each (a top-k
+    encode's order) in every other batch."""
+    generator = torch.Generator().manual_seed(1)
+    out = []
+    for i, (acts, view) in enumerate(batches(dtype, False)):
+        acts = acts.float().nan_to_num(posinf=0, neginf=0)
+        acts = torch.where(torch.rand(acts.shape, generator=generator) < 0.6, 0, acts.abs()).to(dtype)
+        acts[:, 1:, 2] = -acts[:, 1:, 2]
+        acts[:, 1:, 3], acts[:, 0, 3] = 0, 7
+        acts[0, 2, 4] = float("nan")  # a context with a NaN never fires
+        nonzeros = acts.reshape(-1).nonzero().squeeze(1)
+        if i % 2:
+            position = nonzeros // UNITS
+            scramble = torch.rand(nonzeros.shape, generator=generator)
+            nonzeros = nonzeros[torch.argsort(position.double() + scramble * 0.5)]
+        out.append((acts, view, nonzeros))
+    return out
