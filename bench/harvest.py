@@ -1,7 +1,7 @@
 """Harvest cost against the bare forward pass, measured side by side on the same batches in one run.
 
     python bench/harvest.py [--model smollm2-135m] [--batches 60] [--batch-size 16] [--resid] [--sae DIR]
-                            [--cuda-graphs on|off] [--cooccurrence] [--heads LAYERS] [--profile N]
+                            [--cuda-graphs on|off] [--cooccurrence] [--heads LAYERS] [--parts] [--profile N]
 
 For each batch it times the bare backbone forward (inference_mode, same dtype, device and input; all layers;
 no LM head) plus the bare encode of every --sae dictionary on its hooked tensor, and then the same forward
@@ -10,7 +10,10 @@ drift in machine speed hits both alike. It prints tokens/s for both and their ra
 the second half (once the examples are mostly settled, which is what a long harvest mostly runs in). With
 --cooccurrence, each batch also runs through a second harvester that counts the dictionaries' co-occurrence
 (harvest/cooccurrence.py); with --heads, through one that harvests those layers' attention heads as well
-(harvest/heads.py); each one's cost is printed against the same harvest without, on the same batches.
+(harvest/heads.py); each one's cost is printed against the same harvest without, on the same batches. With
+--parts, it also prints where the harvest's time beyond the forward goes: each kind of source's updates, and the
+dictionaries' encodes, per batch and against the bare forward (on CUDA each part is timed between two
+synchronisations, which slows the harvest it times: read the ratios from a run without).
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ def main() -> None:
                     help="also time a harvest with these layers' attention heads added, against the one without")
     ap.add_argument("--cooccurrence", action="store_true",
                     help="also time the harvest counting the dictionaries' co-occurrence, against it without")
+    ap.add_argument("--parts", action="store_true",
+                    help="also print each source kind's update time and the encodes' a batch, against the forward")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="then profile N more harvest steps and print their costliest operations (on CUDA, by GPU "
                          "time; pass --cuda-graphs off to see the kernels a graph would replay)")
@@ -104,11 +109,14 @@ def main() -> None:
     for each, _ in variants.values():
         each.detach()
     counting = variants.get("co-occurrence", (None,))[0]
-    harvester = Harvester(model, sources, settings, args.context_length, int(has_bos))
-    harvester.detach()
+    harvester = Harvester(model, [replace(s) for s in sources], settings, args.context_length, int(has_bos))
+    harvester.detach()  # (its own copies of the sources: --parts wraps their encodes, not the variants')
+    parts = timed_parts(harvester, sync) if args.parts else {}
     timings = [(harvester, t_harvest), *variants.values()]
     for i, batch in enumerate(batches):  # one set of accumulators for the whole run; hooks on only while it runs
         t_bare.append(timed(lambda b=batch: bare(b)))
+        for times in parts.values():
+            times.append(0.0)
         for each, times in timings if i % 2 == 0 else timings[::-1]:  # with and without, in turn first
             each.attach()
             times.append(timed(lambda b=batch, h=each: h.step(b)))
@@ -127,6 +135,13 @@ def main() -> None:
         for name, (_, times) in variants.items():
             rate = tokens * len(times[part]) / sum(times[part])
             print(f"{'':>12}  harvest with {name} {rate:7.0f} tok/s | ratio with/without {rate / harvest_rate:.3f}")
+    if parts:
+        print(f"where the harvest's time beyond the forward goes, a batch, over the last {len(batches) - half} "
+              f"(the bare forward with the encodes: {1000 * sum(t_bare[half:]) / (len(batches) - half):.0f} ms)")
+        for name, times in sorted(parts.items(), key=lambda item: -sum(item[1][half:])):
+            spent = sum(times[half:])
+            print(f"{name:>24}: {1000 * spent / (len(batches) - half):8.1f} ms | {spent / sum(t_bare[half:]):6.1%} "
+                  "of the bare forward")
     if counting is not None:
         for source, acc in zip(counting.sources, counting.accumulators, strict=True):
             pairs = acc.cooccurrence
@@ -136,6 +151,32 @@ def main() -> None:
                       f"{'complete' if pairs.complete else 'rarest dropped'}")
     if args.profile:
         profile_steps(harvester, batches[-args.profile:], device)
+
+
+def timed_parts(harvester: Harvester, sync) -> dict[str, list[float]]:
+    """--parts: wraps each source's update (by kind: 'mlp updates', ...) and each dictionary's encode, adding
+    their seconds to the last entry of that part's list (main appends one a batch)."""
+    parts: dict[str, list[float]] = {}
+
+    def timing(name: str, fn):
+        times = parts.setdefault(name, [])
+
+        def call(*args, **kwargs):
+            sync()
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync()
+            if times:  # the warm-up before the first batch is not counted
+                times[-1] += time.perf_counter() - start
+            return out
+        return call
+
+    for source, acc in zip(harvester.sources, harvester.accumulators, strict=True):
+        acc.update = timing(f"{source.kind} updates", acc.update)
+        if source.dictionary is not None:
+            source.activations = timing(f"{source.kind} encodes", source.activations)
+            source.activations_and_nonzeros = timing(f"{source.kind} encodes", source.activations_and_nonzeros)
+    return parts
 
 
 def profile_steps(harvester: Harvester, batches: list, device: torch.device) -> None:

@@ -23,14 +23,18 @@ import pytest
 import torch
 
 from featureatlas.harvest import kernels
+from featureatlas.harvest import run as harvest_run
 from featureatlas.harvest.accumulators import Accumulators, Backend, Settings, choose_backend, make_accumulators
 from featureatlas.harvest.batchview import BatchView
+from featureatlas.harvest.config import HarvestConfig
 from featureatlas.harvest.reductions import reduce_eager
 from featureatlas.harvest.statistics import N_BINS, Statistics, counted_columns
 from featureatlas.harvest.topk import TopK
 from featureatlas.store.sampling import sampling_keys
 
 from helpers.batches import UNITS, WIDTH, batches, sparse_batches
+from helpers.stores import query
+from helpers.tiny_models import HIDDEN, saelens_sae, save_tiny_model, write_corpus
 
 pytest.importorskip("triton", reason="Triton is not installed (pip install -e .[test] on Linux x86-64)")
 
@@ -196,6 +200,40 @@ def test_dictionary_co_occurrence_under_the_kernels_counts_the_non_zeros() -> No
     for name in got.cooccurrence.STATE:
         assert torch.equal(torch.as_tensor(getattr(got.cooccurrence, name)),
                            torch.as_tensor(getattr(want.cooccurrence, name))), name
+
+
+@case
+def test_a_whole_harvest_through_the_kernels_writes_the_native_loops_store(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tiny llama's residual dimensions and a top-k SAE through the Harvester, its Reader and the store
+    writer with the kernels (the graphs' buffers, run eagerly on the CPU), against the native loops: the same
+    lists, samples, statistics and histograms, and co-occurrence counted from the non-zeros asked of the encode
+    (few units and tokens: the interpreter runs a program at a time)."""
+    model, corpus = save_tiny_model("llama", tmp_path / "model"), write_corpus(tmp_path / "corpus")
+    sae = saelens_sae(tmp_path / "sae", HIDDEN, "blocks.1.hook_resid_post")
+    chosen: list[Backend] = []
+
+    def forced(device: torch.device, *options: object) -> Backend:
+        chosen.append(Backend.TRITON if triton else choose_backend(device, *options))
+        return chosen[-1]
+
+    monkeypatch.setattr(harvest_run, "choose_backend", forced)
+    stores = {}
+    for triton in (False, True):
+        stores[triton] = tmp_path / f"{triton}.duckdb"
+        harvest_run.harvest(HarvestConfig(
+            model=str(model), corpus=corpus, out=stores[triton], context_length=16, top_k=3, batch_size=5,
+            dtype="float32", device="cpu", progress=False, layers="none", resid="1", saes=[f"res1={sae}"],
+            intervals=4, per_interval=2, random_examples=0, seed=7, compile="off", logits=0, tokens=150))
+    assert chosen == [Backend.NATIVE, Backend.TRITON]
+    queries = ["SELECT source, layer, unit, example_kind, rank, context_id, max_position, max_activation, "
+               "interval_lo, activations FROM examples ORDER BY ALL",
+               "SELECT * EXCLUDE (mean, std) FROM statistics ORDER BY ALL", "SELECT * FROM histograms ORDER BY ALL",
+               "SELECT * FROM neighbours WHERE kind = 'cooccurrence' ORDER BY ALL"]
+    native_store, kernels_store = ([query(store, q) for q in queries] for store in stores.values())
+    assert len(native_store[0]) > 200 and {row[0] for row in native_store[0]} == {"resid", "sae:res1"}
+    assert native_store[3], "no co-occurrence was counted"
+    assert kernels_store == native_store
 
 
 def tied_batch(batch: int, tokens: int, units: int, seed: int, first_id: int) -> tuple[torch.Tensor, BatchView]:
