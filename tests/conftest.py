@@ -16,9 +16,9 @@ from helpers.synthetic_store import make_store
 # long one alone at the end; pytest-xdist hands whole modules out in this order (the Makefile turns off its own
 # reordering by test count).
 LONGEST_FIRST = ("test_end_to_end.py", "test_triton_kernels.py", "test_features.py", "test_browser.py",
-                 "test_resume.py", "test_scale_out.py", "test_site.py", "test_harvest.py", "test_ablation.py",
-                 "test_relations_site.py", "test_security_inputs.py", "test_attention.py", "test_cli.py",
-                 "test_map.py", "test_export.py", "test_annotate.py", "test_dictionary_formats.py",
+                 "test_resume.py", "test_scale_out.py", "test_triton_compile.py", "test_site.py", "test_harvest.py",
+                 "test_ablation.py", "test_relations_site.py", "test_security_inputs.py", "test_attention.py",
+                 "test_cli.py", "test_map.py", "test_export.py", "test_annotate.py", "test_dictionary_formats.py",
                  "test_model_cache.py", "test_steer_serve.py", "test_security_server.py", "test_fuzz_parsers.py")
 
 
