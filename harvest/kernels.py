@@ -196,7 +196,8 @@ def merge(top: TopK, scratch: Candidates, acts: torch.Tensor, view: BatchView, p
         count, rows, view.context_ids, acts, *acts.stride(), top.values, top.context_ids, top.positions, top.slots,
         top.slot_activations, batch, tokens, units, top.k, width,
         NEGATE=not largest, BLOCK_B=next_power_of_2(batch), BLOCK_K=next_power_of_2(top.k),
-        BLOCK_W=next_power_of_2(max(width, tokens)), CHUNK=min(_CHUNK, next_power_of_2(batch)))
+        BLOCK_W=next_power_of_2(max(width, tokens)), CHUNK=min(_CHUNK, next_power_of_2(batch)),
+        num_warps=warps(next_power_of_2(batch) * next_power_of_2(top.k)))
 
 
 def merge_samples(samples: Reservoir, acts: torch.Tensor, view: BatchView, passed: Passed, sparse: bool = False
@@ -209,12 +210,21 @@ def merge_samples(samples: Reservoir, acts: torch.Tensor, view: BatchView, passe
         _contiguous(samples, name)
     width = samples.activations.shape[-1]
     block_b, block_w = next_power_of_2(batch), next_power_of_2(max(width, tokens))
+    block_e = next_power_of_2(samples.n_bins * samples.per_bin)
     kernels.merge_samples[(units,)](
         passed.context_max, passed.max_at, view.keys, view.context_ids, acts, *acts.stride(), samples.exponent,
         samples.keys, samples.context_ids, samples.positions, samples.values, samples.activations, batch, tokens,
         units, width, N_BINS=samples.n_bins, PER=samples.per_bin, SPARSE=sparse, BLOCK_B=block_b,
-        BLOCK_E=next_power_of_2(samples.n_bins * samples.per_bin), BLOCK_W=block_w, CHUNK=min(_CHUNK, block_b),
-        ROWS=max(1, min(next_power_of_2(samples.n_bins * samples.per_bin), _TILE // block_w)))
+        BLOCK_E=block_e, BLOCK_W=block_w, CHUNK=min(_CHUNK, block_b), ROWS=max(1, min(block_e, _TILE // block_w)),
+        num_warps=warps(block_b * block_e))
+
+
+def warps(elements: int) -> int:
+    """Warps for a merge program whose widest comparison matrix has this many elements: 4 up to 2,048, 8 up to
+    8,192, else 16. With 4, a batch of 256 against a 20-entry list, or 64 contexts against 100 sample entries,
+    needs more than the 255 registers a thread has and spills to local memory (the cubins' resource usage:
+    bench/RESULTS.md, "GPU")."""
+    return 4 if elements <= 2048 else 8 if elements <= 8192 else 16
 
 
 def next_power_of_2(n: int) -> int:

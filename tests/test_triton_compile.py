@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow
 _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
           torch.int32: "i32", torch.uint8: "u8", torch.bool: "i1"}
 CPU = torch.device("cpu")
+LAUNCH_OPTIONS = ("num_warps", "num_stages")  # a launch's keywords that are not the kernel's constexprs
 
 
 def launches(dtype: torch.dtype, batch: int, sparse: bool, monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
@@ -92,14 +93,16 @@ def test_every_launch_compiles_for_the_gpu(sparse: bool, monkeypatch: pytest.Mon
     made = launches(torch.bfloat16, 64, sparse, monkeypatch)
     assert [kernel.__name__ for kernel, _, _ in made] == (
         ["fused_pass"] + ["merge_candidates"] * (1 if sparse else 2) + ["merge_samples"] * 2)
-    for kernel, args, constexprs in made:
+    for kernel, args, keywords in made:
         if sparse and kernel.__name__ == "merge_candidates":
             continue
-        source = compiler.ASTSource(kernel, signature(kernel, args, constexprs), constexprs)
+        options = {name: keywords.pop(name) for name in LAUNCH_OPTIONS if name in keywords}
+        source = compiler.ASTSource(kernel, signature(kernel, args, keywords), keywords)
         try:
-            compiled = triton.compile(source, target=backend.GPUTarget("cuda", 90, 32))
+            compiled = triton.compile(source, target=backend.GPUTarget("cuda", 90, 32), options=options)
         except (FileNotFoundError, RuntimeError) as err:  # a Triton without NVIDIA's ptxas
             if "ptxas" in str(err):
                 pytest.skip(f"Triton cannot compile for NVIDIA GPUs here: {err}")
             raise
         assert len(compiled.asm["cubin"]) > 1000, kernel.__name__
+        assert compiled.metadata.num_warps == options.get("num_warps", 4)
