@@ -123,10 +123,12 @@ def harvest_both(dtype: torch.dtype, settings: Settings, feed: list[tuple[torch.
 
 
 @case
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_the_kernels_keep_the_tensor_backends_state(dtype: torch.dtype) -> None:
     """Tied scores everywhere, BOS, padding, a unit that never fires, ranges growing by powers of two. (Strided
-    activations reach the kernels only in the fused-pass test: the graphs' buffer makes them dense first.)"""
+    activations reach the kernels only in the fused-pass test: the graphs' buffer makes them dense first. float16
+    reads as float32 does and is copied as bfloat16 is: it runs in the dictionary, edge-value and fused-pass
+    cases.)"""
     assert_same_state(*harvest_both(dtype, WIDE, batches(dtype, False)))
 
 
@@ -167,8 +169,8 @@ def test_nan_activations_never_enter_a_list_and_make_the_extremes_nan(dtype: tor
 
 
 @case
-@pytest.mark.parametrize("dtype, settings", [(torch.float32, WIDE), (torch.bfloat16, NARROW), (torch.float16, WIDE)],
-                         ids=["float32-wide", "bfloat16-narrow", "float16-wide"])
+@pytest.mark.parametrize("dtype, settings", [(torch.bfloat16, NARROW), (torch.float16, WIDE)],
+                         ids=["bfloat16-narrow", "float16-wide"])
 def test_dictionary_features_keep_the_sparse_tensor_backends_state(dtype: torch.dtype, settings: Settings) -> None:
     """Dictionary features through the kernels from the encode's dense output alone, against the tensor backend
     fed their non-zeros: only contexts that fire enter (a unit whose counted non-zeros are all negative, one
@@ -207,7 +209,7 @@ def test_dictionary_co_occurrence_under_the_kernels_counts_the_non_zeros() -> No
 @case
 def test_a_whole_harvest_through_the_kernels_writes_the_native_loops_store(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """A tiny llama's residual dimensions and a top-k SAE through the Harvester, its Reader and the store
+    """A tiny llama's top-k SAE through the Harvester, its Reader and the store
     writer with the kernels (the graphs' buffers, run eagerly on the CPU), against the native loops: the same
     lists, samples, statistics and histograms, and co-occurrence counted from the non-zeros asked of the encode
     (few units and tokens: the interpreter runs a program at a time)."""
@@ -225,7 +227,7 @@ def test_a_whole_harvest_through_the_kernels_writes_the_native_loops_store(tmp_p
         stores[triton] = tmp_path / f"{triton}.duckdb"
         harvest_run.harvest(HarvestConfig(
             model=str(model), corpus=corpus, out=stores[triton], context_length=16, top_k=3, batch_size=4,
-            dtype="float32", device="cpu", progress=False, layers="none", resid="1", saes=[f"res1={sae}"],
+            dtype="float32", device="cpu", progress=False, layers="none", saes=[f"res1={sae}"],
             intervals=4, per_interval=2, random_examples=0, seed=7, compile="off", logits=0, tokens=100))
     assert chosen == [Backend.NATIVE, Backend.TRITON]
     queries = ["SELECT source, layer, unit, example_kind, rank, context_id, max_position, max_activation, "
@@ -233,7 +235,7 @@ def test_a_whole_harvest_through_the_kernels_writes_the_native_loops_store(tmp_p
                "SELECT * EXCLUDE (mean, std) FROM statistics ORDER BY ALL", "SELECT * FROM histograms ORDER BY ALL",
                "SELECT * FROM neighbours WHERE kind = 'cooccurrence' ORDER BY ALL"]
     native_store, kernels_store = ([query(store, q) for q in queries] for store in stores.values())
-    assert len(native_store[0]) > 200 and {row[0] for row in native_store[0]} == {"resid", "sae:res1"}
+    assert len(native_store[0]) > 100 and {row[0] for row in native_store[0]} == {"sae:res1"}
     assert native_store[3], "no co-occurrence was counted"
     assert kernels_store == native_store
 
