@@ -215,16 +215,17 @@ def merge_samples(samples: Reservoir, acts: torch.Tensor, view: BatchView, passe
         passed.context_max, passed.max_at, view.keys, view.context_ids, acts, *acts.stride(), samples.exponent,
         samples.keys, samples.context_ids, samples.positions, samples.values, samples.activations, batch, tokens,
         units, width, N_BINS=samples.n_bins, PER=samples.per_bin, SPARSE=sparse, BLOCK_B=block_b,
-        BLOCK_E=block_e, BLOCK_W=block_w, CHUNK=min(_CHUNK, block_b), ROWS=max(1, min(block_e, _TILE // block_w)),
+        BLOCK_E=block_e, BLOCK_P=next_power_of_2(samples.per_bin), BLOCK_W=block_w, CHUNK=min(_CHUNK, block_b),
+        ROWS=max(1, min(block_e, _TILE // block_w)),
         num_warps=warps(block_b * block_e))
 
 
 def warps(elements: int) -> int:
     """Warps for a merge program whose widest comparison matrix has this many elements: 4 up to 2,048, 8 up to
-    8,192, else 16. With 4, a batch of 256 against a 20-entry list, or 64 contexts against 100 sample entries,
-    needs more than the 255 registers a thread has and spills to local memory (the cubins' resource usage:
-    bench/RESULTS.md, "GPU")."""
-    return 4 if elements <= 2048 else 8 if elements <= 8192 else 16
+    32,768, else 16. With 4, a batch of 256 against a 20-entry list, or 64 contexts against 100 sample entries,
+    needs more than the 255 registers a thread has and spills to local memory; 16 spilled more than 8 at 256 x
+    128 (the cubins' resource usage: bench/RESULTS.md, "GPU")."""
+    return 4 if elements <= 2048 else 8 if elements <= 32768 else 16
 
 
 def next_power_of_2(n: int) -> int:

@@ -210,7 +210,8 @@ def merge_samples(context_max, max_at, batch_keys, batch_ids, acts, stride_b, st
                   exponent, keys, context_ids, positions, values, activations,
                   batch, tokens, units, width,
                   N_BINS: tl.constexpr, PER: tl.constexpr, SPARSE: tl.constexpr, BLOCK_B: tl.constexpr,
-                  BLOCK_E: tl.constexpr, BLOCK_W: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr):
+                  BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_W: tl.constexpr, CHUNK: tl.constexpr,
+                  ROWS: tl.constexpr):
     """One program per unit u: Reservoir.update for its samples (N_BINS bins of PER entries, [u, :, :] of each
     state tensor), from context_max/max_at [batch, units] (each context's max, NaN where one is, and the first
     position reaching it). W grows first (kept entries re-binned in place), then the batch's candidates (firing,
@@ -271,16 +272,19 @@ def merge_samples(context_max, max_at, batch_keys, batch_ids, acts, stride_b, st
                     tl.store(activations + cells, row, mask=(move | (r >= n_kept))[:, None] & inside)
                     tl.debug_barrier()
         tl.debug_barrier()
-    kept = tl.load(keys + state + e, mask=in_state, other=0x7FFFFFFFFFFFFFFF)
-    kept_bin = (e // PER).to(tl.int64)
+    # Each context's bin's kept keys [contexts, PER] are read from memory (cached) rather than compared against
+    # every entry in registers: a [contexts x entries] matrix of int64 keys spills at 64 x 128
+    p = tl.arange(0, BLOCK_P)
+    in_place = p < PER
     key = tl.load(batch_keys + b, mask=in_batch, other=0)
     bin = sample_bin(x, tl.load(exponent + u), N_BINS)
+    bin_keys = tl.load(keys + state + bin[:, None] * PER + p[None, :], mask=in_batch[:, None] & in_place[None, :],
+                       other=-1)
     # a candidate fires and beats the largest kept key of its bin
-    worst = tl.max(tl.where(kept_bin[None, :] == bin[:, None], kept[None, :], -1), axis=1)
+    worst = tl.max(bin_keys, axis=1)
     candidate = in_batch & (x > 0) & (key < worst)
     if tl.sum(tl.where(candidate, 1, 0), axis=0) > 0:
-        in_bin = (kept_bin[None, :] == bin[:, None]) & in_state[None, :]
-        among_kept = tl.sum(tl.where(in_bin & (kept[None, :] < key[:, None]), 1, 0), axis=1)
+        among_kept = tl.sum(tl.where(in_place[None, :] & (bin_keys < key[:, None]), 1, 0), axis=1)
         among_batch = tl.zeros([BLOCK_B], tl.int32)
         for o0 in range(0, batch, CHUNK):
             o = o0 + tl.arange(0, CHUNK)
@@ -288,8 +292,8 @@ def merge_samples(context_max, max_at, batch_keys, batch_ids, acts, stride_b, st
             other_x = tl.load(context_max + o * units + u, mask=is_other, other=float("-inf"))
             other_key = tl.load(batch_keys + o, mask=is_other, other=0)
             other_bin = sample_bin(other_x, tl.load(exponent + u), N_BINS)
-            other_worst = tl.max(tl.where(kept_bin[None, :] == other_bin[:, None], kept[None, :],
-                                          -1), axis=1)
+            other_worst = tl.max(tl.load(keys + state + other_bin[:, None] * PER + p[None, :],
+                                         mask=is_other[:, None] & in_place[None, :], other=-1), axis=1)
             other_candidate = is_other & (other_x > 0) & (other_key < other_worst)
             smaller = (other_key[None, :] < key[:, None]) | ((other_key[None, :] == key[:, None]) &
                                                              (o[None, :] < b[:, None]))
@@ -298,9 +302,14 @@ def merge_samples(context_max, max_at, batch_keys, batch_ids, acts, stride_b, st
         enters = candidate & (among_kept + among_batch < PER)
         # The entering ones of a bin are its candidates of smallest keys (among_batch 0, 1, ...); the kept ones
         # they push out are its largest keys: the one of kept rank PER - 1 - among_batch makes room
-        same = (kept_bin[:, None] == kept_bin[None, :]) & in_state[None, :]
-        kept_rank = tl.sum(tl.where(same & ahead_of(kept, e), 1, 0), axis=1)
-        makes_room = in_bin & (kept_rank[None, :] == (PER - 1 - among_batch)[:, None])
+        kept = tl.load(keys + state + e, mask=in_state, other=0x7FFFFFFFFFFFFFFF)
+        kept_bin = e // PER
+        peer = kept_bin[:, None] * PER + p[None, :]  # [entries, PER]: the entries of each one's bin
+        peer_keys = tl.load(keys + state + peer, mask=in_state[:, None] & in_place[None, :], other=0)
+        ahead = (peer_keys < kept[:, None]) | ((peer_keys == kept[:, None]) & (peer < e[:, None]))
+        kept_rank = tl.sum(tl.where(in_place[None, :] & ahead, 1, 0), axis=1)
+        makes_room = ((kept_bin[None, :] == bin.to(tl.int32)[:, None]) & in_state[None, :]
+                      & (kept_rank[None, :] == (PER - 1 - among_batch)[:, None]))
         slot = tl.sum(tl.where(makes_room, e[None, :], 0), axis=1)
         tl.debug_barrier()  # every thread has read the kept keys before any is replaced
         tl.store(keys + state + slot, key, mask=enters)
