@@ -301,8 +301,11 @@ def test_an_incremental_build_keeps_the_maps(mapped: tuple[Path, dict], tmp_path
 # --- in a browser -------------------------------------------------------------------------------------------------
 
 def open_map(page: object, site: Path, fragment: str = "") -> None:
+    from playwright.sync_api import expect
+
     page.goto(map_page(site, "sae:res", 1).as_uri() + fragment)  # type: ignore[attr-defined]
-    page.wait_for_function("document.getElementById('map').getAttribute('data-points') !== '0'")  # type: ignore
+    # polled from the driver: wait_for_function would evaluate a string in the page, which its CSP forbids
+    expect(page.locator("#map")).not_to_have_attribute("data-points", "0")  # type: ignore[attr-defined]
 
 
 def point(page: object, unit: int) -> tuple[float, float]:
@@ -377,7 +380,7 @@ def test_the_unit_from_the_url_is_ringed_and_the_keyboard_works(page: object, ma
     expect(chosen).to_have_text("This map has no feature 4000.")
 
     page.goto(map_page(site, "sae:res", 1).as_uri() + "#unit=42")
-    page.wait_for_function("document.getElementById('map').getAttribute('data-selected') === '42'")
+    expect(page.locator("#map")).to_have_attribute("data-selected", "42")
     before = point(page, 42)
     page.focus("#map")
     page.keyboard.press("+")
