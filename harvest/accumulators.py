@@ -259,9 +259,7 @@ class TritonPairs(TritonLists):
     def update(self, acts: torch.Tensor, view: BatchView, nonzeros: torch.Tensor | None = None) -> None:
         super().update(acts, view)
         if self.cooccurrence is not None:
-            if nonzeros is None:
-                nonzeros = acts.contiguous().view(-1).nonzero().squeeze(1)
-            self.cooccurrence.update(nonzeros, view.counted)
+            self.cooccurrence.update(flat_nonzeros(acts) if nonzeros is None else nonzeros, view.counted)
 
 
 class TensorPairs(Accumulators):
@@ -279,7 +277,7 @@ class TensorPairs(Accumulators):
         self.statistics.count(view)
         acts = acts.contiguous()
         if nonzeros is None:
-            nonzeros = acts.view(-1).nonzero().squeeze(1)
+            nonzeros = flat_nonzeros(acts)
         self.update_pairs(acts, view, nonzeros)
         if self.cooccurrence is not None:  # from the same non-zeros: no pass over the dense activations
             self.cooccurrence.update(nonzeros, view.counted)
@@ -315,6 +313,11 @@ class NativePairs(TensorPairs):
             native.reservoir_update(reservoir, acts, index.scores, view, index)
 
 
+def flat_nonzeros(acts: torch.Tensor) -> torch.Tensor:
+    """A sparse source's flat non-zero indices into acts, where the encode did not give them."""
+    return acts.contiguous().view(-1).nonzero().squeeze(1)
+
+
 _DENSE = {Backend.TENSOR: TensorLists, Backend.NATIVE: NativeLists, Backend.FIXED: FixedShapes}
 _SPARSE = {Backend.NATIVE: NativePairs}
 
@@ -326,8 +329,8 @@ def make_accumulators(sources: list[UnitSource], settings: Settings, context_len
     graphs = GraphedUpdates(device) if settings.backend in (Backend.GRAPHS, Backend.TRITON) else None
     made: list[Accumulators] = []
     for key, (source, dtype) in enumerate(zip(sources, dtypes, strict=True)):
-        if source.sparse and graphs is not None and settings.backend is Backend.TRITON and settings.top_k \
-                and kernels.reads(dtype, device):
+        if source.sparse and settings.backend is Backend.TRITON and settings.top_k and kernels.reads(dtype, device):
+            assert graphs is not None
             made.append(TritonPairs(source, settings, context_length, device, dtype, graphs, key))
         elif source.sparse:
             made.append(_SPARSE.get(settings.backend, TensorPairs)(source, settings, context_length, device, dtype))

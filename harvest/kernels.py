@@ -174,8 +174,7 @@ def fused_pass(acts: torch.Tensor, view: BatchView, statistics: Statistics, top:
         context_max, context_min, max_at, min_at, partial, statistics.counts,
         top.values, top_count, top_rows, bottom_list.values, bottom_count, bottom_rows, batch, tokens, units, top.k,
         bottom_list.k, BF16=acts.dtype == torch.bfloat16, BOTTOM=bottom_list is not top, SPARSE=statistics.sparse,
-        HALF=HALF,
-        FIRST_CODE=FIRST_CODE, BLOCK_T=min(_BLOCK_T, next_power_of_2(tokens)), BLOCK_U=block_u)
+        HALF=HALF, FIRST_CODE=FIRST_CODE, BLOCK_T=min(_BLOCK_T, next_power_of_2(tokens)), BLOCK_U=block_u)
     sums = [partial[0].sum(dim=0, dtype=torch.float64), partial[1].sum(dim=0, dtype=torch.float64),
             partial[2].sum(dim=0, dtype=torch.float64).long()]
     return Passed(context_max, context_min, max_at, min_at, sums)
@@ -216,15 +215,13 @@ def merge_samples(samples: Reservoir, acts: torch.Tensor, view: BatchView, passe
         samples.keys, samples.context_ids, samples.positions, samples.values, samples.activations, batch, tokens,
         units, width, N_BINS=samples.n_bins, PER=samples.per_bin, SPARSE=sparse, BLOCK_B=block_b,
         BLOCK_E=block_e, BLOCK_P=next_power_of_2(samples.per_bin), BLOCK_W=block_w, CHUNK=min(_CHUNK, block_b),
-        ROWS=max(1, min(block_e, _TILE // block_w)),
-        num_warps=warps(block_b * block_e))
+        ROWS=max(1, min(block_e, _TILE // block_w)), num_warps=warps(block_b * block_e))
 
 
 def warps(elements: int) -> int:
     """Warps for a merge program whose widest comparison matrix has this many elements: 4 up to 2,048, 8 up to
-    32,768, else 16. With 4, a batch of 256 against a 20-entry list, or 64 contexts against 100 sample entries,
-    needs more than the 255 registers a thread has and spills to local memory; 16 spilled more than 8 at 256 x
-    128 (the cubins' resource usage: bench/RESULTS.md, "GPU")."""
+    32,768, else 16, so that a large batch's comparisons fit a thread's registers instead of spilling to local
+    memory (chosen from the compiled kernels' resource usage: bench/RESULTS.md, "GPU")."""
     return 4 if elements <= 2048 else 8 if elements <= 32768 else 16
 
 

@@ -273,7 +273,7 @@ def merge_samples(context_max, max_at, batch_keys, batch_ids, acts, stride_b, st
                     tl.debug_barrier()
         tl.debug_barrier()
     # Each context's bin's kept keys [contexts, PER] are read from memory (cached) rather than compared against
-    # every entry in registers: a [contexts x entries] matrix of int64 keys spills at 64 x 128
+    # every entry in registers, where a [contexts x entries] matrix of int64 keys would not fit
     p = tl.arange(0, BLOCK_P)
     in_place = p < PER
     key = tl.load(batch_keys + b, mask=in_batch, other=0)
