@@ -22,6 +22,7 @@ from featureatlas.harvest.sources import dictionary_sources, mlp_sources
 from featureatlas.harvest.train_sae import TrainResult, save_saelens_folder
 from featureatlas.load.dictionaries import Dictionary, load_dictionaries
 
+from helpers.browser import expect
 from helpers.tiny_models import MODEL_TYPES, save_tiny_model, write_corpus
 
 GQA = {"num_attention_heads": 4, "num_key_value_heads": 2, "attention_bias": True}  # two query heads per kv head
@@ -385,7 +386,7 @@ def test_a_heads_page_shows_where_it_looked_with_tooltips(page: object, site: Pa
     assert disclosure.locator(".ctx").count() == 0  # drawn when first opened
     disclosure.locator("summary").click()
     rows = disclosure.locator(".ctx")
-    assert rows.count() == 2
+    expect(rows).to_have_count(2)  # drawn on the disclosure's toggle event, a task after the click
     assert disclosure.locator(".attn-label").all_text_contents() == ["Attention weight", "Share of the write"]
     tokens = rows.nth(0).locator("b")
     assert tokens.last.get_attribute("class").split().count("m") == 1  # the max token, marked, ends the row
@@ -421,7 +422,7 @@ def test_a_heads_page_shows_where_it_looked_with_tooltips(page: object, site: Pa
     open_unit(page, site, "sae-z1/1", int(first_firing_feature(harvested)))
     disclosure = page.locator("#top .ex details.attn").first  # type: ignore[attr-defined]
     disclosure.locator("summary").click()
-    assert disclosure.locator(".attn-label").all_text_contents() == ["Direct attribution"]
+    expect(disclosure.locator(".attn-label")).to_have_text(["Direct attribution"])
     text = tooltip_of(page, disclosure.locator(".ctx b").last)
     assert re.search(r"attribution [+-]?\S+ \u00b7 -?[\d.e-]+% of the pre-activation", text), text
     assert page.problems == [] and page.evaluate("window.__problems") == []  # type: ignore[attr-defined]

@@ -95,7 +95,7 @@ CRAWL = """async (units) => {
 
 # Tabs that draw the units side by side: one tab mostly waits for its frames; the others' drawing fills the wait.
 TABS = 4
-DRAW_ALL, DRAW_EVERY = 64, 24  # units drawn per page: the first DRAW_ALL, then every DRAW_EVERY-th
+DRAW_ALL, DRAW_EVERY = 32, 48  # units drawn per page: the first DRAW_ALL, then every DRAW_EVERY-th
 
 
 @pytest.mark.browser
