@@ -173,18 +173,20 @@ class NativeLists(TensorLists):
     def update_lists(self, acts: torch.Tensor, view: BatchView) -> None:
         if not native.reads(acts, self.top.slot_activations):
             return super().update_lists(acts, view)
-        if acts.stride(-1) == 1:
-            context_max, context_min, *sums = native.reduce(acts, view.counted)
+        gathered = None
+        if acts.stride(-1) == 1:  # the entering rows gathered by the reduction, while each context is in cache
+            (context_max, context_min, *sums), gathered = native.reduce_and_gather(acts, view, self.top, self.bottom,
+                                                                                   self.reservoirs)
         else:  # units not innermost: the loops' lists read any strides, their reduction does not
             context_max, context_min, *sums = self.kernels.reduce(acts, view.counted, view.first_counted,
                                                                   view.padded)
-        native.topk_update(self.top, acts, context_max, view, True)
+        native.topk_update(self.top, acts, context_max, view, True, gathered)
         if self.bottom is not None:
-            native.topk_update(self.bottom, acts, -context_min, view, False)
+            native.topk_update(self.bottom, acts, -context_min, view, False, gathered)
         self.statistics.update(context_max, context_min, sums)
         native.histogram_update(self.statistics, acts, view)
         for reservoir in self.reservoirs:
-            native.reservoir_update(reservoir, acts, context_max, view)
+            native.reservoir_update(reservoir, acts, context_max, view, gathered)
 
 
 class FixedShapes(Accumulators):

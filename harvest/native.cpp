@@ -86,26 +86,41 @@ struct Copy {
   int64_t b, u, index;
 };
 
-// Where entering contexts' rows come from: the dense [batch, tokens, units] activations, or (pairs set) a sparse
-// source's non-zeros grouped by (batch row, unit) pair, as sparse_index lists them; a row is zero elsewhere.
+// Where entering contexts' rows come from: the dense [batch, tokens, units] activations; or (pairs set) a sparse
+// source's non-zeros grouped by (batch row, unit) pair, as sparse_index lists them, a row zero elsewhere; or
+// (pairs set, starts not) whole rows the reduction gathered while each context was in cache (Gather), a row not
+// among them read from the dense activations.
 struct Rows {
   Acts a;
   const int64_t* pairs;      // [n_pairs] ascending: b * units + u
   int64_t n_pairs;
-  const int64_t* starts;     // [n_pairs + 1]: each pair's range of positions and bits
+  const int64_t* starts;     // [n_pairs + 1]: each pair's range of positions and bits; null: gathered rows
   const int64_t* positions;  // ascending within a pair
-  const char* bits;          // the values, a.item bytes each
+  const char* bits;          // the values, a.item bytes each (gathered: [n_pairs, tokens])
+  const int64_t* extremes;   // gathered: [n_pairs, 2], the positions of each row's max and min
 
-  // A sparse source's row (b, u) into out, zero where it has no non-zero and past the tokens up to width; returns
-  // its extreme_position.
+  // Row (b, u) of a sparse source or of gathered rows into out, zero past the tokens up to width; returns its
+  // extreme_position.
   int64_t copy_pair(const uint8_t* counted, int64_t first, int64_t b, int64_t u, char* out, int64_t width,
                     bool largest) const {
-    std::memset(out, 0, width * a.item);
     const int64_t pair = b * a.units + u;
     const int64_t* at = std::lower_bound(pairs, pairs + n_pairs, pair);
-    if (at != pairs + n_pairs && *at == pair)
-      for (int64_t j = starts[at - pairs]; j < starts[at - pairs + 1]; ++j)
-        copy_item(out + positions[j] * a.item, bits + j * a.item, a.item);
+    const bool found = at != pairs + n_pairs && *at == pair;
+    if (starts == nullptr) {
+      if (width > a.tokens) std::memset(out + a.tokens * a.item, 0, (width - a.tokens) * a.item);
+      if (found) {
+        std::memcpy(out, bits + (at - pairs) * a.tokens * a.item, a.tokens * a.item);
+        const int64_t position = extremes[(at - pairs) * 2 + (largest ? 0 : 1)];
+        return position < 0 ? first : position;
+      }
+      for (int64_t t = 0; t < a.tokens; ++t)
+        copy_item(out + t * a.item, a.data + (b * a.sb + t * a.st + u * a.su) * a.item, a.item);
+    } else {
+      std::memset(out, 0, width * a.item);
+      if (found)
+        for (int64_t j = starts[at - pairs]; j < starts[at - pairs + 1]; ++j)
+          copy_item(out + positions[j] * a.item, bits + j * a.item, a.item);
+    }
     return extreme_position(a, counted, first, b, out, largest);
   }
 
@@ -175,6 +190,58 @@ float power_of_two(int64_t exponent) {  // as reservoir._power_of_two: exact, fr
   return v;
 }
 
+// Which of n_bins equal parts of [0, W) a context max x > 0 falls in, for one unit's W = 2^exponent: x scaled by
+// 2^min(-exponent, 126) rounded once to float32, then as reservoir._bin (whose two exact float steps round the
+// same way: they differ only below 2^-126, in bin 0 either way).
+struct Binning {
+  double factor;
+  int64_t n_bins;
+  Binning(int64_t exponent, int64_t bins) : factor(std::ldexp(1.0, int(std::min<int64_t>(-exponent, 126)))),
+                                            n_bins(bins) {}
+  int64_t of(float x) const {
+    if (n_bins == 1) return 0;
+    const float y = std::floor(float(double(x) * factor) * float(n_bins));
+    return y < 0 ? 0 : y > float(n_bins - 1) ? n_bins - 1 : int64_t(y);
+  }
+};
+
+// Each bin's largest kept key (the first slot holding it: the entry a smaller key replaces).
+void worst_of(const int64_t* keys, int64_t n_bins, int64_t per, int64_t* worst, int64_t* slot) {
+  for (int64_t bin = 0; bin < n_bins; ++bin) {
+    int64_t at = bin * per;
+    for (int64_t j = at + 1; j < (bin + 1) * per; ++j)
+      if (keys[j] > keys[at]) at = j;
+    worst[bin] = keys[at];
+    if (slot != nullptr) slot[bin] = at;
+  }
+}
+
+// What the reduction needs to gather the rows that may enter a list or sample, judged against each list's state as
+// the batch starts: a context beating its unit's k-th score, or firing with a key below the largest kept in its
+// bin (bins only merge as W grows, which keeps or lowers that key; a context that grows W beats every kept score,
+// and so the top list's). A superset of the rows the merges copy: they read them from here, in cache, instead of
+// from the whole layer.
+struct Gather {
+  std::vector<float> top, bottom;  // [units]: the k-th kept score (+inf: no list)
+  struct Sample {
+    std::vector<Binning> binning;  // [units]
+    std::vector<int64_t> worst;    // [units, bins]
+  };
+  std::vector<Sample> samples;
+  const int64_t* batch_keys;  // [batch]
+  int64_t* pairs;             // out: [batch * units] capacity, b * units + u ascending per thread
+  char* rows;                 // out: [batch * units, tokens] capacity
+  int64_t* extremes;          // out: [batch * units, 2] capacity: each row's extreme_position, of its max and min
+
+  bool enters(int64_t b, int64_t u, float high, float low) const {
+    if (high > top[u] || -low > bottom[u]) return true;
+    if (!(high > 0)) return false;
+    for (const Sample& s : samples)
+      if (batch_keys[b] < s.worst[u * s.binning[u].n_bins + s.binning[u].of(high)]) return true;
+    return false;
+  }
+};
+
 struct Samples {  // one unit's reservoir: [bins, per] entries, each with [width] activations
   int64_t bins, per, width, item;
   int64_t* keys;
@@ -240,13 +307,18 @@ void accumulate_rows(const T* const* rows, int64_t units, float* __restrict high
   }
 }
 
+// Contexts b0 to b1: their extremes into context_max and context_min, their sums added to sum, squares and
+// firing; with a Gather, each context's rows that may enter a list copied out while it is in cache, into slots
+// from b0 * units on. Returns the number gathered.
 template <typename T>
-void reduce_rows(const T* data, int64_t b0, int64_t b1, int64_t tokens, int64_t units, int64_t sb, int64_t st,
-                 const uint8_t* counted, float* context_max, float* context_min, double* sum, double* squares,
-                 int64_t* firing) {
+int64_t reduce_rows(const T* data, int64_t b0, int64_t b1, int64_t tokens, int64_t units, int64_t sb, int64_t st,
+                    const uint8_t* counted, float* context_max, float* context_min, double* sum, double* squares,
+                    int64_t* firing, const Gather* gather) {
   std::vector<float> s1(units), s2(units);
   std::vector<int32_t> fires(units);
   std::vector<const T*> rows;
+  std::vector<int64_t> entering;
+  int64_t gathered = 0;
   for (int64_t b = b0; b < b1; ++b) {
     float* high = context_max + b * units;
     float* low = context_min + b * units;
@@ -274,7 +346,31 @@ void reduce_rows(const T* data, int64_t b0, int64_t b1, int64_t tokens, int64_t 
       squares[u] += s2[u];
       firing[u] += fires[u];
     }
+    if (gather == nullptr) continue;
+    entering.clear();
+    for (int64_t u = 0; u < units; ++u)
+      if (gather->enters(b, u, high[u], low[u])) entering.push_back(u);
+    const int64_t slot = b0 * units + gathered;
+    T* out = reinterpret_cast<T*>(gather->rows) + slot * tokens;
+    int64_t* at = gather->extremes + slot * 2;
+    const size_t n = entering.size();
+    const T* block = data + b * sb;
+    for (size_t i = 0; i < n; ++i) {  // each row's tokens: independent loads from the block in cache
+      const int64_t u = entering[i];
+      T* to = out + i * tokens;
+      for (int64_t t = 0; t < tokens; ++t) to[t] = block[t * st + u];
+      const uint8_t* c = counted + b * tokens;
+      int64_t t = 0;  // the first counted positions holding the max and the min
+      while (t < tokens && !(c[t] && to_float(to[t]) == high[u])) ++t;
+      at[2 * i] = t < tokens ? t : -1;
+      t = 0;
+      while (t < tokens && !(c[t] && to_float(to[t]) == low[u])) ++t;
+      at[2 * i + 1] = t < tokens ? t : -1;
+    }
+    for (size_t i = 0; i < n; ++i) gather->pairs[slot + i] = b * units + entering[i];
+    gathered += n;
   }
+  return gathered;
 }
 
 // histogram_update's loop for one element type. Each token's columns are worked out first, in a loop that
@@ -324,12 +420,13 @@ extern "C" {
 // to the lower id.
 void topk_update(const void* acts, int dtype, int64_t item, int64_t batch, int64_t tokens, int64_t units,
                  int64_t sb, int64_t st, int64_t su, const int64_t* pairs, int64_t n_pairs, const int64_t* starts,
-                 const int64_t* pair_positions, const void* pair_bits, const float* scores, int64_t ssb,
+                 const int64_t* pair_positions, const void* pair_bits, const int64_t* pair_extremes,
+                 const float* scores, int64_t ssb,
                  int64_t ssu, const uint8_t* counted, int64_t first, const int64_t* batch_ids, int largest, int64_t k,
                  int64_t width, float* values, int64_t* ids, int64_t* positions, int64_t* slots, void* slot_acts,
                  int threads) {
   const Rows source{{static_cast<const char*>(acts), dtype, item, batch, tokens, units, sb, st, su}, pairs, n_pairs,
-                    starts, pair_positions, static_cast<const char*>(pair_bits)};
+                    starts, pair_positions, static_cast<const char*>(pair_bits), pair_extremes};
 #pragma omp parallel num_threads(threads)
   {
     std::vector<int64_t> rows;          // contexts beating the k-th score as the batch starts (the bar only rises)
@@ -383,16 +480,18 @@ void topk_update(const void* acts, int dtype, int64_t item, int64_t batch, int64
 void reservoir_update(const void* acts, int dtype, int64_t item, int64_t batch, int64_t tokens, int64_t units,
                       int64_t sb, int64_t st, int64_t su, const int64_t* pairs, int64_t n_pairs,
                       const int64_t* starts, const int64_t* pair_positions, const void* pair_bits,
+                      const int64_t* pair_extremes,
                       const float* context_max, int64_t ssb, int64_t ssu, const uint8_t* counted, int64_t first,
                       const int64_t* batch_ids, const int64_t* batch_keys, int64_t n_bins, int64_t per,
                       int64_t width, int64_t* exponent, int64_t* keys, int64_t* ids, int64_t* positions,
                       float* values, void* sample_acts, int threads) {
   const Rows source{{static_cast<const char*>(acts), dtype, item, batch, tokens, units, sb, st, su}, pairs, n_pairs,
-                    starts, pair_positions, static_cast<const char*>(pair_bits)};
+                    starts, pair_positions, static_cast<const char*>(pair_bits), pair_extremes};
   const int64_t n = n_bins * per;
 #pragma omp parallel num_threads(threads)
   {
     std::vector<int64_t> from_row(n);  // per entry: the batch row of an entry from this batch, else -1
+    std::vector<int64_t> worst(n_bins), worst_slot(n_bins);  // per bin: its largest kept key, and where
     std::vector<Copy> copies, scratch;  // only the entries that stay are copied, once the thread's units merged
     std::vector<int64_t> start;
 #pragma omp for schedule(static) nowait
@@ -418,26 +517,20 @@ void reservoir_update(const void* acts, int dtype, int64_t item, int64_t batch, 
           for (int64_t i = 0; fired_before && i < doublings; ++i) s.merge_pairs();
         }
       }
-      const int64_t scale = std::min<int64_t>(-exponent[u], 126);
-      const int64_t half = scale >= 0 ? scale / 2 : -((-scale + 1) / 2);  // floor division
+      const Binning binning(exponent[u], n_bins);
+      worst_of(s.keys, n_bins, per, worst.data(), worst_slot.data());
       for (int64_t b = 0; b < batch; ++b) {
         const float x = context_max[b * ssb + u * ssu];
         if (!(x > 0)) continue;
-        int64_t bin = 0;
-        if (n_bins > 1) {
-          float y = x * power_of_two(half);
-          y = y * power_of_two(scale - half);
-          y = std::floor(y * float(n_bins));
-          bin = y < 0 ? 0 : y > float(n_bins - 1) ? n_bins - 1 : int64_t(y);
-        }
-        int64_t worst = bin * per;  // the entry with the largest key (the first of equals)
-        for (int64_t j = bin * per + 1; j < (bin + 1) * per; ++j)
-          if (s.keys[j] > s.keys[worst]) worst = j;
-        if (!(batch_keys[b] < s.keys[worst])) continue;
-        s.keys[worst] = batch_keys[b];
-        s.ids[worst] = batch_ids[b];
-        s.values[worst] = x;
-        from_row[worst] = b;
+        const int64_t bin = binning.of(x);
+        if (!(batch_keys[b] < worst[bin])) continue;
+        const int64_t at = worst_slot[bin];
+        s.keys[at] = batch_keys[b];
+        s.ids[at] = batch_ids[b];
+        s.values[at] = x;
+        from_row[at] = b;
+        worst_of(s.keys + bin * per, 1, per, &worst[bin], &worst_slot[bin]);
+        worst_slot[bin] += bin * per;
       }
       for (int64_t j = 0; j < n; ++j)
         if (from_row[j] >= 0) copies.push_back({from_row[j], u, j});
@@ -465,24 +558,50 @@ void histogram_update(const void* acts, int dtype, int64_t /*item*/, int64_t bat
 
 // Per-context extremes and per-unit sums of dense units (reductions.reduce_eager's results): for each context,
 // the max and min over its counted positions (-inf and inf where none, NaN where one is NaN); per unit, the counted
-// tokens' sum and sum
-// of squares (in double: float32 within a context, then added up) and firing count (activation > 0). The units
-// must be innermost (unit stride 1), so each thread streams whole rows of its own contexts.
-void reduce(const void* acts, int dtype, int64_t batch, int64_t tokens, int64_t units, int64_t sb, int64_t st,
-            const uint8_t* counted, float* context_max, float* context_min, double* sum, double* squares,
-            int64_t* firing, int threads) {
+// tokens' sum and sum of squares (in double: float32 within a context, then added up) and firing count
+// (activation > 0). The units must be innermost (unit stride 1), so each thread streams whole rows of its own
+// contexts.
+//
+// With `pairs` set, it also gathers the rows that may enter a list or sample (see Gather: top is the top list's kept
+// scores, bottom the bottom list's or null, samples_* the reservoirs' states, n_samples of them), each context's while its
+// block is in cache: pairs (b * units + u, ascending), their rows [n, tokens] in the activations' dtype and the
+// positions of each one's max and min [n, 2] (extreme_position's), each with room for batch * units. Returns how many (0 without pairs): topk_update and reservoir_update read them.
+int64_t reduce(const void* acts, int dtype, int64_t item, int64_t batch, int64_t tokens, int64_t units, int64_t sb,
+               int64_t st, const uint8_t* counted, float* context_max, float* context_min, double* sum,
+               double* squares, int64_t* firing, const float* top, int64_t top_k, const float* bottom,
+               int64_t bottom_k, int n_samples, const int64_t* samples_bins, const int64_t* samples_per,
+               const int64_t* const* samples_exponent, const int64_t* const* samples_keys,
+               const int64_t* batch_keys, int64_t* pairs, void* rows, int64_t* extremes, int threads) {
+  const float inf = std::numeric_limits<float>::infinity();
+  Gather gather{std::vector<float>(units, inf), std::vector<float>(units, inf), {}, batch_keys, pairs,
+                static_cast<char*>(rows), extremes};
+  for (int64_t u = 0; pairs != nullptr && u < units; ++u) {
+    if (top != nullptr) gather.top[u] = top[u * top_k + top_k - 1];
+    if (bottom != nullptr) gather.bottom[u] = bottom[u * bottom_k + bottom_k - 1];
+  }
+  for (int r = 0; pairs != nullptr && r < n_samples; ++r) {
+    const int64_t bins = samples_bins[r], per = samples_per[r];
+    Gather::Sample& s = gather.samples.emplace_back();
+    s.worst.resize(units * bins);
+    for (int64_t u = 0; u < units; ++u) {
+      s.binning.emplace_back(samples_exponent[r][u], bins);
+      worst_of(samples_keys[r] + u * bins * per, bins, per, s.worst.data() + u * bins, nullptr);
+    }
+  }
   // Each thread sums its own contexts into its own row; the rows are added in thread order (deterministic).
   std::vector<double> sums(size_t(threads) * units * 2, 0.0);
   std::vector<int64_t> fires(size_t(threads) * units, 0);
+  std::vector<int64_t> gathered(threads, 0), first_slot(threads, 0);
 #pragma omp parallel num_threads(threads)
   {
     const auto [me, b0, b1] = my_share(batch);
     double* my_sum = sums.data() + size_t(me) * units * 2;
     double* my_squares = my_sum + units;
     int64_t* my_fires = fires.data() + size_t(me) * units;
-    by_dtype(acts, dtype, [&](auto data) {
-      reduce_rows(data, b0, b1, tokens, units, sb, st, counted, context_max, context_min, my_sum, my_squares,
-                  my_fires);
+    first_slot[me] = b0 * units;
+    gathered[me] = by_dtype(acts, dtype, [&](auto data) {
+      return reduce_rows(data, b0, b1, tokens, units, sb, st, counted, context_max, context_min, my_sum,
+                         my_squares, my_fires, pairs != nullptr ? &gather : nullptr);
     });
   }
   for (int me = 0; me < threads; ++me)
@@ -491,6 +610,17 @@ void reduce(const void* acts, int dtype, int64_t batch, int64_t tokens, int64_t 
       squares[u] += sums[size_t(me) * units * 2 + units + u];
       firing[u] += fires[size_t(me) * units + u];
     }
+  int64_t n = 0;  // each thread's gathered rows moved down after the ones before
+  for (int me = 0; me < threads; ++me) {
+    if (n != first_slot[me]) {
+      std::memmove(pairs + n, pairs + first_slot[me], gathered[me] * sizeof(int64_t));
+      std::memmove(gather.rows + n * tokens * item, gather.rows + first_slot[me] * tokens * item,
+                   gathered[me] * tokens * item);
+      std::memmove(extremes + n * 2, extremes + first_slot[me] * 2, gathered[me] * 2 * sizeof(int64_t));
+    }
+    n += gathered[me];
+  }
+  return n;
 }
 
 // A sparse source's non-zeros (nonzeros: flat indices into [batch, tokens, units], by ascending position, as

@@ -3,10 +3,13 @@ bottom-k, samples and histogram, one loop per list and layer, and sparse units' 
 
 The tensor code in topk.py and reservoir.py spends some forty small operations per list and layer, each paying
 dispatch on a few hundred candidates: with every layer's neurons and residual dimensions that is most of a
-batch's update time on a CPU. The loop walks each unit's batch column once, then copies the contexts that stay,
-context by context (each context's block is read once, while in cache, for all its units). The histogram's loop
+batch's update time on a CPU. The reduction streams each thread's contexts row by row, needing no torch.compile;
+as it finishes a context it copies out the rows that may enter a list or sample (judged against the lists as the
+batch starts), with the positions of their max and min, while the context's block is still in cache
+(reduce_and_gather). Each list's loop then walks each unit's batch column once and copies the contexts that stay
+from those rows, where reading them from the whole layer missed the cache for every token. The histogram's loop
 counts each sampled token straight into its column, where the tensor code builds a column index per token, then
-scatters. The reduction streams each thread's contexts row by row, needing no torch.compile.
+scatters.
 It is built with the system's C++ compiler at first use (plain C ABI, no torch headers) into the featureatlas
 cache, keyed by its source, the compiler and the CPU, and called through ctypes. Where none builds (no compiler),
 or for dtypes it does not read, the tensor code runs instead, as it always does on GPUs. Both give the same
@@ -23,6 +26,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -67,12 +71,14 @@ def library() -> ctypes.CDLL | None:
               "updating neurons and residual dimensions with tensor operations instead (slower on CPU)",
               file=sys.stderr)
         return None
-    rows = [_PTR, ctypes.c_int] + [_I64] * 7 + [_PTR, _I64, _PTR, _PTR, _PTR]  # _rows_args
+    rows = [_PTR, ctypes.c_int] + [_I64] * 7 + [_PTR, _I64, _PTR, _PTR, _PTR, _PTR]  # _rows_args
     lib.topk_update.argtypes = rows + [_PTR, _I64, _I64, _PTR, _I64, _PTR, ctypes.c_int, _I64, _I64, _PTR, _PTR,
                                        _PTR, _PTR, _PTR, ctypes.c_int]
     lib.sparse_index.argtypes = [_PTR, ctypes.c_int] + [_I64] * 4 + [_PTR, _I64] + [_PTR] * 9
     lib.sparse_index.restype = _I64
-    lib.reduce.argtypes = [_PTR, ctypes.c_int] + [_I64] * 5 + [_PTR] * 6 + [ctypes.c_int]
+    lib.reduce.argtypes = ([_PTR, ctypes.c_int] + [_I64] * 6 + [_PTR] * 6 + [_PTR, _I64, _PTR, _I64, ctypes.c_int]
+                           + [_PTR] * 8 + [ctypes.c_int])
+    lib.reduce.restype = _I64
     lib.histogram_update.argtypes = [_PTR, ctypes.c_int] + [_I64] * 7 + [_PTR, _PTR, _I64, _I64, _I64, _PTR,
                                                                          ctypes.c_int]
     lib.reservoir_update.argtypes = rows + [_PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR,
@@ -125,16 +131,65 @@ def reduce(acts: torch.Tensor, counted: torch.Tensor) -> tuple[torch.Tensor, ...
     """reductions.reduce_eager's results for activations whose units are innermost (reads(acts) and unit stride
     1): context max and min [batch, units] (float32), the counted tokens' sum and sum of squares (float64) and
     firing count [units]."""
+    return _reduce(acts, counted, None)[0]
+
+
+class Gathered(NamedTuple):
+    """Rows the reduction copied out of the batch while each context was in cache: every (batch row, unit) that
+    may enter a list or sample (native.cpp's Gather), for the merges to copy from instead of the whole layer."""
+    pairs: torch.Tensor     # [n] int64 ascending: row * units + unit
+    rows: torch.Tensor      # [n, tokens] in the activations' dtype
+    extremes: torch.Tensor  # [n, 2] int64: the first counted positions of each row's max and min (-1: none)
+
+
+def reduce_and_gather(acts: torch.Tensor, view: BatchView, top: TopK, bottom: TopK | None,
+                      samples: list[Reservoir]) -> tuple[tuple[torch.Tensor, ...], Gathered]:
+    """reduce's results, and the rows that may enter `top`, `bottom` (minus the context min its score) or a
+    sample as the lists stand before this batch's merges: pass them to topk_update and reservoir_update."""
+    for part in (top, bottom, *samples):
+        if part is not None:
+            _contiguous(part, part.STATE)
+    return _reduce(acts, view.counted, (view, top, bottom, samples))  # type: ignore[return-value]
+
+
+def _reduce(acts: torch.Tensor, counted: torch.Tensor, gather: tuple | None
+            ) -> tuple[tuple[torch.Tensor, ...], Gathered | None]:
     lib = _loaded()
     batch, tokens, units = acts.shape
     high, low = torch.empty((batch, units)), torch.empty((batch, units))
     sums, squares = torch.zeros(units, dtype=torch.float64), torch.zeros(units, dtype=torch.float64)
     firing = torch.zeros(units, dtype=torch.int64)
     counted = counted.contiguous()
-    lib.reduce(acts.data_ptr(), _DTYPES[acts.dtype], batch, tokens, units, acts.stride(0), acts.stride(1),
-               counted.data_ptr(), high.data_ptr(), low.data_ptr(), sums.data_ptr(), squares.data_ptr(),
-               firing.data_ptr(), torch.get_num_threads())
-    return high, low, sums, squares, firing
+    lists: tuple = (0,) * 13
+    if gather is not None:
+        view, top, bottom, samples = gather
+        pairs, rows, extremes = _scratch(batch * units, tokens, acts.dtype)
+        arrays = [(ctypes.c_int64 * 2)(*(getattr(s, name) for s in samples)) for name in ("n_bins", "per_bin")]
+        arrays += [(ctypes.c_void_p * 2)(*(getattr(s, name).data_ptr() for s in samples))
+                   for name in ("exponent", "keys")]
+        lists = (top.values.data_ptr(), top.k, bottom.values.data_ptr() if bottom is not None else 0,
+                 bottom.k if bottom is not None else 0, len(samples), *arrays, view.keys.contiguous().data_ptr(),
+                 pairs.data_ptr(), rows.data_ptr(), extremes.data_ptr())
+    n = lib.reduce(acts.data_ptr(), _DTYPES[acts.dtype], acts.element_size(), batch, tokens, units, acts.stride(0),
+                   acts.stride(1), counted.data_ptr(), high.data_ptr(), low.data_ptr(), sums.data_ptr(),
+                   squares.data_ptr(), firing.data_ptr(), *lists, torch.get_num_threads())
+    reduced = (high, low, sums, squares, firing)
+    if gather is None:
+        return reduced, None
+    return reduced, Gathered(pairs[:n], rows[:n * tokens].view(n, tokens), extremes[:n])
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(pairs: int, tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This thread's buffers for up to `pairs` gathered rows, grown as needed and reused by every layer (each
+    layer's merges are done with them before the next layer's reduction)."""
+    held = getattr(_SCRATCH, "buffers", None)
+    if held is None or held[0].numel() < pairs or held[1].numel() < pairs * tokens or held[1].dtype != dtype:
+        held = _SCRATCH.buffers = (torch.empty(pairs, dtype=torch.int64), torch.empty(pairs * tokens, dtype=dtype),
+                                   torch.empty((pairs, 2), dtype=torch.int64))
+    return held
 
 
 class SparseIndex(NamedTuple):
@@ -171,9 +226,10 @@ def sparse_index(acts: torch.Tensor, nonzeros: torch.Tensor, counted: torch.Tens
 
 
 def topk_update(top: TopK, acts: torch.Tensor, scores: torch.Tensor, view: BatchView, largest: bool,
-                index: SparseIndex | None = None) -> None:
-    """TopK.update's merge for dense units: scores [batch, units] float32 (each context's max, or minus its min).
-    With a sparse source's index, TopK.update_pairs': scores are index.scores, rows come from its pairs."""
+                index: SparseIndex | Gathered | None = None) -> None:
+    """TopK.update's merge for dense units: scores [batch, units] float32 (each context's max, or minus its min),
+    rows copied from acts or from what reduce_and_gather gathered. With a sparse source's index,
+    TopK.update_pairs': scores are index.scores, rows come from its pairs."""
     lib = _loaded()
     _contiguous(top, top.STATE)
     scores, counted = scores.float().contiguous(), view.counted.contiguous()  # held until the call returns
@@ -185,9 +241,10 @@ def topk_update(top: TopK, acts: torch.Tensor, scores: torch.Tensor, view: Batch
 
 
 def reservoir_update(samples: Reservoir, acts: torch.Tensor, context_max: torch.Tensor, view: BatchView,
-                     index: SparseIndex | None = None) -> None:
-    """Reservoir.update for dense units: context_max [batch, units] float32. With a sparse source's index,
-    Reservoir.update_pairs': context_max is index.scores, rows come from its pairs."""
+                     index: SparseIndex | Gathered | None = None) -> None:
+    """Reservoir.update for dense units: context_max [batch, units] float32, rows copied from acts or from what
+    reduce_and_gather gathered. With a sparse source's index, Reservoir.update_pairs': context_max is
+    index.scores, rows come from its pairs."""
     lib = _loaded()
     _contiguous(samples, samples.STATE)
     context_max, counted = context_max.float().contiguous(), view.counted.contiguous()
@@ -220,17 +277,22 @@ def _acts_args(acts: torch.Tensor) -> tuple[int, ...]:
     return (acts.data_ptr(), _DTYPES[acts.dtype], acts.element_size(), *acts.shape, *acts.stride())
 
 
-def _rows_args(acts: torch.Tensor, index: SparseIndex | None) -> tuple[int, ...]:
-    """Where entering rows are copied from (native.cpp's Rows): the activations, or the index's pairs."""
+def _rows_args(acts: torch.Tensor, index: SparseIndex | Gathered | None) -> tuple[int, ...]:
+    """Where entering rows are copied from (native.cpp's Rows): the activations, the index's pairs, or the rows
+    the reduction gathered."""
     if index is None:
-        return (*_acts_args(acts), 0, 0, 0, 0, 0)
+        return (*_acts_args(acts), 0, 0, 0, 0, 0, 0)
+    if isinstance(index, Gathered):
+        return (*_acts_args(acts), index.pairs.data_ptr(), index.pairs.numel(), 0, 0, index.rows.data_ptr(),
+                index.extremes.data_ptr())
     return (*_acts_args(acts), index.pairs.data_ptr(), index.pairs.numel(), index.starts.data_ptr(),
-            index.positions.data_ptr(), index.bits.data_ptr())
+            index.positions.data_ptr(), index.bits.data_ptr(), 0)
 
 
-def _score_strides(scores: torch.Tensor, index: SparseIndex | None) -> tuple[int, int]:
+def _score_strides(scores: torch.Tensor, index: SparseIndex | Gathered | None) -> tuple[int, int]:
     """(batch row, unit) strides: dense scores are [batch, units], a sparse index's [units, batch]."""
-    return (scores.stride(0), scores.stride(1)) if index is None else (scores.stride(1), scores.stride(0))
+    sparse = isinstance(index, SparseIndex)
+    return (scores.stride(1), scores.stride(0)) if sparse else (scores.stride(0), scores.stride(1))
 
 
 def _contiguous(part: object, names: tuple[str, ...]) -> None:

@@ -5,7 +5,7 @@ and the harvest's against brute force with them on and off is test_features.py's
 
 from __future__ import annotations
 
-from dataclasses import make_dataclass
+from dataclasses import make_dataclass, replace
 from datetime import datetime
 from types import SimpleNamespace
 
@@ -19,6 +19,7 @@ from featureatlas.harvest import native
 from featureatlas.harvest.accumulators import Backend, Settings, choose_backend, make_accumulators
 from featureatlas.harvest.checkpoint import Checkpointer
 from featureatlas.harvest.reductions import reduce_eager
+from featureatlas.store.sampling import sampling_keys
 
 from helpers.batches import UNITS, WIDTH, batches
 
@@ -48,6 +49,48 @@ def test_native_reduction_equals_the_eager_one(dtype: torch.dtype) -> None:
                 assert torch.equal(g, w.to(g.dtype)), name
             else:
                 torch.testing.assert_close(g.float(), w.float(), rtol=1e-5, atol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_reduction_gathers_every_row_that_enters_a_list(dtype: torch.dtype) -> None:
+    """Every (context, unit) that enters the top or bottom list or a sample is among the rows the reduction
+    gathered (against the lists as the batch starts: samples' bins filled, then W growing by several doublings;
+    ties, NaN), each gathered row is its activations and carries the first counted positions of its max and min;
+    and few others are."""
+    settings = Settings(top_k=3, bottom_k=2, intervals=4, per_interval=1, random=1, histogram_every=2, seed=7,
+                        backend=Backend.NATIVE)
+    acc = make_accumulators([SimpleNamespace(n_units=UNITS, signed=True, sparse=False)], settings, WIDTH,
+                            torch.device("cpu"), [dtype])[0]
+    feed = [(acts * 0.01, view) for acts, view in batches(dtype, False)]  # bins filled below the later W
+    offset = int(feed[-1][1].context_ids[-1]) + 1
+    for acts, view in batches(dtype, False):
+        ids = view.context_ids + offset
+        feed.append((acts, replace(view, context_ids=ids, keys=torch.from_numpy(sampling_keys(ids.numpy(), 7)))))
+    entered_total = gathered_total = 0
+    for i, (acts, view) in enumerate(feed):
+        acts = acts.clone()
+        if i == 7:
+            acts[1, 4, 5] = float("nan")
+        (high, low, *_), gathered = native.reduce_and_gather(acts, view, acc.top, acc.bottom, acc.reservoirs)
+        pairs = {(int(p) // UNITS, int(p) % UNITS) for p in gathered.pairs}
+        assert gathered.pairs.tolist() == sorted(gathered.pairs.tolist()) and len(pairs) == len(gathered.pairs)
+        positions = torch.arange(acts.shape[1])
+        for (b, u), row, (max_at, min_at) in zip(sorted(pairs), gathered.rows, gathered.extremes.tolist(),
+                                                 strict=True):
+            assert torch.equal(row, acts[b, :, u])
+            values = acts[b, :, u].float()
+            for extreme, at in ((high[b, u], max_at), (low[b, u], min_at)):
+                reaching = positions[view.counted[b] & (values == extreme)]
+                assert at == (int(reaching[0]) if len(reaching) else -1)
+        acc.update(acts, view)
+        row_of = {int(c): b for b, c in enumerate(view.context_ids)}
+        for part in (acc.top, acc.bottom, *acc.reservoirs):
+            ids = part.context_ids.reshape(UNITS, -1)
+            entered = {(row_of[int(c)], u) for u in range(UNITS) for c in ids[u] if int(c) in row_of}
+            assert entered <= pairs, (i, sorted(entered - pairs))
+            entered_total += len(entered)
+        gathered_total += len(pairs)
+    assert entered_total >= gathered_total > 0  # rows entering several lists are gathered once
 
 
 def test_without_a_compiler_one_line_says_so_and_the_tensor_code_runs(tmp_path, monkeypatch, capsys) -> None:
