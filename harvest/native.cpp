@@ -360,12 +360,15 @@ int64_t reduce_rows(const T* data, int64_t b0, int64_t b1, int64_t tokens, int64
       T* to = out + i * tokens;
       for (int64_t t = 0; t < tokens; ++t) to[t] = block[t * st + u];
       const uint8_t* c = counted + b * tokens;
-      int64_t t = 0;  // the first counted positions holding the max and the min
-      while (t < tokens && !(c[t] && to_float(to[t]) == high[u])) ++t;
-      at[2 * i] = t < tokens ? t : -1;
-      t = 0;
-      while (t < tokens && !(c[t] && to_float(to[t]) == low[u])) ++t;
-      at[2 * i + 1] = t < tokens ? t : -1;
+      const float most = high[u], least = low[u];
+      int32_t max_at = int32_t(tokens), min_at = int32_t(tokens);  // the first counted positions holding them
+      for (int32_t t = 0; t < int32_t(tokens); ++t) {  // a min-reduction, which vectorises; no early exit
+        const float v = to_float(to[t]);
+        max_at = std::min(max_at, c[t] && v == most ? t : int32_t(tokens));
+        min_at = std::min(min_at, c[t] && v == least ? t : int32_t(tokens));
+      }
+      at[2 * i] = max_at < tokens ? max_at : -1;
+      at[2 * i + 1] = min_at < tokens ? min_at : -1;
     }
     for (size_t i = 0; i < n; ++i) gather->pairs[slot + i] = b * units + entering[i];
     gathered += n;
