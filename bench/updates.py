@@ -1,27 +1,36 @@
 """The accumulators' update alone, by activation dtype: the same real activations in each, side by side.
 
     python bench/updates.py [--batches 12] [--batch-size 16] [--layers all] [--dtypes float32,bfloat16]
-                            [--device auto] [--backend auto]
+                            [--device auto] [--backend auto] [--parts] [--against REV]
 
 The harvest's bookkeeping should cost no more in bfloat16 than in float32: a model run in bfloat16 hands the
 accumulators half the bytes. This captures the embedded model's MLP activations (the neurons' values, float32)
 for --batches batches of the embedded corpus, converts them once to each dtype, then times every layer's update
 on each batch in each dtype in turn (the first dtype alternating), so drift in machine speed hits all alike. The
 forward pass is not timed: bench/harvest.py times the harvest against it. Prints tokens/s per dtype and each
-dtype's rate against the first's, over all batches and over the second half (the lists mostly settled).
+dtype's rate against the first's, over all batches and over the second half (the lists mostly settled). With
+--against REV, a git revision's accumulators update the same activations too, in turns with the working tree's;
+with --parts, each native loop's calls are timed as well.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from harvest_ab import import_revision  # bench/ is on sys.path when a script in it runs
 
 from featureatlas.allocator import keep_freed_memory
-from featureatlas.harvest.accumulators import Backend, Settings, choose_backend, make_accumulators
+from featureatlas.harvest import accumulators as accumulators_module
+from featureatlas.harvest import native
+from featureatlas.harvest.accumulators import Backend, Settings, choose_backend
 from featureatlas.harvest.batchview import BatchView
 from featureatlas.harvest.contexts import iter_batches, iter_contexts
 from featureatlas.harvest.run import HarvestConfig
@@ -43,6 +52,10 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--backend", default="auto", choices=["auto"] + [b.value for b in Backend])
+    ap.add_argument("--against", metavar="REV", help="also time a git revision's accumulators on the same "
+                    "activations, in each dtype (imported as bench/harvest_ab.py does)")
+    ap.add_argument("--parts", action="store_true",
+                    help="also time each of the native loops' calls (the NATIVE backend), over the second half")
     args = ap.parse_args()
     device = pick_device(args.device)
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
@@ -59,37 +72,77 @@ def main() -> None:
     captured.clear()
 
     backend = choose_backend(device) if args.backend == "auto" else Backend(args.backend)
-    settings = Settings(backend=backend)
     units = acts[dtypes[0]][0][0].shape[-1]
     sources = [SimpleNamespace(n_units=units, signed=True, sparse=False) for _ in layers]
-    accumulators = {dtype: make_accumulators(sources, settings, args.context_length, device, [dtype] * len(layers))
-                    for dtype in dtypes}  # type: ignore[arg-type]
-    views = [BatchView.of(batch, int(has_bos), settings.seed, device) for batch in batches]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    codes = {"": accumulators_module}
+    with tempfile.TemporaryDirectory() as folder:
+        if args.against:
+            harvester, _ = import_revision(args.against, Path(folder))
+            codes[f" {args.against}"] = importlib.import_module(harvester.__name__.replace("harvester",
+                                                                                            "accumulators"))
+        accumulators = {}  # variant: a dtype, and the revision's code where one is compared
+        for suffix, code in codes.items():
+            settings = code.Settings(backend=code.Backend(backend.value))
+            for dtype in dtypes:
+                accumulators[f"{str(dtype).removeprefix('torch.')}{suffix}"] = (dtype, code.make_accumulators(
+                    sources, settings, args.context_length, device, [dtype] * len(layers)))
+        seed = Settings().seed
+        views = [BatchView.of(batch, int(has_bos), seed, device) for batch in batches]
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def update(dtype: torch.dtype, i: int) -> float:
-        sync()
-        start = time.perf_counter()
-        with torch.inference_mode():
-            for acc, layer_acts in zip(accumulators[dtype], acts[dtype][i], strict=True):
-                acc.update(layer_acts, views[i])
-        sync()
-        return time.perf_counter() - start
+        parts: dict[str, dict[str, float]] = {variant: {} for variant in accumulators}
+        timing: list = [None]  # the variant whose parts are timed now, or None
+        if args.parts:
+            for name in ("reduce", "reduce_and_gather", "topk_update", "reservoir_update", "histogram_update"):
+                if hasattr(native, name):
+                    setattr(native, name, timed(getattr(native, name), name, parts, timing))
 
-    times: dict[torch.dtype, list[float]] = {dtype: [] for dtype in dtypes}
-    for i in range(len(batches)):
-        for dtype in dtypes if i % 2 == 0 else dtypes[::-1]:
-            times[dtype].append(update(dtype, i))
+        def update(variant: str, i: int) -> float:
+            dtype, accs = accumulators[variant]
+            sync()
+            start = time.perf_counter()
+            with torch.inference_mode():
+                for acc, layer_acts in zip(accs, acts[dtype][i], strict=True):
+                    acc.update(layer_acts, views[i])
+            sync()
+            return time.perf_counter() - start
+
+        variants = list(accumulators)
+        times: dict[str, list[float]] = {variant: [] for variant in variants}
+        for i in range(len(batches)):
+            for variant in variants if i % 2 == 0 else variants[::-1]:
+                timing[0] = variant if i >= len(batches) // 2 and not variant.endswith(f" {args.against}") else None
+                times[variant].append(update(variant, i))
     tokens = batches[0].input_ids.numel()
     print(f"{device}, backend {backend.value}, {torch.get_num_threads()} threads, load average "
           f"{os.getloadavg()[0]:.2f}: {len(batches)} batches of {args.batch_size}x{args.context_length} tokens, "
           f"{units * len(layers):,} neurons ({len(layers)} layers), updates only")
     half = len(batches) // 2
     for label, part in (("all batches", slice(None)), (f"last {len(batches) - half}", slice(half, None))):
-        rates = {dtype: tokens * len(times[dtype][part]) / sum(times[dtype][part]) for dtype in dtypes}
-        first = rates[dtypes[0]]
-        print(f"{label:>12}: " + " | ".join(f"{str(d).removeprefix('torch.')} {r:8.0f} tok/s ({r / first:.3f})"
-                                            for d, r in rates.items()))
+        rates = {variant: tokens * len(times[variant][part]) / sum(times[variant][part]) for variant in variants}
+        first = rates[variants[0]]
+        print(f"{label:>12}: " + " | ".join(f"{variant} {r:8.0f} tok/s ({r / first:.3f})"
+                                            for variant, r in rates.items()))
+    calls = (len(batches) - half) * len(layers)
+    for variant in variants if args.parts else []:
+        if parts[variant]:
+            total = sum(times[variant][half:]) * 1000 / calls
+            print(f"{variant:>12}: ms a layer and batch, last {len(batches) - half}: all {total:.2f} | " + " | ".join(
+                f"{name} {seconds * 1000 / calls:.2f}" for name, seconds in
+                sorted(parts[variant].items(), key=lambda item: -item[1])))
+
+
+def timed(function: Callable, name: str, parts: dict, timing: list) -> Callable:
+    """function, its time added to parts[dtype][name] while timing[0] names a dtype."""
+    def call(*args: object, **kwargs: object) -> object:
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if timing[0] is not None:
+                into = parts[timing[0]]
+                into[name] = into.get(name, 0.0) + time.perf_counter() - start
+    return call
 
 
 def mlp_activations(model: torch.nn.Module, layers: list[int], batches: list) -> list[list[torch.Tensor]]:
