@@ -7,6 +7,11 @@ slice of the batch at a time so that a batch never holds more than `flush` of th
 `max_pairs` distinct pairs: past it the rarest pairs are dropped (their counts are then lower bounds and
 `complete` turns False, recorded with the run's settings); below it every count is exact. The buffer is part of
 the saved state, so merges happen at the same points with or without a checkpoint and resume.
+
+Where an encode keeps at most k features of a token (top-k dictionaries), update_dense counts from the dense
+output in shapes that never depend on the data: each token's k largest, its pairs written to a device buffer at
+offsets the device computes, the buffer merged (the one wait for the host) only when it could be full. On a GPU
+that is one wait every few batches instead of one a batch; the counts are the same.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 
 MAX_PAIRS = 8_000_000   # distinct pairs kept: 16 bytes each
 FLUSH = 4_000_000       # buffered pair keys before a merge; also the most pairs one slice of a batch makes
+BUFFERED = 8            # update_dense's device buffer holds this many times `flush` keys
 
 
 class CoOccurrence:
@@ -35,10 +41,14 @@ class CoOccurrence:
         self.complete = True
         self._pending: list[torch.Tensor] = []
         self._pending_size = 0
+        self._buffer: torch.Tensor | None = None  # update_dense's pair keys, written on the device
+        self._written: torch.Tensor | None = None  # how many of them (a device scalar)
+        self._bound = 0                            # at most that many (known to the host)
 
     @property
     def pending(self) -> torch.Tensor:
         """The buffered pair keys not merged yet (one tensor)."""
+        self._drain()
         if len(self._pending) != 1:
             self._pending = [torch.cat(self._pending) if self._pending else self.keys[:0]]
         return self._pending[0]
@@ -75,6 +85,54 @@ class CoOccurrence:
             self._push(feature[first] * n + feature[first + 1 + offset])
             entry, made = stop, int(ends[stop - 1])
 
+    def update_dense(self, acts: torch.Tensor, counted: torch.Tensor, k: int) -> None:
+        """update's counts from acts [batch, tokens, n] of an encode that keeps at most k features a token (so
+        its k largest magnitudes hold every non-zero), without waiting for the host: tokens a slice at a time
+        (at most `flush` pairs), each one's pairs of firing features written to the buffer."""
+        n, k = self.n, min(k, self.n)
+        rows = acts.reshape(-1, n)
+        fires_at = counted.reshape(-1).to(rows.device)
+        first, second = torch.triu_indices(k, k, 1, device=rows.device)  # each token's pairs of its k
+        step = max(1, self.flush // max(1, len(first)))
+        for start in range(0, rows.shape[0], step):
+            magnitudes, chosen = torch.topk(rows[start:start + step].abs(), k, dim=1)
+            chosen, order = chosen.sort(dim=1)  # features ascending: each pair i < j
+            fires = (magnitudes.gather(1, order) != 0) & fires_at[start:start + step, None]
+            self.firing.scatter_add_(0, chosen.reshape(-1), fires.reshape(-1).long())
+            keys = (chosen[:, first] * n + chosen[:, second]).reshape(-1)
+            self._write(keys, (fires[:, first] & fires[:, second]).reshape(-1))
+
+    def _write(self, keys: torch.Tensor, valid: torch.Tensor) -> None:
+        """The valid keys into the buffer after those written, at offsets the device works out (the rest to a
+        slot past its end); merged first where the buffer could overflow."""
+        if self._written is None:
+            self._written = torch.zeros((), dtype=torch.int64, device=self.device)
+        if self._bound and self._bound + len(keys) > BUFFERED * self.flush:
+            self._merge()
+        size = self._bound + len(keys)  # grown as the host's bound needs, by doubling: never read back to size it
+        if self._buffer is None or len(self._buffer) <= size:
+            grown = torch.empty(max(size, min(2 * size, BUFFERED * self.flush)) + 1, dtype=torch.int64,
+                                device=self.device)
+            if self._buffer is not None and self._bound:
+                grown[:self._bound] = self._buffer[:self._bound]
+            self._buffer = grown
+        dump = len(self._buffer) - 1
+        at = torch.cumsum(valid, 0) + (self._written - 1)
+        self._buffer.index_put_((torch.where(valid, at, dump),), keys.to(self.device))
+        self._written += valid.sum()
+        self._bound += len(keys)
+
+    def _drain(self) -> None:
+        """update_dense's buffer into the pending keys (this waits for the host: only before a merge, or where
+        the state is read)."""
+        if self._bound:
+            assert self._buffer is not None and self._written is not None
+            written = int(self._written)
+            self._bound, self._written = 0, torch.zeros_like(self._written)
+            if written:
+                self._pending.append(self._buffer[:written].clone())
+                self._pending_size += written
+
     def _push(self, keys: torch.Tensor) -> None:
         if len(keys):
             self._pending.append(keys)
@@ -85,6 +143,7 @@ class CoOccurrence:
     def _merge(self) -> None:
         """The buffer's pairs into the sorted lists: counts of known pairs added where they are, new pairs
         placed by searchsorted (no sort of the whole list); past max_pairs the rarest dropped."""
+        self._drain()
         if not self._pending_size:
             self._pending = []
             return
@@ -124,7 +183,7 @@ class CoOccurrence:
         n, keys, counts, pending = self.n, self.keys, self.counts, self.pending
         if keys.dim() != 1 or counts.shape != keys.shape or pending.dim() != 1 or self.firing.shape != (n,):
             raise ValueError("co-occurrence keys, counts or firing have the wrong shape")
-        if len(keys) > self.max_pairs or len(pending) >= self.flush + n * n:
+        if len(keys) > self.max_pairs or len(pending) >= (BUFFERED + 1) * self.flush + n * n:
             raise ValueError(f"co-occurrence holds more than {self.max_pairs:,} pairs")
         for name, values in (("keys", keys), ("pending", pending)):
             i, j = values // n, values % n

@@ -96,6 +96,11 @@ class Dictionary:
     rescale_acts_by_decoder_norm: bool = False
 
     @property
+    def most_nonzeros(self) -> int | None:
+        """k where the encode keeps at most k features of a token (top-k kinds, sparsify's group max), else None."""
+        return self.k if self.activation in ("topk", "abstopk", "sparsify_topk", "sparsify_groupmax") else None
+
+    @property
     def config_file(self) -> Path:
         """The file that says what this dictionary is, for messages about it."""
         return self.path / CONFIG_FILES.get(self.format, "cfg.json")

@@ -103,3 +103,36 @@ def test_restored_state_that_could_not_have_been_counted_is_refused(tamper, mess
     tamper(acc)
     with pytest.raises(ValueError, match=message):
         acc.check_state()
+
+
+@pytest.mark.parametrize("flush", [10**9, 40])  # one merge at the end; a buffer merged and tokens sliced
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_top_k_encodes_dense_output_counts_as_its_non_zeros(flush: int, dtype: torch.dtype) -> None:
+    """update_dense from [batch, tokens, n] activations with at most k non-zeros a token (some fewer, some none,
+    negative ones, a NaN, uncounted tokens) keeps what update keeps from their non-zeros; its saved state
+    restores as update's does."""
+    rng = np.random.default_rng(4)
+    n, k = 30, 6
+    dense, sparse = CoOccurrence(n, flush=flush), CoOccurrence(n, flush=flush)
+    for i in range(6):
+        acts = torch.zeros(4, 9, n)
+        for b in range(4):
+            for t in range(9):
+                chosen = rng.choice(n, size=rng.integers(0, k + 1), replace=False)
+                acts[b, t, chosen] = torch.from_numpy(rng.normal(size=len(chosen))).float()
+        acts[1, 2, 3] = float("nan") if i == 2 else acts[1, 2, 3]
+        acts = acts.to(dtype)
+        counted = torch.from_numpy(rng.random((4, 9)) < 0.8)
+        dense.update_dense(acts, counted, k)
+        sparse.update(acts.reshape(-1).nonzero().squeeze(1), counted)
+        if i == 3:  # mid-run: the state (the device buffer drained into it) restores into a fresh one
+            saved = {name: getattr(dense, name) for name in CoOccurrence.STATE}
+            dense = CoOccurrence(n, flush=flush)
+            for name, value in saved.items():
+                setattr(dense, name, value.clone() if isinstance(value, torch.Tensor) else value)
+            dense.check_state()
+    assert torch.equal(dense.firing, sparse.firing) and int(dense.firing.sum()) > 0
+    dense_nearest, sparse_nearest = dense.nearest(5), sparse.nearest(5)
+    assert torch.equal(dense.keys, sparse.keys) and torch.equal(dense.counts, sparse.counts) and len(dense.keys)
+    for got, want in zip(dense_nearest, sparse_nearest, strict=True):
+        assert torch.equal(got, want)

@@ -32,7 +32,7 @@ from featureatlas.harvest.batchview import BatchView
 from featureatlas.harvest.reductions import reduce_eager, reducer
 from featureatlas.harvest.statistics import histogram_columns
 
-from helpers.batches import batches, sparse_batches
+from helpers.batches import UNITS, batches, sparse_batches
 from helpers.stores import TIMING, assert_same_store, query
 from helpers.tiny_models import HIDDEN, saelens_sae, save_tiny_model, write_corpus
 
@@ -154,12 +154,18 @@ def test_dictionary_features_under_the_kernels_keep_the_cpu_tensor_backends_stat
 
 
 @TRITON
-@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "dictionary"])
-def test_replayed_updates_never_wait_for_the_gpu(sparse: bool) -> None:
+@pytest.mark.parametrize("sparse, cooccurrence", [(False, False), (True, False), (True, True)],
+                         ids=["dense", "dictionary", "top-k dictionary with co-occurrence"])
+def test_replayed_updates_never_wait_for_the_gpu(sparse: bool, cooccurrence: bool) -> None:
     """Once each batch shape has run and been recorded, an update only launches work: nothing in it reads a value
-    back from the GPU (torch's sync debug mode makes any such read an error). Dictionary features too, where
-    co-occurrence is off (it counts pairs from the non-zeros, whose number only the host can size buffers by)."""
-    got = accumulators(Backend.TRITON, "cuda", torch.bfloat16, SETTINGS[0], sparse=sparse)
+    back from the GPU (torch's sync debug mode makes any such read an error). Dictionary features too, and the
+    co-occurrence of a top-k dictionary's (counted from the dense output into a device buffer; any other
+    dictionary's counts pairs from the non-zeros, whose number only the host can size buffers by)."""
+    settings = Settings(**{**vars(SETTINGS[0]), "cooccurrence": cooccurrence})
+    got = accumulators(Backend.TRITON, "cuda", torch.bfloat16, settings, sparse=sparse)
+    if cooccurrence:  # as make_accumulators reads it off a top-k dictionary: at most UNITS features a token
+        got.most_nonzeros = UNITS
+        assert not got.wants_nonzeros and got.cooccurrence is not None
     feed = [(acts.cuda(), on(view, "cuda")) for acts, view, _ in sparse_batches(torch.bfloat16)] if sparse else \
         [(acts.cuda(), on(view, "cuda")) for acts, view in batches(torch.bfloat16, False)]
     with torch.inference_mode():
@@ -174,6 +180,8 @@ def test_replayed_updates_never_wait_for_the_gpu(sparse: bool) -> None:
             finally:
                 torch.cuda.set_sync_debug_mode("default")
     assert got.graphs.record and got.graphs._graphs, "no update was recorded as a CUDA graph"
+    if cooccurrence:
+        assert len(got.cooccurrence.nearest()[0]) == UNITS and int(got.cooccurrence.firing.sum()) > 0
 
 
 @pytest.fixture(scope="module")
