@@ -19,7 +19,8 @@ starts when less of the budget is left than it needs):
   wide      neurons with batches of 4 times as many contexts (half as many batches)
   whole     bench/harvest_whole.py: whole processes, harvest against bare forward, and peak memory
   profile   neurons without CUDA graphs, 12 batches, the last 3 under torch.profiler (GPU time a kernel)
-  sae       the same model, a random 16k-feature top-k SAE on blocks.15.hook_resid_post only
+  sae       the same model, a random 16k-feature top-k SAE on blocks.15.hook_resid_post only, and its cost with
+            co-occurrence counted (on by default in `featureatlas harvest`)
   1b        bench/harvest.py on a ~1B LLaMA, neurons only
   resid     neurons with --resid (neurons and residual dimensions)
 This process imports nothing heavy: bench/harvest_whole.py's children report their own peak memory, which Linux
@@ -250,7 +251,8 @@ def stage_profile(b: Bench, rec: dict) -> None:
 
 
 def stage_sae(b: Bench, rec: dict) -> None:
-    b.harvest(rec, b.model("smollm2-135m"), ["--layers", "none", "--sae", str(b.sae())], b.sizes.batches)
+    b.harvest(rec, b.model("smollm2-135m"), ["--layers", "none", "--sae", str(b.sae()), "--cooccurrence"],
+              b.sizes.batches)
 
 
 def stage_1b(b: Bench, rec: dict) -> None:
