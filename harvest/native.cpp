@@ -417,17 +417,16 @@ extern "C" {
 
 // Top-k (TopK.update, and TopK.update_pairs for sparse units): scores float32 at [b * ssb + u * ssu], each
 // context's max (or minus its min, with largest = 0; -inf where a sparse unit does not fire); entering rows are
-// copied from the dense activations, or from a sparse source's pairs (see Rows) where `pairs` is set. Lists in
-// rank order, slot_acts [units, k, width] in slots that never move. A context enters
-// after every kept one scoring at least as much: kept contexts and earlier rows have lower ids, and ties go
+// copied from the dense activations, or where `pairs` is set from a sparse source's pairs or the reduction's
+// gathered rows (see Rows). Lists in rank order, slot_acts [units, k, width] in slots that never move. A context
+// enters after every kept one scoring at least as much: kept contexts and earlier rows have lower ids, and ties go
 // to the lower id.
 void topk_update(const void* acts, int dtype, int64_t item, int64_t batch, int64_t tokens, int64_t units,
                  int64_t sb, int64_t st, int64_t su, const int64_t* pairs, int64_t n_pairs, const int64_t* starts,
                  const int64_t* pair_positions, const void* pair_bits, const int64_t* pair_extremes,
-                 const float* scores, int64_t ssb,
-                 int64_t ssu, const uint8_t* counted, int64_t first, const int64_t* batch_ids, int largest, int64_t k,
-                 int64_t width, float* values, int64_t* ids, int64_t* positions, int64_t* slots, void* slot_acts,
-                 int threads) {
+                 const float* scores, int64_t ssb, int64_t ssu, const uint8_t* counted, int64_t first,
+                 const int64_t* batch_ids, int largest, int64_t k, int64_t width, float* values, int64_t* ids,
+                 int64_t* positions, int64_t* slots, void* slot_acts, int threads) {
   const Rows source{{static_cast<const char*>(acts), dtype, item, batch, tokens, units, sb, st, su}, pairs, n_pairs,
                     starts, pair_positions, static_cast<const char*>(pair_bits), pair_extremes};
 #pragma omp parallel num_threads(threads)
@@ -483,8 +482,8 @@ void topk_update(const void* acts, int dtype, int64_t item, int64_t batch, int64
 void reservoir_update(const void* acts, int dtype, int64_t item, int64_t batch, int64_t tokens, int64_t units,
                       int64_t sb, int64_t st, int64_t su, const int64_t* pairs, int64_t n_pairs,
                       const int64_t* starts, const int64_t* pair_positions, const void* pair_bits,
-                      const int64_t* pair_extremes,
-                      const float* context_max, int64_t ssb, int64_t ssu, const uint8_t* counted, int64_t first,
+                      const int64_t* pair_extremes, const float* context_max, int64_t ssb, int64_t ssu,
+                      const uint8_t* counted, int64_t first,
                       const int64_t* batch_ids, const int64_t* batch_keys, int64_t n_bins, int64_t per,
                       int64_t width, int64_t* exponent, int64_t* keys, int64_t* ids, int64_t* positions,
                       float* values, void* sample_acts, int threads) {

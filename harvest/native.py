@@ -160,7 +160,7 @@ def _reduce(acts: torch.Tensor, counted: torch.Tensor, gather: tuple | None
     sums, squares = torch.zeros(units, dtype=torch.float64), torch.zeros(units, dtype=torch.float64)
     firing = torch.zeros(units, dtype=torch.int64)
     counted = counted.contiguous()
-    lists: tuple = (0,) * 13
+    lists: tuple = (0,) * 13  # no gather: null lists, no samples, null outputs (see reduce in native.cpp)
     if gather is not None:
         view, top, bottom, samples = gather
         pairs, rows, extremes = _scratch(batch * units, tokens, acts.dtype)
