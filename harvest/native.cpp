@@ -183,13 +183,6 @@ Share my_share(int64_t total) {
   return {me, total * me / n, total * (me + 1) / n};
 }
 
-float power_of_two(int64_t exponent) {  // as reservoir._power_of_two: exact, from the bits
-  uint32_t bits = uint32_t(exponent + 127) << 23;
-  float v;
-  std::memcpy(&v, &bits, 4);
-  return v;
-}
-
 // Which of n_bins equal parts of [0, W) a context max x > 0 falls in, for one unit's W = 2^exponent: x scaled by
 // 2^min(-exponent, 126) rounded once to float32, then as reservoir._bin (whose two exact float steps round the
 // same way: they differ only below 2^-126, in bin 0 either way).
