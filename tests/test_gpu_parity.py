@@ -29,6 +29,7 @@ from featureatlas.cli import main
 from featureatlas.harvest import kernels
 from featureatlas.harvest.accumulators import Backend, Settings, choose_backend
 from featureatlas.harvest.batchview import BatchView
+from featureatlas.harvest.cooccurrence import CoOccurrence
 from featureatlas.harvest.reductions import reduce_eager, reducer
 from featureatlas.harvest.statistics import histogram_columns
 
@@ -64,6 +65,27 @@ def test_the_device_ops_the_updates_rely_on_match_the_cpu() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         values = torch.cat([special, spread]).to(dtype)
         assert torch.equal(histogram_columns(values), histogram_columns(values.cuda()).cpu()), dtype
+
+
+@pytest.mark.parametrize("flush", [10**9, 40], ids=["one merge", "many merges"])
+def test_top_k_co_occurrence_on_the_device_counts_what_the_cpu_counts(flush: int) -> None:
+    """CoOccurrence.update_dense on the GPU (its pairs written at offsets the device works out) against the CPU's
+    count from the non-zeros: the same pairs, counts, firing counts and nearest."""
+    g = torch.Generator().manual_seed(5)
+    n, k = 40, 6
+    on_device, on_cpu = CoOccurrence(n, flush=flush, device="cuda"), CoOccurrence(n, flush=flush)
+    for _ in range(5):
+        scores = torch.rand(3, 11, n, generator=g)
+        keep = scores >= scores.topk(k, dim=-1).values[..., -1:]  # at most k a token
+        acts = torch.where(keep & (torch.rand(3, 11, n, generator=g) < 0.7), torch.randn(3, 11, n, generator=g), 0)
+        counted = torch.rand(3, 11, generator=g) < 0.8
+        on_device.update_dense(acts.cuda(), counted.cuda(), k)
+        on_cpu.update(acts.reshape(-1).nonzero().squeeze(1), counted)
+    got, want = on_device.nearest(5), on_cpu.nearest(5)
+    assert torch.equal(on_device.keys.cpu(), on_cpu.keys) and torch.equal(on_device.counts.cpu(), on_cpu.counts)
+    assert torch.equal(on_device.firing.cpu(), on_cpu.firing) and len(on_cpu.keys) > 0
+    for device_part, cpu_part in zip(got, want, strict=True):
+        assert torch.equal(device_part, cpu_part)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
