@@ -131,7 +131,7 @@ def reduce(acts: torch.Tensor, counted: torch.Tensor) -> tuple[torch.Tensor, ...
     """reductions.reduce_eager's results for activations whose units are innermost (reads(acts) and unit stride
     1): context max and min [batch, units] (float32), the counted tokens' sum and sum of squares (float64) and
     firing count [units]."""
-    return _reduce(acts, counted, None)[0]
+    return _reduce(acts, counted)[0]
 
 
 class Gathered(NamedTuple):
@@ -149,34 +149,32 @@ def reduce_and_gather(acts: torch.Tensor, view: BatchView, top: TopK, bottom: To
     for part in (top, bottom, *samples):
         if part is not None:
             _contiguous(part, part.STATE)
-    return _reduce(acts, view.counted, (view, top, bottom, samples))  # type: ignore[return-value]
+    batch, tokens, units = acts.shape
+    pairs, rows, extremes = _scratch(batch * units, tokens, acts.dtype)
+    arrays = [(ctypes.c_int64 * 2)(*(getattr(s, name) for s in samples)) for name in ("n_bins", "per_bin")]
+    arrays += [(ctypes.c_void_p * 2)(*(getattr(s, name).data_ptr() for s in samples)) for name in ("exponent", "keys")]
+    keys = view.keys.contiguous()  # held until the call returns
+    reduced, n = _reduce(acts, view.counted, (
+        top.values.data_ptr(), top.k, bottom.values.data_ptr() if bottom is not None else 0,
+        bottom.k if bottom is not None else 0, len(samples), *arrays, keys.data_ptr(), pairs.data_ptr(),
+        rows.data_ptr(), extremes.data_ptr()))
+    return reduced, Gathered(pairs[:n], rows[:n * tokens].view(n, tokens), extremes[:n])
 
 
-def _reduce(acts: torch.Tensor, counted: torch.Tensor, gather: tuple | None
-            ) -> tuple[tuple[torch.Tensor, ...], Gathered | None]:
+def _reduce(acts: torch.Tensor, counted: torch.Tensor, lists: tuple = (0,) * 13
+            ) -> tuple[tuple[torch.Tensor, ...], int]:
+    """native.cpp's reduce: its results, and how many rows it gathered (lists: what reduce_and_gather passes;
+    by default none, and nothing is gathered)."""
     lib = _loaded()
     batch, tokens, units = acts.shape
     high, low = torch.empty((batch, units)), torch.empty((batch, units))
     sums, squares = torch.zeros(units, dtype=torch.float64), torch.zeros(units, dtype=torch.float64)
     firing = torch.zeros(units, dtype=torch.int64)
     counted = counted.contiguous()
-    lists: tuple = (0,) * 13  # no gather: null lists, no samples, null outputs (see reduce in native.cpp)
-    if gather is not None:
-        view, top, bottom, samples = gather
-        pairs, rows, extremes = _scratch(batch * units, tokens, acts.dtype)
-        arrays = [(ctypes.c_int64 * 2)(*(getattr(s, name) for s in samples)) for name in ("n_bins", "per_bin")]
-        arrays += [(ctypes.c_void_p * 2)(*(getattr(s, name).data_ptr() for s in samples))
-                   for name in ("exponent", "keys")]
-        lists = (top.values.data_ptr(), top.k, bottom.values.data_ptr() if bottom is not None else 0,
-                 bottom.k if bottom is not None else 0, len(samples), *arrays, view.keys.contiguous().data_ptr(),
-                 pairs.data_ptr(), rows.data_ptr(), extremes.data_ptr())
     n = lib.reduce(acts.data_ptr(), _DTYPES[acts.dtype], acts.element_size(), batch, tokens, units, acts.stride(0),
                    acts.stride(1), counted.data_ptr(), high.data_ptr(), low.data_ptr(), sums.data_ptr(),
                    squares.data_ptr(), firing.data_ptr(), *lists, torch.get_num_threads())
-    reduced = (high, low, sums, squares, firing)
-    if gather is None:
-        return reduced, None
-    return reduced, Gathered(pairs[:n], rows[:n * tokens].view(n, tokens), extremes[:n])
+    return (high, low, sums, squares, firing), n
 
 
 _SCRATCH = threading.local()

@@ -98,7 +98,7 @@ class Dictionary:
     @property
     def most_nonzeros(self) -> int | None:
         """k where the encode keeps at most k features of a token (top-k kinds, sparsify's group max), else None."""
-        return self.k if self.activation in ("topk", "abstopk", "sparsify_topk", "sparsify_groupmax") else None
+        return self.k if self.activation in KEEP_K else None
 
     @property
     def config_file(self) -> Path:
@@ -201,6 +201,7 @@ def _sparsify_groupmax(d: Dictionary, x: torch.Tensor) -> Encoded:
     return dense, indices + torch.arange(d.k, device=indices.device) * groups.shape[-1]
 
 
+KEEP_K = ("topk", "abstopk", "sparsify_topk", "sparsify_groupmax")  # ENCODERS keeping at most k features a token
 ENCODERS: dict[str, Callable[[Dictionary, torch.Tensor], Encoded]] = {
     "relu": _relu,
     "jumprelu": _jumprelu,
