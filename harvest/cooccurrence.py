@@ -127,9 +127,8 @@ class CoOccurrence:
         the state is read)."""
         if self._bound:
             assert self._buffer is not None and self._written is not None
-            written = int(self._written)
-            self._bound = 0
-            self._written.zero_()
+            written = int(self._written)  # a new zero: the count may be an inference tensor, read outside one
+            self._bound, self._written = 0, torch.zeros_like(self._written)
             if written:
                 self._pending.append(self._buffer[:written].clone())
                 self._pending_size += written
