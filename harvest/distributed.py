@@ -63,14 +63,26 @@ def harvest_distributed(config: HarvestConfig) -> HarvestSummary | None:
         assert summary is not None
         totals: list = [None] * world
         dist.all_gather_object(totals, (summary.n_tokens, summary.n_contexts, summary.seconds))
+        failed: Exception | None = None
+        if rank == 0:
+            from featureatlas.store.merge import merge_stores
+
+            parts = [shard_store(out, r, world) for r in range(world)]
+            try:
+                merge_stores(parts, out, overwrite=config.overwrite)
+            except Exception as err:  # noqa: BLE001 - raised below, once every rank knows
+                failed, error = err, f"rank 0, merging the shards: {getattr(err, 'marked', err)}"
+            else:
+                for path in parts:
+                    path.unlink(missing_ok=True)
+        # every rank waits for the merge and leaves with the others (none tears its process group down early)
+        error = _first_error(dist, error if failed else None)
+        if failed is not None:
+            raise failed
+        if error:
+            raise UsageError(error)
         if rank != 0:
             return None
-        from featureatlas.store.merge import merge_stores
-
-        parts = [shard_store(out, r, world) for r in range(world)]
-        merge_stores(parts, out, overwrite=config.overwrite)
-        for path in parts:
-            path.unlink(missing_ok=True)
         n_tokens, n_contexts = sum(t[0] for t in totals), sum(t[1] for t in totals)
         seconds = max(t[2] for t in totals)
         return HarvestSummary(out, summary.n_units, n_tokens, n_contexts, seconds, n_tokens / max(seconds, 1e-9))
