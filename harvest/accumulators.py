@@ -251,9 +251,8 @@ class TritonLists(Graphed):
 class TritonPairs(TritonLists):
     """Sparse units, TRITON: TritonLists' kernels on the encode's dense output, with sparse statistics (the
     histogram counts the non-zeros alone) and only contexts where a unit fires as candidates, keeping what
-    TensorPairs keeps without waiting for the host. Co-occurrence of a top-k dictionary's features is counted from
-    the dense output too (CoOccurrence.update_dense); any other's needs the non-zeros (and waits for them).
-    make_accumulators builds it only where the kernels read the source's dtype."""
+    TensorPairs keeps without waiting for the host; co-occurrence is counted from the dense output too
+    (CoOccurrence.update_dense). make_accumulators builds it only where the kernels read the source's dtype."""
 
     def __init__(self, source: UnitSource, settings: Settings, context_length: int, device: torch.device,
                  dtype: torch.dtype, graphs: GraphedUpdates, key: int):
@@ -261,18 +260,10 @@ class TritonPairs(TritonLists):
         dictionary = getattr(source, "dictionary", None)
         self.most_nonzeros = dictionary.most_nonzeros if dictionary is not None else None
 
-    @property
-    def wants_nonzeros(self) -> bool:  # type: ignore[override]
-        return self.cooccurrence is not None and self.most_nonzeros is None
-
     def update(self, acts: torch.Tensor, view: BatchView, nonzeros: torch.Tensor | None = None) -> None:
         super().update(acts, view)
-        if self.cooccurrence is None:
-            return
-        if self.most_nonzeros is not None:
+        if self.cooccurrence is not None:
             self.cooccurrence.update_dense(acts, view.counted, self.most_nonzeros)
-        else:
-            self.cooccurrence.update(flat_nonzeros(acts) if nonzeros is None else nonzeros, view.counted)
 
 
 class TensorPairs(Accumulators):

@@ -6,12 +6,14 @@ are merged in bulk. A token where c features fire makes c(c - 1)/2 pairs (a top-
 slice of the batch at a time so that a batch never holds more than `flush` of them. Memory is bounded by
 `max_pairs` distinct pairs: past it the rarest pairs are dropped (their counts are then lower bounds and
 `complete` turns False, recorded with the run's settings); below it every count is exact. The buffer is part of
-the saved state, so merges happen at the same points with or without a checkpoint and resume.
+the saved state, so update's merges happen at the same points with or without a checkpoint and resume.
 
-Where an encode keeps at most k features of a token (top-k dictionaries), update_dense counts from the dense
-output in shapes that never depend on the data: each token's k largest, its pairs written to a device buffer at
-offsets the device computes, the buffer merged (the one wait for the host) only when it could be full. On a GPU
-that is one wait every few batches instead of one a batch; the counts are the same.
+On a GPU, update_dense counts from the encode's dense output without waiting for the host: each batch's firing
+tokens' features compacted into room of a size the host knows, their pairs written to a device buffer at offsets
+the device works out, the buffer merged (the one wait) only when it could be full. Where the encode keeps at most k
+features a token (top-k dictionaries) k sizes the room; for any other it is sized from the batches seen. Each
+batch's fit is checked one batch later, when the device is long done with it: a batch that did not fit is counted
+again the exact way (update), and the room grown. The counts are update's either way.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ BUFFERED = 8            # update_dense's device buffer holds this many times `fl
 class CoOccurrence:
     """Pair counts for one source of n features, on the harvest's device."""
 
-    STATE = ("keys", "counts", "pending", "firing", "complete")  # what a checkpoint saves
+    # What a checkpoint saves, pending first: reading it settles update_dense's last batch, which may merge.
+    STATE = ("pending", "keys", "counts", "firing", "complete")
     RESIZABLE = ("keys", "counts", "pending")  # their length depends on the data: restored whole, then checked
 
     def __init__(self, n_units: int, max_pairs: int | None = None, flush: int | None = None,
@@ -44,10 +47,13 @@ class CoOccurrence:
         self._buffer: torch.Tensor | None = None  # update_dense's pair keys, written on the device
         self._written: torch.Tensor | None = None  # how many of them (a device scalar)
         self._bound = 0                            # at most that many (known to the host)
+        self._room = (0, 0)        # update_dense: firing entries and pairs a batch has room for
+        self._unchecked: tuple | None = None       # update_dense's last batch, its fit not read yet
 
     @property
     def pending(self) -> torch.Tensor:
         """The buffered pair keys not merged yet (one tensor)."""
+        self.settle()
         self._drain()
         if len(self._pending) != 1:
             self._pending = [torch.cat(self._pending) if self._pending else self.keys[:0]]
@@ -85,22 +91,49 @@ class CoOccurrence:
             self._push(feature[first] * n + feature[first + 1 + offset])
             entry, made = stop, int(ends[stop - 1])
 
-    def update_dense(self, acts: torch.Tensor, counted: torch.Tensor, k: int) -> None:
-        """update's counts from acts [batch, tokens, n] of an encode that keeps at most k features a token (so
-        its k largest magnitudes hold every non-zero), without waiting for the host: tokens a slice at a time
-        (at most `flush` pairs), each one's pairs of firing features written to the buffer."""
-        n, k = self.n, min(k, self.n)
-        rows = acts.reshape(-1, n)
-        fires_at = counted.reshape(-1).to(rows.device)
-        first, second = torch.triu_indices(k, k, 1, device=rows.device)  # each token's pairs of its k
-        step = max(1, self.flush // max(1, len(first)))
-        for start in range(0, rows.shape[0], step):
-            magnitudes, chosen = torch.topk(rows[start:start + step].abs(), k, dim=1)
-            chosen, order = chosen.sort(dim=1)  # features ascending: each pair i < j
-            fires = (magnitudes.gather(1, order) != 0) & fires_at[start:start + step, None]
-            self.firing.scatter_add_(0, chosen.reshape(-1), fires.reshape(-1).long())
-            keys = (chosen[:, first] * n + chosen[:, second]).reshape(-1)
-            self._write(keys, (fires[:, first] & fires[:, second]).reshape(-1))
+    def update_dense(self, acts: torch.Tensor, counted: torch.Tensor, most: int | None = None) -> None:
+        """update's counts from acts [batch, tokens, n], the encode's dense output (most: the encode keeps at most
+        that many features a token), without waiting for the host (see the module's docstring)."""
+        self.settle()
+        n = self.n
+        fires = (acts.reshape(-1, n) != 0) & counted.reshape(-1, 1).to(acts.device)  # NaN fires, as in update
+        per_token = fires.sum(1)
+        total, pairs = per_token.sum(), (per_token * (per_token - 1) // 2).sum()
+        if most is not None:
+            most = min(most, n)
+            self._room = (len(per_token) * most, len(per_token) * most * (most - 1) // 2)
+        entries, made = self._room
+        fits = (total <= entries) & (pairs <= made)
+        self.firing += fires.sum(0) * fits
+        flat = torch.nonzero_static(fires.reshape(-1), size=entries).squeeze(1)  # features ascending per token
+        live = torch.arange(entries, device=flat.device) < total
+        position, feature = torch.where(live, flat // n, 0), torch.where(live, flat % n, 0)
+        firsts = torch.cumsum(per_token, 0) - per_token
+        partners = torch.where(live, per_token[position] - 1 - (torch.arange(entries, device=flat.device)
+                                                                  - firsts[position]), 0)
+        ends = torch.cumsum(partners, 0)  # pairs made by entries up to and including each one
+        for start in range(0, made, self.flush):  # pair p: entry i's (p - its first pair)-th later partner
+            p = torch.arange(start, min(start + self.flush, made), device=flat.device)
+            i = torch.searchsorted(ends, p, right=True).clamp_(max=max(entries - 1, 0))
+            j = (i + 1 + p - (ends[i] - partners[i])).clamp_(max=max(entries - 1, 0))
+            self._write(feature[i] * n + feature[j], (p < pairs) & fits)
+        self._unchecked = (fires, counted, _to_host(torch.stack([total, pairs, fits.long()])))
+
+    def settle(self) -> None:
+        """update_dense's last batch checked (it may wait for the device, which is long done with it): counted
+        again through update where it did not fit its room, the room grown. Done before each batch and before
+        the state is read."""
+        if self._unchecked is None:
+            return
+        fires, counted, (values, done) = self._unchecked
+        self._unchecked = None
+        if done is not None:
+            done.synchronize()
+        total, pairs, fits = values.tolist()
+        if not fits:
+            self._room = (max(self._room[0], _room_for(total)), max(self._room[1], _room_for(pairs)))
+            self._drain()  # the batches before it first, in order
+            self.update(fires.reshape(-1).nonzero().squeeze(1), counted)
 
     def _write(self, keys: torch.Tensor, valid: torch.Tensor) -> None:
         """The valid keys into the buffer after those written, at offsets the device works out (the rest to a
@@ -199,6 +232,7 @@ class CoOccurrence:
     def nearest(self, k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
         """[n, k] indices and Jaccard indices of each feature's nearest, best first (ties: lower feature first),
         on the CPU; -1 and 0 where a feature has fewer than k partners."""
+        self.settle()
         self._merge()
         keys, counts, firing = self.keys.cpu(), self.counts.cpu(), self.firing.cpu()
         i, j = keys // self.n, keys % self.n
@@ -216,3 +250,18 @@ class CoOccurrence:
         index[src[keep], rank[keep]] = dst[keep]
         scores[src[keep], rank[keep]] = score[keep]
         return index, scores.float()
+
+
+def _room_for(count: int) -> int:
+    """Room for `count` with a quarter to spare, rounded up to a power of two (few distinct shapes)."""
+    return 1 << max(0, (count + count // 4)).bit_length() if count else 0
+
+
+def _to_host(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """values copied to the host without waiting, and the event that marks them there (None: already there)."""
+    if values.device.type != "cuda":
+        return values, None
+    copied = values.to("cpu", non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return copied, done

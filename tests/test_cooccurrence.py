@@ -105,34 +105,79 @@ def test_restored_state_that_could_not_have_been_counted_is_refused(tamper, mess
         acc.check_state()
 
 
+def dense_batch(rng: np.random.Generator, n: int, most: int, nan: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """[4, 9, n] activations with up to `most` non-zeros a token (some none, negative ones), and counted tokens."""
+    acts = torch.zeros(4, 9, n)
+    for b in range(4):
+        for t in range(9):
+            chosen = rng.choice(n, size=rng.integers(0, most + 1), replace=False)
+            acts[b, t, chosen] = torch.from_numpy(rng.normal(size=len(chosen))).float()
+    if nan:
+        acts[1, 2, 3] = float("nan")
+    return acts, torch.from_numpy(rng.random((4, 9)) < 0.8)
+
+
 @pytest.mark.parametrize("flush", [10**9, 40])  # one merge at the end; a buffer merged and tokens sliced
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_a_top_k_encodes_dense_output_counts_as_its_non_zeros(flush: int, dtype: torch.dtype) -> None:
-    """update_dense from [batch, tokens, n] activations with at most k non-zeros a token (some fewer, some none,
-    negative ones, a NaN, uncounted tokens) keeps what update keeps from their non-zeros; its saved state
-    restores as update's does."""
+@pytest.mark.parametrize("top_k", [True, False], ids=["top-k", "any encode"])
+def test_a_dense_encode_output_counts_as_its_non_zeros(flush: int, dtype: torch.dtype, top_k: bool) -> None:
+    """update_dense from [batch, tokens, n] activations (some tokens firing none, negative ones, a NaN, uncounted
+    tokens) keeps what update keeps from their non-zeros: told that the encode keeps at most k a token, or not
+    (the room learned, and later batches firing more than it holds); its saved state restores as update's does."""
     rng = np.random.default_rng(4)
     n, k = 30, 6
     dense, sparse = CoOccurrence(n, flush=flush), CoOccurrence(n, flush=flush)
-    for i in range(6):
-        acts = torch.zeros(4, 9, n)
-        for b in range(4):
-            for t in range(9):
-                chosen = rng.choice(n, size=rng.integers(0, k + 1), replace=False)
-                acts[b, t, chosen] = torch.from_numpy(rng.normal(size=len(chosen))).float()
-        acts[1, 2, 3] = float("nan") if i == 2 else acts[1, 2, 3]
+    for i in range(7):
+        acts, counted = dense_batch(rng, n, k if top_k or i < 3 else 3 * k, nan=i == 2)
         acts = acts.to(dtype)
-        counted = torch.from_numpy(rng.random((4, 9)) < 0.8)
-        dense.update_dense(acts, counted, k)
+        dense.update_dense(acts, counted, k if top_k else None)
         sparse.update(acts.reshape(-1).nonzero().squeeze(1), counted)
         if i == 3:  # mid-run: the state (the device buffer drained into it) restores into a fresh one
             saved = {name: getattr(dense, name) for name in CoOccurrence.STATE}
-            dense = CoOccurrence(n, flush=flush)
+            dense = CoOccurrence(n, flush=flush)  # as a resumed run's: no room yet
             for name, value in saved.items():
                 setattr(dense, name, value.clone() if isinstance(value, torch.Tensor) else value)
             dense.check_state()
-    assert torch.equal(dense.firing, sparse.firing) and int(dense.firing.sum()) > 0
     dense_nearest, sparse_nearest = dense.nearest(5), sparse.nearest(5)
+    assert torch.equal(dense.firing, sparse.firing) and int(dense.firing.sum()) > 0
     assert torch.equal(dense.keys, sparse.keys) and torch.equal(dense.counts, sparse.counts) and len(dense.keys)
     for got, want in zip(dense_nearest, sparse_nearest, strict=True):
         assert torch.equal(got, want)
+
+
+def test_a_batch_that_does_not_fit_its_room_is_counted_again_and_the_room_grows() -> None:
+    """Without a bound from the encode, each batch is checked at the next call: one firing more entries or pairs
+    than the room held (the first, and one firing three times as many) is counted again through update, the room
+    grown to hold it; batches that fit are not, and the state read is update's, in update's order."""
+    rng = np.random.default_rng(5)
+    n = 40
+    dense, sparse = CoOccurrence(n, flush=10**9), CoOccurrence(n, flush=10**9)
+    again = []
+    count = dense.update
+    dense.update = lambda *args: (again.append(len(history)), count(*args))  # type: ignore[method-assign]
+    history: list[bool] = []
+    for most in (4, 4, 4, 12, 12, 4, 12):
+        acts, counted = dense_batch(rng, n, most)
+        fires = (acts != 0) & counted[..., None]
+        per_token = fires.reshape(-1, n).sum(1)
+        entries, pairs = int(per_token.sum()), int((per_token * (per_token - 1) // 2).sum())
+        dense.update_dense(acts, counted)  # checks the batch before, then counts this one in the room it has
+        history.append(entries > dense._room[0] or pairs > dense._room[1])
+        sparse.update(acts.reshape(-1).nonzero().squeeze(1), counted)
+    assert torch.equal(dense.pending, sparse.pending)  # in order: read, the last batch is checked first
+    assert torch.equal(dense.firing, sparse.firing)
+    assert history[0] and history[3] and not history[1] and not history[5]
+    assert again == [i + 1 for i, fell_short in enumerate(history) if fell_short]
+    assert dense._room[0] >= 1.25 * entries
+
+
+def test_an_encode_firing_more_than_its_bound_is_still_counted_exactly() -> None:
+    """A dictionary said to keep at most k features a token that keeps more (a malformed or mislabelled one) is
+    counted again from its non-zeros, never silently short."""
+    rng = np.random.default_rng(6)
+    dense, sparse = CoOccurrence(30), CoOccurrence(30)
+    for _ in range(3):
+        acts, counted = dense_batch(rng, 30, 9)
+        dense.update_dense(acts, counted, 3)
+        sparse.update(acts.reshape(-1).nonzero().squeeze(1), counted)
+    assert torch.equal(dense.pending, sparse.pending) and torch.equal(dense.firing, sparse.firing)

@@ -68,18 +68,21 @@ def test_the_device_ops_the_updates_rely_on_match_the_cpu() -> None:
 
 
 @pytest.mark.parametrize("flush", [10**9, 40], ids=["one merge", "many merges"])
-def test_top_k_co_occurrence_on_the_device_counts_what_the_cpu_counts(flush: int) -> None:
-    """CoOccurrence.update_dense on the GPU (its pairs written at offsets the device works out) against the CPU's
-    count from the non-zeros: the same pairs, counts, firing counts and nearest."""
+@pytest.mark.parametrize("top_k", [True, False], ids=["top-k", "any encode"])
+def test_dense_co_occurrence_on_the_device_counts_what_the_cpu_counts(flush: int, top_k: bool) -> None:
+    """CoOccurrence.update_dense on the GPU (its pairs written at offsets the device works out; without a bound
+    from the encode, in room learned and checked a batch later) against the CPU's count from the non-zeros: the
+    same pairs, counts, firing counts and nearest."""
     g = torch.Generator().manual_seed(5)
     n, k = 40, 6
     on_device, on_cpu = CoOccurrence(n, flush=flush, device="cuda"), CoOccurrence(n, flush=flush)
-    for _ in range(5):
+    for i in range(5):
         scores = torch.rand(3, 11, n, generator=g)
-        keep = scores >= scores.topk(k, dim=-1).values[..., -1:]  # at most k a token
+        most = k if top_k or i < 2 else 3 * k  # more than the room learned so far, from the third batch
+        keep = scores >= scores.topk(most, dim=-1).values[..., -1:]
         acts = torch.where(keep & (torch.rand(3, 11, n, generator=g) < 0.7), torch.randn(3, 11, n, generator=g), 0)
         counted = torch.rand(3, 11, generator=g) < 0.8
-        on_device.update_dense(acts.cuda(), counted.cuda(), k)
+        on_device.update_dense(acts.cuda(), counted.cuda(), k if top_k else None)
         on_cpu.update(acts.reshape(-1).nonzero().squeeze(1), counted)
     got, want = on_device.nearest(5), on_cpu.nearest(5)
     assert torch.equal(on_device.keys.cpu(), on_cpu.keys) and torch.equal(on_device.counts.cpu(), on_cpu.counts)
@@ -176,17 +179,20 @@ def test_dictionary_features_under_the_kernels_keep_the_cpu_tensor_backends_stat
 
 
 @TRITON
-@pytest.mark.parametrize("sparse, cooccurrence", [(False, False), (True, False), (True, True)],
-                         ids=["dense", "dictionary", "top-k dictionary with co-occurrence"])
-def test_replayed_updates_never_wait_for_the_gpu(sparse: bool, cooccurrence: bool) -> None:
+@pytest.mark.parametrize("sparse, cooccurrence, most", [(False, False, None), (True, False, None),
+                                                        (True, True, UNITS), (True, True, None)],
+                         ids=["dense", "dictionary", "top-k dictionary with co-occurrence",
+                              "dictionary with co-occurrence"])
+def test_replayed_updates_never_wait_for_the_gpu(sparse: bool, cooccurrence: bool, most: int | None) -> None:
     """Once each batch shape has run and been recorded, an update only launches work: nothing in it reads a value
-    back from the GPU (torch's sync debug mode makes any such read an error). Dictionary features too, and the
-    co-occurrence of a top-k dictionary's (counted from the dense output into a device buffer; any other
-    dictionary's counts pairs from the non-zeros, whose number only the host can size buffers by)."""
+    back from the GPU (torch's sync debug mode makes any such read an error). Dictionary features too, and their
+    co-occurrence, counted from the dense output into a device buffer: a top-k dictionary's in room its k bounds,
+    any other's in room learned from the batches before (each batch's fit is read at the next, through an event
+    that marks an earlier copy done, which the debug mode allows)."""
     settings = Settings(**{**vars(SETTINGS[0]), "cooccurrence": cooccurrence})
     got = accumulators(Backend.TRITON, "cuda", torch.bfloat16, settings, sparse=sparse)
-    if cooccurrence:  # as make_accumulators reads it off a top-k dictionary: at most UNITS features a token
-        got.most_nonzeros = UNITS
+    if cooccurrence:  # as make_accumulators reads it off the dictionary
+        got.most_nonzeros = most
         assert not got.wants_nonzeros and got.cooccurrence is not None
     feed = [(acts.cuda(), on(view, "cuda")) for acts, view, _ in sparse_batches(torch.bfloat16)] if sparse else \
         [(acts.cuda(), on(view, "cuda")) for acts, view in batches(torch.bfloat16, False)]
