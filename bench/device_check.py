@@ -19,8 +19,9 @@ starts when less of the budget is left than it needs):
   wide      neurons with batches of 4 times as many contexts (half as many batches)
   whole     bench/harvest_whole.py: whole processes, harvest against bare forward, and peak memory
   profile   neurons without CUDA graphs, 12 batches, the last 3 under torch.profiler (GPU time a kernel)
-  sae       the same model, a random 16k-feature top-k SAE on blocks.15.hook_resid_post only, and its cost with
-            co-occurrence counted (on by default in `featureatlas harvest`)
+  sae       the same model, a random 16k-feature SAE on blocks.15.hook_resid_post only, with co-occurrence counted
+            (on by default in `featureatlas harvest`): a top-k one (its room bounded by k) and a ReLU one letting
+            about k fire (its room learned, each batch checked at the next)
   1b        bench/harvest.py on a ~1B LLaMA, neurons only
   resid     neurons with --resid (neurons and residual dimensions)
 This process imports nothing heavy: bench/harvest_whole.py's children report their own peak memory, which Linux
@@ -67,7 +68,7 @@ SMALL = Sizes(dtype="float32", batch=8, batches=4, big_batches=2, compile="off",
               whole=(1_000, 3_000, 1_000, 2))
 # name: (the most seconds it may run, the seconds it needs to be worth starting)
 STAGES = {"goals": (420, 150), "neurons": (150, 30), "backends": (120, 60), "wide": (120, 30), "whole": (240, 60),
-          "profile": (90, 30), "sae": (90, 30), "1b": (150, 45), "resid": (90, 30)}
+          "profile": (90, 30), "sae": (150, 50), "1b": (150, 45), "resid": (90, 30)}
 BENCH_LINE = re.compile(r"^\s*(all batches|last \d+): bare forward\s+(\d+) tok/s \| harvest\s+(\d+) tok/s \| "
                         r"ratio harvest/bare ([\d.]+)", re.M)
 
@@ -141,12 +142,14 @@ class Bench:
         return self.made(shape, ["model", "--shape", shape, "--device", self.args.device, "--dtype", self.sizes.dtype,
                                  *(["--small"] if self.args.small else [])])
 
-    def sae(self, shape: str = "smollm2-135m") -> Path:
-        """A random top-k dictionary on a middle layer's residual stream of a model of `shape`."""
+    def sae(self, shape: str = "smollm2-135m", relu: bool = False) -> Path:
+        """A random top-k dictionary (relu: a ReLU one letting about k fire) on a middle layer's residual stream of
+        a model of `shape`."""
         s = self.sizes
         d_in, layer = SAE_SITES[shape][self.args.small]
-        return self.made(f"sae-{shape}", ["sae", "--d-in", str(d_in), "--d-sae", str(s.sae_features), "--k",
-                                          str(s.sae_k), "--hook", f"blocks.{layer}.hook_resid_post"])
+        return self.made(f"sae-{shape}" + ("-relu" if relu else ""),
+                         ["sae", "--d-in", str(d_in), "--d-sae", str(s.sae_features), "--k", str(s.sae_k), "--hook",
+                          f"blocks.{layer}.hook_resid_post", *(["--relu"] if relu else [])])
 
     def harvest(self, rec: dict, model: Path, extra: list[str], batches: int, batch: int | None = None,
                 extra_env: dict[str, str] | None = None) -> None:
@@ -251,8 +254,9 @@ def stage_profile(b: Bench, rec: dict) -> None:
 
 
 def stage_sae(b: Bench, rec: dict) -> None:
-    b.harvest(rec, b.model("smollm2-135m"), ["--layers", "none", "--sae", str(b.sae()), "--cooccurrence"],
-              b.sizes.batches)
+    for kind, relu in (("top-k", False), ("relu", True)):
+        b.harvest(rec.setdefault(kind, {}), b.model("smollm2-135m"),
+                  ["--layers", "none", "--sae", str(b.sae(relu=relu)), "--cooccurrence"], b.sizes.batches)
 
 
 def stage_1b(b: Bench, rec: dict) -> None:

@@ -2,11 +2,14 @@
 the real weights nor a network.
 
     python bench/random_models.py model OUT --shape smollm2-135m|llama-1b [--small] [--device cuda] [--dtype bfloat16]
-    python bench/random_models.py sae OUT --d-in 576 --d-sae 16384 --k 32 --hook blocks.15.hook_resid_post
+    python bench/random_models.py sae OUT --d-in 576 --d-sae 16384 --k 32 --hook blocks.15.hook_resid_post [--relu]
 
 A model is a LLaMA of the shape's config saved with save_pretrained beside SmolLM2's tokenizer (from
 bench/device_assets); --small shrinks it for a run on a CPU. An SAE is written in SAELens's format by the
-trainer's own writer. Each prints the folder it wrote.
+trainer's own writer; with --relu it is a `standard` (ReLU) SAE instead, which keeps no fixed number of features a
+token: its inputs rescaled to norm sqrt(d_in) (`constant_norm_rescale`), each pre-activation is about a standard
+normal, and a bias at its (1 - k / d_sae) quantile lets about k fire, more on some tokens and fewer on others. Each
+prints the folder it wrote.
 """
 
 from __future__ import annotations
@@ -59,8 +62,12 @@ def make_model(folder: Path, shape: dict, device: str, dtype: str) -> Path:
     return folder
 
 
-def make_sae(folder: Path, d_in: int, d_sae: int, k: int, hook: str, seed: int = 2) -> Path:
-    """A random top-k SAE in SAELens's format (unit-norm decoder rows, its transpose as the encoder)."""
+def make_sae(folder: Path, d_in: int, d_sae: int, k: int, hook: str, seed: int = 2, relu: bool = False) -> Path:
+    """A random top-k SAE in SAELens's format (unit-norm decoder rows, its transpose as the encoder); relu: a
+    standard SAE letting about k features fire a token (see the module's docstring)."""
+    import json
+    from statistics import NormalDist
+
     import torch
 
     from featureatlas.harvest.train_sae import TrainResult, save_saelens_folder
@@ -71,7 +78,17 @@ def make_sae(folder: Path, d_in: int, d_sae: int, k: int, hook: str, seed: int =
                          fvu=1.0, l0=float(k), dead_fraction=0.0, steps=0, seconds=0.0)
     out = save_saelens_folder(result, folder, hook_name=hook, model_name="random", context_size=64,
                               prepend_bos=True, dataset_path="random", overwrite=True)
-    print(f"made {out}: {d_sae:,} features on {hook}, top-{k}")
+    if relu:
+        from safetensors.torch import save_file
+
+        threshold = NormalDist().inv_cdf(1 - k / d_sae)
+        cfg = json.loads((out / "cfg.json").read_text())
+        cfg.update(architecture="standard", normalize_activations="constant_norm_rescale")
+        del cfg["k"]
+        (out / "cfg.json").write_text(json.dumps(cfg, indent=2))
+        save_file({"W_enc": result.W_enc.contiguous(), "b_enc": torch.full((d_sae,), -threshold),
+                   "W_dec": result.W_dec.contiguous(), "b_dec": result.b_dec}, str(out / "sae_weights.safetensors"))
+    print(f"made {out}: {d_sae:,} features on {hook}, " + (f"ReLU, about {k} firing" if relu else f"top-{k}"))
     return out
 
 
@@ -90,12 +107,13 @@ def main() -> None:
     sae.add_argument("--d-sae", type=int, default=16384)
     sae.add_argument("--k", type=int, default=32)
     sae.add_argument("--hook", required=True, help="e.g. blocks.15.hook_resid_post")
+    sae.add_argument("--relu", action="store_true", help="a ReLU SAE letting about k features fire a token")
     args = ap.parse_args()
     if args.kind == "model":
         make_model(args.out, {**SHAPES[args.shape], **(SMALL[args.shape] if args.small else {})}, args.device,
                    args.dtype)
     else:
-        make_sae(args.out, args.d_in, args.d_sae, args.k, args.hook)
+        make_sae(args.out, args.d_in, args.d_sae, args.k, args.hook, relu=args.relu)
 
 
 if __name__ == "__main__":
