@@ -156,6 +156,7 @@ def test_a_batch_that_does_not_fit_its_room_is_counted_again_and_the_room_grows(
     count = dense.update
     dense.update = lambda *args: (again.append(len(history)), count(*args))  # type: ignore[method-assign]
     history: list[bool] = []
+    short: list[int] = []  # the entries of the batches that fell short
     for most in (4, 4, 4, 12, 12, 4, 12):
         acts, counted = dense_batch(rng, n, most)
         fires = (acts != 0) & counted[..., None]
@@ -163,12 +164,13 @@ def test_a_batch_that_does_not_fit_its_room_is_counted_again_and_the_room_grows(
         entries, pairs = int(per_token.sum()), int((per_token * (per_token - 1) // 2).sum())
         dense.update_dense(acts, counted)  # checks the batch before, then counts this one in the room it has
         history.append(entries > dense._room[0] or pairs > dense._room[1])
+        short += [entries] if history[-1] else []
         sparse.update(acts.reshape(-1).nonzero().squeeze(1), counted)
     assert torch.equal(dense.pending, sparse.pending)  # in order: read, the last batch is checked first
     assert torch.equal(dense.firing, sparse.firing)
     assert history[0] and history[3] and not history[1] and not history[5]
     assert again == [i + 1 for i, fell_short in enumerate(history) if fell_short]
-    assert dense._room[0] >= 1.25 * entries
+    assert dense._room[0] >= 1.25 * max(short)  # grown a quarter above the largest that fell short
 
 
 def test_an_encode_firing_more_than_its_bound_is_still_counted_exactly() -> None:
