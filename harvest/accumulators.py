@@ -257,8 +257,7 @@ class TritonPairs(TritonLists):
     def __init__(self, source: UnitSource, settings: Settings, context_length: int, device: torch.device,
                  dtype: torch.dtype, graphs: GraphedUpdates, key: int):
         super().__init__(source, settings, context_length, device, dtype, graphs, key)
-        dictionary = getattr(source, "dictionary", None)
-        self.most_nonzeros = dictionary.most_nonzeros if dictionary is not None else None
+        self.most_nonzeros = source.dictionary.most_nonzeros if source.dictionary is not None else None
 
     def update(self, acts: torch.Tensor, view: BatchView, nonzeros: torch.Tensor | None = None) -> None:
         super().update(acts, view)

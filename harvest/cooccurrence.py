@@ -106,11 +106,11 @@ class CoOccurrence:
         fits = (total <= entries) & (pairs <= made)
         self.firing += fires.sum(0) * fits
         flat = torch.nonzero_static(fires.reshape(-1), size=entries).squeeze(1)  # features ascending per token
-        live = torch.arange(entries, device=flat.device) < total
+        entry = torch.arange(entries, device=flat.device)
+        live = entry < total
         position, feature = torch.where(live, flat // n, 0), torch.where(live, flat % n, 0)
         firsts = torch.cumsum(per_token, 0) - per_token
-        partners = torch.where(live, per_token[position] - 1 - (torch.arange(entries, device=flat.device)
-                                                                  - firsts[position]), 0)
+        partners = torch.where(live, per_token[position] - 1 - (entry - firsts[position]), 0)
         ends = torch.cumsum(partners, 0)  # pairs made by entries up to and including each one
         for start in range(0, made, self.flush):  # pair p: entry i's (p - its first pair)-th later partner
             p = torch.arange(start, min(start + self.flush, made), device=flat.device)

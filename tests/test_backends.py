@@ -43,7 +43,7 @@ SETTINGS = [Settings(top_k=5, bottom_k=5, intervals=6, per_interval=8, random=3,
 
 def accumulators(backend: Backend, device: str, dtype: torch.dtype, settings: Settings, sparse: bool = False
                  ) -> Accumulators:
-    source = SimpleNamespace(n_units=UNITS, signed=not sparse, sparse=sparse)
+    source = SimpleNamespace(n_units=UNITS, signed=not sparse, sparse=sparse, dictionary=None)
     settings = Settings(**{**vars(settings), "backend": backend})
     return make_accumulators([source], settings, WIDTH, torch.device(device), [dtype])[0]  # type: ignore[list-item]
 

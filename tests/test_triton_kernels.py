@@ -72,7 +72,7 @@ def interpreter() -> None:
 
 def accumulators(backend: Backend, dtype: torch.dtype, settings: Settings, units: int = UNITS,
                  width: int = WIDTH, sparse: bool = False) -> Accumulators:
-    source = SimpleNamespace(n_units=units, signed=not sparse, sparse=sparse)
+    source = SimpleNamespace(n_units=units, signed=not sparse, sparse=sparse, dictionary=None)
     settings = Settings(**{**vars(settings), "backend": backend})
     return make_accumulators([source], settings, width, torch.device("cpu"), [dtype])[0]  # type: ignore[list-item]
 
