@@ -112,6 +112,8 @@ def test_dense_backends_keep_the_tensor_backends_state(device: str, backend: Bac
             want.update(acts, view)
             got.update(acts.to(device), on(view, device))
     assert_same_state(got, want)
+    if backend is Backend.NATIVE:  # the histogram's row of left-out tokens: never read, but checkpoints carry it
+        assert torch.equal(got.statistics.counts[-1], want.statistics.counts[-1])
 
 
 @pytest.mark.parametrize("device, backend", DENSE)
