@@ -6,10 +6,10 @@ dispatch on a few hundred candidates: with every layer's neurons and residual di
 batch's update time on a CPU. The reduction streams each thread's contexts row by row, needing no torch.compile;
 as it finishes a context it copies out the rows that may enter a list or sample (judged against the lists as the
 batch starts), with the positions of their max and min, while the context's block is still in cache
-(reduce_and_gather). Each list's loop then walks each unit's batch column once and copies the contexts that stay
-from those rows, where reading them from the whole layer missed the cache for every token. The histogram's loop
-counts each sampled token straight into its column, where the tensor code builds a column index per token, then
-scatters.
+(reduce_and_gather). Each list's loop then looks at each unit's gathered rows only, and copies the contexts that
+stay from them, where reading them from the whole layer missed the cache for every token. The histogram's loop
+counts each sampled token straight into its column (a tile of units at a time, in counters of its own), where the
+tensor code builds a column index per token, then scatters.
 It is built with the system's C++ compiler at first use (plain C ABI, no torch headers) into the featureatlas
 cache, keyed by its source, the compiler and the CPU, and called through ctypes. Where none builds (no compiler),
 or for dtypes it does not read, the tensor code runs instead, as it always does on GPUs. Both give the same

@@ -20,6 +20,7 @@ from featureatlas.harvest.batchview import BatchView
 from featureatlas.harvest.reservoir import Reservoir
 from featureatlas.harvest.statistics import HALF
 from featureatlas.harvest.topk import TopK
+from featureatlas.store.sampling import sampling_keys
 
 from helpers.batches import UNITS, WIDTH, batches, sparse_batches
 
@@ -130,6 +131,30 @@ def test_dense_backends_count_every_edge_value_alike(device: str, backend: Backe
     assert_same_state(got, want, prefix="statistics.")
     counts = want.statistics.finish()["counts"]
     assert (counts[:, [0, HALF - 1, HALF + 1, 2 * HALF]].sum(dim=0) > 0).all()  # beyond 2^16, below 2^-16
+
+
+@NATIVE
+def test_native_histogram_of_more_tokens_than_its_counters_hold_between_flushes() -> None:
+    """Over 65,535 sampled tokens in one batch (the loop counts a tile of units in 16 bits, then adds them up):
+    the same histogram as the tensor code's, the row of left-out tokens too."""
+    generator = torch.Generator().manual_seed(2)
+    size, tokens = 1100, 64
+    acts = (torch.randn((size, tokens, 3), generator=generator) * 4).to(torch.bfloat16)
+    acts[:, :, 0] = 0.5  # every token of a unit in one bin: more than 65,535 counts there
+    counted = torch.ones((size, tokens), dtype=torch.bool)
+    counted[:, 0] = False
+    ids = torch.arange(size)
+    view = BatchView(counted, 1, False, ids, torch.from_numpy(sampling_keys(ids.numpy(), 7)), int(counted.sum()))
+    settings = Settings(top_k=2, bottom_k=1, intervals=0, per_interval=0, random=0, histogram_every=1, seed=7)
+    got, want = (make_accumulators([SimpleNamespace(n_units=3, signed=True, sparse=False, dictionary=None)],
+                                   Settings(**{**vars(settings), "backend": backend}), tokens,
+                                   torch.device("cpu"), [torch.bfloat16])[0] for backend in (Backend.NATIVE,
+                                                                                            Backend.TENSOR))
+    with torch.inference_mode():
+        got.update(acts, view)
+        want.update(acts, view)
+    assert int(want.statistics.counts[:, 0].max()) == size * (tokens - 1) > 65_535
+    assert torch.equal(got.statistics.counts, want.statistics.counts)
 
 
 @pytest.mark.parametrize("device, backend", SPARSE)
