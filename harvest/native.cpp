@@ -109,7 +109,7 @@ struct Rows {
     for (int step = 0; at != end && *at < pair && step < 8; ++step) ++at;
     if (at != end && *at < pair) at = std::lower_bound(at, end, pair);
     from = at;
-    const bool found = at != pairs + n_pairs && *at == pair;
+    const bool found = at != end && *at == pair;
     if (starts == nullptr) {
       if (width > a.tokens) std::memset(out + a.tokens * a.item, 0, (width - a.tokens) * a.item);
       if (found) {
@@ -501,7 +501,6 @@ void topk_update(const void* acts, int dtype, int64_t item, int64_t batch, int64
                     starts, pair_positions, static_cast<const char*>(pair_bits), pair_extremes};
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<int64_t> rows;          // contexts beating the k-th score as the batch starts (the bar only rises)
     std::vector<int64_t> from_row(k);   // per rank: the batch row of an entry from this batch, else -1
     std::vector<Copy> copies, scratch;  // only the entries that stay are copied, once the thread's units merged
     std::vector<int64_t> start;
@@ -511,15 +510,12 @@ void topk_update(const void* acts, int dtype, int64_t item, int64_t batch, int64
       if (candidates.none(u)) continue;
       float* value = values + u * k;
       int64_t *id = ids + u * k, *position = positions + u * k, *slot = slots + u * k;
-      rows.clear();
+      bool entered = false;
       candidates.each(u, [&](int64_t b) {
-        if (scores[b * ssb + u * ssu] > value[k - 1]) rows.push_back(b);
-      });
-      if (rows.empty()) continue;
-      std::fill(from_row.begin(), from_row.end(), -1);
-      for (const int64_t b : rows) {
         const float s = scores[b * ssb + u * ssu];
-        if (!(s > value[k - 1])) continue;
+        if (!(s > value[k - 1])) return;  // the bar only rises
+        if (!entered) std::fill(from_row.begin(), from_row.end(), -1);
+        entered = true;
         int64_t rank = k - 1;
         while (rank > 0 && value[rank - 1] < s) --rank;
         const int64_t freed = slot[k - 1];  // the last kept context's slot: it drops out
@@ -534,7 +530,8 @@ void topk_update(const void* acts, int dtype, int64_t item, int64_t batch, int64
         id[rank] = batch_ids[b];
         slot[rank] = freed;
         from_row[rank] = b;
-      }
+      });
+      if (!entered) continue;
       for (int64_t r = 0; r < k; ++r)
         if (from_row[r] >= 0) copies.push_back({from_row[r], u, r});
     }
